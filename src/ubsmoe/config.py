@@ -1,0 +1,525 @@
+"""Typed run configuration: nested dataclasses, YAML files and `key=value` overrides.
+
+A run is described by one :class:`RunConfig`. It is built once, at the edge (CLI or
+the Flower adapter), from the embedded default YAML, an optional user YAML and
+dotted overrides such as ``fl.rounds=3`` or ``a3smoe.gamma=2``. Unknown keys are
+rejected, and every invalid field is reported in one :class:`ConfigError` that
+names the dotted field, the bad value and what is allowed.
+
+Each method's own hyperparameters live in that method's config class (see
+:mod:`ubsmoe.methods`); in YAML they sit in a section named after the method.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+COMMONSENSE_TASKS = (
+    "boolq",
+    "piqa",
+    "social_i_qa",
+    "hellaswag",
+    "winogrande",
+    "ARC-Challenge",
+    "ARC-Easy",
+    "openbookqa",
+)
+BUDGET_PATTERNS = ("uniform", "long_tail", "reverse_long_tail")
+PARTITIONS = ("iid", "dirichlet")
+EVAL_PROTOCOLS = ("generation", "loglik")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration. The message lists every problem, one per line."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the randomly initialised OLMoE-architecture `tiny` preset.
+
+    Experts and top-k match OLMoE-1B-7B (64 experts, top-8) so that budgets map to
+    the same K_c; width and depth are small enough for CPU runs.
+    """
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 32
+    num_experts: int = 64
+    num_experts_per_tok: int = 8
+    vocab_size: int = 2048
+    max_position_embeddings: int = 1024
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and where its LoRA adapters go.
+
+    Attributes:
+        name: ``tiny`` for the offline preset, else a hub name or local path of an
+            OLMoE checkpoint (e.g. ``allenai/OLMoE-1B-7B-0924``).
+        lora_rank: LoRA rank r of every expert projection and attention projection.
+        lora_alpha: LoRA alpha; the scale is alpha / r.
+        attention_lora: also put LoRA on q/k/v/o attention projections.
+        dtype: parameter dtype of the frozen model.
+        k_min: smallest number of activated experts a client may get.
+        tokenizer_cache: where the tiny preset's trained tokenizer is cached
+            (empty: ``$UBSMOE_CACHE`` or ``~/.cache/ubsmoe``).
+    """
+
+    name: str = "tiny"
+    lora_rank: int = 20
+    lora_alpha: float = 16.0
+    attention_lora: bool = True
+    dtype: str = "float32"
+    k_min: int = 1
+    tokenizer_cache: str = ""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.lora_rank < 1:
+            errors.append(_bad("model.lora_rank", self.lora_rank, "an integer >= 1"))
+        if not self.lora_alpha > 0:
+            errors.append(_bad("model.lora_alpha", self.lora_alpha, "a number > 0"))
+        if self.dtype not in DTYPES:
+            errors.append(_bad("model.dtype", self.dtype, f"one of {', '.join(DTYPES)}"))
+        if self.k_min < 1:
+            errors.append(_bad("model.k_min", self.k_min, "an integer >= 1"))
+        _raise(errors)
+
+
+@dataclass
+class DataConfig:
+    """Commonsense instruction data, its splits and how it is spread over clients.
+
+    Attributes:
+        path: folder of the LLM-Adapters commonsense data (one sub-folder per task
+            with train.json / test.json). Empty: ``$UBSMOE_DATA`` (its
+            ``commonsense`` sub-folder if present), then ``../shared/data/commonsense``
+            next to the working directory or the package checkout, then download.
+        tasks: task names; a task absent from the data is reported as skipped.
+        train_examples: total training examples sampled over all tasks, seeded
+            (Commonsense-15K: 15000). 0 keeps every example.
+        carved_train_fraction: for tasks with only a test file, the share of it
+            carved off (deterministically, disjointly) as training data.
+        max_length: tokens per training example (prompt + response), truncated.
+        partition: ``dirichlet`` (non-IID over the task label) or ``iid``.
+        dirichlet_alpha: concentration of the Dirichlet partitioner.
+    """
+
+    path: str = ""
+    tasks: list[str] = field(default_factory=lambda: list(COMMONSENSE_TASKS))
+    train_examples: int = 15000
+    carved_train_fraction: float = 0.5
+    max_length: int = 256
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        errors = []
+        bad = [t for t in self.tasks if t not in COMMONSENSE_TASKS]
+        if bad or not self.tasks:
+            errors.append(
+                _bad("data.tasks", self.tasks, f"a non-empty list from {', '.join(COMMONSENSE_TASKS)}")
+            )
+        if self.train_examples < 0:
+            errors.append(_bad("data.train_examples", self.train_examples, "an integer >= 0"))
+        if not 0.0 < self.carved_train_fraction < 1.0:
+            errors.append(
+                _bad("data.carved_train_fraction", self.carved_train_fraction, "a number in (0, 1)")
+            )
+        if self.max_length < 16:
+            errors.append(_bad("data.max_length", self.max_length, "an integer >= 16"))
+        if self.partition not in PARTITIONS:
+            errors.append(_bad("data.partition", self.partition, f"one of {', '.join(PARTITIONS)}"))
+        if not self.dirichlet_alpha > 0:
+            errors.append(_bad("data.dirichlet_alpha", self.dirichlet_alpha, "a number > 0"))
+        _raise(errors)
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each client, per round.
+
+    Attributes:
+        lr: Adam learning rate.
+        batch_size: examples per local step.
+        local_epochs: passes over the client's partition per round.
+        max_local_steps: cap on optimizer steps per round (0: no cap).
+        max_grad_norm: gradient clipping norm (0: off).
+        seed: base seed; per-client seeds derive from it and the client id.
+    """
+
+    lr: float = 1.5e-4
+    batch_size: int = 16
+    local_epochs: int = 1
+    max_local_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        errors = []
+        if not self.lr > 0:
+            errors.append(_bad("train.lr", self.lr, "a number > 0"))
+        if self.batch_size < 1:
+            errors.append(_bad("train.batch_size", self.batch_size, "an integer >= 1"))
+        if self.local_epochs < 1:
+            errors.append(_bad("train.local_epochs", self.local_epochs, "an integer >= 1"))
+        if self.max_local_steps < 0:
+            errors.append(_bad("train.max_local_steps", self.max_local_steps, "an integer >= 0"))
+        if self.max_grad_norm < 0:
+            errors.append(_bad("train.max_grad_norm", self.max_grad_norm, "a number >= 0"))
+        _raise(errors)
+
+
+@dataclass
+class FLConfig:
+    """Federation: clients, rounds, participation and compute budgets.
+
+    Attributes:
+        num_clients: number of clients (Flower SuperNodes).
+        rounds: federated rounds.
+        fraction: share of clients sampled each round, in (0, 1].
+        budgets: the budget levels beta_1..beta_n, each in (0, 1]; client c at
+            level beta gets K_c = clamp(floor(K_max * beta), k_min, K_max).
+        budget_pattern: how clients are spread over the levels: ``uniform``,
+            ``long_tail`` (75% at the lowest level) or ``reverse_long_tail``
+            (75% at the highest).
+        client_cpus: CPUs reserved per simulated client (Ray resources).
+    """
+
+    num_clients: int = 8
+    rounds: int = 20
+    fraction: float = 1.0
+    budgets: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+    budget_pattern: str = "uniform"
+    client_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.num_clients < 1:
+            errors.append(_bad("fl.num_clients", self.num_clients, "an integer >= 1"))
+        if self.rounds < 1:
+            errors.append(_bad("fl.rounds", self.rounds, "an integer >= 1"))
+        if not 0.0 < self.fraction <= 1.0:
+            errors.append(_bad("fl.fraction", self.fraction, "a number in (0, 1]"))
+        if not self.budgets or any(not (0.0 < b <= 1.0) for b in self.budgets):
+            errors.append(_bad("fl.budgets", self.budgets, "a non-empty list of numbers in (0, 1]"))
+        elif sorted(self.budgets) != list(self.budgets) or len(set(self.budgets)) != len(self.budgets):
+            errors.append(_bad("fl.budgets", self.budgets, "strictly increasing levels"))
+        if self.budget_pattern not in BUDGET_PATTERNS:
+            errors.append(
+                _bad("fl.budget_pattern", self.budget_pattern, f"one of {', '.join(BUDGET_PATTERNS)}")
+            )
+        if not self.client_cpus > 0:
+            errors.append(_bad("fl.client_cpus", self.client_cpus, "a number > 0"))
+        _raise(errors)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the global model per budget level.
+
+    Attributes:
+        protocols: ``generation`` (greedy decoding, first answer token extracted,
+            the paper's protocol) and/or ``loglik`` (log-likelihood choice scoring).
+        examples_per_task: test examples scored per task, a fixed seeded subset
+            (0: the whole test set).
+        max_new_tokens: generation length for the generation protocol.
+        batch_size: examples per evaluation batch.
+        every_rounds: also evaluate every N rounds (0: only after the last round).
+    """
+
+    protocols: list[str] = field(default_factory=lambda: list(EVAL_PROTOCOLS))
+    examples_per_task: int = 0
+    max_new_tokens: int = 16
+    batch_size: int = 16
+    every_rounds: int = 0
+
+    def __post_init__(self) -> None:
+        errors = []
+        if not self.protocols or any(p not in EVAL_PROTOCOLS for p in self.protocols):
+            errors.append(
+                _bad("eval.protocols", self.protocols, f"a non-empty list from {', '.join(EVAL_PROTOCOLS)}")
+            )
+        if self.examples_per_task < 0:
+            errors.append(_bad("eval.examples_per_task", self.examples_per_task, "an integer >= 0"))
+        if self.max_new_tokens < 1:
+            errors.append(_bad("eval.max_new_tokens", self.max_new_tokens, "an integer >= 1"))
+        if self.batch_size < 1:
+            errors.append(_bad("eval.batch_size", self.batch_size, "an integer >= 1"))
+        if self.every_rounds < 0:
+            errors.append(_bad("eval.every_rounds", self.every_rounds, "an integer >= 0"))
+        _raise(errors)
+
+
+@dataclass
+class RunConfig:
+    """One federated run: model, data, local training, federation, evaluation, method.
+
+    ``method_config`` is the selected method's own config dataclass; in YAML and
+    overrides it is the section named after the method (e.g. ``a3smoe.gamma``).
+    """
+
+    method: str = "smoe"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fl: FLConfig = field(default_factory=FLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method_config: Any = None
+
+    def __post_init__(self) -> None:
+        from ubsmoe.methods import get_method_class
+
+        method_cls = get_method_class(self.method)  # raises ConfigError naming the choices
+        if self.method_config is None:
+            self.method_config = method_cls.config_class()
+        elif not isinstance(self.method_config, method_cls.config_class):
+            raise ConfigError(
+                f"method_config: expected {method_cls.config_class.__name__} for method "
+                f"'{self.method}', got {type(self.method_config).__name__}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain YAML-able data, method section under its name."""
+        out = {"method": self.method}
+        for f in dataclasses.fields(self):
+            if f.name in ("method", "method_config"):
+                continue
+            out[f.name] = dataclasses.asdict(getattr(self, f.name))
+        out[self.method] = dataclasses.asdict(self.method_config)
+        return out
+
+
+def _bad(name: str, value: Any, allowed: str) -> str:
+    return f"{name}: got {value!r}, expected {allowed}"
+
+
+def _raise(errors: list[str]) -> None:
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (from YAML or an override string) to the annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(name, value, args[0])
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(_bad(name, value, "a list"))
+        return [_coerce(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(_bad(name, value, "true or false"))
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(_bad(name, value, "an integer"))
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(_bad(name, value, "an integer")) from None
+        if not math.isfinite(f) or f != int(f):
+            raise ConfigError(_bad(name, value, "an integer"))
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(_bad(name, value, "a number"))
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(_bad(name, value, "a number")) from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(_bad(name, value, "a string"))
+        return "" if value is None else str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:
+    """Build dataclass ``cls`` from a nested dict, collecting errors with dotted names."""
+    if not isinstance(data, dict):
+        errors.append(_bad(prefix.rstrip("."), data, "a mapping of keys"))
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields or key == "method_config":
+            allowed = ", ".join(sorted(k for k in fields if k != "method_config"))
+            errors.append(f"{name}: unknown key (allowed: {allowed})")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            sub = _build(tp, value, f"{name}.", errors)
+            if sub is not None:
+                kwargs[key] = sub
+            continue
+        try:
+            kwargs[key] = _coerce(name, value, tp)
+        except ConfigError as e:
+            errors.append(str(e))
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        errors.extend(str(e).splitlines())
+    except TypeError as e:  # pragma: no cover - a dataclass without defaults
+        errors.append(f"{prefix.rstrip('.')}: {e}")
+    return None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: '{part}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["fl.rounds=3", "method=a3smoe"]`` into a nested dict of YAML-parsed values.
+
+    Raises:
+        ConfigError: an override without ``=`` or with an empty key.
+    """
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. fl.rounds=3")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def default_config_dict() -> dict[str, Any]:
+    """The embedded default run (``ubsmoe/configs/default.yaml``) as a nested dict."""
+    text = resources.files("ubsmoe").joinpath("configs/default.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text) or {}
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    """Validate a nested dict into a :class:`RunConfig`, reporting every problem at once.
+
+    Raises:
+        ConfigError: unknown keys, wrong types or out-of-range values (one per line).
+    """
+    from ubsmoe.methods import available_methods, get_method_class
+
+    tree = dict(tree)
+    errors: list[str] = []
+    method = tree.pop("method", "smoe")
+    try:
+        method_cls = get_method_class(method)
+    except ConfigError as e:
+        raise ConfigError(str(e)) from None
+    method_tree = tree.pop(method, {}) or {}
+    for other in available_methods():
+        if other != method and other in tree:
+            warnings.warn(
+                f"config section '{other}' is ignored: the selected method is '{method}'",
+                stacklevel=2,
+            )
+            tree.pop(other)
+    method_config = _build(method_cls.config_class, method_tree, f"{method}.", errors)
+    run = _build(RunConfig, {**tree, "method": method}, "", errors) if not errors else None
+    if errors:
+        raise ConfigError("\n".join(errors))
+    run.method_config = method_config
+    return run
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Resolve a run config: embedded default <- YAML file <- ``key=value`` overrides.
+
+    Args:
+        path: optional YAML file; its keys override the embedded default.
+        overrides: dotted ``key=value`` strings, applied last.
+
+    Raises:
+        ConfigError: a missing or unreadable file, or any invalid field.
+    """
+    tree = default_config_dict()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file: {str(p)!r} does not exist")
+        try:
+            user = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r}: not valid YAML ({e})") from e
+        if not isinstance(user, dict):
+            raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
+        tree = _merge(tree, user)
+    if overrides:
+        over = parse_overrides(overrides)
+        # A new method discards the default's method section rather than merging it.
+        if "method" in over and over["method"] != tree.get("method"):
+            tree.pop(tree.get("method", ""), None)
+        tree = _merge(tree, over)
+    return config_from_dict(tree)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from ubsmoe.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested dict to dotted keys (``{"fl": {"rounds": 2}} -> {"fl.rounds": 2}``)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten`."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        _set_dotted(tree, key, value)
+    return tree

@@ -1,0 +1,1 @@
+"""Diagnostics: FLOP counting (and, later, utilization statistics)."""

@@ -1,0 +1,24 @@
+"""Models: loading (hub or tiny preset), the SMoE layer, per-expert LoRA."""
+
+from ubsmoe.models.loading import (
+    adapter_state,
+    build_model,
+    load_adapter_state,
+    routing_mask,
+    set_top_k,
+    smoe_layers,
+    train_tokenizer,
+)
+from ubsmoe.models.smoe import ExpertLoRA, SMoELayer
+
+__all__ = [
+    "ExpertLoRA",
+    "SMoELayer",
+    "adapter_state",
+    "build_model",
+    "load_adapter_state",
+    "routing_mask",
+    "set_top_k",
+    "smoe_layers",
+    "train_tokenizer",
+]

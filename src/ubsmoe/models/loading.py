@@ -1,0 +1,263 @@
+"""Load an OLMoE model (hub name, local path or the offline `tiny` preset) and patch it.
+
+The `tiny` preset is a randomly initialised ``OlmoeForCausalLM`` with OLMoE-1B-7B's
+routing shape (64 experts, top-8) and small width/depth, plus a byte-level BPE
+tokenizer trained locally (Hugging Face ``tokenizers``) on the run's training text
+and cached on disk, so everything runs without the model hub.
+
+:func:`build_model` then replaces every ``OlmoeSparseMoeBlock`` with
+:class:`~ubsmoe.models.smoe.SMoELayer` (reusing the frozen expert weights) and, if
+configured, puts PEFT LoRA on the attention projections.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ubsmoe.config import ModelConfig
+from ubsmoe.models.smoe import SMoELayer
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+SPECIAL_TOKENS = ("<pad>", "<|endoftext|>")
+
+
+def cache_dir(cfg: ModelConfig) -> Path:
+    """Folder for cached artefacts (tokenizers): config, ``$UBSMOE_CACHE`` or ``~/.cache/ubsmoe``."""
+    root = cfg.tokenizer_cache or os.environ.get("UBSMOE_CACHE") or Path.home() / ".cache" / "ubsmoe"
+    return Path(root)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, cache: Path):
+    """Train (or load from cache) a byte-level BPE tokenizer on ``texts``.
+
+    The cache key is a hash of the texts and the vocabulary size, so the server and
+    every client of a run get the identical tokenizer.
+
+    Args:
+        texts: training text (the run's training prompts and responses).
+        vocab_size: target vocabulary size, including the special tokens.
+        cache: folder holding one sub-folder per trained tokenizer.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast`` with ``<pad>`` as pad token and
+        ``<|endoftext|>`` as eos/bos.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(texts)
+    digest = hashlib.sha256()
+    digest.update(str(vocab_size).encode())
+    for t in texts:
+        digest.update(t.encode("utf-8"))
+        digest.update(b"\x00")
+    path = cache / "tokenizers" / digest.hexdigest()[:16] / "tokenizer.json"
+    if not path.is_file():
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        from ubsmoe.io import atomic_write_text
+
+        atomic_write_text(path, tok.to_str())
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path),
+        pad_token="<pad>",
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+    )
+
+
+def tiny_olmoe(cfg: ModelConfig, vocab_size: int, pad_token_id: int, eos_token_id: int,
+               seed: int = 0):
+    """A randomly initialised ``OlmoeForCausalLM`` of the `tiny` preset's sizes.
+
+    Args:
+        cfg: model config (sizes from ``cfg.tiny``).
+        vocab_size: the trained tokenizer's vocabulary size.
+        pad_token_id, eos_token_id: the tokenizer's special token ids.
+        seed: initialisation seed (the same on server and every client).
+    """
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    t = cfg.tiny
+    hf_cfg = OlmoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_attention_heads,
+        num_experts=t.num_experts,
+        num_experts_per_tok=t.num_experts_per_tok,
+        max_position_embeddings=t.max_position_embeddings,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=eos_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = OlmoeForCausalLM(hf_cfg)
+    return model.to(getattr(torch, cfg.dtype))
+
+
+def load_hf_model(cfg: ModelConfig):
+    """Load an OLMoE checkpoint and its tokenizer by hub name or local path.
+
+    Raises:
+        ValueError: the checkpoint is not an OLMoE-architecture model.
+        OSError: the hub or path cannot be reached (re-raised with the name).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=getattr(torch, cfg.dtype))
+    except OSError as e:
+        raise OSError(f"model.name: could not load {cfg.name!r} ({e})") from e
+    if model.config.model_type != "olmoe":
+        raise ValueError(
+            f"model.name: {cfg.name!r} is a {model.config.model_type!r} model; "
+            "supported: 'tiny' or an OLMoE checkpoint"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def patch_smoe(model: nn.Module, lora_rank: int, lora_alpha: float) -> list[SMoELayer]:
+    """Replace every ``OlmoeSparseMoeBlock`` in ``model`` by an :class:`SMoELayer`.
+
+    The new layer reuses the block's router and expert tensors (frozen) and adds
+    per-expert LoRA. Returns the new layers in depth order.
+
+    Raises:
+        ValueError: the model has no OLMoE sparse-MoE block.
+    """
+    from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+
+    layers: list[SMoELayer] = []
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, OlmoeSparseMoeBlock)]
+    if not targets:
+        raise ValueError("model: no OlmoeSparseMoeBlock found to patch")
+    for name, block in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = SMoELayer(
+            router_weight=block.gate.weight,
+            gate_up_proj=block.experts.gate_up_proj,
+            down_proj=block.experts.down_proj,
+            act_fn=block.experts.act_fn,
+            top_k=block.gate.top_k,
+            norm_topk_prob=block.gate.norm_topk_prob,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+        )
+        setattr(parent, child, layer)
+        layers.append(layer)
+    return layers
+
+
+def smoe_layers(model: nn.Module) -> list[SMoELayer]:
+    """The model's SMoE layers in depth order."""
+    return [m for m in model.modules() if isinstance(m, SMoELayer)]
+
+
+def set_top_k(model: nn.Module, k: int) -> None:
+    """Set K_c on every SMoE layer (raises ``ValueError`` outside ``[1, num_experts]``)."""
+    for layer in smoe_layers(model):
+        layer.set_top_k(k)
+
+
+@contextmanager
+def routing_mask(model: nn.Module, attention_mask: torch.Tensor | None) -> Iterator[None]:
+    """Route only real tokens: padding (``attention_mask == 0``) skips the experts.
+
+    Args:
+        attention_mask: ``[batch, seq]`` 1 for real tokens, or None for all tokens.
+    """
+    layers = smoe_layers(model)
+    flat = None if attention_mask is None else attention_mask.reshape(-1).bool()
+    for layer in layers:
+        layer.token_mask = flat
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.token_mask = None
+
+
+def build_model(cfg: ModelConfig, tokenizer=None, seed: int = 0):
+    """Load the configured model, patch its MoE blocks and add LoRA.
+
+    Args:
+        cfg: model config.
+        tokenizer: required for the `tiny` preset (sets vocabulary and special ids);
+            ignored for hub models, whose own tokenizer is returned.
+        seed: initialisation seed of the tiny model and of the LoRA A factors.
+
+    Returns:
+        ``(model, tokenizer)``: the patched model with only LoRA parameters trainable.
+
+    Raises:
+        ValueError: `tiny` without a tokenizer, or a non-OLMoE checkpoint.
+    """
+    if cfg.name == "tiny":
+        if tokenizer is None:
+            raise ValueError("model.name=tiny needs the locally trained tokenizer")
+        model = tiny_olmoe(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
+    else:
+        model, tokenizer = load_hf_model(cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        if cfg.attention_lora:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                              target_modules=list(ATTENTION_MODULES), bias="none")
+            model = get_peft_model(model, lora)
+        patch_smoe(model, cfg.lora_rank, cfg.lora_alpha)
+    model.config.use_cache = True
+    return model, tokenizer
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every trainable (LoRA) parameter, keyed by parameter name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model's trainable parameters.
+
+    Raises:
+        KeyError: a trainable parameter is missing from ``state`` or ``state`` has
+            an unknown name.
+        ValueError: a shape differs.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        raise KeyError(f"adapter state: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != state[name].shape:
+                raise ValueError(f"adapter state {name}: shape {tuple(state[name].shape)} != {tuple(p.shape)}")
+            p.copy_(state[name])

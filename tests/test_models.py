@@ -1,0 +1,227 @@
+"""SMoE layer and model patching: HF equivalence, FLOP scaling, LoRA math, counters."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ubsmoe.config import ModelConfig
+from ubsmoe.metrics.flops import register_grouped_mm_flops
+from ubsmoe.models import (
+    SMoELayer,
+    adapter_state,
+    build_model,
+    load_adapter_state,
+    routing_mask,
+    set_top_k,
+    smoe_layers,
+)
+from ubsmoe.models.loading import patch_smoe, tiny_olmoe
+
+
+def _hf_tiny(tokenizer, **overrides):
+    cfg = ModelConfig()
+    for k, v in overrides.items():
+        setattr(cfg.tiny, k, v)
+    return tiny_olmoe(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id).eval()
+
+
+def _layer(num_experts=8, hidden=16, inter=8, top_k=2, rank=4, norm=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return SMoELayer(
+        router_weight=torch.randn(num_experts, hidden, generator=g),
+        gate_up_proj=torch.randn(num_experts, 2 * inter, hidden, generator=g) * 0.2,
+        down_proj=torch.randn(num_experts, hidden, inter, generator=g) * 0.2,
+        act_fn=torch.nn.SiLU(),
+        top_k=top_k,
+        norm_topk_prob=norm,
+        lora_rank=rank,
+        lora_alpha=8.0,
+    )
+
+
+def test_patched_model_matches_hf_logits(tiny_tokenizer):
+    hf = _hf_tiny(tiny_tokenizer)
+    ids = torch.randint(0, len(tiny_tokenizer), (3, 21))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        patched = copy.deepcopy(hf)
+        patch_smoe(patched, lora_rank=20, lora_alpha=16.0)
+        out = patched(ids).logits
+    assert len(smoe_layers(patched)) == hf.config.num_hidden_layers
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_build_model_with_attention_lora_matches_hf(tiny_tokenizer, tiny_model_cfg):
+    hf = _hf_tiny(tiny_tokenizer)
+    model, _ = build_model(tiny_model_cfg, tiny_tokenizer, seed=0)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    assert any("q_proj.lora_A" in n for n in trainable)
+    assert any("gate_up_lora.A" in n for n in trainable)
+
+
+def test_renormalised_gates_match_hf(tiny_tokenizer):
+    hf = _hf_tiny(tiny_tokenizer)
+    hf.config.norm_topk_prob = True
+    for layer in hf.model.layers:
+        layer.mlp.gate.norm_topk_prob = True
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 9))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        patched = copy.deepcopy(hf)
+        patch_smoe(patched, 4, 8.0)
+        assert all(m.norm_topk_prob for m in smoe_layers(patched))
+        torch.testing.assert_close(patched(ids).logits, ref, atol=1e-5, rtol=0)
+
+
+def _reference_forward(layer: SMoELayer, x: torch.Tensor) -> torch.Tensor:
+    """Per-token loop over selected experts with dense per-expert LoRA matrices."""
+    probs = torch.softmax(F.linear(x, layer.router_weight), dim=-1, dtype=torch.float32)
+    w, idx = torch.topk(probs, layer.top_k, dim=-1)
+    if layer.norm_topk_prob:
+        w = w / w.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    gu, dn = layer.gate_up_lora, layer.down_lora
+    for t in range(x.shape[0]):
+        for j in range(layer.top_k):
+            e = int(idx[t, j])
+            w_gu = layer.gate_up_proj[e] + gu.scale * gu.B[e] @ gu.A[e]  # [2I, H]
+            w_dn = layer.down_proj[e] + dn.scale * dn.B[e] @ dn.A[e]  # [H, I]
+            g, u = (w_gu @ x[t]).chunk(2)
+            out[t] += w[t, j] * (w_dn @ (F.silu(g) * u))
+    return out
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_grouped_experts_equal_per_token_reference_with_lora(norm):
+    layer = _layer(top_k=3, norm=norm)
+    with torch.no_grad():
+        layer.gate_up_lora.B.normal_()
+        layer.down_lora.B.normal_()
+    x = torch.randn(2, 7, 16)
+    out = layer(x)
+    ref = _reference_forward(layer, x.reshape(-1, 16)).reshape(2, 7, 16)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_gradients_only_reach_routed_experts():
+    layer = _layer(num_experts=16, top_k=1)
+    with torch.no_grad():
+        layer.gate_up_lora.B.normal_()
+    x = torch.randn(1, 3, 16)  # 3 tokens, top-1: at most 3 of 16 experts used
+    layer(x).pow(2).sum().backward()
+    used = layer.expert_counts > 0
+    grad_norm = layer.gate_up_lora.A.grad.flatten(1).norm(dim=1)
+    assert int(used.sum()) <= 3
+    assert bool((grad_norm[~used] == 0).all())
+    assert bool((grad_norm[used] > 0).all())
+    assert layer.gate_up_proj.grad is None  # frozen
+
+
+def test_utilization_counters_sum_to_k_times_tokens():
+    layer = _layer(top_k=3)
+    layer(torch.randn(4, 5, 16))
+    layer(torch.randn(1, 6, 16))
+    assert float(layer.token_count) == 26
+    assert float(layer.expert_counts.sum()) == 3 * 26
+    layer.reset_stats()
+    assert float(layer.expert_counts.sum()) == 0 and float(layer.token_count) == 0
+
+
+def _expert_flops(layer: SMoELayer, x: torch.Tensor) -> int:
+    register_grouped_mm_flops()
+    with FlopCounterMode(display=False) as counter:
+        layer(x).pow(2).sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    return int(counts[torch.ops.aten._grouped_mm])
+
+
+def test_expert_flops_at_k1_are_one_eighth_of_k8():
+    layer = _layer(num_experts=64, hidden=32, inter=16, top_k=8)
+    x = torch.randn(2, 32, 32)
+    flops_k8 = _expert_flops(layer, x)
+    layer.set_top_k(1)
+    flops_k1 = _expert_flops(layer, x)
+    assert flops_k8 > 0
+    assert flops_k1 * 8 == flops_k8
+    # Forward alone: every routed (token, expert) pair runs base + LoRA projections once.
+    register_grouped_mm_flops()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        layer.set_top_k(8)
+        layer(x)
+    h, i, r, pairs = 32, 16, 4, 8 * 64
+    per_pair = 2 * (h * 2 * i + i * h) + 2 * (h * r + r * 2 * i + i * r + r * h)
+    assert counter.get_flop_counts()["Global"][torch.ops.aten._grouped_mm] == pairs * per_pair
+
+
+def test_routing_mask_skips_padding_without_changing_real_tokens(tiny_tokenizer, tiny_model_cfg):
+    model, _ = build_model(tiny_model_cfg, tiny_tokenizer)
+    ids = torch.randint(2, len(tiny_tokenizer), (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padding
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        for layer in smoe_layers(model):
+            layer.reset_stats()
+        with routing_mask(model, mask):
+            masked = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(masked[real], full[real], atol=1e-5, rtol=0)
+    assert all(float(layer.token_count) == int(mask.sum()) for layer in smoe_layers(model))
+    assert all(layer.token_mask is None for layer in smoe_layers(model))
+
+
+def test_set_top_k_validates_range(tiny_tokenizer, tiny_model_cfg):
+    model, _ = build_model(tiny_model_cfg, tiny_tokenizer)
+    set_top_k(model, 1)
+    assert all(layer.top_k == 1 for layer in smoe_layers(model))
+    with pytest.raises(ValueError, match="top_k"):
+        set_top_k(model, 65)
+
+
+def test_adapter_state_round_trip_and_errors(tiny_tokenizer, tiny_model_cfg):
+    model, _ = build_model(tiny_model_cfg, tiny_tokenizer)
+    state = adapter_state(model)
+    new = {k: torch.randn_like(v) for k, v in state.items()}
+    load_adapter_state(model, new)
+    for k, v in adapter_state(model).items():
+        assert torch.equal(v, new[k])
+    with pytest.raises(KeyError):
+        load_adapter_state(model, {k: v for k, v in list(new.items())[1:]})
+    key = next(iter(new))
+    with pytest.raises(ValueError, match="shape"):
+        load_adapter_state(model, {**new, key: torch.zeros(1)})
+
+
+def test_model_init_is_deterministic(tiny_tokenizer, tiny_model_cfg):
+    a, _ = build_model(tiny_model_cfg, tiny_tokenizer, seed=3)
+    b, _ = build_model(tiny_model_cfg, tiny_tokenizer, seed=3)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+
+
+def test_layer_backward_is_bitwise_deterministic_with_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for _ in range(3):
+            torch.manual_seed(0)
+            layer = _layer(num_experts=64, hidden=32, inter=16, top_k=4, rank=4)
+            with torch.no_grad():
+                layer.gate_up_lora.B.normal_()
+            x = torch.randn(1, 200, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            layer(x).pow(2).sum().backward()
+            results.append((x.grad.clone(), layer.gate_up_lora.A.grad.clone()))
+        for other in results[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,443 @@
+"""Commonsense instruction data in the LLM-Adapters format: loading, prompts, tokenization.
+
+The data is the commonsense suite of LLM-Adapters (Hu et al., "LLM-Adapters: An
+Adapter Family for Parameter-Efficient Fine-Tuning of Large Language Models",
+EMNLP 2023, arXiv 2304.01933; https://github.com/AGI-Edgerunners/LLM-Adapters):
+one folder per task holding ``train.json`` and/or ``test.json``, each a JSON list
+of records ``{"instruction", "input", "output", "answer"}``. ``answer`` is the
+label (``"true"``, ``"solution2"``, ``"answer3"``, ``"option1"``, ...) and
+``output`` is ``"the correct answer is <answer>"``. UB-SMoE (arXiv 2605.16690)
+fine-tunes on Commonsense-15K, a 15k-example sample of these tasks.
+
+Where the data comes from is decided by :func:`resolve_data_dir`; what is loaded,
+carved and sampled by :func:`load_commonsense`. Training examples are the Alpaca
+prompt of :data:`PROMPT_TEMPLATE` followed by the ``output`` text and eos, with the
+loss on the response tokens only (:func:`tokenize_example`, :func:`collate`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ubsmoe.config import COMMONSENSE_TASKS, ConfigError, DataConfig
+
+# Alpaca prompt as used by LLM-Adapters' generate_prompt (finetune.py and
+# commonsense_evaluate.py), without the stray indentation of its triple-quoted
+# strings. The response (record["output"]) follows "### Response:\n".
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_TEMPLATE_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+IGNORE_INDEX = -100  # label value torch.nn.functional.cross_entropy skips
+
+# Public source used when no local copy is found (LLM-Adapters, main branch).
+SOURCE_URL = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main"
+COMBINED_TRAIN_FILE = "ft-training_set/commonsense_15k.json"
+_COMPLETE_MARKER = ".download-complete"
+
+# The repository root (src/ubsmoe/data/commonsense.py -> parents[3]); its sibling
+# ``shared/data/commonsense`` is the checkout-relative fallback.
+_REPO_ROOT = Path(__file__).resolve().parents[3]
+_SHARED_SUBDIR = Path("shared") / "data" / "commonsense"
+
+# Tasks whose label format is fixed (the "Answer format:" line of every record).
+_FIXED_CHOICES = {
+    "boolq": ["true", "false"],
+    "piqa": ["solution1", "solution2"],
+    "social_i_qa": ["answer1", "answer2", "answer3"],
+    "hellaswag": ["ending1", "ending2", "ending3", "ending4"],
+    "winogrande": ["option1", "option2"],
+}
+# Tasks whose number of options varies per record (ARC: 3-5, OpenBookQA: 4).
+_COUNTED_CHOICES = ("ARC-Challenge", "ARC-Easy", "openbookqa")
+_ANSWER_OPTION = re.compile(r"\bAnswer(\d+):")
+_ANSWER_FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
+
+
+@dataclass
+class CommonsenseData:
+    """The loaded commonsense suite.
+
+    Attributes:
+        train: pooled training records over all tasks (after carving and sampling),
+            each a copy of the file record with an added ``"task"`` key; ordered by
+            task (``cfg.tasks`` order), then file order, train-file records before
+            carved ones.
+        test: task -> test records (with ``"task"``), in file order; records carved
+            into ``train`` are removed.
+        skipped: task -> reason, for requested tasks without data files.
+        carved: task -> number of training records carved from its test file (only
+            tasks without a train file appear).
+        data_dir: the resolved data folder.
+    """
+
+    train: list[dict[str, Any]] = field(default_factory=list)
+    test: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    carved: dict[str, int] = field(default_factory=dict)
+    data_dir: str = ""
+
+
+def format_prompt(record: dict[str, Any]) -> str:
+    """The Alpaca prompt for one record, ending in ``"### Response:\\n"``.
+
+    Args:
+        record: an LLM-Adapters record with ``"instruction"`` and optionally
+            ``"input"``; an empty or missing input selects the no-input variant.
+
+    Returns:
+        The prompt text; the training target ``record["output"]`` follows it directly.
+
+    Raises:
+        KeyError: the record has no ``"instruction"``.
+
+    Source: ``generate_prompt`` in LLM-Adapters ``finetune.py`` (Alpaca template).
+    """
+    instruction = record["instruction"]
+    extra = record.get("input") or ""
+    if extra:
+        return PROMPT_TEMPLATE.format(instruction=instruction, input=extra)
+    return PROMPT_TEMPLATE_NO_INPUT.format(instruction=instruction)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("UBSMOE_CACHE") or Path.home() / ".cache" / "ubsmoe")
+
+
+def resolve_data_dir(path: str = "") -> Path:
+    """Find the commonsense data folder (one sub-folder per task).
+
+    Order: ``path`` if given -> ``$UBSMOE_DATA`` (its ``commonsense`` sub-folder if
+    present, else the folder itself) -> ``../shared/data/commonsense`` relative to
+    the working directory -> the same relative to the repository checkout holding
+    this package -> a completed download in ``($UBSMOE_CACHE or
+    ~/.cache/ubsmoe)/data/commonsense`` -> a fresh download there from the public
+    LLM-Adapters repository (:data:`SOURCE_URL`).
+
+    Args:
+        path: the explicit folder (``data.path``); empty to search.
+
+    Returns:
+        The resolved folder, absolute.
+
+    Raises:
+        ConfigError: ``path`` or ``$UBSMOE_DATA`` is given but is not a folder, or
+            nothing was found and the download failed (the message lists every
+            location tried).
+    """
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise ConfigError(f"data.path: {str(p)!r} does not exist or is not a folder")
+        return p.resolve()
+    env = os.environ.get("UBSMOE_DATA")
+    if env:
+        p = Path(env).expanduser()
+        if (p / "commonsense").is_dir():
+            return (p / "commonsense").resolve()
+        if p.is_dir():
+            return p.resolve()
+        raise ConfigError(f"data.path: $UBSMOE_DATA={env!r} does not exist or is not a folder")
+    tried = []
+    for candidate in (Path.cwd().parent / _SHARED_SUBDIR, _REPO_ROOT.parent / _SHARED_SUBDIR):
+        if candidate.is_dir():
+            return candidate.resolve()
+        tried.append(str(candidate))
+    cache = _cache_root() / "data" / "commonsense"
+    if (cache / _COMPLETE_MARKER).is_file():
+        return cache.resolve()
+    try:
+        download_commonsense(cache)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(
+            "data.path: could not be resolved; tried data.path (empty), $UBSMOE_DATA (unset), "
+            f"{', '.join(tried)} and a download from {SOURCE_URL} into {cache} ({e})"
+        ) from e
+    return cache.resolve()
+
+
+def _fetch(url: str, timeout: float = 60.0) -> bytes:
+    """GET ``url``; raises ``urllib.error.HTTPError`` (e.g. 404) or ``OSError``."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+def _fetch_json(url: str) -> list[dict[str, Any]] | None:
+    """Fetched JSON list, or None if the file does not exist upstream (HTTP 404)."""
+    try:
+        data = _fetch(url)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise
+    records = json.loads(data.decode("utf-8"))
+    if not isinstance(records, list):
+        raise TypeError(f"{url}: expected a JSON list of records")
+    return records
+
+
+def _task_of_format(record: dict[str, Any]) -> str | None:
+    """The task a combined-file record belongs to, from its ``Answer format:`` line.
+
+    ``answer1/...`` is shared by Social IQa, ARC and OpenBookQA and so is ambiguous
+    (None); the other formats are unique to one task.
+    """
+    m = _ANSWER_FORMAT.search(record.get("instruction", ""))
+    if not m:
+        return None
+    first = m.group(1).split("/")[0]
+    for task, choices in _FIXED_CHOICES.items():
+        if first == choices[0] and task != "social_i_qa":
+            return task
+    return None
+
+
+def download_commonsense(dest: Path, tasks: tuple[str, ...] = COMMONSENSE_TASKS) -> Path:
+    """Download the LLM-Adapters commonsense data into ``dest`` (network needed).
+
+    For every task, ``dataset/<task>/test.json`` and, where upstream has one,
+    ``dataset/<task>/train.json``. Tasks still without a train file get the records
+    of the combined ``ft-training_set/commonsense_15k.json`` whose answer format
+    identifies them unambiguously (BoolQ, PIQA, HellaSwag, WinoGrande); Social IQa,
+    ARC and OpenBookQA share one format, so for them :func:`load_commonsense` falls
+    back to carving their test file. Each file is written atomically; a marker file
+    records completion.
+
+    Args:
+        dest: target folder (created).
+        tasks: task folder names to fetch.
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        OSError: the network or a file write failed (``urllib.error.URLError`` is an
+            ``OSError``).
+        ValueError: a downloaded file is not valid JSON.
+        TypeError: a downloaded file is not a JSON list.
+    """
+    from ubsmoe.io import atomic_write_json, atomic_write_text
+
+    have_train: set[str] = set()
+    for task in tasks:
+        for split in ("test", "train"):
+            records = _fetch_json(f"{SOURCE_URL}/dataset/{task}/{split}.json")
+            if records is not None:
+                atomic_write_json(dest / task / f"{split}.json", records)
+                if split == "train":
+                    have_train.add(task)
+    combined = _fetch_json(f"{SOURCE_URL}/{COMBINED_TRAIN_FILE}")
+    if combined is not None:
+        atomic_write_json(dest / Path(COMBINED_TRAIN_FILE).name, combined)
+        by_task: dict[str, list[dict[str, Any]]] = {}
+        for record in combined:
+            task = _task_of_format(record)
+            if task in tasks and task not in have_train:
+                by_task.setdefault(task, []).append(record)
+        for task, records in by_task.items():
+            atomic_write_json(dest / task / "train.json", records)
+    atomic_write_text(dest / _COMPLETE_MARKER, "ok\n")
+    return dest
+
+
+def _stable_rng(*keys: Any) -> np.random.Generator:
+    """A numpy Generator seeded from ``keys`` via SHA-256 (stable across processes,
+    unlike Python's salted ``hash``)."""
+    digest = hashlib.sha256("/".join(str(k) for k in keys).encode("utf-8")).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def _read_records(file: Path, task: str) -> list[dict[str, Any]]:
+    """Records of one JSON file, each copied with ``"task"`` added."""
+    try:
+        records = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"data.path: cannot read {str(file)!r} ({e})") from e
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and "instruction" in r and "output" in r for r in records
+    ):
+        raise ConfigError(
+            f"data.path: {str(file)!r} is not a JSON list of records with "
+            "'instruction' and 'output'"
+        )
+    return [{**r, "task": task} for r in records]
+
+
+def load_commonsense(cfg: DataConfig, seed: int) -> CommonsenseData:
+    """Load ``cfg.tasks`` from :func:`resolve_data_dir` ``(cfg.path)``.
+
+    Per task: ``train.json`` and ``test.json`` are used as they are. A task with only
+    ``test.json`` has ``round(len * cfg.carved_train_fraction)`` records (half up)
+    carved off into training, chosen by a permutation seeded from ``seed`` and the
+    task name; the rest stay test, so the two are disjoint. A task with only
+    ``train.json`` contributes training data and no test set. A task with neither is
+    reported in ``skipped``. Finally, if ``cfg.train_examples > 0`` and the pooled
+    training set is larger, ``cfg.train_examples`` records are drawn uniformly
+    without replacement (seeded), keeping pool order.
+
+    Args:
+        cfg: the data config (path, tasks, train_examples, carved_train_fraction).
+        seed: base seed; the same seed gives the same split and sample.
+
+    Returns:
+        A :class:`CommonsenseData`. Counts are in examples (records).
+
+    Raises:
+        ConfigError: the data folder cannot be resolved, a file is not a JSON list
+            of records, or none of ``cfg.tasks`` has any data file.
+
+    Source: LLM-Adapters ``dataset/<task>/{train,test}.json``; Commonsense-15K
+    sampling as in UB-SMoE (arXiv 2605.16690) section 6.
+    """
+    data_dir = resolve_data_dir(cfg.path)
+    out = CommonsenseData(data_dir=str(data_dir))
+    for task in cfg.tasks:
+        folder = data_dir / task
+        train_file, test_file = folder / "train.json", folder / "test.json"
+        has_train, has_test = train_file.is_file(), test_file.is_file()
+        if not has_train and not has_test:
+            out.skipped[task] = f"no data files in {folder}"
+            continue
+        test = _read_records(test_file, task) if has_test else None
+        if has_train:
+            out.train.extend(_read_records(train_file, task))
+        elif test is not None:
+            n_carve = _round_half_up(len(test) * cfg.carved_train_fraction)
+            order = _stable_rng(seed, "carve", task).permutation(len(test))
+            carved = set(order[:n_carve].tolist())
+            out.train.extend(r for i, r in enumerate(test) if i in carved)
+            test = [r for i, r in enumerate(test) if i not in carved]
+            out.carved[task] = n_carve
+        if test is not None:
+            out.test[task] = test
+    if len(out.skipped) == len(cfg.tasks):
+        raise ConfigError(
+            f"data.tasks: none of {list(cfg.tasks)} has train.json or test.json under "
+            f"data.path {str(data_dir)!r}"
+        )
+    if 0 < cfg.train_examples < len(out.train):
+        keep = _stable_rng(seed, "train_examples").choice(
+            len(out.train), size=cfg.train_examples, replace=False
+        )
+        out.train = [out.train[i] for i in np.sort(keep)]
+    return out
+
+
+def answer_choices(task: str, record: dict[str, Any]) -> list[str]:
+    """The candidate label strings of one record, as the model should generate them.
+
+    BoolQ ``true/false``; PIQA ``solution1/2``; Social IQa ``answer1..3``; HellaSwag
+    ``ending1..4``; WinoGrande ``option1/2``; ARC-Challenge, ARC-Easy and OpenBookQA
+    ``answer1..answerN`` with N the number of ``AnswerK:`` options in the
+    instruction (ARC has 3-5, OpenBookQA 4).
+
+    Args:
+        task: the task name (one of ``ubsmoe.config.COMMONSENSE_TASKS``).
+        record: the LLM-Adapters record (its ``"instruction"`` is read for the
+            variable-option tasks).
+
+    Returns:
+        The labels in order; ``record["answer"]`` is one of them.
+
+    Raises:
+        ValueError: unknown task, or a variable-option record without ``AnswerK:``
+            options.
+
+    Source: ``extract_answer`` in LLM-Adapters ``commonsense_evaluate.py``.
+    """
+    if task in _FIXED_CHOICES:
+        return list(_FIXED_CHOICES[task])
+    if task in _COUNTED_CHOICES:
+        n = len(_ANSWER_OPTION.findall(record.get("instruction", "")))
+        if n == 0:
+            raise ValueError(f"{task}: record has no 'AnswerK:' options in its instruction")
+        return [f"answer{k}" for k in range(1, n + 1)]
+    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(COMMONSENSE_TASKS)}")
+
+
+def tokenize_example(tokenizer: Any, record: dict[str, Any], max_length: int) -> dict[str, list[int]]:
+    """Token ids and labels of one training example, loss on the response only.
+
+    ``input_ids = tokens(prompt) + tokens(response) + [eos]``; prompt and response
+    are tokenized separately (``add_special_tokens=False``) so the boundary is
+    exact. ``labels`` is ``-100`` on the prompt tokens and equals ``input_ids`` on
+    the response and eos. Too long: the prompt is cut from the left (its end, with
+    ``### Response:``, survives); a response that alone exceeds ``max_length`` is
+    cut at its end (eos dropped with it).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with ``eos_token_id``.
+        record: an LLM-Adapters record; the response is ``record["output"]``.
+        max_length: maximum tokens per example.
+
+    Returns:
+        ``{"input_ids": [seq], "labels": [seq]}`` with ``seq <= max_length``.
+
+    Raises:
+        ValueError: ``max_length < 1`` or the tokenizer has no eos token.
+    """
+    if max_length < 1:
+        raise ValueError(f"data.max_length: got {max_length}, expected an integer >= 1")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer has no eos token; set tokenizer.eos_token")
+    prompt = tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"]
+    response = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [eos]
+    response = response[:max_length]
+    room = max_length - len(response)
+    prompt = prompt[len(prompt) - room:] if room < len(prompt) else prompt
+    return {
+        "input_ids": prompt + response,
+        "labels": [IGNORE_INDEX] * len(prompt) + response,
+    }
+
+
+def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad tokenized examples to the longest one in the batch.
+
+    Args:
+        examples: outputs of :func:`tokenize_example`.
+        pad_token_id: id written into ``input_ids`` at padded positions.
+
+    Returns:
+        ``input_ids`` [batch, seq] int64, ``attention_mask`` [batch, seq] int64
+        (1 on real tokens), ``labels`` [batch, seq] int64 (-100 on padding and on
+        prompt tokens).
+
+    Raises:
+        ValueError: ``examples`` is empty.
+    """
+    if not examples:
+        raise ValueError("collate: got an empty list of examples")
+    batch, seq = len(examples), max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((batch, seq), pad_token_id, dtype=torch.long)  # [batch, seq]
+    attention_mask = torch.zeros((batch, seq), dtype=torch.long)  # [batch, seq]
+    labels = torch.full((batch, seq), IGNORE_INDEX, dtype=torch.long)  # [batch, seq]
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[row, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(e["labels"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,191 @@
+"""Spread training records over clients, and clients over compute-budget levels.
+
+Non-IID partitioning is the label-Dirichlet scheme of Hsu et al., "Measuring the
+Effects of Non-Identical Data Distribution for Federated Visual Classification"
+(arXiv 1909.06335), applied to the task label, through Flower Datasets'
+``DirichletPartitioner`` (https://flower.ai/docs/datasets/). Budget levels and
+K_c = clamp(floor(K_max * beta_c), K_min, K_max) follow UB-SMoE (ICML 2026,
+arXiv 2605.16690), DESIGN.md sections 2 and 6.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+from ubsmoe.config import BUDGET_PATTERNS, PARTITIONS
+
+LONG_TAIL_SHARE = 0.75  # share of clients at the tail level in (reverse) long-tail patterns
+
+
+def _seed(*keys: object) -> int:
+    """A 32-bit seed from ``keys`` via SHA-256 (stable across processes, any int seed)."""
+    digest = hashlib.sha256("/".join(str(k) for k in keys).encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def partition_clients(
+    labels: list[str],
+    num_clients: int,
+    partition: str,
+    dirichlet_alpha: float,
+    seed: int,
+) -> list[list[int]]:
+    """Split record indices ``0..len(labels)-1`` over ``num_clients`` clients.
+
+    ``iid``: the records are shuffled (seeded) and cut into equal contiguous shards
+    (Flower Datasets ``IidPartitioner``). ``dirichlet``: for each task label a
+    Dirichlet(alpha) draw over clients gives the share of that task's records each
+    client receives (``DirichletPartitioner``, ``min_partition_size=0`` so it never
+    resamples and always terminates, ``self_balancing=False``). Smaller alpha means
+    more skew. A client left empty by the draw then receives one record from the
+    currently largest client (seeded choice), so every client has data.
+
+    Args:
+        labels: task label of every record, ``[num_records]``.
+        num_clients: number of clients (``fl.num_clients``).
+        partition: ``"iid"`` or ``"dirichlet"`` (``data.partition``).
+        dirichlet_alpha: Dirichlet concentration (``data.dirichlet_alpha``), > 0.
+        seed: seed; the same inputs give the same partition.
+
+    Returns:
+        For each client id, the sorted record indices it holds; every index appears
+        in exactly one client and no client is empty.
+
+    Raises:
+        ValueError: ``num_clients < 1``, fewer records than clients, an unknown
+            ``partition``, or ``dirichlet_alpha <= 0``.
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    n = len(labels)
+    if num_clients < 1:
+        raise ValueError(f"fl.num_clients: got {num_clients}, expected an integer >= 1")
+    if n < num_clients:
+        raise ValueError(
+            f"fl.num_clients: {num_clients} clients but only {n} training records; "
+            "lower fl.num_clients or raise data.train_examples"
+        )
+    if partition not in PARTITIONS:
+        raise ValueError(f"data.partition: got {partition!r}, expected one of {', '.join(PARTITIONS)}")
+    if not dirichlet_alpha > 0:
+        raise ValueError(f"data.dirichlet_alpha: got {dirichlet_alpha}, expected a number > 0")
+
+    dataset = Dataset.from_dict({"task": [str(x) for x in labels], "idx": list(range(n))})
+    if partition == "iid":
+        # IidPartitioner shards contiguously; shuffle first or shards follow task order.
+        partitioner = IidPartitioner(num_partitions=num_clients)
+        partitioner.dataset = dataset.shuffle(seed=_seed(seed, "iid"))
+    else:
+        partitioner = DirichletPartitioner(
+            num_partitions=num_clients,
+            partition_by="task",
+            alpha=float(dirichlet_alpha),
+            min_partition_size=0,
+            self_balancing=False,
+            shuffle=False,
+            seed=_seed(seed, "dirichlet"),
+        )
+        partitioner.dataset = dataset
+    clients = [sorted(partitioner.load_partition(c)["idx"]) for c in range(num_clients)]
+
+    rng = np.random.default_rng(_seed(seed, "fill-empty"))
+    for c in range(num_clients):
+        if not clients[c]:
+            donor = max(range(num_clients), key=lambda d: len(clients[d]))
+            moved = clients[donor].pop(int(rng.integers(len(clients[donor]))))
+            clients[c] = [moved]
+    return clients
+
+
+def _spread(levels: list[float], count: int) -> list[float]:
+    """``count`` clients over ``levels``: round-robin when there are enough clients,
+    otherwise evenly spaced levels including both ends."""
+    m = len(levels)
+    if count <= 0 or m == 0:
+        return []
+    if count >= m:
+        return [levels[j % m] for j in range(count)]
+    if count == 1:
+        return [levels[-1]]
+    return [levels[math.floor(j * (m - 1) / (count - 1) + 0.5)] for j in range(count)]
+
+
+def assign_budgets(num_clients: int, budgets: list[float], pattern: str, seed: int) -> list[float]:
+    """The budget level beta_c of every client.
+
+    ``uniform``: the levels round-robin, so each gets ``num_clients / len(budgets)``
+    clients (lower levels take the remainder). ``long_tail``: ``round(0.75 *
+    num_clients)`` (half up) clients at the lowest level, the rest spread over the
+    other levels. ``reverse_long_tail``: the same at the highest level. "Spread"
+    is round-robin when there are at least as many remaining clients as other
+    levels, else evenly spaced levels including both ends (8 clients, 4 levels,
+    long_tail: 6 x beta_1, 1 x beta_2, 1 x beta_4). The resulting multiset is then
+    assigned to client ids by a seeded permutation.
+
+    Args:
+        num_clients: number of clients (``fl.num_clients``), >= 1.
+        budgets: the levels beta_1 < ... < beta_n (``fl.budgets``), each in (0, 1].
+        pattern: ``uniform``, ``long_tail`` or ``reverse_long_tail``
+            (``fl.budget_pattern``).
+        seed: seed of the client-order permutation.
+
+    Returns:
+        ``[num_clients]`` budget levels, index = client id.
+
+    Raises:
+        ValueError: unknown ``pattern`` (names ``fl.budget_pattern``), empty
+            ``budgets`` or ``num_clients < 1``.
+    """
+    if pattern not in BUDGET_PATTERNS:
+        raise ValueError(
+            f"fl.budget_pattern: got {pattern!r}, expected one of {', '.join(BUDGET_PATTERNS)}"
+        )
+    if not budgets:
+        raise ValueError("fl.budgets: got an empty list, expected at least one level in (0, 1]")
+    if num_clients < 1:
+        raise ValueError(f"fl.num_clients: got {num_clients}, expected an integer >= 1")
+    levels = sorted(float(b) for b in budgets)
+    if pattern == "uniform" or len(levels) == 1:
+        assigned = [levels[c % len(levels)] for c in range(num_clients)]
+    else:
+        n_tail = min(num_clients, math.floor(LONG_TAIL_SHARE * num_clients + 0.5))
+        if pattern == "long_tail":
+            assigned = [levels[0]] * n_tail + _spread(levels[1:], num_clients - n_tail)
+        else:
+            # reverse: the rest favour the far (lowest) end first, mirroring long_tail
+            rest = _spread(levels[-2::-1], num_clients - n_tail)
+            assigned = [levels[-1]] * n_tail + rest
+    order = np.random.default_rng(_seed(seed, "budgets")).permutation(num_clients)
+    return [assigned[i] for i in order]
+
+
+def top_k_for_budget(beta: float, k_max: int, k_min: int = 1) -> int:
+    """Activated experts per token for budget ``beta``.
+
+    K_c = clamp(floor(K_max * beta), K_min, K_max), with a 1e-9 tolerance inside the
+    floor so that e.g. 0.125 * 8 gives exactly 1 despite float rounding
+    (UB-SMoE, arXiv 2605.16690; DESIGN.md section 2).
+
+    Args:
+        beta: the client's budget level (``fl.budgets`` entry), in (0, 1].
+        k_max: the model's native top-k (OLMoE-1B-7B: 8).
+        k_min: the smallest allowed K, 1 <= k_min <= k_max.
+
+    Returns:
+        K_c, an integer in [k_min, k_max].
+
+    Raises:
+        ValueError: ``beta`` outside (0, 1] (names ``fl.budgets``), ``k_max < 1`` or
+            ``k_min`` outside [1, k_max].
+    """
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"fl.budgets: got level {beta!r}, expected a number in (0, 1]")
+    if k_max < 1:
+        raise ValueError(f"k_max: got {k_max}, expected an integer >= 1")
+    if not 1 <= k_min <= k_max:
+        raise ValueError(f"k_min: got {k_min}, expected an integer in [1, k_max={k_max}]")
+    return max(k_min, min(k_max, math.floor(k_max * beta + 1e-9)))

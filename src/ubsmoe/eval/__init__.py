@@ -1,0 +1,28 @@
+"""Evaluation: commonsense accuracy by greedy generation (the paper's protocol) and by
+log-likelihood choice scoring (lm-evaluation-harness style)."""
+
+from ubsmoe.eval.commonsense import (
+    ANSWER_PATTERNS,
+    PROTOCOLS,
+    RESPONSE_PREFIX,
+    choice_logprobs,
+    evaluate_task,
+    extract_answer,
+    generate_responses,
+    generation_accuracy,
+    loglik_accuracy,
+    subsample,
+)
+
+__all__ = [
+    "ANSWER_PATTERNS",
+    "PROTOCOLS",
+    "RESPONSE_PREFIX",
+    "choice_logprobs",
+    "evaluate_task",
+    "extract_answer",
+    "generate_responses",
+    "generation_accuracy",
+    "loglik_accuracy",
+    "subsample",
+]

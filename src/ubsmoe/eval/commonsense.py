@@ -1,0 +1,379 @@
+"""Commonsense accuracy, two ways (DESIGN.md section 6).
+
+* ``generation``: the paper's protocol, from LLM-Adapters' ``commonsense_evaluate.py``
+  (Hu et al., "LLM-Adapters: An Adapter Family for Parameter-Efficient Fine-Tuning of
+  Large Language Models", EMNLP 2023, arXiv 2304.01933): decode a response to the
+  Alpaca prompt, take the first answer label in it ("answer2", "true", ...) and
+  compare with the gold label. We decode greedily (LLM-Adapters uses beam search by
+  default); an unparseable response counts as wrong.
+* ``loglik``: lm-evaluation-harness-style choice scoring (Gao et al., "The Language
+  Model Evaluation Harness", Zenodo 10256836): score every candidate's continuation
+  ``"the correct answer is <label>"`` (the training response format) by the sum of its
+  token log-probabilities given the prompt and predict the best one. This protocol
+  always produces a valid answer, so it is informative even for weak models.
+
+The scoring functions take plain lists (``prompts``, ``choices``, ``answers``);
+:func:`evaluate_task` builds them from LLM-Adapters records with
+:mod:`ubsmoe.data.commonsense`.
+
+Evaluation has no side effects on the model: training mode, the tokenizer's
+padding side and the SMoE layers' utilization counters are restored afterwards, and
+padding tokens are never routed to experts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ubsmoe.models.loading import routing_mask, smoe_layers
+
+RESPONSE_PREFIX = "the correct answer is "
+PROTOCOLS = ("generation", "loglik")
+
+# First-match label patterns of LLM-Adapters' `extract_answer` (commonsense_evaluate.py).
+_MULTIPLE_CHOICE = r"answer1|answer2|answer3|answer4|answer5"
+ANSWER_PATTERNS: dict[str, str] = {
+    "boolq": r"true|false",
+    "piqa": r"solution1|solution2",
+    "social_i_qa": _MULTIPLE_CHOICE,
+    "ARC-Challenge": _MULTIPLE_CHOICE,
+    "ARC-Easy": _MULTIPLE_CHOICE,
+    "openbookqa": _MULTIPLE_CHOICE,
+    "hellaswag": r"ending1|ending2|ending3|ending4",
+    "winogrande": r"option1|option2",
+}
+_COMPILED = {task: re.compile(p, re.IGNORECASE) for task, p in ANSWER_PATTERNS.items()}
+
+
+def extract_answer(task: str, text: str) -> str | None:
+    """The first answer label of ``task`` in a generated response.
+
+    Follows LLM-Adapters' ``commonsense_evaluate.py::extract_answer`` (first regex
+    match of the task's label set), matching case-insensitively.
+
+    Args:
+        task: a commonsense task name, e.g. ``"boolq"`` or ``"ARC-Easy"``.
+        text: the generated response (new tokens only, decoded).
+
+    Returns:
+        The label in lower case (``"answer3"``, ``"true"``), or None if the response
+        holds no label.
+
+    Raises:
+        ValueError: unknown task (the message lists the known ones).
+    """
+    pattern = _COMPILED.get(task)
+    if pattern is None:
+        raise ValueError(f"task: got {task!r}, expected one of {', '.join(ANSWER_PATTERNS)}")
+    match = pattern.search(text)
+    return None if match is None else match.group(0).lower()
+
+
+def subsample(records: Sequence[Any], n: int, seed: int) -> list[Any]:
+    """A fixed, seeded subset of ``n`` records in their original order.
+
+    Args:
+        records: the test set.
+        n: examples to keep; 0 or ``n >= len(records)`` keeps all.
+        seed: seed of the ``numpy.random.Generator`` that draws the subset.
+
+    Returns:
+        The chosen records, in the order they appear in ``records``.
+
+    Raises:
+        ValueError: ``n < 0``.
+    """
+    if n < 0:
+        raise ValueError(f"n: got {n}, expected an integer >= 0")
+    if n == 0 or n >= len(records):
+        return list(records)
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(len(records), size=n, replace=False))
+    return [records[int(i)] for i in keep]
+
+
+@contextmanager
+def _evaluating(model: nn.Module, tokenizer, padding_side: str) -> Iterator[None]:
+    """Eval mode, the given padding side and no autograd; restore everything after.
+
+    Training flags are restored module by module (a caller may keep parts in eval).
+    The SMoE layers' utilization counters (a_i, n) and last router probabilities are
+    restored too, so evaluating never leaks into a training round's statistics.
+    """
+    modes = [(m, m.training) for m in model.modules()]  # per module, restored exactly
+    old_side = tokenizer.padding_side
+    layers = smoe_layers(model)
+    saved = [(layer.expert_counts.clone(), layer.token_count.clone(), layer.router_prob_sum)
+             for layer in layers]
+    model.eval()
+    tokenizer.padding_side = padding_side
+    try:
+        # no_grad rather than inference_mode: nothing created here may later meet autograd.
+        with torch.no_grad():
+            yield
+    finally:
+        tokenizer.padding_side = old_side
+        for module, training in modes:
+            module.training = training
+        for layer, (counts, tokens, probs) in zip(layers, saved):
+            layer.expert_counts.copy_(counts)
+            layer.token_count.copy_(tokens)
+            layer.router_prob_sum = probs
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size: got {batch_size}, expected an integer >= 1")
+
+
+def generate_responses(model: nn.Module, tokenizer, prompts: Sequence[str], batch_size: int,
+                       max_new_tokens: int) -> list[str]:
+    """Greedy responses to ``prompts``, decoded from the new tokens only.
+
+    Prompts are tokenized without special tokens (as in :func:`loglik_accuracy`) and
+    left-padded in batches of ``batch_size`` prompts; ``generate`` derives position
+    ids from the attention mask, so a batched response equals the unbatched one.
+    Decoding stops at the tokenizer's eos token or after ``max_new_tokens``.
+
+    Args:
+        model: a causal LM (Hugging Face, possibly PEFT-wrapped).
+        tokenizer: its tokenizer; needs a pad token.
+        prompts: full prompts (ending in ``"### Response:\\n"``).
+        batch_size: prompts per ``generate`` call.
+        max_new_tokens: response length limit in tokens.
+
+    Returns:
+        One response string per prompt.
+
+    Raises:
+        ValueError: ``batch_size`` or ``max_new_tokens`` < 1, or no pad token.
+    """
+    _check_batch_size(batch_size)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: got {max_new_tokens}, expected an integer >= 1")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer: needs a pad token for batched generation")
+    device = _device(model)
+    responses: list[str] = []
+    with _evaluating(model, tokenizer, "left"):
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt",
+                              padding=True, add_special_tokens=False).to(device)
+            prompt_len = batch["input_ids"].shape[1]
+            # The mask covers the prefill forward only; decode steps are all real tokens.
+            with routing_mask(model, batch["attention_mask"]):
+                out = model.generate(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    do_sample=False,
+                    num_beams=1,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )  # [B, prompt_len + new]
+            responses.extend(tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True))
+    return responses
+
+
+def generation_accuracy(model: nn.Module, tokenizer, task: str, prompts: Sequence[str],
+                        answers: Sequence[str], batch_size: int, max_new_tokens: int) -> float:
+    """Accuracy under the paper's protocol: greedy response, first label, exact match.
+
+    Args:
+        model: a causal LM (Hugging Face, possibly PEFT-wrapped).
+        tokenizer: its tokenizer.
+        task: task name, selects the label pattern (see :func:`extract_answer`).
+        prompts: one prompt per example.
+        answers: gold labels (``"answer2"``, ``"true"``, ...), one per example.
+        batch_size: prompts per ``generate`` call.
+        max_new_tokens: response length limit in tokens.
+
+    Returns:
+        Fraction of examples (in [0, 1]) whose extracted label equals the gold one;
+        0.0 for no examples.
+
+    Raises:
+        ValueError: unknown task, ``prompts``/``answers`` of different lengths, or a
+            bad ``batch_size``/``max_new_tokens``.
+    """
+    extract_answer(task, "")  # validate the task before generating anything
+    if len(prompts) != len(answers):
+        raise ValueError(f"answers: got {len(answers)} for {len(prompts)} prompts")
+    if not prompts:
+        return 0.0
+    responses = generate_responses(model, tokenizer, prompts, batch_size, max_new_tokens)
+    correct = sum(extract_answer(task, r) == a.strip().lower() for r, a in zip(responses, answers))
+    return correct / len(prompts)
+
+
+def choice_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str],
+                    choices: Sequence[Sequence[str]], batch_size: int) -> list[list[float]]:
+    """Log-probability of each candidate response given its prompt.
+
+    For example i and candidate c the continuation is ``"the correct answer is " + c``;
+    prompt and continuation are tokenized separately without special tokens and
+    concatenated, and the score is the sum over continuation tokens of
+    ``log p(token | prompt, earlier continuation tokens)``, computed in float32.
+    All (prompt, candidate) pairs are sorted by length (longest first, to limit
+    padding), right-padded and scored ``batch_size`` sequences per forward; only the
+    logits of continuation positions are projected onto the vocabulary.
+
+    Args:
+        model: a causal LM (Hugging Face, possibly PEFT-wrapped).
+        tokenizer: its tokenizer; needs a pad token.
+        prompts: one prompt per example.
+        choices: candidate labels per example (e.g. ``["answer1", ..., "answer4"]``).
+        batch_size: sequences (pairs) per forward.
+
+    Returns:
+        ``[num_examples][num_choices_i]`` summed log-probabilities (nats).
+
+    Raises:
+        ValueError: mismatched lengths, an example without choices, an empty prompt,
+            no pad token, or ``batch_size`` < 1.
+    """
+    _check_batch_size(batch_size)
+    if len(prompts) != len(choices):
+        raise ValueError(f"choices: got {len(choices)} lists for {len(prompts)} prompts")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer: needs a pad token for batched scoring")
+    if not prompts:
+        return []
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    labels = sorted({c for cs in choices for c in cs})
+    cont_ids = dict(zip(labels, tokenizer([RESPONSE_PREFIX + c for c in labels],
+                                          add_special_tokens=False)["input_ids"]))
+    requests: list[tuple[int, int, list[int], int]] = []  # (example, choice, ids, prompt_len)
+    for i, (p_ids, cs) in enumerate(zip(prompt_ids, choices)):
+        if not cs:
+            raise ValueError(f"choices[{i}]: empty; every example needs at least one candidate")
+        if not p_ids:
+            raise ValueError(f"prompts[{i}]: empty after tokenization")
+        for j, c in enumerate(cs):
+            requests.append((i, j, list(p_ids) + list(cont_ids[c]), len(p_ids)))
+    requests.sort(key=lambda r: -len(r[2]))
+
+    scores = [[0.0] * len(cs) for cs in choices]
+    device = _device(model)
+    with _evaluating(model, tokenizer, "right"):
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start:start + batch_size]
+            seq_len = max(len(ids) for _, _, ids, _ in chunk)
+            input_ids = torch.full((len(chunk), seq_len), tokenizer.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), seq_len), dtype=torch.long)
+            for row, (_, _, ids, _) in enumerate(chunk):
+                input_ids[row, :len(ids)] = torch.tensor(ids)
+                attention_mask[row, :len(ids)] = 1
+            # Logits at position t predict token t + 1: keep only the positions that
+            # predict some continuation token, [first, last).
+            first = min(p_len for _, _, _, p_len in chunk) - 1
+            last = max(len(ids) for _, _, ids, _ in chunk) - 1
+            rows, cols, targets = [], [], []
+            for row, (_, _, ids, p_len) in enumerate(chunk):
+                for t in range(p_len, len(ids)):
+                    rows.append(row)
+                    cols.append(t - 1 - first)
+                    targets.append(ids[t])
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            with routing_mask(model, attention_mask):
+                logits = model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    use_cache=False,
+                    logits_to_keep=torch.arange(first, last, device=device),
+                ).logits  # [B, last - first, vocab]
+            rows_t = torch.tensor(rows, device=device)
+            picked = logits[rows_t, torch.tensor(cols, device=device)]  # [num_cont_tokens, vocab]
+            logp = torch.log_softmax(picked.float(), dim=-1)  # float32 for stable sums
+            token_logp = logp.gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+            per_row = torch.zeros(len(chunk), dtype=torch.float64)
+            per_row.index_add_(0, rows_t.cpu(), token_logp.double().cpu())  # [B]
+            for row, (i, j, _, _) in enumerate(chunk):
+                scores[i][j] = float(per_row[row])
+    return scores
+
+
+def loglik_accuracy(model: nn.Module, tokenizer, prompts: Sequence[str],
+                    choices: Sequence[Sequence[str]], answers: Sequence[str],
+                    batch_size: int) -> float:
+    """Accuracy of log-likelihood choice scoring (see :func:`choice_logprobs`).
+
+    The prediction is the candidate with the highest summed log-probability (ties:
+    the first one), as lm-evaluation-harness's ``acc``.
+
+    Args:
+        model: a causal LM (Hugging Face, possibly PEFT-wrapped).
+        tokenizer: its tokenizer.
+        prompts: one prompt per example.
+        choices: candidate labels per example.
+        answers: gold label per example; must be one of that example's choices.
+        batch_size: sequences per forward.
+
+    Returns:
+        Fraction of examples (in [0, 1]) predicted correctly; 0.0 for no examples.
+
+    Raises:
+        ValueError: mismatched lengths, or a gold answer that is not a candidate.
+    """
+    if len(answers) != len(prompts):
+        raise ValueError(f"answers: got {len(answers)} for {len(prompts)} prompts")
+    for i, (a, cs) in enumerate(zip(answers, choices)):
+        if a not in cs:
+            raise ValueError(f"answers[{i}]: {a!r} is not among the choices {list(cs)}")
+    if not prompts:
+        return 0.0
+    scores = choice_logprobs(model, tokenizer, prompts, choices, batch_size)
+    correct = sum(cs[int(np.argmax(s))] == a for s, cs, a in zip(scores, choices, answers))
+    return correct / len(prompts)
+
+
+def evaluate_task(model: nn.Module, tokenizer, task: str, records: Sequence[dict],
+                  protocols: Sequence[str], batch_size: int, max_new_tokens: int
+                  ) -> dict[str, float]:
+    """Evaluate one commonsense task under the requested protocols.
+
+    Args:
+        model: a causal LM at the budget level to evaluate (set K first with
+            :func:`ubsmoe.models.set_top_k`).
+        tokenizer: its tokenizer.
+        task: task name (see :data:`ANSWER_PATTERNS`).
+        records: LLM-Adapters records ``{"instruction", "input", "output", "answer"}``.
+        protocols: a subset of ``("generation", "loglik")``.
+        batch_size: examples (generation) or sequences (loglik) per forward.
+        max_new_tokens: response length limit for ``generation``.
+
+    Returns:
+        ``{"generation": acc, "loglik": acc, "n": num_examples}``, with only the
+        requested protocols.
+
+    Raises:
+        ValueError: unknown task or protocol.
+    """
+    from ubsmoe.data.commonsense import answer_choices, format_prompt
+
+    extract_answer(task, "")  # validate the task name
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"protocols: got {unknown}, expected a subset of {', '.join(PROTOCOLS)}")
+    prompts = [format_prompt(r) for r in records]
+    answers = [str(r["answer"]).strip() for r in records]
+    result: dict[str, float] = {}
+    if "generation" in protocols:
+        result["generation"] = generation_accuracy(model, tokenizer, task, prompts, answers,
+                                                   batch_size, max_new_tokens)
+    if "loglik" in protocols:
+        choices = [answer_choices(task, r) for r in records]
+        result["loglik"] = loglik_accuracy(model, tokenizer, prompts, choices, answers, batch_size)
+    result["n"] = len(records)
+    return result

@@ -1,0 +1,155 @@
+"""Method registry contract suite and A3SMoE's aggregation weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ubsmoe.config import ConfigError
+from ubsmoe.methods import ClientUpdate, available_methods, get_method_class
+from ubsmoe.methods.a3smoe import A3SMoE, A3SMoEConfig, a3smoe_expert_weights
+from ubsmoe.methods.base import expert_layer_of, fedavg
+
+E, L = 4, 2
+NAMES = {
+    "model.layers.0.self_attn.q_proj.lora_A.default.weight": (3, 6),
+    "model.layers.0.mlp.gate_up_lora.A": (E, 3, 6),
+    "model.layers.0.mlp.down_lora.B": (E, 6, 3),
+    "model.layers.1.mlp.gate_up_lora.A": (E, 3, 6),
+    "model.layers.1.mlp.down_lora.B": (E, 6, 3),
+}
+
+
+def _update(cid, seed, counts=None, n=10, k=2):
+    g = torch.Generator().manual_seed(seed)
+    adapters = {name: torch.randn(shape, generator=g) for name, shape in NAMES.items()}
+    if counts is None:
+        counts = torch.full((L, E), float(k * 8 / E))
+    return ClientUpdate(client_id=cid, num_examples=n, adapters=adapters,
+                        expert_counts=counts.to(torch.float64), token_counts=torch.full((L,), 8.0, dtype=torch.float64),
+                        top_k=k, loss=1.0)
+
+
+def _global(seed=99):
+    return _update(-1, seed).adapters
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_identical_updates_leave_adapters_unchanged(name):
+    method = get_method_class(name)()
+    u = _update(0, 1)
+    same = [ClientUpdate(**{**u.__dict__, "client_id": c, "num_examples": 5 + c}) for c in range(3)]
+    out = method.aggregate(_global(), same)
+    for k, v in u.adapters.items():
+        torch.testing.assert_close(out[k], v, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_aggregate_is_a_convex_combination(name):
+    """Weights are normalised: aggregating constant tensors c_k gives a value inside [min, max]."""
+    method = get_method_class(name)()
+    updates = []
+    for c, val in enumerate([1.0, 2.0, 5.0]):
+        u = _update(c, c)
+        u.adapters = {k: torch.full_like(v, val) for k, v in u.adapters.items()}
+        updates.append(u)
+    out = method.aggregate(_global(), updates)
+    for v in out.values():
+        assert float(v.min()) >= 1.0 - 1e-6 and float(v.max()) <= 5.0 + 1e-6
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_aggregate_is_deterministic_and_order_free(name):
+    method = get_method_class(name)()
+    updates = [_update(c, 10 + c, n=3 + c) for c in range(4)]
+    a = method.aggregate(_global(), updates)
+    b = get_method_class(name)().aggregate(_global(), updates)
+    for k in a:
+        assert torch.equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_payload_survives_flower_record_round_trip(name):
+    from ubsmoe.fl.messages import update_from_content, update_to_content
+
+    u = _update(3, 5)
+    u.metrics = {"steps": 4.0}
+    back = update_from_content(update_to_content(u))
+    assert back.client_id == 3 and back.top_k == u.top_k and back.num_examples == u.num_examples
+    assert back.metrics == {"steps": 4.0}
+    for k, v in u.adapters.items():
+        assert torch.equal(back.adapters[k], v)
+    assert torch.equal(back.expert_counts, u.expert_counts)
+    out = get_method_class(name)().aggregate(_global(), [back])
+    assert set(out) == set(NAMES)
+
+
+def test_unknown_method_lists_choices():
+    with pytest.raises(ConfigError, match="expected one of .*a3smoe.*fedit.*smoe"):
+        get_method_class("fedprox")
+
+
+def test_fedit_runs_native_top_k_and_smoe_runs_k_c():
+    assert get_method_class("fedit")().client_top_k(1, 8) == 8
+    assert get_method_class("smoe")().client_top_k(1, 8) == 1
+    assert get_method_class("a3smoe")().client_top_k(2, 8) == 2
+
+
+def test_fedavg_weights_by_examples():
+    u1, u2 = _update(0, 1, n=1), _update(1, 2, n=3)
+    out = fedavg([u1, u2])
+    for k in NAMES:
+        torch.testing.assert_close(out[k], 0.25 * u1.adapters[k] + 0.75 * u2.adapters[k])
+
+
+def test_expert_layer_of_orders_layers_numerically():
+    names = ["m.layers.10.mlp.down_lora.A", "m.layers.2.mlp.down_lora.A", "m.layers.2.self_attn.q.lora_A"]
+    assert expert_layer_of(names) == {"m.layers.2.mlp.down_lora.A": 0, "m.layers.10.mlp.down_lora.A": 1}
+
+
+def test_a3smoe_weights_normalised_per_expert_and_follow_formula():
+    counts = [torch.tensor([[8.0, 0.0, 4.0, 4.0], [2.0, 2.0, 2.0, 10.0]]),
+              torch.tensor([[4.0, 0.0, 8.0, 4.0], [4.0, 4.0, 4.0, 4.0]])]
+    updates = [_update(0, 0, counts[0], n=10, k=2), _update(1, 1, counts[1], n=30, k=2)]
+    w, used = a3smoe_expert_weights(updates, gamma=2.0)
+    assert w.shape == (2, L, E)
+    assert used.tolist() == [[True, False, True, True], [True, True, True, True]]
+    sums = w.sum(0)
+    torch.testing.assert_close(sums[used], torch.ones(int(used.sum()), dtype=torch.float64))
+    assert float(sums[0, 1]) == 0.0
+    # layer 0, expert 0: u_0 = 0.25*(8/8/2)^2, u_1 = 0.75*(4/8/2)^2
+    u0, u1 = 0.25 * (0.5) ** 2, 0.75 * (0.25) ** 2
+    assert float(w[0, 0, 0]) == pytest.approx(u0 / (u0 + u1))
+
+
+def test_a3smoe_gamma_zero_equals_fedavg():
+    updates = [_update(c, c, torch.rand(L, E) * 4 + 0.5, n=5 + 7 * c) for c in range(3)]
+    out = A3SMoE(A3SMoEConfig(gamma=0.0)).aggregate(_global(), updates)
+    ref = fedavg(updates)
+    for k in NAMES:
+        torch.testing.assert_close(out[k], ref[k])
+
+
+def test_a3smoe_unused_expert_keeps_previous_value():
+    counts = torch.tensor([[4.0, 0.0, 4.0, 8.0], [4.0, 4.0, 4.0, 4.0]])
+    updates = [_update(0, 0, counts), _update(1, 1, counts)]
+    prev = _global()
+    out = A3SMoE().aggregate(prev, updates)
+    for name in ("model.layers.0.mlp.gate_up_lora.A", "model.layers.0.mlp.down_lora.B"):
+        assert torch.equal(out[name][1], prev[name][1])  # expert 1 unused in layer 0
+        assert not torch.equal(out[name][0], prev[name][0])
+    name = "model.layers.1.mlp.gate_up_lora.A"
+    assert not torch.equal(out[name][1], prev[name][1])  # used in layer 1
+
+
+def test_a3smoe_favours_the_client_that_used_an_expert_more():
+    counts_a = torch.tensor([[12.0, 1.0, 1.0, 2.0]] * L)
+    counts_b = torch.tensor([[1.0, 5.0, 5.0, 5.0]] * L)
+    updates = [_update(0, 0, counts_a), _update(1, 1, counts_b)]
+    w, _ = a3smoe_expert_weights(updates, gamma=4.0)
+    assert float(w[0, 0, 0]) > 0.99 and float(w[1, 0, 1]) > 0.99
+
+
+def test_a3smoe_config_rejects_negative_gamma():
+    with pytest.raises(ConfigError, match="a3smoe.gamma"):
+        A3SMoEConfig(gamma=-1.0)

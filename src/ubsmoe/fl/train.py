@@ -1,0 +1,237 @@
+"""Local training on one client (plain PyTorch, no Flower).
+
+One function, :func:`local_train`, reads like the algorithm: forward, loss, method
+loss hook, backward, method gradient hook (UB-SMoE's pseudo-gradient goes here),
+clip, step, log. :class:`ClientRuntime` holds what a client keeps between rounds
+(model, tokenizer, its tokenized partition) and :meth:`ClientRuntime.train_round`
+turns the server's instruction into a :class:`~ubsmoe.methods.base.ClientUpdate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ubsmoe.config import RunConfig, TrainConfig
+from ubsmoe.methods import ClientUpdate, Method, get_method_class
+from ubsmoe.models import (
+    adapter_state,
+    build_model,
+    load_adapter_state,
+    routing_mask,
+    set_top_k,
+    smoe_layers,
+)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled (response) tokens.
+
+    Args:
+        logits: ``[batch, seq, vocab]``.
+        labels: ``[batch, seq]`` token ids, -100 where no loss is taken (prompt, padding).
+
+    Returns:
+        Scalar loss in float32 (0 with no labelled token).
+    """
+    shift_logits = logits[:, :-1, :].float()  # [B, T-1, V]
+    shift_labels = labels[:, 1:]  # [B, T-1]
+    if not (shift_labels != -100).any():
+        return shift_logits.sum() * 0.0
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                           shift_labels.reshape(-1), ignore_index=-100)
+
+
+def client_seed(base_seed: int, client_id: int, round_idx: int) -> int:
+    """Per-client, per-round seed derived from the base seed (stable across runs)."""
+    digest = hashlib.sha256(f"{base_seed}:{client_id}:{round_idx}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def make_batches(examples: list[dict], batch_size: int, epochs: int, max_steps: int,
+                 seed: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+    """Shuffle ``examples`` per epoch (seeded) and collate into batches.
+
+    Args:
+        examples: tokenized examples ``{"input_ids": [...], "labels": [...]}``.
+        max_steps: stop after this many batches (0: no cap).
+
+    Returns:
+        Batches of ``input_ids``/``attention_mask``/``labels``, each ``[batch, seq]``.
+    """
+    from ubsmoe.data.commonsense import collate
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(epochs):
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        for start in range(0, len(order), batch_size):
+            batches.append(collate([examples[i] for i in order[start:start + batch_size]], pad_token_id))
+            if max_steps and len(batches) >= max_steps:
+                return batches
+    return batches
+
+
+def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method: Method,
+                train_cfg: TrainConfig, top_k: int) -> dict[str, float]:
+    """Train the model's LoRA parameters on ``batches`` with a fresh Adam optimizer.
+
+    Args:
+        model: patched model; only parameters with ``requires_grad`` are trained.
+        batches: from :func:`make_batches`.
+        method: supplies the extra loss and the gradient hook.
+        train_cfg: lr and gradient clipping.
+        top_k: K_c the client runs at (already set on the model).
+
+    Returns:
+        ``{"loss": mean task loss over steps, "steps": n, "examples": n, "tokens": n}``
+        (tokens: labelled tokens, i.e. response tokens).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=train_cfg.lr)
+    model.train()
+    total_loss, steps, examples, tokens = 0.0, 0, 0, 0
+    for batch in batches:
+        with routing_mask(model, batch["attention_mask"]):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = causal_lm_loss(logits, batch["labels"])
+        extra = method.extra_loss(model, top_k)
+        objective = loss if extra is None else loss + extra
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        method.after_backward(model, top_k)
+        if train_cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
+        optimizer.step()
+        total_loss += float(loss.detach())
+        steps += 1
+        examples += batch["input_ids"].shape[0]
+        tokens += int((batch["labels"][:, 1:] != -100).sum())
+    model.eval()
+    return {"loss": total_loss / max(steps, 1), "steps": steps, "examples": examples, "tokens": tokens}
+
+
+def runtime_key(cfg: RunConfig) -> str:
+    """Hash of what a client runtime depends on (model, data, clients, seed)."""
+    d = cfg.to_dict()
+    key = {k: d[k] for k in ("model", "data")}
+    key["num_clients"] = cfg.fl.num_clients
+    key["seed"] = cfg.train.seed
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class SharedSetup:
+    """What the server and every client build identically from the config.
+
+    Attributes:
+        data: the loaded :class:`~ubsmoe.data.commonsense.CommonsenseData`.
+        tokenizer: the model's tokenizer (trained locally for `tiny`).
+        partitions: client id -> indices into ``data.train``.
+    """
+
+    data: object
+    tokenizer: object
+    partitions: list[list[int]]
+
+
+def shared_setup(cfg: RunConfig) -> SharedSetup:
+    """Load data, the tokenizer and the client partitions (deterministic for a config).
+
+    Raises:
+        ConfigError: the data cannot be resolved or is too small for the clients.
+    """
+    from ubsmoe.data.commonsense import format_prompt, load_commonsense
+    from ubsmoe.data.partition import partition_clients
+    from ubsmoe.models.loading import cache_dir, train_tokenizer
+
+    data = load_commonsense(cfg.data, cfg.train.seed)
+    if cfg.model.name == "tiny":
+        texts = [format_prompt(r) + r["output"] for r in data.train]
+        tokenizer = train_tokenizer(texts, cfg.model.tiny.vocab_size, cache_dir(cfg.model))
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    labels = [r["task"] for r in data.train]
+    partitions = partition_clients(labels, cfg.fl.num_clients, cfg.data.partition,
+                                   cfg.data.dirichlet_alpha, cfg.train.seed)
+    return SharedSetup(data=data, tokenizer=tokenizer, partitions=partitions)
+
+
+class ClientRuntime:
+    """What a client process keeps between rounds: model, tokenizer, tokenized partitions.
+
+    One model per process serves every client id the process is asked to run (a
+    simulation worker runs many clients in turn); partitions are tokenized on first
+    use and cached.
+
+    Args:
+        cfg: the run config.
+        setup: a prebuilt :class:`SharedSetup` (built from ``cfg`` if None).
+    """
+
+    def __init__(self, cfg: RunConfig, setup: SharedSetup | None = None) -> None:
+        self.cfg = cfg
+        self.setup = setup or shared_setup(cfg)
+        self.tokenizer = self.setup.tokenizer
+        self.model, _ = build_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
+        self.method = get_method_class(cfg.method)(cfg.method_config)
+        self._examples: dict[int, list[dict]] = {}
+
+    def examples(self, client_id: int) -> list[dict]:
+        """The tokenized training partition of ``client_id``.
+
+        Raises:
+            ValueError: ``client_id`` outside ``[0, fl.num_clients)``.
+        """
+        if not 0 <= client_id < self.cfg.fl.num_clients:
+            raise ValueError(f"client_id: got {client_id}, expected 0..{self.cfg.fl.num_clients - 1}")
+        if client_id not in self._examples:
+            from ubsmoe.data.commonsense import tokenize_example
+
+            records = [self.setup.data.train[i] for i in self.setup.partitions[client_id]]
+            self._examples[client_id] = [
+                tokenize_example(self.tokenizer, r, self.cfg.data.max_length) for r in records
+            ]
+        return self._examples[client_id]
+
+    def train_round(self, client_id: int, round_idx: int, top_k: int,
+                    global_adapters: dict[str, torch.Tensor]) -> ClientUpdate:
+        """Load the global adapters, train one round at ``top_k`` and build the update.
+
+        Args:
+            client_id: partition id of the client.
+            round_idx: 1-based round number (seeds the data order).
+            top_k: K_c for this client (already passed through the method).
+            global_adapters: name -> tensor, as :func:`~ubsmoe.models.adapter_state`.
+        """
+        cfg = self.cfg
+        examples = self.examples(client_id)
+        load_adapter_state(self.model, global_adapters)
+        set_top_k(self.model, top_k)
+        for layer in smoe_layers(self.model):
+            layer.reset_stats()
+        seed = client_seed(cfg.train.seed, client_id, round_idx)
+        torch.manual_seed(seed)
+        batches = make_batches(examples, cfg.train.batch_size, cfg.train.local_epochs,
+                               cfg.train.max_local_steps, seed, self.tokenizer.pad_token_id)
+        stats = local_train(self.model, batches, self.method, cfg.train, top_k)
+        layers = smoe_layers(self.model)
+        return ClientUpdate(
+            client_id=client_id,
+            num_examples=len(examples),
+            adapters=adapter_state(self.model),
+            expert_counts=torch.stack([m.expert_counts.clone() for m in layers]),  # [L, E]
+            token_counts=torch.stack([m.token_count.clone() for m in layers]),  # [L]
+            top_k=top_k,
+            loss=stats["loss"],
+            metrics={"steps": float(stats["steps"]), "tokens": float(stats["tokens"])},
+        )

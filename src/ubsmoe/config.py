@@ -50,7 +50,10 @@ class TinyModelConfig:
     """Sizes of the randomly initialised OLMoE-architecture `tiny` preset.
 
     Experts and top-k match OLMoE-1B-7B (64 experts, top-8) so that budgets map to
-    the same K_c; width and depth are small enough for CPU runs.
+    the same K_c; width and depth are small enough for CPU runs. ``initializer_range``
+    is the std of the random weights (HF default 0.02; at that scale and width the
+    experts' output, gated by ~1/64 softmax weights, is ~1e-3 of the residual stream,
+    so K_c barely changes predictions — the embedded default uses 0.1).
     """
 
     hidden_size: int = 64
@@ -61,6 +64,11 @@ class TinyModelConfig:
     num_experts_per_tok: int = 8
     vocab_size: int = 2048
     max_position_embeddings: int = 1024
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not self.initializer_range > 0:
+            raise ConfigError(_bad("model.tiny.initializer_range", self.initializer_range, "a number > 0"))
 
 
 @dataclass

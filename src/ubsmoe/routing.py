@@ -77,6 +77,7 @@ class DMRConfig:
         errors: list[str] = []
 
         def bad(name: str, allowed: str) -> None:
+            """Record that field ``name`` is invalid and what is allowed."""
             errors.append(f"dmr.{name}: got {getattr(self, name)!r}, expected {allowed}")
 
         if not _is_int(self.num_candidates) or self.num_candidates < 1:

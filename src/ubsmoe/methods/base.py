@@ -64,6 +64,7 @@ def register_method(name: str):
     """
 
     def wrap(cls: type[Method]) -> type[Method]:
+        """Register ``cls`` and set its ``name``."""
         if name != name.lower() or not name:
             raise ValueError(f"method name {name!r} must be non-empty lower-case")
         if name in _REGISTRY:

@@ -109,6 +109,7 @@ def tiny_olmoe(cfg: ModelConfig, vocab_size: int, pad_token_id: int, eos_token_i
         eos_token_id=eos_token_id,
         bos_token_id=eos_token_id,
         tie_word_embeddings=False,
+        initializer_range=t.initializer_range,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -22,6 +22,7 @@ from ubsmoe.config import RunConfig, save_config
 from ubsmoe.fl.train import SharedSetup, client_seed
 from ubsmoe.io import append_jsonl, atomic_torch_save, atomic_write_json
 from ubsmoe.methods import ClientUpdate, get_method_class
+from ubsmoe.methods.base import data_weights
 from ubsmoe.models import adapter_state, build_model, load_adapter_state, set_top_k, smoe_layers
 
 CHECKPOINT_DIR = "checkpoints"
@@ -136,8 +137,7 @@ class Server:
         t0 = time.time()
         self.state.adapters = self.method.aggregate(self.state.adapters, updates)
         agg_s = time.time() - t0
-        n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
-        w = n / n.sum() if n.sum() > 0 else torch.full_like(n, 1.0 / len(updates))
+        w = data_weights(updates)
         loss = float(sum(wc * u.loss for wc, u in zip(w.tolist(), updates)))
         record = {
             "type": "train",

@@ -10,6 +10,7 @@ The Flower ServerApp (:mod:`ubsmoe.fl.server_app`) only moves messages and calls
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -161,8 +162,9 @@ class Server:
         return record
 
     # ----- evaluation ------------------------------------------------------------
+    @functools.cached_property
     def test_sets(self) -> dict[str, list[dict]]:
-        """The seeded test subset scored per task (``eval.examples_per_task``)."""
+        """The seeded test subset scored per task (``eval.examples_per_task``), drawn once."""
         from ubsmoe.eval.commonsense import subsample
 
         return {task: subsample(recs, self.cfg.eval.examples_per_task, self.cfg.train.seed)
@@ -179,7 +181,7 @@ class Server:
         from ubsmoe.eval.commonsense import evaluate_task
 
         load_adapter_state(self.model, self.state.adapters)
-        tests = self.test_sets()
+        tests = self.test_sets
         by_k: dict[int, dict[str, dict[str, float]]] = {}
         rows = []
         for beta in self.cfg.fl.budgets:
@@ -247,7 +249,7 @@ class Server:
     def summary(self) -> dict[str, Any]:
         """The run's summary (also written to summary.json by :meth:`finish`)."""
         data = self.setup.data
-        tests = self.test_sets()
+        tests = self.test_sets
         return {
             "method": self.cfg.method,
             "model": self.cfg.model.name,

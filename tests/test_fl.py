@@ -13,6 +13,7 @@ from ubsmoe.config import load_config
 from ubsmoe.fl.server import Server, ServerState, latest_checkpoint
 from ubsmoe.fl.train import ClientRuntime, causal_lm_loss, shared_setup
 from ubsmoe.io import read_jsonl
+from ubsmoe.models import adapter_state
 
 SMALL = [
     "data.tasks=[boolq,piqa,ARC-Easy]",
@@ -125,3 +126,45 @@ def test_cli_rejects_bad_input_with_one_line_error(override, message, tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["ubsmoe", "smoe_llb"])
+def test_method_runs_end_to_end_and_writes_diagnostics(tmp_path, method):
+    cfg = _cfg(tmp_path, f"method={method}", "eval.protocols=[loglik]", "eval.pg_probe_examples=2")
+    server = _run_rounds(cfg, tmp_path / "run")
+    summary = server.finish()
+    diags = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "diagnostics"]
+    assert [d["round"] for d in diags] == [1, 2]
+    for d in diags:
+        num_layers, num_experts = len(d["utilization"]), len(d["utilization"][0])
+        assert len(d["entropy"]["per_layer"]) == num_layers
+        assert 0.0 < d["entropy"]["mean"] <= d["entropy"]["max"] + 1e-9
+        assert d["entropy"]["max"] == pytest.approx(torch.log(torch.tensor(float(num_experts))).item())
+        assert 0.0 <= d["gini"]["mean"] < 1.0
+        # u~ sums to K_bar = sum_c p_c K_c per layer.
+        k_bar = sum(c["top_k"] * c["train_examples"] for c in summary["clients"]) / sum(
+            c["train_examples"] for c in summary["clients"])
+        assert [sum(row) for row in d["utilization"]] == pytest.approx([k_bar] * num_layers)
+    if method == "ubsmoe":
+        assert -1.0 <= diags[-1]["phi_utilization"]["spearman"] < 0.0  # over-used experts pushed down
+        assert [p["top_k"] for p in diags[-1]["pg_alignment"]] == [1, 2, 4, 8]
+        assert all(p["n"] > 0 for p in diags[-1]["pg_alignment"])
+        assert any(k.endswith(".phi") for k in server.state.adapters)
+    else:
+        assert "pg_alignment" not in diags[-1] and "phi_utilization" not in diags[-1]
+    assert summary["diagnostics"]["round"] == 2
+
+
+def test_ubsmoe_with_every_switch_off_trains_exactly_like_naive_smoe(tmp_path):
+    off = ["ubsmoe.pg=false", "ubsmoe.dmr.learn_phi=false", "ubsmoe.dmr.server_update=false"]
+    results = []
+    for extra in (["method=smoe"], ["method=ubsmoe", *off]):
+        cfg = _cfg(tmp_path, *extra)
+        runtime = ClientRuntime(cfg, shared_setup(cfg))
+        results.append(runtime.train_round(0, 1, 1, adapter_state(runtime.model)))
+    smoe, none = results
+    assert smoe.loss == none.loss
+    for k, v in smoe.adapters.items():
+        assert torch.equal(none.adapters[k], v)
+    phis = [v for k, v in none.adapters.items() if k.endswith(".phi")]
+    assert phis and all(bool((p == 0).all()) for p in phis)

@@ -249,6 +249,9 @@ class EvalConfig:
         max_new_tokens: generation length for the generation protocol.
         batch_size: examples per evaluation batch.
         every_rounds: also evaluate every N rounds (0: only after the last round).
+        pg_probe_examples: training examples in the fixed probe batch of the
+            PG-alignment diagnostic, run every round for methods with a
+            pseudo-gradient at each budget level's K (0: off).
     """
 
     protocols: list[str] = field(default_factory=lambda: list(EVAL_PROTOCOLS))
@@ -256,6 +259,7 @@ class EvalConfig:
     max_new_tokens: int = 16
     batch_size: int = 16
     every_rounds: int = 0
+    pg_probe_examples: int = 8
 
     def __post_init__(self) -> None:
         errors = []
@@ -271,6 +275,8 @@ class EvalConfig:
             errors.append(_bad("eval.batch_size", self.batch_size, "an integer >= 1"))
         if self.every_rounds < 0:
             errors.append(_bad("eval.every_rounds", self.every_rounds, "an integer >= 0"))
+        if self.pg_probe_examples < 0:
+            errors.append(_bad("eval.pg_probe_examples", self.pg_probe_examples, "an integer >= 0"))
         _raise(errors)
 
 
@@ -282,7 +288,7 @@ class RunConfig:
     overrides it is the section named after the method (e.g. ``a3smoe.gamma``).
     """
 
-    method: str = "smoe"
+    method: str = "ubsmoe"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -454,7 +460,7 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
 
     tree = dict(tree)
     errors: list[str] = []
-    method = tree.pop("method", "smoe")
+    method = tree.pop("method", "ubsmoe")
     try:
         method_cls = get_method_class(method)
     except ConfigError as e:

@@ -23,7 +23,7 @@ from ubsmoe.config import RunConfig, save_config
 from ubsmoe.fl.train import SharedSetup, client_seed
 from ubsmoe.io import append_jsonl, atomic_torch_save, atomic_write_json
 from ubsmoe.methods import ClientUpdate, get_method_class
-from ubsmoe.methods.base import data_weights
+from ubsmoe.methods.base import data_weights, phi_layer_of, round_utilization
 from ubsmoe.models import adapter_state, build_model, load_adapter_state, set_top_k, smoe_layers
 
 CHECKPOINT_DIR = "checkpoints"
@@ -88,6 +88,7 @@ class Server:
         self.setup = setup
         self.method = get_method_class(cfg.method)(cfg.method_config)
         self.model, self.tokenizer = build_model(cfg.model, setup.tokenizer, seed=cfg.train.seed)
+        self.method.prepare_model(self.model)
         self.model.eval()
         self.k_max = smoe_layers(self.model)[0].max_top_k
         self.budgets = assign_budgets(cfg.fl.num_clients, cfg.fl.budgets, cfg.fl.budget_pattern,
@@ -106,6 +107,7 @@ class Server:
             self.state = ServerState(round=0, adapters=adapter_state(self.model))
             save_config(cfg, self.run_dir / CONFIG_FILE)
         self.last_eval: list[dict[str, Any]] = []
+        self.last_diagnostics: dict[str, Any] = {}
 
     # ----- round protocol ------------------------------------------------------
     def sample_clients(self, round_idx: int) -> list[int]:
@@ -153,6 +155,8 @@ class Server:
             **(timings or {}),
         }
         append_jsonl(self.run_dir / METRICS_FILE, record)
+        self.last_diagnostics = self.diagnostics(round_idx, updates)
+        append_jsonl(self.run_dir / METRICS_FILE, self.last_diagnostics)
         self.state.round = round_idx
         self.state.train_loss.append({"round": round_idx, "loss": loss})
         every = self.cfg.eval.every_rounds
@@ -160,6 +164,67 @@ class Server:
             self.last_eval = self.evaluate(round_idx)
         self.checkpoint()
         return record
+
+    # ----- diagnostics -----------------------------------------------------------
+    def global_phi(self) -> torch.Tensor | None:
+        """The global DMR modulation ``[L, E]`` (None when the method has no phi)."""
+        layer_of = phi_layer_of(list(self.state.adapters))
+        if not layer_of:
+            return None
+        return torch.stack([self.state.adapters[n] for n in sorted(layer_of, key=layer_of.get)])
+
+    @functools.cached_property
+    def probe_batch(self) -> dict[str, torch.Tensor]:
+        """The fixed PG-alignment probe batch: ``eval.pg_probe_examples`` seeded training examples.
+
+        Returns:
+            ``input_ids`` / ``attention_mask`` / ``labels``, each ``[batch, seq]``.
+        """
+        from ubsmoe.data.commonsense import collate, tokenize_example
+
+        train = self.setup.data.train
+        gen = torch.Generator().manual_seed(client_seed(self.cfg.train.seed, -2, 0))
+        idx = torch.randperm(len(train), generator=gen)[:self.cfg.eval.pg_probe_examples].tolist()
+        examples = [tokenize_example(self.tokenizer, train[i], self.cfg.data.max_length) for i in idx]
+        return collate(examples, self.tokenizer.pad_token_id)
+
+    def diagnostics(self, round_idx: int, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
+        """Utilization, phi and PG-alignment diagnostics of a round (DESIGN.md section 6).
+
+        Returns:
+            A ``"type": "diagnostics"`` metrics record: the round's global
+            utilization u~ ``[L, E]``, its entropy (per layer, mean, variance across
+            layers) and Gini coefficient, the phi-utilization correlations and phi's
+            range when the method has phi, and, for methods with a pseudo-gradient,
+            the PG alignment on the probe batch at each budget level's K.
+        """
+        from ubsmoe.fl.train import causal_lm_loss
+        from ubsmoe.metrics.diagnostics import pg_alignment, utilization_summary
+
+        utilization = round_utilization(updates)  # [L, E]
+        phi = self.global_phi()  # [L, E] or None
+        record: dict[str, Any] = {"type": "diagnostics", "round": round_idx,
+                                  **utilization_summary(utilization, phi),
+                                  "utilization": utilization.tolist()}
+        if phi is not None:
+            record["phi"] = {"min": float(phi.min()), "max": float(phi.max()),
+                             "mean_abs": float(phi.abs().mean())}
+        pg = self.method.pseudo_gradient
+        if pg is not None and self.cfg.eval.pg_probe_examples > 0:
+            load_adapter_state(self.model, self.state.adapters)
+            record["pg_alignment"] = [
+                pg_alignment(self.model, self.probe_batch, k, pg, causal_lm_loss)
+                for k in sorted(set(self.level_top_k().values()))
+            ]
+        return record
+
+    def level_top_k(self) -> dict[float, int]:
+        """K each budget level runs at: ``{beta: K}`` for ``fl.budgets``."""
+        from ubsmoe.data.partition import top_k_for_budget
+
+        return {beta: self.method.client_top_k(top_k_for_budget(beta, self.k_max, self.cfg.model.k_min),
+                                               self.k_max)
+                for beta in self.cfg.fl.budgets}
 
     # ----- evaluation ------------------------------------------------------------
     @functools.cached_property
@@ -177,15 +242,13 @@ class Server:
             One row per (budget level, protocol): ``budget``, ``top_k``, ``protocol``,
             ``per_task`` accuracies, ``average`` and ``n`` (examples per task).
         """
-        from ubsmoe.data.partition import top_k_for_budget
         from ubsmoe.eval.commonsense import evaluate_task
 
         load_adapter_state(self.model, self.state.adapters)
         tests = self.test_sets
         by_k: dict[int, dict[str, dict[str, float]]] = {}
         rows = []
-        for beta in self.cfg.fl.budgets:
-            k = self.method.client_top_k(top_k_for_budget(beta, self.k_max, self.cfg.model.k_min), self.k_max)
+        for beta, k in self.level_top_k().items():
             if k not in by_k:
                 set_top_k(self.model, k)
                 by_k[k] = {
@@ -268,6 +331,7 @@ class Server:
                 "test_examples_scored": {t: len(r) for t, r in tests.items()},
             },
             "train_loss": self.state.train_loss,
+            "diagnostics": {k: v for k, v in self.last_diagnostics.items() if k != "type"},
             "accuracy": [
                 {k: row[k] for k in ("round", "budget", "top_k", "protocol", "per_task", "average")}
                 for row in self.last_eval

@@ -184,6 +184,7 @@ class ClientRuntime:
         self.tokenizer = self.setup.tokenizer
         self.model, _ = build_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
         self.method = get_method_class(cfg.method)(cfg.method_config)
+        self.method.prepare_model(self.model)
         self._examples: dict[int, list[dict]] = {}
 
     def examples(self, client_id: int) -> list[dict]:

@@ -3,7 +3,7 @@
 Importing this package registers every built-in method.
 """
 
-from ubsmoe.methods import a3smoe, fedit, smoe  # noqa: F401  (registration)
+from ubsmoe.methods import a3smoe, fedit, smoe, smoe_llb, ubsmoe  # noqa: F401  (registration)
 from ubsmoe.methods.base import (
     ClientUpdate,
     Method,

@@ -21,6 +21,8 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 # Names of per-expert LoRA tensors ([num_experts, ...] along dim 0), see SMoELayer.
 EXPERT_PARAM_RE = re.compile(r"\.(gate_up_lora|down_lora)\.(A|B)$")
+# Name of an SMoE layer's DMR modulation phi ([num_experts]), see SMoELayer.enable_dmr.
+PHI_PARAM_RE = re.compile(r"\.phi$")
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
@@ -97,17 +99,31 @@ def get_method_class(name: str) -> type[Method]:
         ) from None
 
 
+def _layer_index(names: Sequence[str], pattern: re.Pattern) -> dict[str, int]:
+    """Map each name matching ``pattern`` to the depth order of its module prefix."""
+    matched = [n for n in names if pattern.search(n)]
+    prefixes = sorted({pattern.split(n)[0] for n in matched},
+                      key=lambda p: [int(x) for x in _LAYER_RE.findall(p + ".")] or [0])
+    index = {p: i for i, p in enumerate(prefixes)}
+    return {n: index[pattern.split(n)[0]] for n in matched}
+
+
 def expert_layer_of(names: Sequence[str]) -> dict[str, int]:
     """Map each per-expert LoRA tensor name to its SMoE layer index (depth order).
 
     Layer indices count SMoE layers in model order, matching the rows of
     :attr:`ClientUpdate.expert_counts`.
     """
-    expert_names = [n for n in names if EXPERT_PARAM_RE.search(n)]
-    prefixes = sorted({EXPERT_PARAM_RE.split(n)[0] for n in expert_names},
-                      key=lambda p: [int(x) for x in _LAYER_RE.findall(p + ".")] or [0])
-    index = {p: i for i, p in enumerate(prefixes)}
-    return {n: index[EXPERT_PARAM_RE.split(n)[0]] for n in expert_names}
+    return _layer_index(names, EXPERT_PARAM_RE)
+
+
+def phi_layer_of(names: Sequence[str]) -> dict[str, int]:
+    """Map each DMR ``phi`` tensor name to its SMoE layer index (depth order).
+
+    The same order as :func:`expert_layer_of` and the rows of
+    :attr:`ClientUpdate.expert_counts` (every SMoE layer has one phi).
+    """
+    return _layer_index(names, PHI_PARAM_RE)
 
 
 def data_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
@@ -120,6 +136,24 @@ def data_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
     if n.sum() <= 0:
         return torch.full_like(n, 1.0 / len(updates))
     return n / n.sum()
+
+
+def round_utilization(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+    """Global expert utilization of a round, ``u~_i = sum_c p_c a_{c,i} / n_c`` (DESIGN.md 4.1).
+
+    Returns:
+        ``[L, E]`` float64 (see :func:`ubsmoe.routing.global_utilization`).
+
+    Raises:
+        ValueError: no updates, or updates with different ``[L, E]`` shapes.
+    """
+    from ubsmoe.routing import global_utilization
+
+    if not updates:
+        raise ValueError("round_utilization: no client updates")
+    counts = torch.stack([u.expert_counts for u in updates])  # [C, L, E]
+    tokens = torch.stack([u.token_counts for u in updates])  # [C, L]
+    return global_utilization(counts, tokens, data_weights(updates))
 
 
 def fedavg(updates: Sequence[ClientUpdate], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -157,6 +191,22 @@ class Method:
         self.config = config if config is not None else self.config_class()
 
     # ----- client side -------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> None:
+        """Configure a freshly built model for this method (server and every client).
+
+        Called once after :func:`ubsmoe.models.build_model`, before the first
+        ``adapter_state``; e.g. UB-SMoE turns on DMR here, which adds each layer's
+        phi to the adapters. Default: nothing.
+        """
+
+    @property
+    def pseudo_gradient(self):
+        """The method's :class:`~ubsmoe.pseudo_grad.PseudoGradient` rule, or None.
+
+        Used by the server's PG-alignment diagnostic; None skips it.
+        """
+        return None
+
     def client_top_k(self, k_c: int, k_max: int) -> int:
         """Experts per token a client of budget K_c trains and is evaluated with."""
         return k_c

@@ -7,7 +7,9 @@ Federated Fine-Tuning of Foundation Models" (ICML 2026, arXiv 2605.16690).
 ``OlmoeSparseMoeBlock`` first) and keeps its frozen router and expert weights.
 Per token it routes to the top-K_c experts (K_c set per client), runs each selected
 expert's frozen weights plus its own LoRA on the tokens routed to it only, and
-records expert utilization. Tokens are sorted by expert and every projection is one
+records expert utilization. With DMR enabled (:meth:`SMoELayer.enable_dmr`, UB-SMoE)
+the router logits of each token's N_p candidates are shifted by the layer's
+modulation ``phi`` before the softmax (DESIGN.md section 4.1). Tokens are sorted by expert and every projection is one
 grouped matmul over all experts, so compute scales with K_c: no expert ever runs on
 tokens it was not chosen for, and no Python loop over experts sits inside autograd.
 """
@@ -19,6 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ubsmoe.routing import dmr_route
 
 
 def grouped_linear(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -90,7 +94,20 @@ class SMoELayer(nn.Module):
             since the last :meth:`reset_stats`.
         token_count: ``[]`` float64 buffer, tokens processed (n) since then.
         router_prob_sum: ``[E]`` float32, sum over tokens of router probabilities
-            in the last forward (for PG's pi).
+            in the last forward (for PG's pi; PG only uses ratios of pi).
+        batch_expert_counts: ``[E]`` int64, tokens routed to each expert in the last
+            forward (PG's active set A = experts with a count > 0).
+        phi: ``[E]`` float32 DMR modulation (parameter; zeros and frozen unless
+            :meth:`enable_dmr` was called).
+        dmr_candidates: N_p, the candidates per token DMR modulates (0: DMR off).
+        keep_router_logits: keep the last forward's router logits, with their
+            graph, in :attr:`router_logits_out` (for SMoE-LLB's auxiliary loss).
+        router_logits_out: ``[num_tokens, E]`` router logits of the last forward
+            (real tokens only) when :attr:`keep_router_logits` is set, else None.
+        force_on: ``[E]`` bool or None. Experts set here are added for every token
+            at their gate weight with a zero-valued contribution: the forward value
+            is unchanged but their LoRA receives the gradient it would get if
+            forced on (the PG-alignment probe, DESIGN.md section 4.2).
     """
 
     def __init__(self, router_weight: torch.Tensor, gate_up_proj: torch.Tensor,
@@ -123,6 +140,12 @@ class SMoELayer(nn.Module):
                              persistent=False)
         self.register_buffer("token_count", torch.zeros((), dtype=torch.float64), persistent=False)
         self.router_prob_sum: torch.Tensor | None = None
+        self.batch_expert_counts: torch.Tensor | None = None
+        self.phi = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
+        self.dmr_candidates = 0
+        self.keep_router_logits = False
+        self.router_logits_out: torch.Tensor | None = None
+        self.force_on: torch.Tensor | None = None
         # Optional [num_tokens] bool mask of real (non-padding) tokens for the next
         # forward; set by `routing_mask`. Masked-out tokens are not routed at all.
         self.token_mask: torch.Tensor | None = None
@@ -137,6 +160,23 @@ class SMoELayer(nn.Module):
             raise ValueError(f"top_k: got {k}, expected an integer in [1, {self.num_experts}]")
         self.top_k = int(k)
 
+    def enable_dmr(self, num_candidates: int = 2) -> None:
+        """Turn on Dynamic Modulated Routing and make ``phi`` a trainable adapter tensor.
+
+        ``phi`` then travels with the LoRA parameters (``adapter_state``), is
+        aggregated by the server and, unless the method drops its gradient, is
+        learned locally (DESIGN.md section 4.1).
+
+        Raises:
+            ValueError: ``num_candidates`` outside ``[1, num_experts]``.
+        """
+        if not 1 <= num_candidates <= self.num_experts:
+            raise ValueError(
+                f"num_candidates: got {num_candidates}, expected an integer in [1, {self.num_experts}]"
+            )
+        self.dmr_candidates = int(num_candidates)
+        self.phi.requires_grad_(True)
+
     def reset_stats(self) -> None:
         """Zero the utilization counters a_i and n."""
         self.expert_counts.zero_()
@@ -147,7 +187,10 @@ class SMoELayer(nn.Module):
         return F.linear(x, self.router_weight)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-K_c routing (DESIGN.md section 3, steps 1-3).
+        """Top-K_c routing, DMR-modulated when enabled (DESIGN.md section 3, steps 1-3).
+
+        Delegates to :func:`ubsmoe.routing.dmr_route` with ``phi`` when DMR is on
+        and with no modulation otherwise (then identical to the host model's router).
 
         Args:
             x: ``[num_tokens, hidden]``.
@@ -157,11 +200,10 @@ class SMoELayer(nn.Module):
             top_index [num_tokens, K_c] int64)``.
         """
         logits = self.router_logits(x)  # [N, E]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [N, E]
-        top_weights, top_index = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
-        if self.norm_topk_prob:
-            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-        return probs, top_weights.to(x.dtype), top_index
+        if self.keep_router_logits:
+            self.router_logits_out = logits
+        phi = self.phi if self.dmr_candidates else None
+        return dmr_route(logits, phi, self.top_k, max(self.dmr_candidates, 1), self.norm_topk_prob)
 
     def experts_forward(self, x: torch.Tensor, top_weights: torch.Tensor,
                         top_index: torch.Tensor) -> torch.Tensor:
@@ -214,8 +256,15 @@ class SMoELayer(nn.Module):
     def _route_and_run(self, x: torch.Tensor) -> torch.Tensor:
         probs, top_weights, top_index = self.route(x)
         with torch.no_grad():
-            self.expert_counts += torch.bincount(top_index.reshape(-1),
-                                                 minlength=self.num_experts).to(torch.float64)
+            counts = torch.bincount(top_index.reshape(-1), minlength=self.num_experts)  # [E]
+            self.batch_expert_counts = counts
+            self.expert_counts += counts.to(torch.float64)
             self.token_count += x.shape[0]
         self.router_prob_sum = probs.detach().sum(0)
-        return self.experts_forward(x, top_weights, top_index)
+        y = self.experts_forward(x, top_weights, top_index)
+        if self.force_on is not None and bool(self.force_on.any()):
+            forced = self.force_on.nonzero().squeeze(-1)  # [F]
+            index = forced.unsqueeze(0).expand(x.shape[0], -1)  # [N, F]
+            extra = self.experts_forward(x, probs[:, forced].to(x.dtype), index)  # [N, H]
+            y = y + (extra - extra.detach())  # zero value, the forced experts' gradient
+        return y

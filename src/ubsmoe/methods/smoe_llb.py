@@ -1,0 +1,83 @@
+"""SMoE-LLB: heterogeneous K_c plus the host model's load-balancing loss, FedAvg.
+
+The load-balancing baseline of UB-SMoE ("Universally Balanced Sparse
+Mixture-of-Experts for Resource-Adaptive Federated Fine-Tuning of Foundation
+Models", ICML 2026, arXiv 2605.16690), DESIGN.md section 5. Each client adds the
+host model's own auxiliary loss, computed at its own top-k = K_c. For OLMoE that is
+the Switch-Transformer loss (Fedus et al., 2022, eqs. 4-6) as transformers
+implements it, ``M * sum_i f_i * P_i`` over all SMoE layers' tokens (f_i: share of
+top-K_c assignments, P_i: mean router probability), with coefficient 0.01 (OLMoE's
+``router_aux_loss_coef``). The loss is transformers' own
+``load_balancing_loss_func``, not a re-implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ubsmoe.methods.base import Method, register_method
+from ubsmoe.models.loading import smoe_layers
+
+
+@dataclass
+class SMoELLBConfig:
+    """SMoE-LLB hyperparameters.
+
+    Attributes:
+        aux_loss_coef: coefficient of the load-balancing loss (OLMoE: 0.01).
+
+    Raises:
+        ConfigError: ``aux_loss_coef`` negative.
+    """
+
+    aux_loss_coef: float = 0.01
+
+    def __post_init__(self) -> None:
+        from ubsmoe.config import ConfigError
+
+        if not self.aux_loss_coef >= 0:
+            raise ConfigError(
+                f"smoe_llb.aux_loss_coef: got {self.aux_loss_coef!r}, expected a number >= 0"
+            )
+
+
+def load_balancing_loss(model: nn.Module, top_k: int) -> torch.Tensor:
+    """The host model's load-balancing loss at top-k = ``top_k`` from the last forward.
+
+    Uses transformers' OLMoE ``load_balancing_loss_func`` on the router logits every
+    SMoE layer kept (``keep_router_logits``; real tokens only, so no attention mask
+    is needed: the HF function with a mask averages over the same tokens).
+
+    Returns:
+        Scalar float32 loss, differentiable w.r.t. whatever the router logits
+        depend on.
+
+    Raises:
+        ValueError: the model has no SMoE layer or a layer kept no router logits.
+    """
+    from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+
+    layers = smoe_layers(model)
+    logits = tuple(m.router_logits_out for m in layers)
+    if not layers or any(x is None for x in logits):
+        raise ValueError("load_balancing_loss: no router logits kept; call prepare_model first")
+    return load_balancing_loss_func(logits, layers[0].num_experts, top_k, None)
+
+
+@register_method("smoe_llb")
+class SMoELLB(Method):
+    """Per-client K_c, the task loss plus ``aux_loss_coef`` x load-balancing loss, FedAvg."""
+
+    config_class = SMoELLBConfig
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Make every SMoE layer keep its router logits for the auxiliary loss."""
+        for layer in smoe_layers(model):
+            layer.keep_router_logits = True
+
+    def extra_loss(self, model: nn.Module, top_k: int) -> torch.Tensor | None:
+        """``aux_loss_coef * load_balancing_loss(model, K_c)``."""
+        return self.config.aux_loss_coef * load_balancing_loss(model, top_k)

@@ -1,0 +1,314 @@
+"""UB-SMoE and SMoE-LLB wired into the model: DMR, PG, the load-balancing loss, diagnostics."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ubsmoe.config import ConfigError, load_config
+from ubsmoe.methods import ClientUpdate, get_method_class
+from ubsmoe.methods.base import fedavg
+from ubsmoe.methods.smoe_llb import SMoELLB, load_balancing_loss
+from ubsmoe.methods.ubsmoe import UBSMoE, UBSMoEConfig
+from ubsmoe.metrics.diagnostics import (
+    gini,
+    pearson,
+    pg_alignment,
+    spearman,
+    utilization_entropy,
+    utilization_summary,
+)
+from ubsmoe.models import SMoELayer, adapter_state, build_model, set_top_k, smoe_layers
+from ubsmoe.models.loading import patch_smoe, tiny_olmoe
+from ubsmoe.pseudo_grad import UniversalPseudoGradient
+from ubsmoe.routing import DMRConfig, target_modulation
+
+
+def _layer(num_experts=8, hidden=16, inter=8, top_k=2, rank=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layer = SMoELayer(
+        router_weight=torch.randn(num_experts, hidden, generator=g),
+        gate_up_proj=torch.randn(num_experts, 2 * inter, hidden, generator=g) * 0.2,
+        down_proj=torch.randn(num_experts, hidden, inter, generator=g) * 0.2,
+        act_fn=torch.nn.SiLU(), top_k=top_k, norm_topk_prob=False, lora_rank=rank, lora_alpha=8.0,
+    )
+    with torch.no_grad():
+        layer.gate_up_lora.B.normal_(generator=g)
+        layer.down_lora.B.normal_(generator=g)
+    return layer
+
+
+def _batch(tokenizer, n=2, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, len(tokenizer), (n, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _lm_loss(logits, labels):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+# ----- SMoE-LLB ----------------------------------------------------------------------
+
+def test_smoe_llb_equals_host_models_own_load_balancing_loss_at_k_max(tiny_tokenizer, tiny_model_cfg):
+    hf = tiny_olmoe(tiny_model_cfg, len(tiny_tokenizer), tiny_tokenizer.pad_token_id,
+                    tiny_tokenizer.eos_token_id).eval()
+    patched = copy.deepcopy(hf)
+    patch_smoe(patched, 4, 8.0)
+    method = SMoELLB()
+    method.prepare_model(patched)
+    batch = _batch(tiny_tokenizer)
+    ref = hf(input_ids=batch["input_ids"], output_router_logits=True)
+    patched(input_ids=batch["input_ids"])
+    k_max = hf.config.num_experts_per_tok
+    ours = load_balancing_loss(patched, k_max)
+    torch.testing.assert_close(ours, ref.aux_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(method.extra_loss(patched, k_max), 0.01 * ref.aux_loss)
+    # At K_c < K_max the loss counts K_c assignments per token: a different value.
+    assert not torch.allclose(load_balancing_loss(patched, 1), ref.aux_loss)
+
+
+def test_smoe_llb_loss_reaches_the_router_only_when_trainable():
+    layer = _layer()
+    SMoELLB().prepare_model(torch.nn.ModuleList([layer]))
+    layer.router_weight.requires_grad_(True)
+    layer(torch.randn(1, 5, 16))
+    load_balancing_loss(torch.nn.ModuleList([layer]), 2).backward()
+    assert layer.router_weight.grad is not None and layer.router_weight.grad.abs().sum() > 0
+
+
+def test_smoe_llb_config_rejects_negative_coefficient():
+    with pytest.raises(ConfigError, match="smoe_llb.aux_loss_coef"):
+        load_config(overrides=["method=smoe_llb", "smoe_llb.aux_loss_coef=-1"])
+
+
+# ----- UB-SMoE client side --------------------------------------------------------------
+
+def test_dmr_with_zero_phi_keeps_the_patched_model_equal_to_hf(tiny_tokenizer, tiny_model_cfg):
+    hf = tiny_olmoe(tiny_model_cfg, len(tiny_tokenizer), tiny_tokenizer.pad_token_id,
+                    tiny_tokenizer.eos_token_id).eval()
+    patched = copy.deepcopy(hf)
+    patch_smoe(patched, 4, 8.0)
+    UBSMoE().prepare_model(patched)
+    ids = _batch(tiny_tokenizer)["input_ids"]
+    torch.testing.assert_close(patched(input_ids=ids).logits, hf(input_ids=ids).logits,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_prepare_model_adds_one_trainable_phi_per_layer(tiny_tokenizer, tiny_model_cfg):
+    model, _ = build_model(tiny_model_cfg, tiny_tokenizer)
+    before = set(adapter_state(model))
+    UBSMoE().prepare_model(model)
+    added = set(adapter_state(model)) - before
+    assert len(added) == len(smoe_layers(model)) and all(n.endswith(".phi") for n in added)
+
+
+def test_phi_changes_routing_and_learns_from_the_gates():
+    layer = _layer(top_k=1)
+    layer.enable_dmr(2)
+    x = torch.randn(1, 20, 16)
+    base = layer.route(x.reshape(-1, 16))[2]
+    with torch.no_grad():
+        layer.phi.fill_(-50.0)  # every token's first candidate is pushed below its second
+    shifted = layer.route(x.reshape(-1, 16))[2]
+    assert not torch.equal(base, shifted)
+    layer.phi.data.zero_()
+    layer(x).pow(2).sum().backward()
+    assert layer.phi.grad is not None and layer.phi.grad.abs().sum() > 0
+
+
+def test_pg_fills_only_inactive_experts_and_leaves_active_rows_bitwise_unchanged():
+    x = torch.randn(1, 3, 16)  # 3 tokens at top-1: at most 3 of 16 experts active
+    plain = _layer(num_experts=16, top_k=1)
+    with_pg = copy.deepcopy(plain)
+    model_plain, model_pg = torch.nn.ModuleList([plain]), torch.nn.ModuleList([with_pg])
+    cfg = UBSMoEConfig(lambda_pg=0.05)
+    no_pg = UBSMoE(UBSMoEConfig(pg=False))
+    for model, method in ((model_plain, no_pg), (model_pg, UBSMoE(cfg))):
+        method.prepare_model(model)
+        model[0](x).pow(2).sum().backward()
+        method.after_backward(model, top_k=1)
+    active = with_pg.batch_expert_counts > 0
+    assert 1 <= int(active.sum()) <= 3
+    for proj in ("gate_up_lora", "down_lora"):
+        for part in ("A", "B"):
+            g_plain = getattr(getattr(plain, proj), part).grad
+            g_pg = getattr(getattr(with_pg, proj), part).grad
+            assert torch.equal(g_pg[active], g_plain[active])
+            assert bool((g_plain[~active] == 0).all())
+            assert bool((g_pg[~active].flatten(1).norm(dim=1) > 0).all())
+
+
+def test_pseudo_gradient_grows_as_k_c_shrinks():
+    x = torch.randn(1, 3, 16)
+    norms = {}
+    base = _layer(num_experts=16, top_k=1)
+    for k in (1, 2):
+        layer = copy.deepcopy(base)
+        model = torch.nn.ModuleList([layer])
+        method = UBSMoE(UBSMoEConfig(lambda_pg=0.05))
+        method.prepare_model(model)
+        layer(x).pow(2).sum().backward()
+        method.after_backward(model, top_k=k)  # same batch, only rho_c's K_c differs
+        inactive = layer.batch_expert_counts == 0
+        norms[k] = float(layer.down_lora.B.grad[inactive].norm())
+    assert norms[1] == pytest.approx(2 * norms[2], rel=1e-5)  # rho_c = lambda * M / K_c
+
+
+def test_frozen_phi_gets_no_gradient_and_range_penalty_has_its_gradient():
+    layer = _layer()
+    model = torch.nn.ModuleList([layer])
+    frozen = UBSMoE(UBSMoEConfig(dmr=DMRConfig(learn_phi=False)))
+    frozen.prepare_model(model)
+    assert frozen.extra_loss(model, 2) is None
+    layer(torch.randn(1, 4, 16)).sum().backward()
+    frozen.after_backward(model, 2)
+    assert layer.phi.grad is None
+    learn = UBSMoE(UBSMoEConfig(dmr=DMRConfig(phi_min=-1.0, phi_max=1.0, penalty_coef=0.5)))
+    with torch.no_grad():
+        layer.phi.copy_(torch.linspace(-2.0, 2.0, 8))
+    layer.phi.grad = None
+    learn.extra_loss(model, 2).backward()
+    phi = layer.phi.detach()
+    expected = torch.where(phi > 1, 2 * 0.5 * (phi - 1), torch.where(phi < -1, 2 * 0.5 * (phi + 1), 0.0))
+    torch.testing.assert_close(layer.phi.grad, expected)
+
+
+# ----- UB-SMoE server side --------------------------------------------------------------
+
+PHI = {"model.layers.0.mlp.phi": 4, "model.layers.1.mlp.phi": 4}
+
+
+def _phi_update(cid, counts, phi_value=0.0, n=10):
+    adapters = {k: torch.full((e,), phi_value) for k, e in PHI.items()}
+    adapters["model.layers.0.mlp.down_lora.B"] = torch.full((4, 3, 2), float(cid))
+    return ClientUpdate(client_id=cid, num_examples=n, adapters=adapters,
+                        expert_counts=counts.to(torch.float64),
+                        token_counts=torch.full((2,), 10.0, dtype=torch.float64), top_k=2, loss=1.0)
+
+
+def test_server_update_pushes_over_used_experts_down_and_under_used_up():
+    counts = torch.tensor([[14.0, 4.0, 2.0, 0.0], [5.0, 5.0, 5.0, 5.0]])  # [L, E], 2 per token
+    updates = [_phi_update(0, counts), _phi_update(1, counts)]
+    method = UBSMoE(UBSMoEConfig(dmr=DMRConfig(momentum=0.5)))
+    out = method.aggregate({k: v.clone() for k, v in updates[0].adapters.items()}, updates)
+    phi0 = out["model.layers.0.mlp.phi"]
+    # u~ = (1.4, 0.4, 0.2, 0.0) against u* = 2/4 = 0.5: only expert 0 is over-used.
+    assert phi0[0] < 0 < phi0[1] < phi0[2] < phi0[3]
+    expected = 0.5 * target_modulation(counts[0:1] / 10.0, 2.0)[0].float()
+    torch.testing.assert_close(phi0, expected)
+    torch.testing.assert_close(out["model.layers.1.mlp.phi"], torch.zeros(4), atol=1e-5, rtol=0)
+    assert bool((phi0.abs() <= 1).all())
+    # Everything else is FedAvg.
+    torch.testing.assert_close(out["model.layers.0.mlp.down_lora.B"], torch.full((4, 3, 2), 0.5))
+
+
+def test_server_update_switch_off_is_plain_fedavg():
+    counts = torch.tensor([[14.0, 4.0, 2.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
+    updates = [_phi_update(0, counts, 0.2), _phi_update(1, counts, -0.4, n=30)]
+    method = UBSMoE(UBSMoEConfig(dmr=DMRConfig(server_update=False)))
+    out = method.aggregate(updates[0].adapters, updates)
+    for k, v in fedavg(updates).items():
+        assert torch.equal(out[k], v)
+
+
+def test_ablation_switches_parse_from_overrides():
+    cfg = load_config(overrides=["method=ubsmoe", "ubsmoe.pg=false", "ubsmoe.dmr.server_update=false",
+                                 "ubsmoe.dmr.range_penalty=false", "ubsmoe.lambda_pg=0.1"])
+    c = cfg.method_config
+    assert (c.pg, c.lambda_pg, c.dmr.server_update, c.dmr.range_penalty, c.dmr.learn_phi) == (
+        False, 0.1, False, False, True)
+    with pytest.raises(ConfigError, match="ubsmoe.lambda_pg"):
+        load_config(overrides=["method=ubsmoe", "ubsmoe.lambda_pg=-1"])
+    with pytest.raises(ConfigError, match="dmr.momentum"):
+        load_config(overrides=["method=ubsmoe", "ubsmoe.dmr.momentum=2"])
+
+
+def test_ubsmoe_is_the_default_method():
+    assert load_config().method == "ubsmoe"
+    assert get_method_class("ubsmoe") is UBSMoE
+
+
+# ----- diagnostics -------------------------------------------------------------------
+
+def test_entropy_and_gini_hand_values():
+    u = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(utilization_entropy(u), torch.tensor([math.log(4), 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(gini(u), torch.tensor([0.0, 0.75, 0.0], dtype=torch.float64))
+    # [1, 2, 3]: sum |ui - uj| over ordered pairs = 8, 2 * 3 * 6 = 36.
+    assert float(gini(torch.tensor([1.0, 2.0, 3.0]))) == pytest.approx(8 / 36)
+    with pytest.raises(ValueError, match="utilization"):
+        gini(torch.tensor([1.0, -1.0]))
+
+
+def test_correlations():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert pearson(x, 2 * x + 1) == pytest.approx(1.0)
+    assert spearman(x, x.pow(3)) == pytest.approx(1.0)
+    assert spearman(x, -x.exp()) == pytest.approx(-1.0)
+    # Ties share their average rank: ranks (1.5, 1.5, 3, 4) vs (1, 2, 3, 4).
+    ranks = torch.tensor([1.5, 1.5, 3.0, 4.0])
+    assert spearman(torch.tensor([5.0, 5.0, 6.0, 7.0]), x) == pytest.approx(pearson(ranks, x))
+    assert math.isnan(pearson(torch.ones(3), torch.arange(3.0)))
+
+
+def test_utilization_summary_fields():
+    u = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 1.0, 0.5, 0.5]])
+    phi = -u + 1.0
+    s = utilization_summary(u, phi)
+    assert s["entropy"]["max"] == pytest.approx(math.log(4))
+    assert s["entropy"]["mean"] == pytest.approx(float(utilization_entropy(u).mean()))
+    assert s["entropy"]["variance"] == pytest.approx(float(utilization_entropy(u).var(unbiased=False)))
+    assert s["phi_utilization"]["pearson"] == pytest.approx(-1.0)  # layer 0 is constant: left out
+    assert "phi_utilization" not in utilization_summary(u)
+
+
+def test_forced_expert_gradient_matches_a_dense_reference():
+    """force_on leaves the output unchanged and gives each forced expert exactly the gradient
+    of sum_t p_{t,i} <c_t, expert_i(x_t)> for a linear loss <c, y>."""
+    layer = _layer(num_experts=8, top_k=1)
+    x = torch.randn(6, 16)
+    c = torch.randn(6, 16)
+    y0 = layer(x.unsqueeze(0)).squeeze(0)
+    active = layer.batch_expert_counts > 0
+    layer.force_on = ~active
+    y1 = layer(x.unsqueeze(0)).squeeze(0)
+    assert torch.equal(y0, y1)
+    (y1 * c).sum().backward()
+    probs = layer.route(x)[0].detach()  # [N, E]
+    gu, dn = layer.gate_up_lora, layer.down_lora
+    for i in (~active).nonzero().squeeze(-1).tolist():
+        params = [gu.A, gu.B, dn.A, dn.B]
+        ref_loss = 0.0
+        for t in range(x.shape[0]):
+            w_gu = layer.gate_up_proj[i] + gu.scale * gu.B[i] @ gu.A[i]
+            w_dn = layer.down_proj[i] + dn.scale * dn.B[i] @ dn.A[i]
+            g, u = (w_gu @ x[t]).chunk(2)
+            ref_loss = ref_loss + probs[t, i] * (c[t] @ (w_dn @ (F.silu(g) * u)))
+        ref = torch.autograd.grad(ref_loss, params)
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.grad[i], r[i], atol=1e-5, rtol=1e-4)
+
+
+def test_pg_alignment_restores_the_model_and_scores_every_inactive_expert(tiny_tokenizer, tiny_model_cfg):
+    model, _ = build_model(tiny_model_cfg, tiny_tokenizer)
+    UBSMoE().prepare_model(model)
+    for layer in smoe_layers(model):
+        with torch.no_grad():
+            layer.down_lora.B.normal_(std=0.1)
+    set_top_k(model, 8)
+    before = {k: v.clone() for k, v in adapter_state(model).items()}
+    batch = _batch(tiny_tokenizer, n=2, seq=6)
+    res = pg_alignment(model, batch, 1, UniversalPseudoGradient(0.01), _lm_loss)
+    layers = smoe_layers(model)
+    assert res["top_k"] == 1 and res["n"] > 0
+    assert res["n"] == sum(int((m.batch_expert_counts == 0).sum()) for m in layers)
+    assert -1.0 <= res["min"] <= res["mean"] <= res["max"] <= 1.0
+    assert all(m.top_k == 8 and m.force_on is None for m in layers)
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in adapter_state(model).items():
+        assert torch.equal(v, before[k])

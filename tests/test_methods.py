@@ -74,9 +74,12 @@ def test_payload_survives_flower_record_round_trip(name):
 
     u = _update(3, 5)
     u.metrics = {"steps": 4.0}
-    back = update_from_content(update_to_content(u))
+    received = {k: v.clone() for k, v in u.adapters.items()}
+    received["model.layers.0.mlp.gate_up_lora.A"][1] += 1.0  # the client changed expert 1 only
+    back = update_from_content(update_to_content(u, received), received)
     assert back.client_id == 3 and back.top_k == u.top_k and back.num_examples == u.num_examples
-    assert back.metrics == {"steps": 4.0}
+    sent = 1 * 3 * 6 * 4 + 8 + u.expert_counts.numel() * 8 + u.token_counts.numel() * 8
+    assert back.metrics == {"steps": 4.0, "bytes_up": float(sent)}  # one row, its index, stats
     for k, v in u.adapters.items():
         assert torch.equal(back.adapters[k], v)
     assert torch.equal(back.expert_counts, u.expert_counts)

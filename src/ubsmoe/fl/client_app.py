@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -38,12 +40,21 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train one round on this node's partition at the K_c the server sent."""
+    """Train one round on this node's partition at the K_c the server sent.
+
+    Adds ``setup_s`` (building the runtime on first use) and ``work_start`` /
+    ``work_end`` (epoch seconds) to the metrics, for the server's overhead account.
+    """
+    start = time.time()
     cfg, instruction = config_from_record(msg.content["config"])
-    update = _runtime(cfg).train_round(
+    runtime = _runtime(cfg)
+    setup_s = time.time() - start
+    received = msg.content["adapters"].to_torch_state_dict()
+    update = runtime.train_round(
         client_id=int(instruction[KEY_CLIENT_ID]),
         round_idx=int(instruction[KEY_ROUND]),
         top_k=int(instruction[KEY_TOP_K]),
-        global_adapters=msg.content["adapters"].to_torch_state_dict(),
+        global_adapters=received,
     )
-    return Message(update_to_content(update), reply_to=msg)
+    update.metrics.update({"setup_s": setup_s, "work_start": start, "work_end": time.time()})
+    return Message(update_to_content(update, received), reply_to=msg)

@@ -2,9 +2,10 @@
 
 Message layout, server -> client (``train``): ``adapters`` (ArrayRecord, global LoRA
 parameters), ``config`` (ConfigRecord: the flattened resolved run config plus the
-instruction keys below). Client -> server: ``adapters`` (ArrayRecord, trained
-parameters), ``stats`` (ArrayRecord: ``expert_counts [L, E]``, ``token_counts [L]``)
-and ``metrics`` (MetricRecord).
+instruction keys below). Client -> server: ``adapters`` (ArrayRecord, the sparse
+upload of :func:`ubsmoe.fl.payload.sparse_upload`: only the tensors and expert rows
+the client changed), ``stats`` (ArrayRecord: ``expert_counts [L, E]``,
+``token_counts [L]``) and ``metrics`` (MetricRecord).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ubsmoe.config import RunConfig, config_from_dict, flatten, unflatten
+from ubsmoe.fl.payload import dense_from_upload, payload_nbytes, sparse_upload
 from ubsmoe.methods import ClientUpdate
 
 # Instruction keys sent with each train message (beside the flattened config).
@@ -27,6 +29,8 @@ METRIC_NUM_EXAMPLES = "num_examples"
 METRIC_TOP_K = "top_k"
 METRIC_LOSS = "loss"
 METRIC_PARTITION_ID = "partition_id"
+METRIC_BYTES_DOWN = "bytes_down"  # tensor bytes the client received this round
+METRIC_BYTES_UP = "bytes_up"  # tensor bytes it sent back (sparse adapters + stats)
 
 
 def config_to_record(cfg: RunConfig, **instruction: Any) -> ConfigRecord:
@@ -55,10 +59,15 @@ def train_content(cfg: RunConfig, adapters: dict[str, torch.Tensor], round_idx: 
     })
 
 
-def update_to_content(update: ClientUpdate) -> RecordDict:
-    """Pack a :class:`ClientUpdate` as a reply's content."""
+def update_to_content(update: ClientUpdate, received: dict[str, torch.Tensor]) -> RecordDict:
+    """Pack a :class:`ClientUpdate` as a reply's content, adapters as a sparse upload.
+
+    Args:
+        update: the client's update (full adapters).
+        received: the global adapters the client was sent this round.
+    """
     return RecordDict({
-        "adapters": ArrayRecord(update.adapters),
+        "adapters": ArrayRecord(sparse_upload(update.adapters, received)),
         "stats": ArrayRecord({"expert_counts": update.expert_counts, "token_counts": update.token_counts}),
         "metrics": MetricRecord({
             METRIC_CLIENT_ID: update.client_id,
@@ -70,18 +79,32 @@ def update_to_content(update: ClientUpdate) -> RecordDict:
     })
 
 
-def update_from_content(content: RecordDict) -> ClientUpdate:
-    """Unpack a reply's content into a :class:`ClientUpdate`."""
+def update_from_content(content: RecordDict, global_adapters: dict[str, torch.Tensor]) -> ClientUpdate:
+    """Unpack a reply's content into a :class:`ClientUpdate` with full adapters.
+
+    ``metrics[bytes_up]`` is set to the tensor bytes of the reply (upload + stats).
+
+    Args:
+        content: the reply's content.
+        global_adapters: the adapters the server sent this round (the base the
+            sparse upload is relative to).
+
+    Raises:
+        KeyError, ValueError: the upload does not fit the global adapters.
+    """
     metrics = dict(content["metrics"])
     stats = content["stats"].to_torch_state_dict()
+    upload = content["adapters"].to_torch_state_dict()
     core = {METRIC_CLIENT_ID, METRIC_NUM_EXAMPLES, METRIC_TOP_K, METRIC_LOSS}
+    extra = {k: float(v) for k, v in metrics.items() if k not in core}
+    extra[METRIC_BYTES_UP] = float(payload_nbytes(upload) + payload_nbytes(stats))
     return ClientUpdate(
         client_id=int(metrics[METRIC_CLIENT_ID]),
         num_examples=int(metrics[METRIC_NUM_EXAMPLES]),
-        adapters=content["adapters"].to_torch_state_dict(),
+        adapters=dense_from_upload(upload, global_adapters),
         expert_counts=stats["expert_counts"],
         token_counts=stats["token_counts"],
         top_k=int(metrics[METRIC_TOP_K]),
         loss=float(metrics[METRIC_LOSS]),
-        metrics={k: float(v) for k, v in metrics.items() if k not in core},
+        metrics=extra,
     )

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from ubsmoe.config import RunConfig, save_config
 from ubsmoe.fl.train import SharedSetup, client_seed
 from ubsmoe.io import append_jsonl, atomic_torch_save, atomic_write_json
 from ubsmoe.methods import ClientUpdate, get_method_class
-from ubsmoe.methods.base import data_weights, phi_layer_of, round_utilization
+from ubsmoe.methods.base import Aggregator, data_weights, phi_layer_of, round_utilization
 from ubsmoe.models import adapter_state, build_model, load_adapter_state, set_top_k, smoe_layers
 
 CHECKPOINT_DIR = "checkpoints"
@@ -59,6 +59,87 @@ class ServerState:
         """
         return cls(round=int(state["round"]), adapters=dict(state["adapters"]),
                    train_loss=list(state.get("train_loss", [])))
+
+
+class OrderedFold:
+    """Feeds replies to an :class:`~ubsmoe.methods.base.Aggregator` in client-id order.
+
+    Replies may arrive in any order; each one is folded as soon as every client
+    with a smaller id has been folded, then only its statistics (no adapters) are
+    kept. So the result is the same for any arrival order, and when replies arrive
+    in id order no adapter is ever held beyond the one being folded.
+
+    Args:
+        aggregator: the method's aggregator for this round.
+        client_ids: the round's participants.
+
+    Attributes:
+        folded: the folded updates in id order, adapters dropped.
+        max_buffered: the most replies ever waiting for a predecessor.
+        fold_s: seconds spent inside the aggregator.
+        intervals: ``(start, end)`` epoch seconds of every fold call.
+    """
+
+    def __init__(self, aggregator: Aggregator, client_ids: Sequence[int]) -> None:
+        self.aggregator = aggregator
+        self.expected = sorted(client_ids)
+        self.position = 0
+        self.pending: dict[int, ClientUpdate] = {}
+        self.folded: list[ClientUpdate] = []
+        self.max_buffered = 0
+        self.fold_s = 0.0
+        self.intervals: list[tuple[float, float]] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        """Buffer ``update`` and fold every reply that is now next in id order.
+
+        Raises:
+            ValueError: a client that is not a participant, or a second reply from one.
+        """
+        cid = update.client_id
+        if cid not in self.expected or cid in self.pending or cid in self.expected[:self.position]:
+            raise ValueError(f"unexpected reply from client {cid} (participants: {self.expected})")
+        self.pending[cid] = update
+        self.max_buffered = max(self.max_buffered, len(self.pending) - 1)
+        while self.position < len(self.expected) and self.expected[self.position] in self.pending:
+            nxt = self.pending.pop(self.expected[self.position])
+            self._timed(self.aggregator.add, nxt)
+            self.folded.append(replace(nxt, adapters={}))
+            self.position += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The aggregated adapters.
+
+        Raises:
+            ValueError: a participant's reply is missing.
+        """
+        missing = self.expected[self.position:]
+        if missing:
+            raise ValueError(f"no reply from clients {missing}")
+        return self._timed(self.aggregator.result)
+
+    def _timed(self, fn, *args):
+        start = time.time()
+        out = fn(*args)
+        end = time.time()
+        self.fold_s += end - start
+        self.intervals.append((start, end))
+        return out
+
+
+def union_seconds(intervals: Iterable[tuple[float, float]]) -> float:
+    """Total length (seconds) of the union of ``(start, end)`` intervals."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -119,29 +200,47 @@ class Server:
         gen = torch.Generator().manual_seed(client_seed(self.cfg.train.seed, -1, round_idx))
         return sorted(torch.randperm(n, generator=gen)[:m].tolist())
 
-    def end_round(self, round_idx: int, updates: Sequence[ClientUpdate],
-                  timings: dict[str, float] | None = None) -> dict[str, Any]:
+    def end_round(self, round_idx: int, updates: Iterable[ClientUpdate],
+                  timings: dict[str, float] | None = None, clients: Sequence[int] | None = None,
+                  round_start: float | None = None) -> dict[str, Any]:
         """Aggregate the round's updates, log, evaluate when due, checkpoint.
+
+        Updates are folded in client-id order as they come (``updates`` may be a
+        generator yielding replies as they arrive); each one's adapters are dropped
+        once folded.
 
         Args:
             round_idx: 1-based round just trained.
-            updates: replies in any order; folded in client-id order.
-            timings: optional wall-clock seconds of the round's phases.
+            updates: replies in any order.
+            timings: optional extra wall-clock seconds to record.
+            clients: the round's participants (default: the ids in ``updates``,
+                which are then read all at once).
+            round_start: epoch seconds when the round's messages were sent; with
+                it, the record gets the round's wall time and the share of it spent
+                neither in client work (``work_start``..``work_end`` metrics) nor in
+                aggregation (``overhead_share``).
 
         Returns:
             The round's train metrics record.
 
         Raises:
-            ValueError: no updates.
+            ValueError: no updates, a missing or unexpected reply.
         """
-        if not updates:
+        if clients is None:
+            updates = list(updates)
+            clients = [u.client_id for u in updates]
+        if not clients:
             raise ValueError(f"round {round_idx}: no client replied")
-        updates = sorted(updates, key=lambda u: u.client_id)
-        t0 = time.time()
-        self.state.adapters = self.method.aggregate(self.state.adapters, updates)
-        agg_s = time.time() - t0
-        w = data_weights(updates)
-        loss = float(sum(wc * u.loss for wc, u in zip(w.tolist(), updates)))
+        fold = OrderedFold(self.method.aggregator(self.state.adapters), clients)
+        for update in updates:
+            fold.add(update)
+        self.state.adapters = fold.result()
+        round_end = time.time()
+        folded = fold.folded
+        w = data_weights(folded)
+        loss = float(sum(wc * u.loss for wc, u in zip(w.tolist(), folded)))
+        work = [(u.metrics.pop("work_start"), u.metrics.pop("work_end")) for u in folded
+                if "work_start" in u.metrics and "work_end" in u.metrics]
         record = {
             "type": "train",
             "round": round_idx,
@@ -149,19 +248,28 @@ class Server:
             "clients": [
                 {"id": u.client_id, "top_k": u.top_k, "loss": u.loss, "examples": u.num_examples,
                  **u.metrics}
-                for u in updates
+                for u in folded
             ],
-            "aggregate_s": agg_s,
+            "aggregate_s": fold.fold_s,
+            "max_buffered_replies": fold.max_buffered,
             **(timings or {}),
         }
+        if round_start is not None:
+            wall = round_end - round_start
+            busy = union_seconds(work + fold.intervals)
+            record.update({"round_wall_s": wall, "overhead_s": max(wall - busy, 0.0),
+                           "overhead_share": max(wall - busy, 0.0) / wall if wall > 0 else 0.0})
         append_jsonl(self.run_dir / METRICS_FILE, record)
-        self.last_diagnostics = self.diagnostics(round_idx, updates)
+        self.last_diagnostics = self.diagnostics(round_idx, folded)
         append_jsonl(self.run_dir / METRICS_FILE, self.last_diagnostics)
         self.state.round = round_idx
         self.state.train_loss.append({"round": round_idx, "loss": loss})
         every = self.cfg.eval.every_rounds
         if round_idx == self.cfg.fl.rounds or (every and round_idx % every == 0):
+            start = time.time()
             self.last_eval = self.evaluate(round_idx)
+            append_jsonl(self.run_dir / METRICS_FILE,
+                         {"type": "timing", "round": round_idx, "eval_s": time.time() - start})
         self.checkpoint()
         return record
 

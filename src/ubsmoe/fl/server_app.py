@@ -9,7 +9,7 @@ config keys ``config-file`` (a ubsmoe YAML, optional), ``overrides`` (space-sepa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,16 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from ubsmoe.config import RunConfig, load_config
-from ubsmoe.fl.messages import METRIC_PARTITION_ID, train_content, update_from_content
+from ubsmoe.fl.messages import (
+    METRIC_BYTES_DOWN,
+    METRIC_PARTITION_ID,
+    train_content,
+    update_from_content,
+)
+from ubsmoe.fl.payload import payload_nbytes
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.train import SharedSetup, shared_setup
+from ubsmoe.methods import ClientUpdate
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 POLL_S = 0.05
@@ -29,20 +36,17 @@ def _noop(event: str, info: dict[str, Any]) -> None:
     pass
 
 
-def _collect(grid: Grid, messages: list[Message], on_reply: Callable[[Message], None]) -> list[Message]:
-    """Push ``messages`` and pull replies as they arrive; raise on a client error."""
+def _replies(grid: Grid, messages: list[Message]) -> Iterator[Message]:
+    """Push ``messages`` and yield replies as they arrive; raise on a client error."""
     pending = set(grid.push_messages(messages))
-    replies = []
     while pending:
         for reply in grid.pull_messages(list(pending)):
             pending.discard(reply.metadata.reply_to_message_id)
             if reply.has_error():
                 raise RuntimeError(f"a client failed: {reply.error.reason}")
-            replies.append(reply)
-            on_reply(reply)
+            yield reply
         if pending:
             time.sleep(POLL_S)
-    return replies
 
 
 def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
@@ -57,7 +61,7 @@ def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
     queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
                        message_type=MessageType.QUERY) for n in node_ids]
     mapping: dict[int, int] = {}
-    for reply in _collect(grid, queries, lambda _: None):
+    for reply in _replies(grid, queries):
         pid = int(reply.content["metrics"][METRIC_PARTITION_ID])
         if pid in mapping:
             raise RuntimeError(f"two nodes hold partition {pid}")
@@ -81,12 +85,20 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume:
                     dst_node_id=node_of[c], message_type=MessageType.TRAIN)
             for c in clients
         ]
-        t0 = time.time()
-        replies = _collect(grid, messages, lambda _, r=r: progress("client_done", {"round": r}))
-        train_s = time.time() - t0
-        updates = [update_from_content(m.content) for m in replies]
-        progress("aggregate", {"round": r})
-        record = server.end_round(r, updates, {"train_phase_s": train_s})
+        round_start = time.time()
+        bytes_down = float(payload_nbytes(server.state.adapters))
+
+        def updates(r: int = r, messages: list[Message] = messages,
+                    bytes_down: float = bytes_down) -> Iterator[ClientUpdate]:
+            """Replies as they arrive, unpacked against the adapters sent this round."""
+            for reply in _replies(grid, messages):
+                progress("client_done", {"round": r})
+                update = update_from_content(reply.content, server.state.adapters)
+                update.metrics[METRIC_BYTES_DOWN] = bytes_down
+                yield update
+            progress("aggregate", {"round": r})
+
+        record = server.end_round(r, updates(), clients=clients, round_start=round_start)
         progress("round_end", {"round": r, "record": record, "eval": server.last_eval})
     if not server.last_eval:  # resumed after the last round: evaluate once more
         server.last_eval = server.evaluate(server.state.round)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 
 import torch
@@ -215,6 +216,7 @@ class ClientRuntime:
             global_adapters: name -> tensor, as :func:`~ubsmoe.models.adapter_state`.
         """
         cfg = self.cfg
+        start = time.perf_counter()
         examples = self.examples(client_id)
         load_adapter_state(self.model, global_adapters)
         set_top_k(self.model, top_k)
@@ -234,5 +236,6 @@ class ClientRuntime:
             token_counts=torch.stack([m.token_count.clone() for m in layers]),  # [L]
             top_k=top_k,
             loss=stats["loss"],
-            metrics={"steps": float(stats["steps"]), "tokens": float(stats["tokens"])},
+            metrics={"steps": float(stats["steps"]), "tokens": float(stats["tokens"]),
+                     "train_s": time.perf_counter() - start},
         )

@@ -156,21 +156,130 @@ def round_utilization(updates: Sequence[ClientUpdate]) -> torch.Tensor:
     return global_utilization(counts, tokens, data_weights(updates))
 
 
-def fedavg(updates: Sequence[ClientUpdate], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """p_c-weighted mean of the clients' adapters (FedAvg / FedIT).
+class Aggregator:
+    """Folds one round's client updates into new global adapters, one reply at a time.
 
-    Accumulates in float64 and casts back, so the result does not depend on float32
-    rounding order. ``names`` restricts the keys (default: all).
+    The server calls :meth:`add` for each reply (in client-id order, so results do
+    not depend on arrival order) and drops the reply right after, then
+    :meth:`result` once. An incremental aggregator holds O(model) memory whatever
+    the number of clients (issue: server memory independent of the client count).
     """
-    w = data_weights(updates)
-    keys = list(names) if names is not None else list(updates[0].adapters)
-    out = {}
-    for k in keys:
-        acc = torch.zeros_like(updates[0].adapters[k], dtype=torch.float64)
-        for wc, u in zip(w, updates):
-            acc += wc * u.adapters[k].to(torch.float64)
-        out[k] = acc.to(updates[0].adapters[k].dtype)
-    return out
+
+    def add(self, update: ClientUpdate) -> None:
+        """Fold in one client's update."""
+        raise NotImplementedError
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The new global adapters, name -> tensor.
+
+        Raises:
+            ValueError: nothing was added.
+        """
+        raise NotImplementedError
+
+
+class FedAvgAggregator(Aggregator):
+    """Running p_c-weighted mean, ``sum_c n_c x_c / sum_c n_c`` (FedAvg / FedIT).
+
+    Accumulates ``n_c * x_c`` in float64 (n_c: the client's example count) and
+    divides once at the end, casting back to each tensor's dtype; memory is one
+    float64 copy of the named tensors.
+
+    Args:
+        names: the tensors to average (the global adapter names).
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, update: ClientUpdate) -> None:
+        """Add ``n_c * x_c`` for every named tensor.
+
+        Raises:
+            ValueError: negative example count, or a named tensor missing from the update.
+        """
+        n = float(update.num_examples)
+        if n < 0:
+            raise ValueError(f"client {update.client_id}: num_examples {update.num_examples} < 0")
+        for k in self.names:
+            if k not in update.adapters:
+                raise ValueError(f"client {update.client_id}: adapters lack {k!r}")
+            x = update.adapters[k]
+            if k not in self.sums:
+                self.sums[k] = torch.zeros_like(x, dtype=torch.float64)
+                self.dtypes[k] = x.dtype
+            self.sums[k].add_(x.to(torch.float64), alpha=n)
+        self.total += n
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """``sum_c n_c x_c / sum_c n_c`` per tensor.
+
+        Raises:
+            ValueError: no update was added, or every client reported 0 examples.
+        """
+        if not self.count:
+            raise ValueError("aggregate: no client updates")
+        if self.total <= 0:
+            raise ValueError("aggregate: every client reported 0 training examples")
+        return {k: (v / self.total).to(self.dtypes[k]) for k, v in self.sums.items()}
+
+
+class BufferedAggregator(Aggregator):
+    """Keeps every update and calls an all-at-once ``aggregate(updates)`` at the end.
+
+    For methods whose aggregation needs every reply at once (e.g. stacking LoRA
+    factors); memory grows with the number of clients by the size of an adapter.
+    """
+
+    def __init__(self, aggregate_all) -> None:
+        self.aggregate_all = aggregate_all
+        self.updates: list[ClientUpdate] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        """Keep ``update``."""
+        self.updates.append(update)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """``aggregate_all(updates)`` over the kept updates (in the order added).
+
+        Raises:
+            ValueError: nothing was added.
+        """
+        if not self.updates:
+            raise ValueError("aggregate: no client updates")
+        return self.aggregate_all(self.updates)
+
+
+def fold(aggregator: Aggregator, updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
+    """Add ``updates`` to ``aggregator`` in the given order and return its result.
+
+    Raises:
+        ValueError: no updates.
+    """
+    if not updates:
+        raise ValueError("aggregate: no client updates")
+    for u in updates:
+        aggregator.add(u)
+    return aggregator.result()
+
+
+def fedavg(updates: Sequence[ClientUpdate], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """p_c-weighted mean of the clients' adapters (FedAvg / FedIT), all at once.
+
+    ``names`` restricts the keys (default: all of the first update's).
+
+    Raises:
+        ValueError: no updates, or every client reported 0 examples.
+    """
+    if not updates:
+        raise ValueError("aggregate: no client updates")
+    return fold(FedAvgAggregator(list(names) if names is not None else list(updates[0].adapters)),
+                updates)
 
 
 class Method:
@@ -219,9 +328,26 @@ class Method:
         """Gradient hook run after backward, before clipping and the optimizer step."""
 
     # ----- server side -------------------------------------------------------------
+    def aggregator(self, global_adapters: dict[str, torch.Tensor]) -> Aggregator:
+        """A fresh :class:`Aggregator` for one round.
+
+        Default: incremental FedAvg over the global adapter names; a method that
+        overrides :meth:`aggregate` instead (an all-at-once rule) gets a
+        :class:`BufferedAggregator` calling it.
+
+        Args:
+            global_adapters: the adapters sent this round, name -> tensor.
+        """
+        if type(self).aggregate is not Method.aggregate:
+            return BufferedAggregator(lambda updates: self.aggregate(global_adapters, updates))
+        return FedAvgAggregator(list(global_adapters))
+
     def aggregate(self, global_adapters: dict[str, torch.Tensor],
                   updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
         """New global adapters from the round's updates (given in client-id order).
+
+        The default folds ``updates`` through :meth:`aggregator`, so the all-at-once
+        and the incremental paths are one computation.
 
         Args:
             global_adapters: the adapters sent this round, name -> tensor.
@@ -233,6 +359,4 @@ class Method:
         Raises:
             ValueError: no updates.
         """
-        if not updates:
-            raise ValueError("aggregate: no client updates")
-        return fedavg(updates)
+        return fold(self.aggregator(global_adapters), updates)

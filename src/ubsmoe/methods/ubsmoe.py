@@ -22,17 +22,17 @@ Every part has an ablation switch (paper Table 5): ``pg``, ``dmr.learn_phi``,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from ubsmoe.methods.base import (
+    Aggregator,
     ClientUpdate,
+    FedAvgAggregator,
     Method,
     data_weights,
-    fedavg,
     phi_layer_of,
     register_method,
     round_utilization,
@@ -131,24 +131,47 @@ class UBSMoE(Method):
                 apply_pseudo_gradients(_expert_params(layer), layer.router_prob_sum,
                                        layer.batch_expert_counts > 0, top_k, self._pg)
 
-    def aggregate(self, global_adapters: dict[str, torch.Tensor],
-                  updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
-        """p_c-weighted mean of everything, then the server's phi update (DESIGN.md 4.1, 4.3).
+    def aggregator(self, global_adapters: dict[str, torch.Tensor]) -> Aggregator:
+        """An incremental :class:`UBSMoEAggregator` (FedAvg, then the phi update)."""
+        return UBSMoEAggregator(global_adapters, self.config.dmr)
+
+
+class UBSMoEAggregator(Aggregator):
+    """p_c-weighted mean of everything, then the server's phi update (DESIGN.md 4.1, 4.3).
+
+    Folds adapters into a running FedAvg and keeps only each client's utilization
+    counts (``[L, E]``, no adapters) for u~ and K_bar, so memory stays O(model).
+
+    Args:
+        global_adapters: the adapters sent this round.
+        dmr: DMR settings (``server_update``, ``momentum``).
+    """
+
+    def __init__(self, global_adapters: dict[str, torch.Tensor], dmr: DMRConfig) -> None:
+        self.dmr = dmr
+        self.fedavg = FedAvgAggregator(list(global_adapters))
+        self.stats: list[ClientUpdate] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        """Fold in the adapters; keep the counts only."""
+        self.fedavg.add(update)
+        self.stats.append(replace(update, adapters={}))
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """phi <- zeta phi_agg + (1 - zeta) tanh(u*/(u~ + eps) - 1); the rest is FedAvg.
 
         Raises:
-            ValueError: no updates.
+            ValueError: nothing was added.
         """
-        if not updates:
-            raise ValueError("aggregate: no client updates")
-        out = fedavg(updates)
+        out = self.fedavg.result()
         layer_of = phi_layer_of(list(out))
-        if not (self.config.dmr.server_update and layer_of):
+        if not (self.dmr.server_update and layer_of):
             return out
         names = sorted(layer_of, key=layer_of.get)
         phi_agg = torch.stack([out[n] for n in names])  # [L, E]
-        utilization = round_utilization(updates)  # [L, E]
-        k_bar = mean_top_k([u.top_k for u in updates], data_weights(updates))
-        phi = server_phi_update(phi_agg, utilization, k_bar, self.config.dmr.momentum)  # [L, E]
+        utilization = round_utilization(self.stats)  # [L, E]
+        k_bar = mean_top_k([u.top_k for u in self.stats], data_weights(self.stats))
+        phi = server_phi_update(phi_agg, utilization, k_bar, self.dmr.momentum)  # [L, E]
         for i, n in enumerate(names):
             out[n] = phi[i].clone()
         return out

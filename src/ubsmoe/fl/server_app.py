@@ -3,17 +3,20 @@
 ``ubsmoe run`` builds the app with :func:`make_server_app` around an already
 validated config; ``flwr run .`` uses the module-level ``app``, which reads the run
 config keys ``config-file`` (a ubsmoe YAML, optional), ``overrides`` (space-separated
-``key=value``) and ``out`` (run directory) from ``[tool.flwr.app.config]``.
+``key=value``) and ``out`` (run directory) from ``[tool.flwr.app.config]``
+(:func:`config_from_run_config`) and logs its progress through Flower's logger.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from ubsmoe.config import RunConfig, load_config
@@ -131,11 +134,42 @@ def make_server_app(cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume: b
 app = ServerApp()
 
 
+def config_from_run_config(run_config: dict[str, Any]) -> tuple[RunConfig, Path]:
+    """The validated config and absolute run directory of a ``flwr run`` run config.
+
+    Keys (``[tool.flwr.app.config]``, overridable with ``flwr run --run-config``):
+    ``config-file`` (a ubsmoe YAML on top of the embedded default; empty for none),
+    ``overrides`` (space-separated ``key=value``) and ``out`` (run directory; empty:
+    ``runs/<timestamp>-<method>``). A relative ``out`` is resolved against the
+    working directory of the process running the ServerApp, which for ``flwr run``
+    is the directory the local SuperLink was started from, so the path is made
+    absolute here and logged.
+
+    Raises:
+        ConfigError: an invalid config file or override.
+    """
+    overrides = str(run_config.get("overrides", "")).split()
+    cfg = load_config(str(run_config.get("config-file", "")) or None, overrides)
+    out = str(run_config.get("out", "")) or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
+    return cfg, Path(out).expanduser().resolve()
+
+
+def _log_progress(event: str, info: dict[str, Any]) -> None:
+    if event == "round_end":
+        rec = info["record"]
+        log(INFO, "ubsmoe: round %d: train loss %.4f", rec["round"], rec["loss"])
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: config from the app's run config."""
-    rc = context.run_config
-    overrides = str(rc.get("overrides", "")).split()
-    cfg = load_config(str(rc.get("config-file", "")) or None, overrides)
-    out = str(rc.get("out", "")) or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
-    serve(grid, cfg, Path(out), shared_setup(cfg))
+    cfg, run_dir = config_from_run_config(dict(context.run_config))
+    log(INFO, "ubsmoe: method %s, %d clients, %d rounds; run directory %s",
+        cfg.method, cfg.fl.num_clients, cfg.fl.rounds, run_dir)
+    summary = serve(grid, cfg, run_dir, shared_setup(cfg), progress=_log_progress)
+    last = summary["rounds_completed"]
+    for row in summary["accuracy"]:
+        if row["round"] == last:
+            log(INFO, "ubsmoe: budget %g (K=%d) %s accuracy %.4f", row["budget"], row["top_k"],
+                row["protocol"], row["average"])
+    log(INFO, "ubsmoe: wrote %s", run_dir / "summary.json")

@@ -212,7 +212,7 @@ class FedAvgAggregator(Aggregator):
             if k not in self.sums:
                 self.sums[k] = torch.zeros_like(x, dtype=torch.float64)
                 self.dtypes[k] = x.dtype
-            self.sums[k].add_(x.to(torch.float64), alpha=n)
+            self.sums[k].add_(x, alpha=n)  # promotes to float64 without a copy of x
         self.total += n
         self.count += 1
 

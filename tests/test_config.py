@@ -100,3 +100,18 @@ def test_malformed_override():
 def test_method_config_type_checked():
     with pytest.raises(ConfigError, match="expected A3SMoEConfig"):
         RunConfig(method="a3smoe", method_config=object())
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=ubsmoe", "ubsmoe.lambda_pg=0.3", "ubsmoe.dmr.momentum=0.5", "ubsmoe.pg=false"],
+    ["method=a3smoe", "a3smoe.gamma=2.5"],
+    ["method=smoe_llb", "smoe_llb.aux_loss_coef=0.05", "fl.rounds=7"],
+])
+def test_config_survives_the_flower_message_round_trip(overrides):
+    """The client rebuilds exactly the server's config (method section included)."""
+    from ubsmoe.fl.messages import KEY_ROUND, KEY_TOP_K, config_from_record, config_to_record
+
+    cfg = load_config(overrides=overrides)
+    back, instruction = config_from_record(config_to_record(cfg, **{KEY_ROUND: 3, KEY_TOP_K: 2}))
+    assert back.to_dict() == cfg.to_dict()
+    assert instruction == {KEY_ROUND: 3, KEY_TOP_K: 2}

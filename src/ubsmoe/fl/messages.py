@@ -19,10 +19,13 @@ from ubsmoe.config import RunConfig, config_from_dict, flatten, unflatten
 from ubsmoe.fl.payload import dense_from_upload, payload_nbytes, sparse_upload
 from ubsmoe.methods import ClientUpdate
 
-# Instruction keys sent with each train message (beside the flattened config).
-KEY_ROUND = "ubsmoe.round"
-KEY_CLIENT_ID = "ubsmoe.client_id"
-KEY_TOP_K = "ubsmoe.top_k"
+# Instruction keys sent with each train message (beside the flattened config). The
+# prefix starts with "_" so that it can never be a config section: a method's section is
+# named after the method, e.g. "ubsmoe.lambda_pg".
+INSTRUCTION_PREFIX = "_instruction."
+KEY_ROUND = INSTRUCTION_PREFIX + "round"
+KEY_CLIENT_ID = INSTRUCTION_PREFIX + "client_id"
+KEY_TOP_K = INSTRUCTION_PREFIX + "top_k"
 # Metric keys of a reply.
 METRIC_CLIENT_ID = "client_id"
 METRIC_NUM_EXAMPLES = "num_examples"
@@ -45,7 +48,7 @@ def config_from_record(record: ConfigRecord) -> tuple[RunConfig, dict[str, Any]]
         ConfigError: the record does not hold a valid config.
     """
     flat = dict(record)
-    instruction = {k: flat.pop(k) for k in list(flat) if k.startswith("ubsmoe.")}
+    instruction = {k: flat.pop(k) for k in list(flat) if k.startswith(INSTRUCTION_PREFIX)}
     return config_from_dict(unflatten(flat)), instruction
 
 

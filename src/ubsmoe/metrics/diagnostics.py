@@ -84,6 +84,15 @@ def gini(utilization: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, diff / (2 * m * total.clamp_min(torch.finfo(torch.float64).tiny)), 0.0)
 
 
+def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Raise ValueError unless ``x`` and ``y`` have one shape and >= 2 elements."""
+    if x.shape != y.shape or x.numel() < 2:
+        raise ValueError(
+            f"x, y: got shapes {tuple(x.shape)}, {tuple(y.shape)}, expected equal shapes "
+            "with >= 2 elements"
+        )
+
+
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     """Pearson correlation of two equally shaped tensors (flattened).
 
@@ -94,11 +103,7 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     Raises:
         ValueError: shapes differ or fewer than 2 elements.
     """
-    if x.shape != y.shape or x.numel() < 2:
-        raise ValueError(
-            f"x, y: got shapes {tuple(x.shape)}, {tuple(y.shape)}, expected equal shapes "
-            "with >= 2 elements"
-        )
+    _check_pair(x, y)
     a = x.detach().to(torch.float64).flatten()
     b = y.detach().to(torch.float64).flatten()
     a = a - a.mean()
@@ -127,11 +132,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     Raises:
         ValueError: shapes differ or fewer than 2 elements.
     """
-    if x.shape != y.shape or x.numel() < 2:
-        raise ValueError(
-            f"x, y: got shapes {tuple(x.shape)}, {tuple(y.shape)}, expected equal shapes "
-            "with >= 2 elements"
-        )
+    _check_pair(x, y)
     return pearson(_ranks(x.detach().to(torch.float64).flatten()),
                    _ranks(y.detach().to(torch.float64).flatten()))
 

@@ -41,3 +41,59 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"run directory {str(run_dir)!r}: no summary.json (unfinished run?)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def flops_tables(result: dict[str, Any]) -> list[Table]:
+    """Per-budget activated parameters and training FLOPs per token, and their terms.
+
+    Args:
+        result: from :func:`ubsmoe.metrics.flops.budget_table`.
+
+    Returns:
+        Two tables: the totals per budget, and the FLOPs per token by term (GFLOP).
+    """
+    model = result["model"]
+    settings = result["settings"]
+    moe = model["num_experts"] > 0
+    main = Table(title=(f"{model['name']} ({result['total_params'] / 1e9:.2f}B parameters): "
+                        "per token, per budget"))
+    for col in ("beta", "K", "LoRA r", "activated params (B)", "ratio", "train GFLOP", "ratio"):
+        main.add_column(col, justify="right")
+    terms = Table(title=(f"training GFLOP per token by term (seq_len {settings['seq_len']}, LoRA on "
+                         f"{settings['lora_targets']}, frozen backward "
+                         f"{'counted' if settings['frozen_backward'] else 'not counted'})"))
+    for col in ("beta", "attn proj", "attn scores", "router", "experts" if moe else "MLP", "LM head",
+                "LoRA"):
+        terms.add_column(col, justify="right")
+    for row in result["rows"]:
+        f = row["flops_per_token"]
+        main.add_row(f"{row['beta']:g}", str(row["top_k"]) if moe else "-", str(row["lora_rank"]),
+                     f"{row['activated_params'] / 1e9:.3f}", f"{row['params_ratio_to_highest']:.3f}",
+                     f"{f['total'] / 1e9:.3f}", f"{row['flops_ratio_to_highest']:.3f}")
+        terms.add_row(f"{row['beta']:g}", *[f"{f[k] / 1e9:.3f}" for k in
+                                             ("attention_proj", "attention_scores", "router", "mlp",
+                                              "lm_head", "lora")])
+    return [main, terms]
+
+
+def flops_notes(result: dict[str, Any]) -> list[str]:
+    """The lowest-vs-highest budget comparison and the counting conventions, as lines."""
+    rows = result["rows"]
+    low, high = rows[0], rows[-1]
+    moe = result["model"]["num_experts"] > 0
+    label = (lambda r: f"K={r['top_k']}") if moe else (lambda r: f"r={r['lora_rank']}")
+    cmp = result["lowest_vs_highest"]
+    counted = result["settings"]["frozen_backward"]
+    frozen = "4 (forward + input gradient)" if counted else "2 (forward only)"
+    return [
+        (f"lowest vs highest budget ({label(low)} vs {label(high)}): training FLOPs ratio "
+        f"{cmp['flops_ratio']:.3f} (reduction {100 * cmp['flops_reduction']:.1f}%), "
+        f"activated-parameter ratio {cmp['activated_params_ratio']:.3f}"),
+        (f"counted per token: frozen matmuls (attention q/k/v/o, router, experts/MLP, LM head) "
+        f"{frozen} FLOPs per weight; LoRA 6 FLOPs per parameter (forward, input and weight "
+        f"gradients); attention scores QK^T and AV over a full {result['settings']['seq_len']}^2 "
+        f"score matrix ({'backward 2x forward' if counted else 'forward only'}). Not counted: "
+        "embedding lookup, norms, activations, "
+        "softmax, loss, optimizer. Activated parameters: all but the unused experts, embeddings "
+        "included."),
+    ]

@@ -8,7 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
 
+from ubsmoe.cli import app
 from ubsmoe.config import ModelConfig
 from ubsmoe.metrics.flops import (
     ModelShape,
@@ -182,3 +184,17 @@ def test_budget_validation():
         default_budgets(shape, BUDGETS, [12, 40], 20)
     with pytest.raises(ValueError, match="fl.budgets"):
         default_budgets(shape, [0.0, 1.0], None, 20)
+
+
+def test_flops_cli_json_and_errors():
+    result = CliRunner().invoke(app, ["flops", "--json"])
+    assert result.exit_code == 0, result.output
+    table = json.loads(result.output)
+    assert [r["top_k"] for r in table["rows"]] == [1, 2, 4, 8]
+    assert [round(r["activated_params"] / 1e9, 1) for r in table["rows"]] == [0.6, 0.7, 0.9, 1.3]
+    result = CliRunner().invoke(app, ["flops", "allenai/OLMo-1B-hf"])
+    assert result.exit_code == 0 and "r=12 vs r=40" in result.output and "reduction 2.5%" in result.output
+    result = CliRunner().invoke(app, ["flops", "--budgets", "0.5,x"])
+    assert result.exit_code == 2 and "--budgets" in result.output
+    result = CliRunner().invoke(app, ["flops", "--lora-targets", "router"])
+    assert result.exit_code == 2 and "lora_targets: got 'router'" in result.output

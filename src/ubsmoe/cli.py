@@ -161,6 +161,46 @@ def _parse_list(option: str, text: str, kind: type) -> list:
 
 
 @app.command()
+def bench(
+    suite: Annotated[list[str] | None, typer.Option(
+        "--suite", "-s", help="suite to run (repeatable; default: all)")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON report path")] = Path("bench.json"),
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="tiny shapes, 2 repeats: checks the suites run (not a measurement)")] = False,
+    repeats: Annotated[int | None, typer.Option(help="timed runs per case (default per suite)")] = None,
+    warmup: Annotated[int | None, typer.Option(help="untimed runs per case (default per suite)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: unchanged)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of weights and inputs")] = 0,
+) -> None:
+    """Run the performance suites and write a JSON report (see `--suite`)."""
+    from ubsmoe.bench import BenchOptions, available_suites, run_bench
+    from ubsmoe.io import atomic_write_json
+
+    try:
+        options = BenchOptions(quick=quick, repeats=repeats, warmup=warmup, threads=threads, seed=seed)
+    except ValueError as e:
+        _fail(str(e))
+    names = suite or available_suites()
+    unknown = [n for n in names if n not in available_suites()]
+    if unknown:
+        _fail(f"--suite: got {', '.join(unknown)}, expected one of {', '.join(available_suites())}")
+    parts = ["ubsmoe bench", *(f"--suite {n}" for n in suite or []), "--quick" if quick else "",
+             f"--repeats {repeats}" if repeats is not None else "",
+             f"--warmup {warmup}" if warmup is not None else "",
+             f"--threads {threads}" if threads is not None else "", f"--seed {seed}" if seed else "",
+             f"--out {out}"]
+    command = " ".join(p for p in parts if p)
+    report = run_bench(names, options, command=command,
+                       progress=lambda name: console.print(f"suite {name} ...", highlight=False))
+    atomic_write_json(out, report)
+    from ubsmoe.report import bench_tables
+
+    for table in bench_tables(report):
+        console.print(table)
+    console.print(f"report: {out}", highlight=False)
+
+
+@app.command()
 def flops(
     model: Annotated[str, typer.Argument(
         help="shipped name, local config.json / model folder, or hub name (online)")]

@@ -97,3 +97,61 @@ def flops_notes(result: dict[str, Any]) -> list[str]:
         "softmax, loss, optimizer. Activated parameters: all but the unused experts, embeddings "
         "included."),
     ]
+
+
+def bench_tables(report: dict[str, Any]) -> list[Table]:
+    """Summary tables of a ``ubsmoe bench`` report (layer and model-step suites).
+
+    Args:
+        report: from :func:`ubsmoe.bench.run_bench`.
+
+    Returns:
+        One table per suite present that has a known layout (others are left to the JSON).
+    """
+    tables = []
+    layer = report["suites"].get("layer")
+    if layer is not None:
+        shape = layer["shape"]
+        t = Table(title=(f"SMoE layer fwd+bwd, H={shape['hidden']} I={shape['intermediate']} "
+                         f"E={shape['num_experts']} tokens={shape['num_tokens']} r={shape['lora_rank']} "
+                         f"({report['environment']['torch_threads']} threads; median of "
+                         f"{layer['timing']['repeats']})"))
+        for col in ("dtype", "case", "median ms", "min ms", "max ms", "GFLOP"):
+            t.add_column(col, justify="right")
+        for dtype, entry in layer["dtypes"].items():
+            for name, c in entry["cases"].items():
+                t.add_row(dtype, name, f"{1e3 * c['median_s']:.1f}", f"{1e3 * c['min_s']:.1f}",
+                          f"{1e3 * c['max_s']:.1f}", f"{c['flops']['total'] / 1e9:.2f}")
+        tables.append(t)
+        s = Table(title="SMoE layer: ratios (median of ours vs reference, same process) and targets")
+        for col in ("dtype", "speedup K=1 (>= 2.0)", "speedup K=8 (>= 1.3)", "ours K1/K8 (<= 0.20)",
+                    "FLOP ratio K1/K8"):
+            s.add_column(col, justify="right")
+        for dtype, v in layer["summary"].items():
+            if dtype == "targets":
+                continue
+            met = v["targets_met"]
+
+            def fmt(x, ok):
+                """A ratio, marked when it misses its target."""
+                return "-" if x is None else f"{x:.2f}{'' if ok else ' (missed)'}"
+
+            s.add_row(dtype, fmt(v["speedup_k1"], met["speedup_k1"]), fmt(v["speedup_k8"], met["speedup_k8"]),
+                      fmt(v["k1_over_k8"], met["k1_over_k8"]), f"{v['flop_ratio_k1_over_k8']:.3f}")
+        tables.append(s)
+    step = report["suites"].get("model_step")
+    if step is not None:
+        for name, res in step["models"].items():
+            t = Table(title=(f"local training step, {name} ({res['tokens_per_step']} tokens/step; "
+                             f"median of {res['timing']['repeats']})"))
+            for col in ("case", "K", "LoRA r", "median s", "time ratio", "FLOP ratio (measured)",
+                        "GFLOP measured", "GFLOP analytic"):
+                t.add_column(col, justify="right")
+            for group in ("smoe", "lora_rank"):
+                for case, ratios in res[group]["budgets"].items():
+                    c = res["cases"][case]
+                    t.add_row(case, str(c["top_k"]), str(c["lora_rank"]), f"{c['median_s']:.3f}",
+                              f"{ratios['time_ratio']['of_medians']:.3f}", f"{ratios['flops_ratio']:.3f}",
+                              f"{c['flops_measured'] / 1e9:.2f}", f"{c['flops_analytic'] / 1e9:.2f}")
+            tables.append(t)
+    return tables

@@ -33,7 +33,7 @@ def test_quick_report_top_level_fields(quick_report):
     env = r["environment"]
     assert env["torch_threads"] == 1
     for key in ("python", "torch", "transformers", "peft", "cpu_count", "torch_interop_threads",
-                "cpu_capability", "load_average"):
+                "cpu_capability", "load_average", "env"):
         assert key in env
     for suite in r["suites"].values():
         assert suite["wall_s"] > 0 and set(suite["load_average"]) == {"before", "after"}

@@ -127,6 +127,10 @@ def environment() -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda": torch.cuda.is_available(),
         "load_average": load_average(),
+        # OpenMP waiting matters on a shared machine: with spinning threads (the default)
+        # and oversubscribed cores every per-expert matmul's barrier can cost a time slice.
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+                                                "MKL_NUM_THREADS", "GOMP_SPINCOUNT")},
     }
 
 

@@ -56,11 +56,13 @@ class StepConfig:
 
 TINY = StepConfig("tiny", TinyModelConfig())
 # OLMoE-1B-7B's routing (64 experts, top-8), expert intermediate = hidden / 2 and
-# head width 128 as in OLMoE, at hidden 512 and 4 layers; vocabulary 8192 keeps the
-# LM head's share of the FLOPs near OLMoE-1B-7B's (about 8% at K = 8).
+# head width 128 as in OLMoE, at hidden 512 and 4 layers (about 0.11B parameters,
+# under 1 GiB for all five models); vocabulary 4096 keeps the LM head's share of the
+# training FLOPs at K = 8 (10%) near OLMoE-1B-7B's (8%). About 0.09 TFLOP per step.
 OLMOE_MEDIUM = StepConfig("olmoe_medium", TinyModelConfig(
     hidden_size=512, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
-    num_experts=64, num_experts_per_tok=8, vocab_size=8192, max_position_embeddings=1024))
+    num_experts=64, num_experts_per_tok=8, vocab_size=4096, max_position_embeddings=1024),
+    batch_size=8, seq_len=128)
 QUICK = StepConfig("tiny_quick", TinyModelConfig(hidden_size=32, num_hidden_layers=1,
                                                  num_attention_heads=2, intermediate_size=16,
                                                  num_experts=16, num_experts_per_tok=8,
@@ -200,7 +202,7 @@ def model_step_suite(options: BenchOptions) -> dict[str, Any]:
     models = {}
     for step_cfg in configs:
         # The heavier config gets fewer repeats to keep the default run under ten minutes.
-        default_repeats = 7 if step_cfg.sizes.hidden_size <= 64 else 5
+        default_repeats = 7 if step_cfg.sizes.hidden_size <= 64 else 4
         models[step_cfg.name] = step_benchmark(step_cfg, options.n_repeats(default_repeats),
                                                options.n_warmup(1), options.seed)
     summary = {}

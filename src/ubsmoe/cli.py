@@ -149,6 +149,107 @@ def methods() -> None:
         console.print(f"{name:10s} {doc}", highlight=False)
 
 
+def _parse_list(option: str, text: str, kind: type) -> list:
+    """Parse a comma-separated option value, failing with the option's name."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{option}: got {text!r}, expected comma-separated {kind.__name__} values")
+    if not values:
+        _fail(f"{option}: got {text!r}, expected at least one value")
+    return values
+
+
+@app.command()
+def bench(
+    suite: Annotated[list[str] | None, typer.Option(
+        "--suite", "-s", help="suite to run (repeatable; default: all)")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON report path")] = Path("bench.json"),
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="tiny shapes, 2 repeats: checks the suites run (not a measurement)")] = False,
+    repeats: Annotated[int | None, typer.Option(help="timed runs per case (default per suite)")] = None,
+    warmup: Annotated[int | None, typer.Option(help="untimed runs per case (default per suite)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: unchanged)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of weights and inputs")] = 0,
+) -> None:
+    """Run the performance suites and write a JSON report (see `--suite`)."""
+    from ubsmoe.bench import BenchOptions, available_suites, run_bench
+    from ubsmoe.io import atomic_write_json
+
+    try:
+        options = BenchOptions(quick=quick, repeats=repeats, warmup=warmup, threads=threads, seed=seed)
+    except ValueError as e:
+        _fail(str(e))
+    names = suite or available_suites()
+    unknown = [n for n in names if n not in available_suites()]
+    if unknown:
+        _fail(f"--suite: got {', '.join(unknown)}, expected one of {', '.join(available_suites())}")
+    parts = ["ubsmoe bench", *(f"--suite {n}" for n in suite or []), "--quick" if quick else "",
+             f"--repeats {repeats}" if repeats is not None else "",
+             f"--warmup {warmup}" if warmup is not None else "",
+             f"--threads {threads}" if threads is not None else "", f"--seed {seed}" if seed else "",
+             f"--out {out}"]
+    command = " ".join(p for p in parts if p)
+    report = run_bench(names, options, command=command,
+                       progress=lambda name: console.print(f"suite {name} ...", highlight=False))
+    atomic_write_json(out, report)
+    from ubsmoe.report import bench_tables
+
+    for table in bench_tables(report):
+        console.print(table)
+    console.print(f"report: {out}", highlight=False)
+
+
+@app.command()
+def flops(
+    model: Annotated[str, typer.Argument(
+        help="shipped name, local config.json / model folder, or hub name (online)")]
+        = "allenai/OLMoE-1B-7B-0924",
+    budgets: Annotated[str, typer.Option(help="budget levels beta, comma-separated")] = "0.125,0.25,0.5,1.0",
+    ranks: Annotated[str | None, typer.Option(
+        help="LoRA rank per budget level at native top-k (default for dense models: 12,16,24,40)")] = None,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank of the K budgets of a MoE model")] = 20,
+    seq_len: Annotated[int, typer.Option(help="sequence length for the attention-score FLOPs")] = 256,
+    lora_targets: Annotated[str, typer.Option(
+        help="LoRA on: all (attention + MLP/experts), attention, mlp")] = "all",
+    frozen_backward: Annotated[bool, typer.Option(
+        "--frozen-backward/--no-frozen-backward",
+        help="count the input-gradient pass through frozen weights (a LoRA step computes it)")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+) -> None:
+    """Activated parameters and training FLOPs per token for each compute budget."""
+    import json
+
+    from ubsmoe.metrics.flops import (
+        PAPER_LORA_RANKS,
+        budget_table,
+        default_budgets,
+        load_model_shape,
+    )
+
+    betas = _parse_list("--budgets", budgets, float)
+    rank_list = _parse_list("--ranks", ranks, int) if ranks is not None else None
+    try:
+        shape = load_model_shape(model)
+        if rank_list is None and not shape.is_moe:
+            if len(betas) != len(PAPER_LORA_RANKS):
+                _fail(f"--ranks: {model} is a dense model; give one LoRA rank per budget level")
+            rank_list = list(PAPER_LORA_RANKS)
+        table = budget_table(shape, default_budgets(shape, betas, rank_list, lora_rank),
+                             seq_len=seq_len, lora_targets=lora_targets, frozen_backward=frozen_backward)
+    except ValueError as e:
+        _fail(str(e))
+    if as_json:
+        console.print_json(json.dumps(table))
+        return
+    from ubsmoe.report import flops_notes, flops_tables
+
+    for t in flops_tables(table):
+        console.print(t)
+    for line in flops_notes(table):
+        console.print(line, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="ubsmoe")

@@ -1,19 +1,59 @@
-"""FLOP counting for grouped matmuls with ``torch.utils.flop_counter``.
+"""FLOPs: counting them in PyTorch, and an analytic calculator per compute budget.
 
-PyTorch's :class:`~torch.utils.flop_counter.FlopCounterMode` has no formula for
-``aten._grouped_mm`` (the op behind ``torch.nn.functional.grouped_mm``), so expert
-compute would count as zero. :func:`register_grouped_mm_flops` adds one:
+**Counting.** PyTorch's :class:`~torch.utils.flop_counter.FlopCounterMode` has no
+formula for ``aten._grouped_mm`` (the op behind ``torch.nn.functional.grouped_mm``),
+so expert compute would count as zero. :func:`register_grouped_mm_flops` adds one:
 a grouped matmul of ``[rows, k] x [groups, k, n]`` costs ``2 * rows * k * n`` FLOPs
 (each row is multiplied by exactly one group's matrix); the backward pass is itself
 made of grouped matmuls and is counted by the same formula.
+:func:`register_flop_formulas` also adds the CPU flash-attention kernels
+(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward), which
+PyTorch counts on GPU but not on CPU, with PyTorch's own SDPA formulas.
+
+**Calculator.** :func:`budget_table` gives activated parameters and training FLOPs
+per token for each compute budget of a model described by its Hugging Face config
+(:func:`load_model_shape`: shipped OLMoE-1B-7B / OLMo-1B configs, a local
+``config.json`` or, online, any hub name). Conventions (per token, one training
+step = forward + backward):
+
+- a matmul with a weight of ``p`` parameters costs ``2p`` forward;
+- a *frozen* weight's backward computes only the input gradient: ``2p`` more
+  (its weight gradient is never formed), so ``4p`` in all. The first layer's
+  q/k/v projections are counted too, although autograd skips their input gradient
+  (the embedding output needs none): an over-count below 1%;
+- a *trained* LoRA pair ``A: r x in``, ``B: out x r`` costs ``2r(in+out)`` forward
+  and ``4r(in+out)`` backward (input and weight gradients): ``6r(in+out)``;
+- attention scores: ``QK^T`` and ``softmax(.)V`` over a full ``seq_len x seq_len``
+  score matrix (no causal halving; this is what SDPA kernels and FlopCounterMode
+  count): ``4 * seq_len * num_heads * head_dim`` forward per token and layer, twice
+  that backward;
+- router: a frozen ``[E, H]`` matmul (``4 E H``); experts: K of them per token;
+  LM head: a frozen ``[V, H]`` matmul (also when tied to the embedding);
+- not counted: embedding lookup (0 FLOPs; its parameters are activated though),
+  norms, activations, softmax, residual adds, the loss, the optimizer step (per
+  step, LoRA-sized) — all O(H) per token.
+
+With ``frozen_backward=False`` the frozen model is counted forward only (its
+matmuls and attention scores; LoRA keeps its full ``6r(in+out)``): the "2N + 6P"
+shorthand some papers use. Activated parameters: every parameter except the
+experts a token does not use (embedding and, if untied, LM head included) — the
+convention behind OLMoE-1B-7B's "1.3B active of 6.9B".
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-_REGISTERED = False
+_REGISTERED: set[str] = set()
+
+# --------------------------------------------------------------------------- counting
 
 
 def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
@@ -29,8 +69,398 @@ def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
 
 def register_grouped_mm_flops() -> None:
     """Teach ``FlopCounterMode`` the cost of ``aten._grouped_mm`` (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
+    if "grouped_mm" in _REGISTERED:
         return
     register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flop)
-    _REGISTERED = True
+    _REGISTERED.add("grouped_mm")
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                            out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def register_flop_formulas() -> None:
+    """Register grouped-matmul and CPU flash-attention FLOP formulas (idempotent).
+
+    The attention formulas are PyTorch's own ``sdpa_flop_count`` (QK^T and AV over
+    the full score matrix) and ``sdpa_backward_flop_count``.
+    """
+    register_grouped_mm_flops()
+    if "cpu_sdpa" in _REGISTERED:
+        return
+    ops = torch.ops.aten
+    if hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu"):
+        register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu)(_cpu_sdpa_flop)
+        register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu_backward)(
+            _cpu_sdpa_backward_flop)
+    _REGISTERED.add("cpu_sdpa")
+
+
+# --------------------------------------------------------------------------- calculator
+
+SUPPORTED_MODEL_TYPES = ("olmoe", "mixtral", "olmo", "llama", "mistral")
+LORA_TARGETS = ("all", "attention", "mlp")
+# LoRA ranks of budget levels beta_1..beta_4 in the LoRA-rank baselines (DESIGN.md section 6).
+PAPER_LORA_RANKS = (12, 16, 24, 40)
+# Hub name -> file under ubsmoe/configs/models (public config.json values).
+SHIPPED_CONFIGS = {
+    "allenai/OLMoE-1B-7B-0924": "allenai--OLMoE-1B-7B-0924.json",
+    "allenai/OLMo-1B-hf": "allenai--OLMo-1B-hf.json",
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder-only (MoE or dense) transformer that set its cost.
+
+    Attributes:
+        name: model name or path it was read from.
+        model_type: Hugging Face ``model_type`` (one of ``SUPPORTED_MODEL_TYPES``).
+        hidden_size: H.
+        num_layers: decoder layers L.
+        num_heads, num_kv_heads, head_dim: attention heads (query, key/value) and
+            their width.
+        vocab_size: V.
+        tie_word_embeddings: LM head shares the embedding matrix.
+        intermediate_size: I of each expert (MoE) or of the dense MLP.
+        num_experts: E per MoE layer (0 for a dense model).
+        top_k: native experts per token K_max (0 for a dense model).
+        attention_bias: q/k/v/o projections have biases.
+        qk_norm: per-layer RMSNorm on q and k (OLMoE).
+        norm_weights: the layer norms carry a weight vector (RMSNorm; OLMo's
+            non-parametric LayerNorm does not).
+    """
+
+    name: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    intermediate_size: int
+    num_experts: int
+    top_k: int
+    attention_bias: bool = False
+    qk_norm: bool = False
+    norm_weights: bool = True
+
+    @property
+    def is_moe(self) -> bool:
+        """True for a sparse-MoE model."""
+        return self.num_experts > 0
+
+
+def model_shape_from_config(config: dict[str, Any], name: str = "") -> ModelShape:
+    """Read a :class:`ModelShape` from a Hugging Face ``config.json`` dict.
+
+    Raises:
+        ValueError: unsupported ``model_type`` (lists the supported ones) or a
+            missing or non-positive size field (named).
+    """
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type: got {model_type!r} in {name or 'the config'}, "
+                         f"expected one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+    required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "intermediate_size"]
+    if model_type in ("olmoe", "mixtral"):
+        required.append("num_experts_per_tok")
+    missing = [k for k in required if not isinstance(config.get(k), int) or config[k] < 1]
+    if missing:
+        raise ValueError(f"{name or 'config'}: fields {', '.join(missing)} missing or not positive "
+                         "integers")
+    heads = config["num_attention_heads"]
+    hidden = config["hidden_size"]
+    num_experts = 0
+    if model_type == "olmoe":
+        num_experts = int(config.get("num_experts", 0))
+    elif model_type == "mixtral":
+        num_experts = int(config.get("num_local_experts", 0))
+    if model_type in ("olmoe", "mixtral") and num_experts < 1:
+        raise ValueError(f"{name or 'config'}: num_experts missing or not a positive integer")
+    return ModelShape(
+        name=name or str(config.get("_name_or_path", "")),
+        model_type=model_type,
+        hidden_size=hidden,
+        num_layers=config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        vocab_size=config["vocab_size"],
+        # transformers' PretrainedConfig default is tied when the key is absent.
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+        intermediate_size=config["intermediate_size"],
+        num_experts=num_experts,
+        top_k=int(config["num_experts_per_tok"]) if num_experts else 0,
+        attention_bias=bool(config.get("attention_bias", False)),
+        qk_norm=model_type == "olmoe",
+        norm_weights=model_type != "olmo",
+    )
+
+
+def shipped_config(name: str) -> dict[str, Any]:
+    """The shipped ``config.json`` of ``name`` (a key of ``SHIPPED_CONFIGS``).
+
+    Raises:
+        KeyError: ``name`` is not shipped.
+    """
+    file = resources.files("ubsmoe") / "configs" / "models" / SHIPPED_CONFIGS[name]
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def load_model_shape(model: str) -> ModelShape:
+    """Model sizes by shipped name, local path or (online) hub name.
+
+    Resolution: a shipped config (``SHIPPED_CONFIGS``, works offline) -> a local
+    ``config.json`` file or a folder holding one -> ``transformers.AutoConfig``
+    (hub name; needs the network or the local HF cache).
+
+    Raises:
+        ValueError: nothing could be loaded (the message names the shipped configs),
+            the file is not JSON, or the model type is unsupported.
+    """
+    if model in SHIPPED_CONFIGS:
+        return model_shape_from_config(shipped_config(model), model)
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model: {str(path)!r} is not a JSON config ({e})") from e
+        return model_shape_from_config(config, model)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model).to_dict()
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"model: could not load a config for {model!r} (not a local path, and the hub "
+            f"lookup failed: {str(e).splitlines()[0]}); shipped offline: "
+            f"{', '.join(SHIPPED_CONFIGS)}"
+        ) from e
+    return model_shape_from_config(config, model)
+
+
+def _attention_weights(s: ModelShape) -> int:
+    """Parameters of one layer's q/k/v/o projection weights (biases excluded)."""
+    q_out = s.num_heads * s.head_dim
+    kv_out = s.num_kv_heads * s.head_dim
+    return s.hidden_size * (q_out + 2 * kv_out) + q_out * s.hidden_size
+
+
+def _layer_small_params(s: ModelShape) -> int:
+    """One layer's biases and norm weights (no FLOPs counted for them)."""
+    q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    n = 0
+    if s.attention_bias:
+        n += q_out + 2 * kv_out + s.hidden_size
+    if s.qk_norm:
+        n += q_out + kv_out
+    if s.norm_weights:
+        n += 2 * s.hidden_size
+    return n
+
+
+def param_counts(s: ModelShape, top_k: int | None = None) -> dict[str, int]:
+    """Parameters by part, with ``top_k`` experts per layer (None: all of them).
+
+    Args:
+        s: model sizes.
+        top_k: experts counted per MoE layer (ignored for a dense model).
+
+    Returns:
+        ``{"embedding", "lm_head", "attention", "router", "mlp", "norms_and_biases",
+        "total"}`` (``lm_head`` is 0 when tied).
+    """
+    h, L = s.hidden_size, s.num_layers
+    mlp_one = 3 * h * s.intermediate_size  # SwiGLU: gate, up, down
+    if s.is_moe:
+        k = s.num_experts if top_k is None else top_k
+        mlp = L * k * mlp_one
+        router = L * s.num_experts * h
+    else:
+        mlp, router = L * mlp_one, 0
+    counts = {
+        "embedding": s.vocab_size * h,
+        "lm_head": 0 if s.tie_word_embeddings else s.vocab_size * h,
+        "attention": L * _attention_weights(s),
+        "router": router,
+        "mlp": mlp,
+        "norms_and_biases": L * _layer_small_params(s) + (h if s.norm_weights else 0),
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def lora_params_per_token(s: ModelShape, rank: int, top_k: int, targets: str = "all") -> dict[str, int]:
+    """LoRA parameters a token passes through (``r(in + out)`` per adapted matrix).
+
+    Attention: q, k, v, o (PEFT, one pair each). MLP: a MoE model's experts follow
+    this package's :class:`~ubsmoe.models.smoe.ExpertLoRA` (one pair on the fused
+    ``gate_up`` ``[2I, H]`` and one on ``down`` ``[H, I]``), for the ``top_k``
+    experts a token uses; a dense MLP follows PEFT (gate, up, down separately).
+
+    Raises:
+        ValueError: ``targets`` not in ``LORA_TARGETS`` or ``rank < 1``.
+    """
+    if targets not in LORA_TARGETS:
+        raise ValueError(f"lora_targets: got {targets!r}, expected one of {', '.join(LORA_TARGETS)}")
+    if rank < 1:
+        raise ValueError(f"lora_rank: got {rank}, expected an integer >= 1")
+    h, i, L = s.hidden_size, s.intermediate_size, s.num_layers
+    q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    attention = L * rank * ((h + q_out) + 2 * (h + kv_out) + (q_out + h))
+    if s.is_moe:
+        mlp = L * top_k * rank * ((h + 2 * i) + (i + h))
+    else:
+        mlp = L * rank * 3 * (h + i)
+    return {"attention": attention if targets in ("all", "attention") else 0,
+            "mlp": mlp if targets in ("all", "mlp") else 0}
+
+
+def training_flops_per_token(s: ModelShape, top_k: int, lora_rank: int, seq_len: int,
+                             lora_targets: str = "all", frozen_backward: bool = True) -> dict[str, int]:
+    """Training FLOPs per token by term (conventions in the module docstring).
+
+    Args:
+        s: model sizes.
+        top_k: experts per token (ignored for a dense model).
+        lora_rank: r of every LoRA pair.
+        seq_len: sequence length for the attention scores.
+        lora_targets: ``all``, ``attention`` or ``mlp`` (experts for a MoE model).
+        frozen_backward: count the input-gradient pass of frozen weights and the
+            attention-score backward (True), or the frozen model forward only.
+
+    Returns:
+        ``{"attention_proj", "attention_scores", "router", "mlp", "lm_head", "lora",
+        "total"}`` in FLOPs per token.
+
+    Raises:
+        ValueError: ``top_k`` outside ``[1, num_experts]`` for a MoE model,
+            ``seq_len < 1``, or a bad LoRA setting.
+    """
+    if s.is_moe and not 1 <= top_k <= s.num_experts:
+        raise ValueError(f"top_k: got {top_k}, expected an integer in [1, {s.num_experts}]")
+    if seq_len < 1:
+        raise ValueError(f"seq_len: got {seq_len}, expected an integer >= 1")
+    frozen = 4 if frozen_backward else 2  # FLOPs per frozen weight per token
+    p = param_counts(s, top_k)
+    scores_fwd = s.num_layers * 4 * seq_len * s.num_heads * s.head_dim
+    lora = lora_params_per_token(s, lora_rank, top_k, lora_targets)
+    terms = {
+        "attention_proj": frozen * p["attention"],
+        "attention_scores": scores_fwd * (3 if frozen_backward else 1),
+        "router": frozen * p["router"],
+        "mlp": frozen * p["mlp"],
+        "lm_head": frozen * s.vocab_size * s.hidden_size,
+        "lora": 6 * (lora["attention"] + lora["mlp"]),
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One compute budget: a level beta and what it runs at.
+
+    Attributes:
+        beta: the budget level (``fl.budgets`` entry).
+        top_k: experts per token (the native top-k for a rank budget or a dense model).
+        lora_rank: LoRA rank.
+    """
+
+    beta: float
+    top_k: int
+    lora_rank: int
+
+
+def default_budgets(s: ModelShape, betas: list[float], ranks: list[int] | None,
+                    lora_rank: int) -> list[Budget]:
+    """Budgets per level: K = clamp(floor(K_max beta), 1, K_max) or one rank per level.
+
+    Args:
+        s: model sizes.
+        betas: budget levels in (0, 1], increasing.
+        ranks: LoRA rank per level (rank budgets, at native top-k), or None for
+            K budgets on a MoE model (all at ``lora_rank``).
+        lora_rank: the LoRA rank of K budgets.
+
+    Raises:
+        ValueError: a dense model without ranks, or ``ranks`` and ``betas`` of
+            different lengths.
+    """
+    from ubsmoe.data.partition import top_k_for_budget
+
+    if ranks is None:
+        if not s.is_moe:
+            raise ValueError(f"ranks: {s.name} is a dense model; give LoRA ranks per budget level")
+        return [Budget(b, top_k_for_budget(b, s.top_k), lora_rank) for b in betas]
+    if len(ranks) != len(betas):
+        raise ValueError(f"ranks: got {len(ranks)} ranks for {len(betas)} budget levels {betas}")
+    return [Budget(b, s.top_k, r) for b, r in zip(betas, ranks, strict=True)]
+
+
+def budget_table(s: ModelShape, budgets: list[Budget], seq_len: int = 256,
+                 lora_targets: str = "all", frozen_backward: bool = True) -> dict[str, Any]:
+    """Activated parameters and training FLOPs per token for each budget.
+
+    Args:
+        s: model sizes.
+        budgets: from :func:`default_budgets`, lowest first.
+        seq_len: sequence length of the attention-score term.
+        lora_targets: where LoRA sits (``LORA_TARGETS``).
+        frozen_backward: see :func:`training_flops_per_token`.
+
+    Returns:
+        JSON-ready dict: ``model`` (the shape), ``total_params``, ``settings``,
+        ``rows`` (per budget: beta, K, rank, activated params, FLOPs per token by
+        term, both as ratios to the largest budget) and ``lowest_vs_highest``
+        (FLOP ratio, FLOP reduction ``1 - ratio``, activated-parameter ratio).
+
+    Raises:
+        ValueError: no budgets, or a bad setting (see the functions above).
+    """
+    if not budgets:
+        raise ValueError("budgets: expected at least one budget level")
+    rows = []
+    for b in budgets:
+        active = param_counts(s, b.top_k)["total"]
+        lora = lora_params_per_token(s, b.lora_rank, b.top_k, lora_targets)
+        rows.append({
+            "beta": b.beta, "top_k": b.top_k if s.is_moe else None, "lora_rank": b.lora_rank,
+            "activated_params": active,
+            "lora_params_per_token": lora["attention"] + lora["mlp"],
+            "flops_per_token": training_flops_per_token(s, b.top_k, b.lora_rank, seq_len,
+                                                        lora_targets, frozen_backward),
+        })
+    top = rows[-1]
+    for row in rows:
+        row["flops_ratio_to_highest"] = row["flops_per_token"]["total"] / top["flops_per_token"]["total"]
+        row["params_ratio_to_highest"] = row["activated_params"] / top["activated_params"]
+    low = rows[0]
+    return {
+        "model": asdict(s),
+        "total_params": param_counts(s)["total"],
+        "settings": {"seq_len": seq_len, "lora_targets": lora_targets,
+                     "frozen_backward": frozen_backward},
+        "rows": rows,
+        "lowest_vs_highest": {
+            "flops_ratio": low["flops_ratio_to_highest"],
+            "flops_reduction": 1.0 - low["flops_ratio_to_highest"],
+            "activated_params_ratio": low["params_ratio_to_highest"],
+        },
+    }

@@ -224,6 +224,23 @@ def build_model(cfg: ModelConfig, tokenizer=None, seed: int = 0):
         model = tiny_olmoe(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
     else:
         model, tokenizer = load_hf_model(cfg)
+    return prepare_model(model, cfg, seed), tokenizer
+
+
+def prepare_model(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Module:
+    """Freeze an OLMoE model, add attention LoRA (PEFT) if configured, patch its MoE blocks.
+
+    Args:
+        model: an ``OlmoeForCausalLM`` (hub checkpoint or :func:`tiny_olmoe`).
+        cfg: LoRA rank, alpha and whether attention gets LoRA.
+        seed: seed of the LoRA A factors (``seed + 1`` is used, as in :func:`build_model`).
+
+    Returns:
+        The model (a PEFT wrapper when attention LoRA is on) with only LoRA trainable.
+
+    Raises:
+        ValueError: the model has no OLMoE sparse-MoE block.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.random.fork_rng():
@@ -236,7 +253,7 @@ def build_model(cfg: ModelConfig, tokenizer=None, seed: int = 0):
             model = get_peft_model(model, lora)
         patch_smoe(model, cfg.lora_rank, cfg.lora_alpha)
     model.config.use_cache = True
-    return model, tokenizer
+    return model
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

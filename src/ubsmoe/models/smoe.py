@@ -17,6 +17,7 @@ tokens it was not chosen for, and no Python loop over experts sits inside autogr
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,227 @@ def grouped_linear(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tenso
         ``[num_rows, out_features]`` in ``x``'s dtype.
     """
     return F.grouped_mm(x, weight_t, offs=offsets)
+
+
+class SlotRouting(NamedTuple):
+    """Where each (token, choice) slot goes once slots are sorted by expert.
+
+    A slot is ``t * K + j``: token ``t``'s ``j``-th selected expert. With
+    ``S = num_tokens * K`` slots:
+
+    Attributes:
+        order: ``[S]`` int64, the slot at each sorted position (sorted by expert,
+            stable, so slots of one expert keep token order).
+        token: ``[S]`` int64, the token of each sorted position (``order // K``).
+        inverse: ``[num_tokens, K]`` int64, the sorted position of each slot.
+        offsets: ``[num_experts]`` int32, end of each expert's rows among the sorted
+            positions (cumulative counts, the ``offs`` of ``grouped_mm``).
+    """
+
+    order: torch.Tensor
+    token: torch.Tensor
+    inverse: torch.Tensor
+    offsets: torch.Tensor
+
+
+def sort_slots(top_index: torch.Tensor, num_experts: int) -> SlotRouting:
+    """Sort the ``num_tokens * K`` routing slots by expert.
+
+    Offsets come from ``searchsorted`` on the sorted expert ids: no histogram, no
+    host synchronisation, no float64.
+
+    Args:
+        top_index: ``[num_tokens, K]`` int64 selected experts.
+        num_experts: E, the number of groups.
+
+    Returns:
+        The :class:`SlotRouting` of the batch.
+    """
+    num_tokens, k = top_index.shape
+    flat = top_index.reshape(-1)  # [S], slot t*K + j
+    sorted_expert, order = torch.sort(flat, stable=True)  # [S], [S]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)  # [S]
+    bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=sorted_expert.dtype)  # [E]
+    offsets = torch.searchsorted(sorted_expert, bounds, out_int32=True)  # [E] #slots with expert < e+1
+    return SlotRouting(order, order // k, inverse.view(num_tokens, k), offsets)
+
+
+class _GatherSlots(torch.autograd.Function):
+    """``xs = x[token]``: copy each token's row once per selected expert, in sorted order.
+
+    The backward sums a token's K row gradients with ``embedding_bag`` over
+    ``inverse`` (one pass, a fixed summation order per token): bitwise deterministic
+    on any thread count, unlike the scatter-add (``index_put`` with accumulation)
+    that plain indexing would use.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        """``[N, H] -> [S, H]``: row ``token[i]`` of ``x`` at sorted position i."""
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, token)  # [S, H]
+
+    @staticmethod
+    def backward(ctx, grad_xs: torch.Tensor):
+        """``[S, H] -> [N, H]``: each token's K row gradients summed."""
+        (inverse,) = ctx.saved_tensors
+        grad_x = F.embedding_bag(inverse, grad_xs.contiguous(), mode="sum")  # [N, H]
+        return grad_x, None, None
+
+
+class _CombineSlots(torch.autograd.Function):
+    """``y[t] = sum_j ys[inverse[t, j]]``: sum each token's K expert outputs.
+
+    Forward is one ``embedding_bag`` (no ``[S, H]`` intermediate, fixed order per
+    token, deterministic); backward hands each slot its token's gradient row.
+    """
+
+    @staticmethod
+    def forward(ctx, ys: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        """``[S, H] -> [N, H]``: each token's K expert outputs summed."""
+        ctx.save_for_backward(token)
+        return F.embedding_bag(inverse, ys, mode="sum")  # [N, H]
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        """``[N, H] -> [S, H]``: each sorted position gets its token's gradient row."""
+        (token,) = ctx.saved_tensors
+        return grad_y.index_select(0, token), None, None  # [S, H]
+
+
+def _pad_rank(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad the rank dimension of ``A [E, r, in]``, ``B [E, out, r]`` to 16-byte rows.
+
+    ``grouped_mm`` needs every non-unit stride to be a multiple of 16 bytes, and the
+    ``[S, r]`` LoRA activation has row stride r: rank 20 in bfloat16 (40 bytes) would
+    be rejected. The padded rows of A and columns of B are zero, so the product is
+    unchanged; the gradients are sliced back to rank r.
+    """
+    align = max(1, 16 // lora_a.element_size())
+    rank = lora_a.shape[1]
+    pad = -rank % align
+    if pad == 0:
+        return lora_a, lora_b
+    return F.pad(lora_a, (0, 0, 0, pad)), F.pad(lora_b, (0, pad))
+
+
+class _LoRAGroupedLinear(torch.autograd.Function):
+    """``y = x W_e^T + s (x A_e^T) B_e^T`` for the rows of each expert e; ``W`` frozen.
+
+    One autograd node per projection with a hand-written backward: no gradient is
+    ever formed for the frozen ``W`` (only the input gradient ``gy W_e``), the LoRA
+    output is added in place instead of through an extra autograd add, and only
+    ``x`` and the ``[S, r]`` LoRA activation are saved. Every matmul is a
+    ``grouped_mm`` over the sorted rows, so all compute scales with the routed rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float, offsets: torch.Tensor) -> torch.Tensor:
+        """``x [S, in] -> [S, out]``; saves x and the ``[S, r']`` LoRA activation."""
+        rank = lora_a.shape[1]
+        lora_a, lora_b = _pad_rank(lora_a, lora_b)  # [E, r', in], [E, out, r']
+        h = grouped_linear(x, lora_a.transpose(1, 2), offsets)  # [S, r']
+        h = h * scale  # scale the narrow [S, r'] activation, not the [S, out] output
+        y = grouped_linear(x, weight.transpose(1, 2), offsets)  # [S, out]
+        y.add_(grouped_linear(h, lora_b.transpose(1, 2), offsets))
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h, offsets)
+        ctx.scale = scale
+        ctx.rank = rank
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        """Input, LoRA A and LoRA B gradients (none for the frozen weight)."""
+        x, weight, lora_a, lora_b, h, offsets = ctx.saved_tensors
+        need_x, _, need_a, need_b = ctx.needs_input_grad[:4]
+        rank = ctx.rank
+        grad_y = grad_y.contiguous()
+        grad_h = grouped_linear(grad_y, lora_b, offsets)  # [S, r'], gradient of scaled h
+        grad_b = None
+        if need_b:
+            grad_b = F.grouped_mm(grad_y.t(), h, offs=offsets)  # [E, out, r']
+            grad_b = grad_b if grad_b.shape[-1] == rank else grad_b[..., :rank].contiguous()
+        grad_h = grad_h * ctx.scale  # gradient of the unscaled x A^T
+        grad_a = None
+        if need_a:
+            grad_a = F.grouped_mm(grad_h.t(), x, offs=offsets)  # [E, r', in]
+            grad_a = grad_a if grad_a.shape[1] == rank else grad_a[:, :rank].contiguous()
+        grad_x = None
+        if need_x:
+            grad_x = grouped_linear(grad_y, weight, offsets)  # [S, in]
+            grad_x.add_(grouped_linear(grad_h, lora_a, offsets))
+        return grad_x, None, grad_a, grad_b, None, None
+
+
+def lora_grouped_linear(x: torch.Tensor, weight: torch.Tensor, lora: ExpertLoRA,
+                        offsets: torch.Tensor) -> torch.Tensor:
+    """Frozen expert projection plus its LoRA on rows grouped by expert.
+
+    Args:
+        x: ``[S, in_features]`` rows sorted by expert.
+        weight: ``[E, out_features, in_features]`` frozen expert weights (HF layout).
+        lora: the projection's :class:`ExpertLoRA` (``A [E, r, in]``, ``B [E, out, r]``).
+        offsets: ``[E]`` int32 cumulative row counts.
+
+    Returns:
+        ``[S, out_features]``: ``x W_e^T + scale * (x A_e^T) B_e^T`` per row of expert e.
+    """
+    return _LoRAGroupedLinear.apply(x, weight, lora.A, lora.B, lora.scale, offsets)
+
+
+class _WeightedSwiGLU(torch.autograd.Function):
+    """``h = silu(gate) * up * w`` with ``[gate | up] = gate_up`` (w: gate weight per row).
+
+    Folding the router's gate weight into the ``[S, I]`` activation is exact (the
+    down projection is linear) and cheaper than weighting the ``[S, H]`` output.
+    The backward writes both halves of the gradient into one ``[S, 2I]`` buffer
+    (no concatenation); ``silu(gate)`` is saved rather than recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``gate_up [S, 2I], weights [S, 1] -> h [S, I]``."""
+        inter = gate_up.shape[-1] // 2
+        act = F.silu(gate_up[:, :inter])  # [S, I]
+        h = act * gate_up[:, inter:]  # [S, I]
+        h.mul_(weights)
+        ctx.save_for_backward(gate_up, weights, act)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        """Gradients of ``gate_up`` ``[S, 2I]`` and of ``weights`` ``[S, 1]``."""
+        gate_up, weights, act = ctx.saved_tensors
+        inter = gate_up.shape[-1] // 2
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]  # [S, I] each
+        grad_act = grad_h * up  # [S, I], d/d(silu(gate)) before the weight
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.linalg.vecdot(grad_act, act).unsqueeze(-1)  # [S, 1]
+        grad_act.mul_(weights)
+        grad_gate_up = torch.empty_like(gate_up)  # [S, 2I]
+        torch.ops.aten.silu_backward.grad_input(grad_act, gate, grad_input=grad_gate_up[:, :inter])
+        torch.mul(grad_h, weights, out=grad_gate_up[:, inter:]).mul_(act)
+        return grad_gate_up, grad_w
+
+
+def weighted_glu(gate_up: torch.Tensor, weights: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+    """Gated expert activation with the gate weight folded in: ``act(gate) * up * w``.
+
+    Args:
+        gate_up: ``[S, 2I]``, the fused gate and up projections (gate first, HF layout).
+        weights: ``[S, 1]`` gate weight of each row.
+        act_fn: the activation; SiLU takes a fused path, anything else plain autograd.
+
+    Returns:
+        ``[S, I]``.
+    """
+    if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
+        return _WeightedSwiGLU.apply(gate_up, weights)
+    gate, up = gate_up.chunk(2, dim=-1)  # [S, I] each
+    return act_fn(gate) * (up * weights)
 
 
 class ExpertLoRA(nn.Module):
@@ -218,27 +440,13 @@ class SMoELayer(nn.Module):
             ``[num_tokens, hidden]``: sum over the K selected experts of
             gate weight * (frozen expert + LoRA)(x).
         """
-        num_tokens, k = top_index.shape
-        flat_expert = top_index.reshape(-1)  # [N*K], slot t*K + j = token t's j-th choice
-        order = torch.argsort(flat_expert, stable=True)  # [N*K], slots sorted by expert
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)  # [N*K]
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)  # [E]
-        offsets = torch.cumsum(counts, 0).to(torch.int32)  # [E]
-        # Gather through a permutation (unique indices) and sum the K copies on the way
-        # back: unlike x[token_of_slot] / index_add, both directions are bitwise
-        # deterministic under any thread count.
-        x_slots = x.unsqueeze(1).expand(num_tokens, k, x.shape[-1]).reshape(num_tokens * k, -1)
-        xs = x_slots[order]  # [N*K, H] rows sorted by expert
-        gate_up = grouped_linear(xs, self.gate_up_proj.transpose(1, 2), offsets)  # [N*K, 2I]
-        gate_up = gate_up + self.gate_up_lora.delta(xs, offsets)
-        gate, up = gate_up.chunk(2, dim=-1)  # [N*K, I] each
-        h = self.act_fn(gate) * up  # [N*K, I]
-        out = grouped_linear(h, self.down_proj.transpose(1, 2), offsets)  # [N*K, H]
-        out = out + self.down_lora.delta(h, offsets)
-        out = out[inverse].view(num_tokens, k, -1)  # [N, K, H] back in slot order
-        weighted = out * top_weights.unsqueeze(-1)  # [N, K, H]
-        return weighted.sum(dim=1).to(x.dtype)  # [N, H]
+        routing = sort_slots(top_index, self.num_experts)
+        weights = top_weights.reshape(-1)[routing.order].unsqueeze(-1)  # [S, 1] gate weight per row
+        xs = _GatherSlots.apply(x, routing.token, routing.inverse)  # [S, H] rows sorted by expert
+        gate_up = lora_grouped_linear(xs, self.gate_up_proj, self.gate_up_lora, routing.offsets)  # [S, 2I]
+        h = weighted_glu(gate_up, weights, self.act_fn)  # [S, I], gate weight folded in
+        out = lora_grouped_linear(h, self.down_proj, self.down_lora, routing.offsets)  # [S, H]
+        return _CombineSlots.apply(out, routing.token, routing.inverse).to(x.dtype)  # [N, H]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[batch, seq, hidden] -> [batch, seq, hidden]``."""

@@ -41,3 +41,117 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"run directory {str(run_dir)!r}: no summary.json (unfinished run?)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def flops_tables(result: dict[str, Any]) -> list[Table]:
+    """Per-budget activated parameters and training FLOPs per token, and their terms.
+
+    Args:
+        result: from :func:`ubsmoe.metrics.flops.budget_table`.
+
+    Returns:
+        Two tables: the totals per budget, and the FLOPs per token by term (GFLOP).
+    """
+    model = result["model"]
+    settings = result["settings"]
+    moe = model["num_experts"] > 0
+    main = Table(title=(f"{model['name']} ({result['total_params'] / 1e9:.2f}B parameters): "
+                        "per token, per budget"))
+    for col in ("beta", "K", "LoRA r", "activated params (B)", "ratio", "train GFLOP", "ratio"):
+        main.add_column(col, justify="right")
+    terms = Table(title=(f"training GFLOP per token by term (seq_len {settings['seq_len']}, LoRA on "
+                         f"{settings['lora_targets']}, frozen backward "
+                         f"{'counted' if settings['frozen_backward'] else 'not counted'})"))
+    for col in ("beta", "attn proj", "attn scores", "router", "experts" if moe else "MLP", "LM head",
+                "LoRA"):
+        terms.add_column(col, justify="right")
+    for row in result["rows"]:
+        f = row["flops_per_token"]
+        main.add_row(f"{row['beta']:g}", str(row["top_k"]) if moe else "-", str(row["lora_rank"]),
+                     f"{row['activated_params'] / 1e9:.3f}", f"{row['params_ratio_to_highest']:.3f}",
+                     f"{f['total'] / 1e9:.3f}", f"{row['flops_ratio_to_highest']:.3f}")
+        terms.add_row(f"{row['beta']:g}", *[f"{f[k] / 1e9:.3f}" for k in
+                                             ("attention_proj", "attention_scores", "router", "mlp",
+                                              "lm_head", "lora")])
+    return [main, terms]
+
+
+def flops_notes(result: dict[str, Any]) -> list[str]:
+    """The lowest-vs-highest budget comparison and the counting conventions, as lines."""
+    rows = result["rows"]
+    low, high = rows[0], rows[-1]
+    moe = result["model"]["num_experts"] > 0
+    label = (lambda r: f"K={r['top_k']}") if moe else (lambda r: f"r={r['lora_rank']}")
+    cmp = result["lowest_vs_highest"]
+    counted = result["settings"]["frozen_backward"]
+    frozen = "4 (forward + input gradient)" if counted else "2 (forward only)"
+    return [
+        (f"lowest vs highest budget ({label(low)} vs {label(high)}): training FLOPs ratio "
+        f"{cmp['flops_ratio']:.3f} (reduction {100 * cmp['flops_reduction']:.1f}%), "
+        f"activated-parameter ratio {cmp['activated_params_ratio']:.3f}"),
+        (f"counted per token: frozen matmuls (attention q/k/v/o, router, experts/MLP, LM head) "
+        f"{frozen} FLOPs per weight; LoRA 6 FLOPs per parameter (forward, input and weight "
+        f"gradients); attention scores QK^T and AV over a full {result['settings']['seq_len']}^2 "
+        f"score matrix ({'backward 2x forward' if counted else 'forward only'}). Not counted: "
+        "embedding lookup, norms, activations, "
+        "softmax, loss, optimizer. Activated parameters: all but the unused experts, embeddings "
+        "included."),
+    ]
+
+
+def bench_tables(report: dict[str, Any]) -> list[Table]:
+    """Summary tables of a ``ubsmoe bench`` report (layer and model-step suites).
+
+    Args:
+        report: from :func:`ubsmoe.bench.run_bench`.
+
+    Returns:
+        One table per suite present that has a known layout (others are left to the JSON).
+    """
+    tables = []
+    layer = report["suites"].get("layer")
+    if layer is not None:
+        shape = layer["shape"]
+        t = Table(title=(f"SMoE layer fwd+bwd, H={shape['hidden']} I={shape['intermediate']} "
+                         f"E={shape['num_experts']} tokens={shape['num_tokens']} r={shape['lora_rank']} "
+                         f"({report['environment']['torch_threads']} threads; median of "
+                         f"{layer['timing']['repeats']})"))
+        for col in ("dtype", "case", "median ms", "min ms", "max ms", "GFLOP"):
+            t.add_column(col, justify="right")
+        for dtype, entry in layer["dtypes"].items():
+            for name, c in entry["cases"].items():
+                t.add_row(dtype, name, f"{1e3 * c['median_s']:.1f}", f"{1e3 * c['min_s']:.1f}",
+                          f"{1e3 * c['max_s']:.1f}", f"{c['flops']['total'] / 1e9:.2f}")
+        tables.append(t)
+        s = Table(title="SMoE layer: ratios (median of ours vs reference, same process) and targets")
+        for col in ("dtype", "speedup K=1 (>= 2.0)", "speedup K=8 (>= 1.3)", "ours K1/K8 (<= 0.20)",
+                    "FLOP ratio K1/K8"):
+            s.add_column(col, justify="right")
+        for dtype, v in layer["summary"].items():
+            if dtype == "targets":
+                continue
+            met = v["targets_met"]
+
+            def fmt(x, ok):
+                """A ratio, marked when it misses its target."""
+                return "-" if x is None else f"{x:.2f}{'' if ok else ' (missed)'}"
+
+            s.add_row(dtype, fmt(v["speedup_k1"], met["speedup_k1"]), fmt(v["speedup_k8"], met["speedup_k8"]),
+                      fmt(v["k1_over_k8"], met["k1_over_k8"]), f"{v['flop_ratio_k1_over_k8']:.3f}")
+        tables.append(s)
+    step = report["suites"].get("model_step")
+    if step is not None:
+        for name, res in step["models"].items():
+            t = Table(title=(f"local training step, {name} ({res['tokens_per_step']} tokens/step; "
+                             f"median of {res['timing']['repeats']})"))
+            for col in ("case", "K", "LoRA r", "median s", "time ratio", "FLOP ratio (measured)",
+                        "GFLOP measured", "GFLOP analytic"):
+                t.add_column(col, justify="right")
+            for group in ("smoe", "lora_rank"):
+                for case, ratios in res[group]["budgets"].items():
+                    c = res["cases"][case]
+                    t.add_row(case, str(c["top_k"]), str(c["lora_rank"]), f"{c['median_s']:.3f}",
+                              f"{ratios['time_ratio']['of_medians']:.3f}", f"{ratios['flops_ratio']:.3f}",
+                              f"{c['flops_measured'] / 1e9:.2f}", f"{c['flops_analytic'] / 1e9:.2f}")
+            tables.append(t)
+    return tables

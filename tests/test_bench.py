@@ -1,0 +1,113 @@
+"""`ubsmoe bench` (quick mode: structure, not timings) and `ubsmoe flops` through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ubsmoe.bench import BenchOptions, interleaved_timings, ratio_stats, run_bench
+from ubsmoe.cli import app
+
+TIMING = {"median_s", "min_s", "max_s", "times_s"}
+RATIO = {"of_medians", "paired_median", "paired_min", "paired_max"}
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """One quick run of every suite through the CLI (1 thread: per-expert matmuls open an
+    OpenMP region each, which crawls when the test machine's cores are oversubscribed)."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--quick", "--threads", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "SMoE layer" in result.output and "local training step" in result.output
+    return json.loads(out.read_text())
+
+
+def test_quick_report_top_level_fields(quick_report):
+    r = quick_report
+    assert r["schema"] == "ubsmoe-bench/1" and r["quick"] is True
+    assert r["command"].startswith("ubsmoe bench --quick --threads 1 --out ")
+    assert set(r["suites"]) == {"layer", "model_step"} == set(r["summary"])
+    env = r["environment"]
+    assert env["torch_threads"] == 1
+    for key in ("python", "torch", "transformers", "peft", "cpu_count", "torch_interop_threads",
+                "cpu_capability", "load_average", "env"):
+        assert key in env
+    for suite in r["suites"].values():
+        assert suite["wall_s"] > 0 and set(suite["load_average"]) == {"before", "after"}
+        assert suite["description"]
+
+
+def test_quick_report_layer_fields(quick_report):
+    layer = quick_report["suites"]["layer"]
+    assert set(layer["shape"]) == {"hidden", "intermediate", "num_experts", "num_tokens", "lora_rank",
+                                   "lora_alpha"}
+    assert layer["ks"] == [1, 8] and layer["timing"]["repeats"] == 2
+    assert set(layer["dtypes"]) == {"float32", "bfloat16"}
+    for dtype, entry in layer["dtypes"].items():
+        assert set(entry["cases"]) == {"ubsmoe_k1", "ubsmoe_k8", "reference_k1", "reference_k8"}
+        for case in entry["cases"].values():
+            assert TIMING <= set(case) and len(case["times_s"]) == 2
+            assert case["flops"]["total"] >= case["flops"]["grouped_mm"] > 0
+        assert set(entry["ratios"]) == {"speedup_vs_reference_k1", "speedup_vs_reference_k8",
+                                        "ubsmoe_k1_over_k8", "reference_k1_over_k8"}
+        assert all(set(v) == RATIO for v in entry["ratios"].values())
+        # Ours never forms frozen-weight gradients: fewer FLOPs than the reference at every K.
+        for k in (1, 8):
+            assert entry["cases"][f"ubsmoe_k{k}"]["flops"]["total"] < entry["cases"][f"reference_k{k}"]["flops"]["total"]
+        assert 0 < entry["flop_ratio"]["ubsmoe_k1_over_k8"] < 0.2
+        # Both implementations compute the same function (same weights and LoRA factors).
+        tol = 1e-4 if dtype == "float32" else 0.5
+        for diffs in entry["max_abs_diff"].values():
+            assert set(diffs) == {"output", "input_grad", "gate_up_proj_lora_A_grad", "gate_up_proj_lora_B_grad",
+                                  "down_proj_lora_A_grad", "down_proj_lora_B_grad"}
+            assert all(v < tol for v in diffs.values()), diffs
+        summary = quick_report["summary"]["layer"][dtype]
+        assert set(summary["targets_met"]) == {"speedup_k1", "speedup_k8", "k1_over_k8"}
+    assert quick_report["summary"]["layer"]["targets"] == {"speedup_k1": 2.0, "speedup_k8": 1.3, "k1_over_k8": 0.2}
+
+
+def test_quick_report_model_step_fields(quick_report):
+    models = quick_report["suites"]["model_step"]["models"]
+    assert list(models) == ["tiny_quick"]
+    res = models["tiny_quick"]
+    assert res["tokens_per_step"] == res["config"]["batch_size"] * res["config"]["seq_len"]
+    expected = {f"smoe_k{k}" for k in (1, 2, 4, 8)} | {f"lora_r{r}" for r in (12, 16, 24, 40)}
+    assert set(res["cases"]) == expected
+    for case in res["cases"].values():
+        assert TIMING <= set(case)
+        assert case["flops_measured"] > 0 and case["flops_analytic"] > 0
+        assert set(case["flops_analytic_terms"]) == {"attention_proj", "attention_scores", "router", "mlp",
+                                                     "lm_head", "lora"}
+    for group, ref in (("smoe", "smoe_k8"), ("lora_rank", "lora_r40")):
+        assert res[group]["reference_case"] == ref
+        for row in res[group]["budgets"].values():
+            assert set(row) == {"time_ratio", "flops_ratio", "time_saving", "flops_saving"}
+            assert set(row["time_ratio"]) == RATIO
+    flops = [res["cases"][f"smoe_k{k}"]["flops_measured"] for k in (1, 2, 4, 8)]
+    assert flops == sorted(flops) and len(set(flops)) == 4
+    assert res["smoe"]["budgets"]["smoe_k8"]["flops_ratio"] == 1.0
+
+
+def test_interleaved_timings_alternate_order_and_ratio_stats():
+    calls = []
+    times = interleaved_timings({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    stats = ratio_stats([2.0, 4.0, 6.0], [1.0, 1.0, 2.0])
+    assert stats == {"of_medians": 4.0, "paired_median": 3.0, "paired_min": 2.0, "paired_max": 4.0}
+
+
+def test_bench_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="suites: got \\['nope'\\], expected one or more of layer"):
+        run_bench(["nope"], BenchOptions(quick=True))
+    with pytest.raises(ValueError, match="repeats"):
+        BenchOptions(repeats=0)
+    result = CliRunner().invoke(app, ["bench", "--suite", "nope", "--out", str(tmp_path / "b.json")])
+    assert result.exit_code == 2 and "--suite: got nope" in result.output
+    assert not (tmp_path / "b.json").exists()
+    result = CliRunner().invoke(app, ["bench", "--threads", "0"])
+    assert result.exit_code == 2 and "threads" in result.output

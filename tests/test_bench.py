@@ -29,7 +29,7 @@ def test_quick_report_top_level_fields(quick_report):
     r = quick_report
     assert r["schema"] == "ubsmoe-bench/1" and r["quick"] is True
     assert r["command"].startswith("ubsmoe bench --quick --threads 1 --out ")
-    assert set(r["suites"]) == {"layer", "model_step"} == set(r["summary"])
+    assert set(r["suites"]) == {"layer", "model_step", "server_memory", "federated"} == set(r["summary"])
     env = r["environment"]
     assert env["torch_threads"] == 1
     for key in ("python", "torch", "transformers", "peft", "cpu_count", "torch_interop_threads",
@@ -111,3 +111,28 @@ def test_bench_rejects_bad_input(tmp_path):
     assert not (tmp_path / "b.json").exists()
     result = CliRunner().invoke(app, ["bench", "--threads", "0"])
     assert result.exit_code == 2 and "threads" in result.output
+
+
+def test_quick_report_server_memory_fields(quick_report):
+    mem = quick_report["suites"]["server_memory"]
+    assert [r["num_clients"] for r in mem["runs"]] == [2, 8]
+    for run in mem["runs"]:
+        assert run["peak_rss_mib"] > 0 and run["adapter_mib"] > 0 and run["max_buffered_replies"] == 0
+    growth = mem["summary"]["peak_rss_growth_8_vs_2"]
+    assert growth == mem["runs"][1]["peak_rss_mib"] / mem["runs"][0]["peak_rss_mib"]
+
+
+def test_quick_report_federated_fields(quick_report):
+    fed = quick_report["suites"]["federated"]
+    assert [r["round"] for r in fed["rounds"]] == [1]
+    for rnd in fed["rounds"]:
+        assert 0.0 <= rnd["overhead_share"] <= 1.0 and rnd["round_wall_s"] >= rnd["overhead_s"]
+        assert len(rnd["clients"]) == 4
+        for c in rnd["clients"]:
+            assert c["bytes_down"] > 0 and 0 < c["bytes_up"] and c["train_s"] > 0
+    uploads = fed["smoe_upload_per_k"]
+    assert set(uploads) == {"k1", "k8"}
+    for u in uploads.values():
+        assert 0 < u["sparse_bytes"] <= u["dense_bytes"]
+    # Naive SMoE at K_c = 1 leaves more experts untouched than at K_c = 8: a smaller upload.
+    assert uploads["k1"]["sparse_bytes"] < uploads["k8"]["sparse_bytes"]

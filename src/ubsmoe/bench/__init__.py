@@ -19,8 +19,9 @@ shared machine are only comparable within a suite). Suites that time things use
 :func:`interleaved_timings`: every case runs once per repeat, in alternating order
 (A, B, C, then C, B, A, ...), so a change in machine load hits all cases alike, and
 :func:`ratio_stats` gives both the ratio of medians and the median of per-repeat
-ratios. New suites (server memory, communication, Flower overhead) add a module
-that calls :func:`register_suite`, imported at the bottom of this file.
+ratios. Suites: ``layer``, ``model_step`` (compute per budget), ``server_memory`` and
+``federated`` (server memory, traffic, Flower overhead); a new suite is a module that
+calls :func:`register_suite`, imported at the bottom of this file.
 """
 
 from __future__ import annotations
@@ -261,4 +262,4 @@ def run_bench(suites: list[str] | None = None, options: BenchOptions | None = No
 
 
 # Suite modules register themselves on import (order = default run order).
-from ubsmoe.bench import layer, model_step  # noqa: F401
+from ubsmoe.bench import layer, model_step, server  # noqa: F401

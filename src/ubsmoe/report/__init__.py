@@ -100,7 +100,7 @@ def flops_notes(result: dict[str, Any]) -> list[str]:
 
 
 def bench_tables(report: dict[str, Any]) -> list[Table]:
-    """Summary tables of a ``ubsmoe bench`` report (layer and model-step suites).
+    """Summary tables of a ``ubsmoe bench`` report (every built-in suite).
 
     Args:
         report: from :func:`ubsmoe.bench.run_bench`.
@@ -154,4 +154,34 @@ def bench_tables(report: dict[str, Any]) -> list[Table]:
                               f"{ratios['time_ratio']['of_medians']:.3f}", f"{ratios['flops_ratio']:.3f}",
                               f"{c['flops_measured'] / 1e9:.2f}", f"{c['flops_analytic'] / 1e9:.2f}")
             tables.append(t)
+    mem = report["suites"].get("server_memory")
+    if mem is not None:
+        t = Table(title=(f"server memory: folding N updates of {mem['runs'][0]['adapter_mib']:.0f} MiB "
+                         f"(peak RSS of a fresh process)"))
+        for col in ("clients", "peak RSS MiB", "aggregate s", "growth vs first (<= 1.25)"):
+            t.add_column(col, justify="right")
+        first = mem["runs"][0]["peak_rss_mib"]
+        for run in mem["runs"]:
+            t.add_row(str(run["num_clients"]), f"{run['peak_rss_mib']:.0f}", f"{run['aggregate_s']:.1f}",
+                      f"{run['peak_rss_mib'] / first:.2f}")
+        tables.append(t)
+    fed = report["suites"].get("federated")
+    if fed is not None:
+        t = Table(title=f"Flower simulation ({fed['method']}): per round")
+        for col in ("round", "wall s", "overhead s", "overhead share (<= 0.15)", "aggregate s",
+                    "MiB down/client", "MiB up/client (mean)"):
+            t.add_column(col, justify="right")
+        for r in fed["rounds"]:
+            up = sum(c["bytes_up"] for c in r["clients"]) / len(r["clients"])
+            t.add_row(str(r["round"]), f"{r['round_wall_s']:.1f}", f"{r['overhead_s']:.2f}",
+                      f"{r['overhead_share']:.3f}", f"{r['aggregate_s']:.2f}",
+                      f"{r['clients'][0]['bytes_down'] / 2**20:.2f}", f"{up / 2**20:.2f}")
+        tables.append(t)
+        u = Table(title="naive SMoE, one client round: upload of changed expert rows vs all")
+        for col in ("K_c", "dense MiB", "sparse MiB", "sparse / dense"):
+            u.add_column(col, justify="right")
+        for k, v in fed["smoe_upload_per_k"].items():
+            u.add_row(k[1:], f"{v['dense_bytes'] / 2**20:.2f}", f"{v['sparse_bytes'] / 2**20:.2f}",
+                      f"{v['sparse_over_dense']:.3f}")
+        tables.append(u)
     return tables

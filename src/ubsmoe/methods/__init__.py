@@ -3,7 +3,15 @@
 Importing this package registers every built-in method.
 """
 
-from ubsmoe.methods import a3smoe, fedit, smoe  # noqa: F401  (registration)
+from ubsmoe.methods import (  # noqa: F401  (registration)
+    a3smoe,
+    fedit,
+    flexlora,
+    flora,
+    florist,
+    hetlora,
+    smoe,
+)
 from ubsmoe.methods.base import (
     ClientUpdate,
     Method,

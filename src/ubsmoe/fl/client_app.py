@@ -5,14 +5,7 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ubsmoe.fl.messages import (
-    KEY_CLIENT_ID,
-    KEY_ROUND,
-    KEY_TOP_K,
-    METRIC_PARTITION_ID,
-    config_from_record,
-    update_to_content,
-)
+from ubsmoe.fl.messages import METRIC_PARTITION_ID, train_task_from_content, update_to_content
 from ubsmoe.fl.train import ClientRuntime, runtime_key
 
 app = ClientApp()
@@ -38,12 +31,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train one round on this node's partition at the K_c the server sent."""
-    cfg, instruction = config_from_record(msg.content["config"])
-    update = _runtime(cfg).train_round(
-        client_id=int(instruction[KEY_CLIENT_ID]),
-        round_idx=int(instruction[KEY_ROUND]),
-        top_k=int(instruction[KEY_TOP_K]),
-        global_adapters=msg.content["adapters"].to_torch_state_dict(),
-    )
+    """Train one round on this node's partition at the K_c and LoRA rank the server sent."""
+    cfg, task = train_task_from_content(msg.content)
+    update = _runtime(cfg).train_round(**task)
     return Message(update_to_content(update), reply_to=msg)

@@ -77,8 +77,8 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume:
         clients = server.sample_clients(r)
         progress("round_start", {"round": r, "clients": len(clients)})
         messages = [
-            Message(train_content(cfg, server.state.adapters, r, c, server.top_k[c]),
-                    dst_node_id=node_of[c], message_type=MessageType.TRAIN)
+            Message(train_content(cfg, **server.client_task(c, r)), dst_node_id=node_of[c],
+                    message_type=MessageType.TRAIN)
             for c in clients
         ]
         t0 = time.time()

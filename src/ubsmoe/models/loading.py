@@ -328,7 +328,10 @@ def set_lora_rank(model: nn.Module, rank: int, alpha: float, seed: int = 0) -> N
             lora_cfg = dataclasses.replace(model.peft_config[PEFT_ADAPTER], r=rank, lora_alpha=alpha)
             model.peft_config[PEFT_ADAPTER] = lora_cfg
             for layer in peft_layers.values():
+                dtype = layer.lora_A[PEFT_ADAPTER].weight.dtype  # PEFT may keep LoRA in float32
                 layer.update_layer(PEFT_ADAPTER, rank, alpha, config=lora_cfg)
+                layer.lora_A[PEFT_ADAPTER].to(dtype)
+                layer.lora_B[PEFT_ADAPTER].to(dtype)
         for name, old in _expert_loras(model).items():
             parent_name, _, child = name.rpartition(".")
             num_experts, _, in_features = old.A.shape

@@ -307,6 +307,7 @@ class RunConfig:
                 f"method_config: expected {method_cls.config_class.__name__} for method "
                 f"'{self.method}', got {type(self.method_config).__name__}"
             )
+        _check_method_against_run(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML-able data, method section under its name."""
@@ -317,6 +318,17 @@ class RunConfig:
             out[f.name] = dataclasses.asdict(getattr(self, f.name))
         out[self.method] = dataclasses.asdict(self.method_config)
         return out
+
+
+def _check_method_against_run(run: RunConfig) -> None:
+    """Run the method section's cross-checks against the rest of the run, if it has any.
+
+    A method config may define ``check_run(run)`` (e.g. one LoRA rank per budget
+    level); it raises :class:`ConfigError`.
+    """
+    check = getattr(run.method_config, "check_run", None)
+    if check is not None:
+        check(run)
 
 
 def _bad(name: str, value: Any, allowed: str) -> str:
@@ -373,8 +385,11 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:
-    """Build dataclass ``cls`` from a nested dict, collecting errors with dotted names."""
+def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str], **fixed: Any) -> Any:
+    """Build dataclass ``cls`` from a nested dict, collecting errors with dotted names.
+
+    ``fixed`` keyword arguments are passed to ``cls`` as they are (already built).
+    """
     if not isinstance(data, dict):
         errors.append(_bad(prefix.rstrip("."), data, "a mapping of keys"))
         return None
@@ -397,6 +412,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> A
             kwargs[key] = _coerce(name, value, tp)
         except ConfigError as e:
             errors.append(str(e))
+    kwargs.update(fixed)
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -474,10 +490,10 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
             )
             tree.pop(other)
     method_config = _build(method_cls.config_class, method_tree, f"{method}.", errors)
-    run = _build(RunConfig, {**tree, "method": method}, "", errors) if not errors else None
+    run = (_build(RunConfig, {**tree, "method": method}, "", errors, method_config=method_config)
+           if not errors else None)
     if errors:
         raise ConfigError("\n".join(errors))
-    run.method_config = method_config
     return run
 
 

@@ -7,14 +7,7 @@ import time
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ubsmoe.fl.messages import (
-    KEY_CLIENT_ID,
-    KEY_ROUND,
-    KEY_TOP_K,
-    METRIC_PARTITION_ID,
-    config_from_record,
-    update_to_content,
-)
+from ubsmoe.fl.messages import METRIC_PARTITION_ID, train_task_from_content, update_to_content
 from ubsmoe.fl.train import ClientRuntime, runtime_key
 
 app = ClientApp()
@@ -40,21 +33,15 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train one round on this node's partition at the K_c the server sent.
+    """Train one round on this node's partition at the K_c and LoRA rank the server sent.
 
     Adds ``setup_s`` (building the runtime on first use) and ``work_start`` /
     ``work_end`` (epoch seconds) to the metrics, for the server's overhead account.
     """
     start = time.time()
-    cfg, instruction = config_from_record(msg.content["config"])
+    cfg, task = train_task_from_content(msg.content)
     runtime = _runtime(cfg)
     setup_s = time.time() - start
-    received = msg.content["adapters"].to_torch_state_dict()
-    update = runtime.train_round(
-        client_id=int(instruction[KEY_CLIENT_ID]),
-        round_idx=int(instruction[KEY_ROUND]),
-        top_k=int(instruction[KEY_TOP_K]),
-        global_adapters=received,
-    )
+    update = runtime.train_round(**task)
     update.metrics.update({"setup_s": setup_s, "work_start": start, "work_end": time.time()})
-    return Message(update_to_content(update, received), reply_to=msg)
+    return Message(update_to_content(update, task["global_adapters"]), reply_to=msg)

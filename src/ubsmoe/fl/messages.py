@@ -1,15 +1,19 @@
 """Conversion between ubsmoe types and Flower records (the only Flower-typed glue).
 
-Message layout, server -> client (``train``): ``adapters`` (ArrayRecord, global LoRA
-parameters), ``config`` (ConfigRecord: the flattened resolved run config plus the
-instruction keys below). Client -> server: ``adapters`` (ArrayRecord, the sparse
-upload of :func:`ubsmoe.fl.payload.sparse_upload`: only the tensors and expert rows
-the client changed), ``stats`` (ArrayRecord: ``expert_counts [L, E]``,
-``token_counts [L]``) and ``metrics`` (MetricRecord).
+Message layout, server -> client (``train``): ``adapters`` (ArrayRecord, the LoRA
+parameters the client starts from, at its rank), ``config`` (ConfigRecord: the
+flattened resolved run config plus the instruction keys below) and, for methods that
+merge into the base weights, ``base_merges`` (ArrayRecord, ``"<index>:<name>"`` ->
+factor, merge ids in order under :data:`KEY_MERGE_IDS`). Client -> server:
+``adapters`` (ArrayRecord, the sparse upload of :func:`ubsmoe.fl.payload.sparse_upload`
+relative to the adapters it was sent: only the tensors and expert rows the client
+changed), ``stats`` (ArrayRecord: ``expert_counts [L, E]``, ``token_counts [L]``) and
+``metrics`` (MetricRecord).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,6 +30,9 @@ INSTRUCTION_PREFIX = "_instruction."
 KEY_ROUND = INSTRUCTION_PREFIX + "round"
 KEY_CLIENT_ID = INSTRUCTION_PREFIX + "client_id"
 KEY_TOP_K = INSTRUCTION_PREFIX + "top_k"
+KEY_LORA_RANK = INSTRUCTION_PREFIX + "lora_rank"
+KEY_LORA_ALPHA = INSTRUCTION_PREFIX + "lora_alpha"
+KEY_MERGE_IDS = INSTRUCTION_PREFIX + "base_merge_ids"
 # Metric keys of a reply.
 METRIC_CLIENT_ID = "client_id"
 METRIC_NUM_EXAMPLES = "num_examples"
@@ -52,14 +59,47 @@ def config_from_record(record: ConfigRecord) -> tuple[RunConfig, dict[str, Any]]
     return config_from_dict(unflatten(flat)), instruction
 
 
-def train_content(cfg: RunConfig, adapters: dict[str, torch.Tensor], round_idx: int,
-                  client_id: int, top_k: int) -> RecordDict:
-    """The content of one ``train`` message."""
-    return RecordDict({
-        "adapters": ArrayRecord(adapters),
-        "config": config_to_record(cfg, **{KEY_ROUND: round_idx, KEY_CLIENT_ID: client_id,
-                                           KEY_TOP_K: top_k}),
-    })
+def train_content(cfg: RunConfig, global_adapters: dict[str, torch.Tensor], round_idx: int,
+                  client_id: int, top_k: int, lora_rank: int | None = None,
+                  lora_alpha: float | None = None,
+                  base_merges: Sequence[tuple[str, dict[str, torch.Tensor]]] = ()) -> RecordDict:
+    """The content of one ``train`` message (arguments as :meth:`Server.client_task`)."""
+    instruction: dict[str, Any] = {KEY_ROUND: round_idx, KEY_CLIENT_ID: client_id, KEY_TOP_K: top_k}
+    if lora_rank is not None:
+        instruction[KEY_LORA_RANK] = int(lora_rank)
+    if lora_alpha is not None:
+        instruction[KEY_LORA_ALPHA] = float(lora_alpha)
+    content = {"adapters": ArrayRecord(global_adapters)}
+    if base_merges:
+        instruction[KEY_MERGE_IDS] = [mid for mid, _ in base_merges]
+        content["base_merges"] = ArrayRecord({f"{i}:{name}": t for i, (_, factors) in enumerate(base_merges)
+                                              for name, t in factors.items()})
+    return RecordDict({**content, "config": config_to_record(cfg, **instruction)})
+
+
+def train_task_from_content(content: RecordDict) -> tuple[RunConfig, dict[str, Any]]:
+    """Inverse of :func:`train_content`: ``(config, keyword arguments of ClientRuntime.train_round)``.
+
+    Raises:
+        ConfigError: the record does not hold a valid config.
+    """
+    cfg, instruction = config_from_record(content["config"])
+    merges: list[tuple[str, dict[str, torch.Tensor]]] = [
+        (str(mid), {}) for mid in instruction.get(KEY_MERGE_IDS, [])]
+    if merges:
+        for key, t in content["base_merges"].to_torch_state_dict().items():
+            index, _, name = key.partition(":")
+            merges[int(index)][1][name] = t
+    task = {
+        "client_id": int(instruction[KEY_CLIENT_ID]),
+        "round_idx": int(instruction[KEY_ROUND]),
+        "top_k": int(instruction[KEY_TOP_K]),
+        "global_adapters": content["adapters"].to_torch_state_dict(),
+        "lora_rank": int(instruction[KEY_LORA_RANK]) if KEY_LORA_RANK in instruction else None,
+        "lora_alpha": float(instruction[KEY_LORA_ALPHA]) if KEY_LORA_ALPHA in instruction else None,
+        "base_merges": merges,
+    }
+    return cfg, task
 
 
 def update_to_content(update: ClientUpdate, received: dict[str, torch.Tensor]) -> RecordDict:

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from ubsmoe.config import RunConfig, save_config
-from ubsmoe.fl.train import SharedSetup, client_seed
+from ubsmoe.fl.train import SharedSetup, client_seed, sync_base_merges
 from ubsmoe.io import append_jsonl, atomic_torch_save, atomic_write_json
 from ubsmoe.methods import ClientUpdate, get_method_class
 from ubsmoe.methods.base import Aggregator, data_weights, phi_layer_of, round_utilization
 from ubsmoe.models import adapter_state, build_model, load_adapter_state, set_top_k, smoe_layers
+from ubsmoe.models.loading import set_lora_rank
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -34,21 +35,25 @@ CONFIG_FILE = "config.yaml"
 
 @dataclass
 class ServerState:
-    """Everything the server needs to resume: round index and global adapters.
+    """Everything the server needs to resume: round index, global adapters, method state.
 
     Attributes:
         round: last completed round (0 before the first).
         adapters: global LoRA parameters, name -> tensor.
         train_loss: per completed round, the p_c-weighted mean client loss.
+        method_state: the method's own state (:meth:`Method.state_dict`, e.g. FLoRA's
+            base-weight merges).
     """
 
     round: int
     adapters: dict[str, torch.Tensor]
     train_loss: list[dict[str, float]] = field(default_factory=list)
+    method_state: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data form for ``torch.save``."""
-        return {"round": self.round, "adapters": self.adapters, "train_loss": self.train_loss}
+        return {"round": self.round, "adapters": self.adapters, "train_loss": self.train_loss,
+                "method_state": self.method_state}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> ServerState:
@@ -58,7 +63,8 @@ class ServerState:
             KeyError: a required entry is missing.
         """
         return cls(round=int(state["round"]), adapters=dict(state["adapters"]),
-                   train_loss=list(state.get("train_loss", [])))
+                   train_loss=list(state.get("train_loss", [])),
+                   method_state=dict(state.get("method_state", {})))
 
 
 class OrderedFold:
@@ -171,6 +177,10 @@ class Server:
         self.model, self.tokenizer = build_model(cfg.model, setup.tokenizer, seed=cfg.train.seed)
         self.method.prepare_model(self.model)
         self.model.eval()
+        # The global adapters' (rank, alpha): the model's, or e.g. max(ranks) for HetLoRA.
+        self.global_lora = self.method.global_lora(cfg.model.lora_rank, cfg.model.lora_alpha)
+        set_lora_rank(self.model, *self.global_lora, seed=cfg.train.seed + 1)
+        self._merged: list[str] = []  # ids of the method's base merges applied to self.model
         self.k_max = smoe_layers(self.model)[0].max_top_k
         self.budgets = assign_budgets(cfg.fl.num_clients, cfg.fl.budgets, cfg.fl.budget_pattern,
                                       cfg.train.seed)
@@ -178,12 +188,15 @@ class Server:
             self.method.client_top_k(top_k_for_budget(b, self.k_max, cfg.model.k_min), self.k_max)
             for b in self.budgets
         ]
+        # (rank, alpha) of every client's LoRA, from its budget level.
+        self.lora = [self.level_lora(cfg.fl.budgets.index(b)) for b in self.budgets]
         self.start_time = time.time()
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
                 raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / CHECKPOINT_DIR}")
             self.state = ServerState.from_state_dict(torch.load(ckpt, weights_only=True))
+            self.method.load_state_dict(self.state.method_state)
         else:
             self.state = ServerState(round=0, adapters=adapter_state(self.model))
             save_config(cfg, self.run_dir / CONFIG_FILE)
@@ -191,6 +204,31 @@ class Server:
         self.last_diagnostics: dict[str, Any] = {}
 
     # ----- round protocol ------------------------------------------------------
+    def level_lora(self, level: int) -> tuple[int, float]:
+        """``(rank, alpha)`` of the LoRA a client at budget level ``level`` (0-based) trains."""
+        return self.method.client_lora(level, self.cfg.model.lora_rank, self.cfg.model.lora_alpha)
+
+    def client_task(self, client_id: int, round_idx: int) -> dict[str, Any]:
+        """What client ``client_id`` is sent for ``round_idx``.
+
+        Returns:
+            The keyword arguments of :meth:`~ubsmoe.fl.train.ClientRuntime.train_round`:
+            ``client_id``, ``round_idx``, ``top_k`` (K_c), ``global_adapters`` (what the
+            method gives a client of its LoRA rank), ``lora_rank``, ``lora_alpha`` and
+            ``base_merges`` (the method's merge history).
+        """
+        rank, alpha = self.lora[client_id]
+        seed = client_seed(self.cfg.train.seed + 1, client_id, round_idx)
+        return {
+            "client_id": client_id,
+            "round_idx": round_idx,
+            "top_k": self.top_k[client_id],
+            "global_adapters": self.method.client_adapters(self.state.adapters, rank, seed),
+            "lora_rank": rank,
+            "lora_alpha": alpha,
+            "base_merges": self.method.base_merges(),
+        }
+
     def sample_clients(self, round_idx: int) -> list[int]:
         """Client ids participating in ``round_idx`` (seeded; all when fraction = 1)."""
         n = self.cfg.fl.num_clients
@@ -235,6 +273,7 @@ class Server:
         for update in updates:
             fold.add(update)
         self.state.adapters = fold.result()
+        self.state.method_state = self.method.state_dict()
         round_end = time.time()
         folded = fold.folded
         w = data_weights(folded)
@@ -343,28 +382,51 @@ class Server:
         return {task: subsample(recs, self.cfg.eval.examples_per_task, self.cfg.train.seed)
                 for task, recs in self.setup.data.test.items()}
 
+    def sync_base(self) -> None:
+        """Merge the method's base-weight merges the server model does not hold yet.
+
+        Raises:
+            RuntimeError: the method's merge history no longer extends what the model holds.
+        """
+        if not sync_base_merges(self.model, self._merged, self.method.base_merges()):
+            raise RuntimeError("server: the method's base merges do not extend the applied ones")
+
     def evaluate(self, round_idx: int) -> list[dict[str, Any]]:
-        """Score the global model at every budget level's K on every task.
+        """Score the global model at every budget level's K and LoRA rank on every task.
+
+        Level j is evaluated with the adapters a client of that level would hold
+        (:meth:`Method.client_adapters` at its rank) on the merged base weights.
+        Levels with equal (K, rank, alpha) share one evaluation, and so do levels
+        whose adapters all have B = 0 (a zero update at any rank).
 
         Returns:
-            One row per (budget level, protocol): ``budget``, ``top_k``, ``protocol``,
-            ``per_task`` accuracies, ``average`` and ``n`` (examples per task).
+            One row per (budget level, protocol): ``budget``, ``top_k``, ``lora_rank``,
+            ``protocol``, ``per_task`` accuracies, ``average`` and ``n`` (examples per task).
         """
         from ubsmoe.eval.commonsense import evaluate_task
+        from ubsmoe.methods.rank import lora_pairs
 
-        load_adapter_state(self.model, self.state.adapters)
+        self.sync_base()
         tests = self.test_sets
-        by_k: dict[int, dict[str, dict[str, float]]] = {}
+        by_key: dict[tuple, dict[str, dict[str, float]]] = {}
         rows = []
-        for beta, k in self.level_top_k().items():
-            if k not in by_k:
+        seed = client_seed(self.cfg.train.seed + 1, -2, round_idx)
+        for level, (beta, k) in enumerate(self.level_top_k().items()):
+            rank, alpha = self.level_lora(level)
+            adapters = self.method.client_adapters(self.state.adapters, rank, seed)
+            pairs, _ = lora_pairs(list(adapters))
+            zero = bool(pairs) and all(not adapters[p.b].any() for p in pairs)
+            key = (k, None, None) if zero else (k, rank, alpha)
+            if key not in by_key:
+                set_lora_rank(self.model, rank, alpha, seed=self.cfg.train.seed + 1)
+                load_adapter_state(self.model, adapters)
                 set_top_k(self.model, k)
-                by_k[k] = {
+                by_key[key] = {
                     task: evaluate_task(self.model, self.tokenizer, task, recs, self.cfg.eval.protocols,
                                         self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens)
                     for task, recs in tests.items()
                 }
-            scores = by_k[k]
+            scores = by_key[key]
             for protocol in self.cfg.eval.protocols:
                 per_task = {t: s[protocol] for t, s in scores.items()}
                 row = {
@@ -372,6 +434,7 @@ class Server:
                     "round": round_idx,
                     "budget": beta,
                     "top_k": k,
+                    "lora_rank": rank,
                     "protocol": protocol,
                     "per_task": per_task,
                     "average": sum(per_task.values()) / max(len(per_task), 1),
@@ -391,13 +454,18 @@ class Server:
     def save_adapters(self) -> Path:
         """Save the final global adapters: attention LoRA in PEFT format, expert LoRA as safetensors.
 
-        Written to a temporary folder and renamed, so a crash leaves no half adapter.
+        A method that merges into the base weights (FLoRA, FLoRIST) also writes its merge
+        factors, ``base_merges.safetensors`` (``"<merge index>/<module>.A|B"``, update
+        ``B @ A`` each). Written to a temporary folder and renamed, so a crash leaves no
+        half adapter.
         """
         import os
         import shutil
 
         from safetensors.torch import save_file
 
+        self.sync_base()
+        set_lora_rank(self.model, *self.global_lora, seed=self.cfg.train.seed + 1)
         load_adapter_state(self.model, self.state.adapters)
         final = self.run_dir / CHECKPOINT_DIR / "adapter"
         tmp = self.run_dir / CHECKPOINT_DIR / ".adapter.tmp"
@@ -407,6 +475,10 @@ class Server:
             self.model.save_pretrained(tmp)  # PEFT: attention LoRA only (keys with "lora_")
         experts = {k: v.contiguous() for k, v in self.state.adapters.items() if "_lora." in k}
         save_file(experts, str(tmp / "expert_lora.safetensors"))
+        merges = self.method.base_merges()
+        if merges:  # FLoRA / FLoRIST: the merged base is the pretrained one plus these
+            save_file({f"{i:04d}/{name}": t.contiguous() for i, (_, factors) in enumerate(merges)
+                       for name, t in factors.items()}, str(tmp / "base_merges.safetensors"))
         if final.exists():
             old = final.with_name(".adapter.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -427,8 +499,9 @@ class Server:
             "rounds_completed": self.state.round,
             "wall_time_s": time.time() - self.start_time,
             "clients": [
-                {"id": c, "budget": b, "top_k": k, "train_examples": len(self.setup.partitions[c])}
-                for c, (b, k) in enumerate(zip(self.budgets, self.top_k))
+                {"id": c, "budget": b, "top_k": k, "lora_rank": r,
+                 "train_examples": len(self.setup.partitions[c])}
+                for c, (b, k, (r, _)) in enumerate(zip(self.budgets, self.top_k, self.lora))
             ],
             "data": {
                 "data_dir": data.data_dir,
@@ -441,7 +514,8 @@ class Server:
             "train_loss": self.state.train_loss,
             "diagnostics": {k: v for k, v in self.last_diagnostics.items() if k != "type"},
             "accuracy": [
-                {k: row[k] for k in ("round", "budget", "top_k", "protocol", "per_task", "average")}
+                {k: row[k] for k in ("round", "budget", "top_k", "lora_rank", "protocol", "per_task",
+                                     "average")}
                 for row in self.last_eval
             ],
         }

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from ubsmoe.config import RunConfig, load_config
 from ubsmoe.fl.messages import (
     METRIC_BYTES_DOWN,
+    METRIC_CLIENT_ID,
     METRIC_PARTITION_ID,
     train_content,
     update_from_content,
@@ -83,21 +84,22 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume:
     for r in range(server.state.round + 1, cfg.fl.rounds + 1):
         clients = server.sample_clients(r)
         progress("round_start", {"round": r, "clients": len(clients)})
-        messages = [
-            Message(train_content(cfg, server.state.adapters, r, c, server.top_k[c]),
-                    dst_node_id=node_of[c], message_type=MessageType.TRAIN)
-            for c in clients
-        ]
+        tasks = {c: server.client_task(c, r) for c in clients}
+        messages = [Message(train_content(cfg, **tasks[c]), dst_node_id=node_of[c],
+                            message_type=MessageType.TRAIN) for c in clients]
         round_start = time.time()
-        bytes_down = float(payload_nbytes(server.state.adapters))
 
         def updates(r: int = r, messages: list[Message] = messages,
-                    bytes_down: float = bytes_down) -> Iterator[ClientUpdate]:
-            """Replies as they arrive, unpacked against the adapters sent this round."""
+                    tasks: dict[int, dict[str, Any]] = tasks) -> Iterator[ClientUpdate]:
+            """Replies as they arrive, unpacked against the adapters each client was sent."""
             for reply in _replies(grid, messages):
                 progress("client_done", {"round": r})
-                update = update_from_content(reply.content, server.state.adapters)
-                update.metrics[METRIC_BYTES_DOWN] = bytes_down
+                cid = int(reply.content["metrics"][METRIC_CLIENT_ID])
+                sent = tasks.pop(cid)  # drop the reference once the reply is in
+                update = update_from_content(reply.content, sent["global_adapters"])
+                update.metrics[METRIC_BYTES_DOWN] = float(
+                    payload_nbytes(sent["global_adapters"])
+                    + sum(payload_nbytes(factors) for _, factors in sent["base_merges"]))
                 yield update
             progress("aggregate", {"round": r})
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from ubsmoe.models import (
     set_top_k,
     smoe_layers,
 )
+from ubsmoe.models.loading import merge_into_base, set_lora_rank
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -117,10 +119,34 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
     return {"loss": total_loss / max(steps, 1), "steps": steps, "examples": examples, "tokens": tokens}
 
 
+def sync_base_merges(model: nn.Module, applied: list[str],
+                     merges: Sequence[tuple[str, dict[str, torch.Tensor]]]) -> bool:
+    """Merge into ``model``'s base weights the merges it has not applied yet.
+
+    Args:
+        model: a model from :func:`~ubsmoe.models.build_model`.
+        applied: ids of the merges already in ``model``, oldest first; extended in place.
+        merges: the run's merge history ``(id, factors)``, oldest first (see
+            :meth:`~ubsmoe.methods.base.Method.base_merges`).
+
+    Returns:
+        True when ``model`` now holds exactly ``merges``; False (nothing changed) when
+        ``applied`` is not a prefix of the history, i.e. the model holds merges of
+        another run or round: the caller rebuilds the model and calls again.
+    """
+    ids = [mid for mid, _ in merges]
+    if ids[:len(applied)] != applied:
+        return False
+    for mid, factors in merges[len(applied):]:
+        merge_into_base(model, factors)
+        applied.append(mid)
+    return True
+
+
 def runtime_key(cfg: RunConfig) -> str:
-    """Hash of what a client runtime depends on (model, data, clients, seed)."""
+    """Hash of what a client runtime depends on (model, data, method, clients, seed)."""
     d = cfg.to_dict()
-    key = {k: d[k] for k in ("model", "data")}
+    key = {k: d[k] for k in ("model", "data", "method", d["method"])}
     key["num_clients"] = cfg.fl.num_clients
     key["seed"] = cfg.train.seed
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -171,8 +197,9 @@ class ClientRuntime:
     """What a client process keeps between rounds: model, tokenizer, tokenized partitions.
 
     One model per process serves every client id the process is asked to run (a
-    simulation worker runs many clients in turn); partitions are tokenized on first
-    use and cached.
+    simulation worker runs many clients in turn), resized to each client's LoRA rank
+    and carrying the run's base-weight merges; partitions are tokenized on first use
+    and cached.
 
     Args:
         cfg: the run config.
@@ -187,6 +214,7 @@ class ClientRuntime:
         self.method = get_method_class(cfg.method)(cfg.method_config)
         self.method.prepare_model(self.model)
         self._examples: dict[int, list[dict]] = {}
+        self._merged: list[str] = []  # ids of the base merges applied to self.model
 
     def examples(self, client_id: int) -> list[dict]:
         """The tokenized training partition of ``client_id``.
@@ -206,18 +234,37 @@ class ClientRuntime:
         return self._examples[client_id]
 
     def train_round(self, client_id: int, round_idx: int, top_k: int,
-                    global_adapters: dict[str, torch.Tensor]) -> ClientUpdate:
+                    global_adapters: dict[str, torch.Tensor], lora_rank: int | None = None,
+                    lora_alpha: float | None = None,
+                    base_merges: Sequence[tuple[str, dict[str, torch.Tensor]]] = ()) -> ClientUpdate:
         """Load the global adapters, train one round at ``top_k`` and build the update.
 
         Args:
             client_id: partition id of the client.
             round_idx: 1-based round number (seeds the data order).
             top_k: K_c for this client (already passed through the method).
-            global_adapters: name -> tensor, as :func:`~ubsmoe.models.adapter_state`.
+            global_adapters: name -> tensor, as :func:`~ubsmoe.models.adapter_state`
+                (at ``lora_rank``: what the method sends a client of that rank).
+            lora_rank, lora_alpha: LoRA rank and alpha the client trains at (None:
+                keep the model's, ``model.lora_rank`` / ``model.lora_alpha`` unless a
+                previous round changed them).
+            base_merges: the run's base-weight merges so far, ``(id, factors)`` oldest
+                first (:meth:`~ubsmoe.methods.base.Method.base_merges`); the ones this
+                runtime has not applied yet are merged into its model first.
         """
         cfg = self.cfg
         start = time.perf_counter()
         examples = self.examples(client_id)
+        if not sync_base_merges(self.model, self._merged, base_merges):
+            # Another run's merges are in this model: start again from the base weights.
+            self.model, _ = build_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
+            self.method.prepare_model(self.model)
+            self._merged = []
+            sync_base_merges(self.model, self._merged, base_merges)
+        if lora_rank is not None:
+            set_lora_rank(self.model, lora_rank,
+                          cfg.model.lora_alpha if lora_alpha is None else lora_alpha,
+                          seed=cfg.train.seed + 1)
         load_adapter_state(self.model, global_adapters)
         set_top_k(self.model, top_k)
         for layer in smoe_layers(self.model):

@@ -3,7 +3,17 @@
 Importing this package registers every built-in method.
 """
 
-from ubsmoe.methods import a3smoe, fedit, smoe, smoe_llb, ubsmoe  # noqa: F401  (registration)
+from ubsmoe.methods import (  # noqa: F401  (registration)
+    a3smoe,
+    fedit,
+    flexlora,
+    flora,
+    florist,
+    hetlora,
+    smoe,
+    smoe_llb,
+    ubsmoe,
+)
 from ubsmoe.methods.base import (
     ClientUpdate,
     Method,

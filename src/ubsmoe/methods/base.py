@@ -327,6 +327,66 @@ class Method:
     def after_backward(self, model: nn.Module, top_k: int) -> None:
         """Gradient hook run after backward, before clipping and the optimizer step."""
 
+    # ----- LoRA rank (heterogeneous-rank methods) ------------------------------------
+    def client_lora(self, level: int, model_rank: int, model_alpha: float) -> tuple[int, float]:
+        """``(rank, alpha)`` of every LoRA a client at budget level ``level`` trains.
+
+        A budget level is evaluated at the same rank. Default: the model's own
+        ``(model.lora_rank, model.lora_alpha)`` for every level.
+
+        Args:
+            level: 0-based index of the client's level in ``fl.budgets`` (0: beta_1).
+            model_rank: ``model.lora_rank``.
+            model_alpha: ``model.lora_alpha``.
+        """
+        return model_rank, model_alpha
+
+    def global_lora(self, model_rank: int, model_alpha: float) -> tuple[int, float]:
+        """``(rank, alpha)`` of the server's global adapters. Default: the model's."""
+        return model_rank, model_alpha
+
+    def client_adapters(self, global_adapters: dict[str, torch.Tensor], rank: int,
+                        seed: int) -> dict[str, torch.Tensor]:
+        """The adapters a client of LoRA rank ``rank`` starts its round from.
+
+        Also what a budget level of that rank is evaluated with. Default: the global
+        adapters themselves (every client at the global rank).
+
+        Args:
+            global_adapters: the server's global adapters, name -> tensor.
+            rank: the client's LoRA rank (from :meth:`client_lora`).
+            seed: per-client, per-round seed for methods that draw fresh factors.
+
+        Returns:
+            name -> tensor with the shapes of a rank-``rank`` model's adapters.
+        """
+        return global_adapters
+
+    def base_merges(self) -> list[tuple[str, dict[str, torch.Tensor]]]:
+        """Low-rank updates merged into the frozen base weights so far, oldest first.
+
+        Each entry is ``(merge id, factors)``: ids are unique within a run and
+        identify the merge history a model has applied; ``factors`` maps
+        ``"<LoRA module>.A"`` ``[r, in]`` (``[E, r, in]`` per expert) and
+        ``"<LoRA module>.B"`` ``[out, r]`` (``[E, out, r]``) with the scale folded in,
+        so the update is ``B @ A`` (see :func:`ubsmoe.models.loading.merge_into_base`).
+        Default: none (the base weights stay frozen).
+        """
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server-side method state kept in checkpoints (tensors, strings, lists, dicts)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` when a run resumes.
+
+        Raises:
+            ValueError: a non-empty state for a method without state.
+        """
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")
+
     # ----- server side -------------------------------------------------------------
     def aggregator(self, global_adapters: dict[str, torch.Tensor]) -> Aggregator:
         """A fresh :class:`Aggregator` for one round.

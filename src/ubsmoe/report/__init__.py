@@ -10,7 +10,7 @@ from rich.table import Table
 
 
 def accuracy_table(summary: dict[str, Any], protocol: str) -> Table:
-    """Per-budget accuracy table (rows: budget levels; columns: tasks and the average).
+    """Per-budget accuracy table (rows: budget levels; columns: K, LoRA rank, tasks, average).
 
     Args:
         summary: a run's summary (``summary.json``).
@@ -22,12 +22,16 @@ def accuracy_table(summary: dict[str, Any], protocol: str) -> Table:
     table = Table(title=f"{summary.get('method')}: accuracy ({protocol}), round {rows[0]['round'] if rows else '-'}")
     table.add_column("budget")
     table.add_column("K", justify="right")
+    ranks = any("lora_rank" in r for r in rows)
+    if ranks:
+        table.add_column("rank", justify="right")
     for t in tasks:
         table.add_column(f"{t}\n(n={n.get(t, '?')})", justify="right")
     table.add_column("average", justify="right")
     for r in rows:
-        table.add_row(f"{r['budget']:g}", str(r["top_k"]), *[f"{r['per_task'][t]:.3f}" for t in tasks],
-                      f"{r['average']:.3f}")
+        rank = [str(r.get("lora_rank", "-"))] if ranks else []
+        table.add_row(f"{r['budget']:g}", str(r["top_k"]), *rank,
+                      *[f"{r['per_task'][t]:.3f}" for t in tasks], f"{r['average']:.3f}")
     return table
 
 

@@ -168,7 +168,7 @@ class Server:
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume: bool = False) -> None:
-        from ubsmoe.data.partition import assign_budgets, top_k_for_budget
+        from ubsmoe.data.partition import assign_budgets
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -184,10 +184,7 @@ class Server:
         self.k_max = smoe_layers(self.model)[0].max_top_k
         self.budgets = assign_budgets(cfg.fl.num_clients, cfg.fl.budgets, cfg.fl.budget_pattern,
                                       cfg.train.seed)
-        self.top_k = [
-            self.method.client_top_k(top_k_for_budget(b, self.k_max, cfg.model.k_min), self.k_max)
-            for b in self.budgets
-        ]
+        self.top_k = [self.level_top_k()[b] for b in self.budgets]
         # (rank, alpha) of every client's LoRA, from its budget level.
         self.lora = [self.level_lora(cfg.fl.budgets.index(b)) for b in self.budgets]
         self.start_time = time.time()

@@ -287,19 +287,6 @@ class ExpertLoRA(nn.Module):
             nn.init.kaiming_uniform_(self.A.data[i], a=math.sqrt(5))
         nn.init.zeros_(self.B)
 
-    def delta(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """LoRA output ``scale * (x @ A_e^T) @ B_e^T`` for rows grouped by expert.
-
-        Args:
-            x: ``[num_rows, in_features]`` sorted by expert.
-            offsets: ``[num_experts]`` int32 cumulative row counts.
-
-        Returns:
-            ``[num_rows, out_features]``.
-        """
-        h = grouped_linear(x, self.A.transpose(1, 2), offsets)  # [rows, rank]
-        return grouped_linear(h, self.B.transpose(1, 2), offsets) * self.scale  # [rows, out]
-
 
 class SMoELayer(nn.Module):
     """Sparse-MoE block with per-client top-K_c routing, per-expert LoRA and counters.

@@ -36,7 +36,9 @@ def grouped_linear(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tenso
         offsets: ``[num_groups]`` int32 cumulative row counts (end of each group).
 
     Returns:
-        ``[num_rows, out_features]`` in ``x``'s dtype.
+        ``[num_rows, out_features]`` in ``x``'s dtype. A group without rows owns no
+        output row, so an empty expert cannot put anything into the output (its
+        weight-gradient block is the one that needs care: :func:`grouped_weight_grad`).
     """
     return F.grouped_mm(x, weight_t, offs=offsets)
 

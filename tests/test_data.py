@@ -132,17 +132,17 @@ def test_download_layout_with_fake_source(tmp_path, monkeypatch):
     monkeypatch.setattr(cs, "_REPO_ROOT", tmp_path / "a" / "b")
     monkeypatch.setenv("UBSMOE_CACHE", str(tmp_path / "cache"))
 
-    def rec(fmt, answer):
-        return {"instruction": f"Q?\n\nAnswer format: {fmt}", "input": "",
+    def rec(fmt, answer, question="Q?"):  # distinct questions: loading drops repeats
+        return {"instruction": f"{question}\n\nAnswer format: {fmt}", "input": "",
                 "output": f"the correct answer is {answer}", "answer": answer}
 
     files = {
-        "dataset/boolq/test.json": [rec("true/false", "true")],
-        "dataset/boolq/train.json": [rec("true/false", "false")],
-        "dataset/piqa/test.json": [rec("solution1/solution2", "solution1")] * 4,
+        "dataset/boolq/test.json": [rec("true/false", "true", "B1?")],
+        "dataset/boolq/train.json": [rec("true/false", "false", "B2?")],
+        "dataset/piqa/test.json": [rec("solution1/solution2", "solution1", f"P{i}?") for i in range(4)],
         "ft-training_set/commonsense_15k.json": [
-            rec("true/false", "true"),  # boolq has its own train file: not used
-            rec("solution1/solution2", "solution2"),
+            rec("true/false", "true", "B3?"),  # boolq has its own train file: not used
+            rec("solution1/solution2", "solution2", "P9?"),
             rec("answer1/answer2/answer3", "answer1"),  # ambiguous family: not used
         ],
     }
@@ -232,6 +232,49 @@ def test_full_suite_loads(full_data):
     assert set(full_data.test) == set(PRESENT_TASKS)
     assert set(full_data.skipped) == {"hellaswag"}
     assert set(full_data.carved) == {"piqa", "social_i_qa", "winogrande"}
+
+
+def _question(record):
+    return record["instruction"], record.get("input") or ""
+
+
+@pytest.mark.parametrize("train_examples", [0, 15000])
+def test_no_test_question_is_trained_on(train_examples):
+    """Training and test differ by content, not just by index, for every task."""
+    data = load_commonsense(DataConfig(path=str(SHARED), train_examples=train_examples), seed=0)
+    trained = {_question(r) for r in data.train}
+    for task, records in data.test.items():
+        assert not trained & {_question(r) for r in records}, task
+        assert len({_question(r) for r in records}) == len(records), task  # no repeats left
+    assert len(trained) == len(data.train)
+
+
+def test_duplicates_dropped_are_counted(full_data):
+    """Counts match the files: repeats within each file, then training records that
+    equal a test record (ARC-Easy's train file holds two of its test questions)."""
+    expected = {}
+    test_keys = set()
+    for task in PRESENT_TASKS:
+        for split in ("test", "train"):
+            file = SHARED / task / f"{split}.json"
+            if file.is_file():
+                keys = [_question(r) for r in json.loads(file.read_text())]
+                repeats = len(keys) - len(set(keys))
+                if repeats:
+                    expected.setdefault(task, {})[split] = repeats
+                if split == "test":
+                    test_keys |= set(keys)
+    for task in PRESENT_TASKS:
+        file = SHARED / task / "train.json"
+        if file.is_file():
+            n = len({_question(r) for r in json.loads(file.read_text())} & test_keys)
+            if n:
+                expected.setdefault(task, {})["train_in_test"] = n
+    assert full_data.duplicates == expected
+    assert full_data.duplicates["social_i_qa"] == {"test": 24}
+    n_siqa = len(json.loads((SHARED / "social_i_qa" / "test.json").read_text()))
+    assert full_data.carved["social_i_qa"] == int((n_siqa - 24) * 0.5 + 0.5)
+    assert full_data.carved["social_i_qa"] + len(full_data.test["social_i_qa"]) == n_siqa - 24
 
 
 # --- answer_choices ----------------------------------------------------------------

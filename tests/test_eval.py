@@ -19,7 +19,7 @@ from ubsmoe.eval import (
     loglik_accuracy,
     subsample,
 )
-from ubsmoe.eval.commonsense import RESPONSE_PREFIX
+from ubsmoe.eval.commonsense import ANSWER_PATTERNS, RESPONSE_PREFIX
 from ubsmoe.models import build_model, set_top_k, smoe_layers, train_tokenizer
 
 LABELS = ["answer1", "answer2", "answer3", "answer4"]
@@ -69,12 +69,18 @@ def tiny(tmp_path_factory):
     [
         ("ARC-Easy", "the correct answer is answer3 because", "answer3"),
         ("openbookqa", "answer2 or maybe answer1", "answer2"),
-        ("social_i_qa", "The correct answer is Answer1.", "answer1"),
-        ("boolq", "True.", "true"),
+        ("social_i_qa", "The correct answer is Answer1.", None),  # case-sensitive
+        ("social_i_qa", "Answer1 is wrong, the correct answer is answer2", "answer2"),
+        ("boolq", "True.", None),
+        ("boolq", "True? No: the correct answer is false", "false"),
         ("boolq", "the correct answer is false", "false"),
+        ("boolq", "false, though some say true", "false"),  # first match, not last
         ("piqa", "the correct answer is solution2", "solution2"),
+        ("piqa", "solution2 beats solution1", "solution2"),
         ("hellaswag", "ending4 fits best", "ending4"),
-        ("winogrande", "OPTION1", "option1"),
+        ("hellaswag", "Ending1 or ending3", "ending3"),
+        ("winogrande", "OPTION1", None),
+        ("winogrande", "  option2 then option1  ", "option2"),
         ("ARC-Challenge", "I do not know", None),
         ("winogrande", "the correct answer is answer1", None),
         ("boolq", "", None),
@@ -88,6 +94,27 @@ def test_extract_answer_unknown_task_lists_known():
     with pytest.raises(ValueError, match="boolq") as e:
         extract_answer("mmlu", "answer1")
     assert "winogrande" in str(e.value)
+
+
+def test_extract_answer_is_llm_adapters_findall_first():
+    """Same result as LLM-Adapters' ``re.findall(pattern, sentence.strip())[0]`` (or no
+    label) on mixed-case strings with several labels."""
+    import re
+
+    texts = ["Answer2 answer4 answer1", "ANSWER3", "x answer5answer1", "answer1", "",
+             "TRUE false True true", "solution1 Solution2", "ending2ending1", "Option2 option1"]
+    for task, pattern in ANSWER_PATTERNS.items():
+        for text in texts:
+            found = re.findall(pattern, text.strip())
+            assert extract_answer(task, text) == (found[0] if found else None), (task, text)
+
+
+def test_generation_accuracy_compares_case_sensitively(tiny):
+    """A gold label in another case is not matched (LLM-Adapters: ``label == predict``)."""
+    _, tokenizer = tiny
+    stub = FixedAnswerLM(tokenizer)  # responds "the correct answer is answer3 because answer1"
+    prompts = [_prompt(_question(i)) for i in range(2)]
+    assert generation_accuracy(stub, tokenizer, "ARC-Easy", prompts, ["answer3", "Answer3"], 2, 8) == 0.5
 
 
 # ---------------------------------------------------------------- subsample

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from typer.testing import CliRunner
 from ubsmoe.cli import app
 from ubsmoe.config import load_config
 from ubsmoe.fl.server import Server, ServerState, latest_checkpoint
-from ubsmoe.fl.train import ClientRuntime, causal_lm_loss, shared_setup
+from ubsmoe.fl.train import ClientRuntime, batch_indices, causal_lm_loss, client_seed, shared_setup
 from ubsmoe.io import read_jsonl
 from ubsmoe.models import adapter_state
 
@@ -31,7 +33,7 @@ SMALL = [
 
 # Mean training loss per round of the Flower run below (method=a3smoe, seed 0),
 # recorded from a CPU run; the tolerance absorbs thread-count rounding.
-RECORDED_LOSS = [6.5333, 6.3404]
+RECORDED_LOSS = [6.5849, 6.3598]
 
 
 def _cfg(tmp_path, *extra):
@@ -76,6 +78,7 @@ def test_rounds_are_deterministic_and_write_the_run_directory(tmp_path):
         (0.125, 1), (0.25, 2), (0.5, 4), (1.0, 8)}
     assert summary["data"]["test_examples_scored"] == {"boolq": 4, "piqa": 4, "ARC-Easy": 4}
     assert summary["data"]["train_carved_from_test"]["piqa"] > 0
+    assert summary["data"]["duplicates_dropped"] == {"ARC-Easy": {"train_in_test": 2}}
     ckpt = latest_checkpoint(run)
     state = ServerState.from_state_dict(torch.load(ckpt, weights_only=True))
     assert state.round == 2 and all(torch.equal(state.adapters[k], v) for k, v in a.state.adapters.items())
@@ -90,7 +93,29 @@ def test_client_utilization_matches_its_top_k(tmp_path):
     update = runtime.train_round(0, 1, 2, server.state.adapters)
     # every routed (non-padding) token activates exactly K_c = 2 experts in every layer
     torch.testing.assert_close(update.expert_counts.sum(-1), 2 * update.token_counts)
-    assert update.num_examples == len(setup.partitions[0])
+    # p_c counts the distinct examples trained on: 2 capped steps of 8 from a larger partition
+    assert len(setup.partitions[0]) > 16 and update.num_examples == 16
+
+
+def test_num_examples_counts_distinct_examples_trained_on(tmp_path):
+    """p_c's count: capped by max_local_steps, not multiplied by local epochs."""
+    cfg = _cfg(tmp_path, "data.train_examples=48", "train.batch_size=4", "train.local_epochs=2",
+               "train.max_local_steps=0")
+    setup = shared_setup(cfg)
+    runtime = ClientRuntime(cfg, setup)
+    adapters = Server(cfg, tmp_path / "run", setup).state.adapters
+    client = max(range(cfg.fl.num_clients), key=lambda c: len(setup.partitions[c]))
+    size = len(setup.partitions[client])
+    assert size > 8  # so that both caps end the round early
+    update = runtime.train_round(client, 1, 2, adapters)
+    assert update.metrics["steps"] == 2 * math.ceil(size / 4)  # both epochs ran
+    assert update.num_examples == size  # not 2 * size
+    for cap in (1, 2):
+        capped = replace(cfg, train=replace(cfg.train, max_local_steps=cap))
+        update = ClientRuntime(capped, setup).train_round(client, 2, 2, adapters)
+        indices = batch_indices(size, 4, 2, cap, client_seed(cfg.train.seed, client, 2))
+        assert len(indices) == cap and update.metrics["steps"] == cap
+        assert update.num_examples == len({i for idx in indices for i in idx}) == min(4 * cap, size)
 
 
 def test_flower_end_to_end_run_via_cli(tmp_path):

@@ -127,6 +127,85 @@ def test_lora_gradients_only_reach_routed_experts():
     assert layer.gate_up_proj.grad is None  # frozen
 
 
+def _empty_expert_case(device="cpu"):
+    """A 16-expert top-1 layer on 3 tokens (at most 3 experts used), float32 on ``device``."""
+    layer = _layer(num_experts=16, top_k=1).to(device)
+    with torch.no_grad():
+        layer.gate_up_lora.B.normal_()
+        layer.down_lora.B.normal_()
+    x = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(5)).to(device)
+    return layer, x
+
+
+def _lora_grads(layer, x):
+    """Forward output and the four LoRA gradients of ``sum(out^2)``."""
+    layer.zero_grad(set_to_none=True)
+    out = layer(x)
+    out.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in (layer.gate_up_lora.A, layer.gate_up_lora.B,
+                                       layer.down_lora.A, layer.down_lora.B)]
+    return out.detach(), grads
+
+
+def _assert_empty_experts_exactly_zero(used, grads, ref_grads=None):
+    assert 1 <= int(used.sum()) <= 3
+    for i, g in enumerate(grads):
+        assert bool(torch.isfinite(g).all()), f"gradient {i} holds NaN/inf"
+        assert bool((g[~used] == 0).all()), f"gradient {i}: a no-token expert got a non-zero gradient"
+        assert bool((g[used].flatten(1).norm(dim=1) > 0).all())
+        if ref_grads is not None:
+            torch.testing.assert_close(g, ref_grads[i], atol=0, rtol=0)
+
+
+def test_no_token_experts_get_exact_zero_grad_when_grouped_mm_leaves_garbage(monkeypatch):
+    """CUDA's grouped_mm does not promise to write the block of an empty group: simulate
+    that with NaN; the layer must still give those experts a gradient of exactly 0."""
+    import ubsmoe.models.smoe as smoe_mod
+
+    layer, x = _empty_expert_case()
+    ref_out, ref_grads = _lora_grads(layer, x)
+    real = smoe_mod.F.grouped_mm
+    poisoned = []
+
+    def nan_for_empty_groups(a, b, *args, offs=None, **kwargs):
+        out = real(a, b, *args, offs=offs, **kwargs)
+        if out.dim() == 3 and offs is not None:  # 2D x 2D: one block per group
+            counts = torch.diff(offs, prepend=offs.new_zeros(1))
+            poisoned.append(int((counts == 0).sum()))
+            out = out.masked_fill((counts == 0)[:, None, None], float("nan"))
+        return out
+
+    monkeypatch.setattr(smoe_mod.F, "grouped_mm", nan_for_empty_groups)
+    layer.reset_stats()
+    out, grads = _lora_grads(layer, x)
+    assert poisoned and min(poisoned) >= 13  # every weight gradient had >= 13 empty experts poisoned
+    assert bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+    _assert_empty_experts_exactly_zero(layer.expert_counts > 0, grads, ref_grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_token_experts_get_exact_zero_grad_on_cuda():
+    """Unpatched CUDA grouped_mm: empty experts' LoRA gradients are exactly 0, the rest
+    match the CPU run, and neither outputs nor gradients hold NaN."""
+    layer, x = _empty_expert_case()
+    ref_out, ref_grads = _lora_grads(layer, x)
+    used = layer.expert_counts > 0
+    for dtype in (torch.float32, torch.bfloat16):
+        cuda = copy.deepcopy(layer).to("cuda", dtype)
+        for numel in (1 << 12, 1 << 16, 1 << 20):  # leave NaN in blocks the allocator hands out next
+            torch.full((numel,), float("nan"), device="cuda", dtype=dtype)
+        out, grads = _lora_grads(cuda, x.cuda().to(dtype))
+        assert bool(torch.isfinite(out).all())
+        assert torch.equal(cuda.expert_counts.cpu() > 0, used)
+        _assert_empty_experts_exactly_zero(used, [g.float().cpu() for g in grads])
+        tol = 1e-4 if dtype == torch.float32 else 1e-1
+        torch.testing.assert_close(out.float().cpu(), ref_out, atol=tol * ref_out.abs().max(), rtol=tol)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g.float().cpu(), r, atol=tol * r.abs().max(), rtol=tol)
+
+
 def test_utilization_counters_sum_to_k_times_tokens():
     layer = _layer(top_k=3)
     layer(torch.randn(4, 5, 16))

@@ -86,6 +86,11 @@ class CommonsenseData:
         skipped: task -> reason, for requested tasks without data files.
         carved: task -> number of training records carved from its test file (only
             tasks without a train file appear).
+        duplicates: task -> ``{"test": n, "train": n, "train_in_test": n}``, records
+            dropped because their ``(instruction, input)`` repeats an earlier record
+            of the same file (``test``, ``train``) or a record of any task's test
+            set (``train_in_test``); only tasks with a drop appear, only non-zero
+            counts are listed.
         data_dir: the resolved data folder.
     """
 
@@ -93,6 +98,7 @@ class CommonsenseData:
     test: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     carved: dict[str, int] = field(default_factory=dict)
+    duplicates: dict[str, dict[str, int]] = field(default_factory=dict)
     data_dir: str = ""
 
 
@@ -285,15 +291,42 @@ def _read_records(file: Path, task: str) -> list[dict[str, Any]]:
     return [{**r, "task": task} for r in records]
 
 
+def record_key(record: dict[str, Any]) -> tuple[str, str]:
+    """What makes two records the same example: ``(instruction, input)``.
+
+    The prompt (:func:`format_prompt`) is built from these two fields only, so
+    records with equal keys are the same question to the model whatever their
+    ``output``. A missing or empty input is ``""``.
+    """
+    return record["instruction"], record.get("input") or ""
+
+
+def _drop_duplicates(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Keep the first record of each :func:`record_key`, in order; also the count dropped."""
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for r in records:
+        key = record_key(r)
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept, len(records) - len(kept)
+
+
 def load_commonsense(cfg: DataConfig, seed: int) -> CommonsenseData:
     """Load ``cfg.tasks`` from :func:`resolve_data_dir` ``(cfg.path)``.
 
-    Per task: ``train.json`` and ``test.json`` are used as they are. A task with only
+    Every file first loses its duplicate records (same :func:`record_key`, the
+    first one kept): LLM-Adapters' Social IQa test file, for one, holds 24 repeats,
+    which carving would otherwise split between training and test. Per task:
+    ``train.json`` and ``test.json`` are then used as they are. A task with only
     ``test.json`` has ``round(len * cfg.carved_train_fraction)`` records (half up)
     carved off into training, chosen by a permutation seeded from ``seed`` and the
     task name; the rest stay test, so the two are disjoint. A task with only
     ``train.json`` contributes training data and no test set. A task with neither is
-    reported in ``skipped``. Finally, if ``cfg.train_examples > 0`` and the pooled
+    reported in ``skipped``. Training records whose key is in any task's test set are
+    then dropped, so no test question is ever trained on; every drop is counted in
+    ``duplicates``. Finally, if ``cfg.train_examples > 0`` and the pooled
     training set is larger, ``cfg.train_examples`` records are drawn uniformly
     without replacement (seeded), keeping pool order.
 
@@ -320,9 +353,13 @@ def load_commonsense(cfg: DataConfig, seed: int) -> CommonsenseData:
         if not has_train and not has_test:
             out.skipped[task] = f"no data files in {folder}"
             continue
-        test = _read_records(test_file, task) if has_test else None
+        dropped: dict[str, int] = {}
+        test = None
+        if has_test:
+            test, dropped["test"] = _drop_duplicates(_read_records(test_file, task))
         if has_train:
-            out.train.extend(_read_records(train_file, task))
+            train, dropped["train"] = _drop_duplicates(_read_records(train_file, task))
+            out.train.extend(train)
         elif test is not None:
             n_carve = _round_half_up(len(test) * cfg.carved_train_fraction)
             order = _stable_rng(seed, "carve", task).permutation(len(test))
@@ -332,6 +369,17 @@ def load_commonsense(cfg: DataConfig, seed: int) -> CommonsenseData:
             out.carved[task] = n_carve
         if test is not None:
             out.test[task] = test
+        if any(dropped.values()):
+            out.duplicates[task] = {k: n for k, n in dropped.items() if n}
+    test_keys = {record_key(r) for records in out.test.values() for r in records}
+    in_test: dict[str, int] = {}
+    for r in out.train:
+        if record_key(r) in test_keys:
+            in_test[r["task"]] = in_test.get(r["task"], 0) + 1
+    if in_test:
+        out.train = [r for r in out.train if record_key(r) not in test_keys]
+        for task, n in in_test.items():
+            out.duplicates.setdefault(task, {})["train_in_test"] = n
     if len(out.skipped) == len(cfg.tasks):
         raise ConfigError(
             f"data.tasks: none of {list(cfg.tasks)} has train.json or test.json under "

@@ -3,8 +3,9 @@
 * ``generation``: the paper's protocol, from LLM-Adapters' ``commonsense_evaluate.py``
   (Hu et al., "LLM-Adapters: An Adapter Family for Parameter-Efficient Fine-Tuning of
   Large Language Models", EMNLP 2023, arXiv 2304.01933): decode a response to the
-  Alpaca prompt, take the first answer label in it ("answer2", "true", ...) and
-  compare with the gold label. We decode greedily (LLM-Adapters uses beam search by
+  Alpaca prompt, take the first answer label in it ("answer2", "true", ...; matched
+  case-sensitively, as LLM-Adapters' ``extract_answer``) and compare it exactly with
+  the gold label. We decode greedily (LLM-Adapters uses beam search by
   default); an unparseable response counts as wrong.
 * ``loglik``: lm-evaluation-harness-style choice scoring (Gao et al., "The Language
   Model Evaluation Harness", Zenodo 10256836): score every candidate's continuation
@@ -49,22 +50,26 @@ ANSWER_PATTERNS: dict[str, str] = {
     "hellaswag": r"ending1|ending2|ending3|ending4",
     "winogrande": r"option1|option2",
 }
-_COMPILED = {task: re.compile(p, re.IGNORECASE) for task, p in ANSWER_PATTERNS.items()}
+_COMPILED = {task: re.compile(p) for task, p in ANSWER_PATTERNS.items()}
 
 
 def extract_answer(task: str, text: str) -> str | None:
     """The first answer label of ``task`` in a generated response.
 
-    Follows LLM-Adapters' ``commonsense_evaluate.py::extract_answer`` (first regex
-    match of the task's label set), matching case-insensitively.
+    Follows LLM-Adapters' ``commonsense_evaluate.py::extract_answer``:
+    ``re.findall(pattern, text.strip())[0]`` with the task's label pattern
+    (:data:`ANSWER_PATTERNS`), case-sensitive, so ``"Answer1"`` or ``"True"`` is
+    not a label and the earliest label in the text wins (``"answer2 ... answer1"``
+    gives ``"answer2"``).
 
     Args:
         task: a commonsense task name, e.g. ``"boolq"`` or ``"ARC-Easy"``.
         text: the generated response (new tokens only, decoded).
 
     Returns:
-        The label in lower case (``"answer3"``, ``"true"``), or None if the response
-        holds no label.
+        The label exactly as it appears (``"answer3"``, ``"true"``), or None if the
+        response holds no label (LLM-Adapters returns ``""``; neither equals a
+        gold label).
 
     Raises:
         ValueError: unknown task (the message lists the known ones).
@@ -72,8 +77,8 @@ def extract_answer(task: str, text: str) -> str | None:
     pattern = _COMPILED.get(task)
     if pattern is None:
         raise ValueError(f"task: got {task!r}, expected one of {', '.join(ANSWER_PATTERNS)}")
-    match = pattern.search(text)
-    return None if match is None else match.group(0).lower()
+    match = pattern.search(text.strip())  # leftmost match = findall(...)[0]
+    return None if match is None else match.group(0)
 
 
 def subsample(records: Sequence[Any], n: int, seed: int) -> list[Any]:
@@ -190,6 +195,10 @@ def generation_accuracy(model: nn.Module, tokenizer, task: str, prompts: Sequenc
                         answers: Sequence[str], batch_size: int, max_new_tokens: int) -> float:
     """Accuracy under the paper's protocol: greedy response, first label, exact match.
 
+    As LLM-Adapters' ``commonsense_evaluate.py`` (``label == predict``): the label
+    extracted by :func:`extract_answer` must equal the gold answer string (only
+    surrounding whitespace of the gold answer is stripped; no case folding).
+
     Args:
         model: a causal LM (Hugging Face, possibly PEFT-wrapped).
         tokenizer: its tokenizer.
@@ -213,7 +222,7 @@ def generation_accuracy(model: nn.Module, tokenizer, task: str, prompts: Sequenc
     if not prompts:
         return 0.0
     responses = generate_responses(model, tokenizer, prompts, batch_size, max_new_tokens)
-    correct = sum(extract_answer(task, r) == a.strip().lower() for r, a in zip(responses, answers))
+    correct = sum(extract_answer(task, r) == a.strip() for r, a in zip(responses, answers))
     return correct / len(prompts)
 
 

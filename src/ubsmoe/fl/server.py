@@ -506,6 +506,7 @@ class Server:
                 "tasks_scored": sorted(tests),
                 "skipped_tasks": data.skipped,
                 "train_carved_from_test": data.carved,
+                "duplicates_dropped": data.duplicates,
                 "test_examples_scored": {t: len(r) for t, r in tests.items()},
             },
             "train_loss": self.state.train_loss,

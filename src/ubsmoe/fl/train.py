@@ -56,9 +56,36 @@ def client_seed(base_seed: int, client_id: int, round_idx: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def batch_indices(num_examples: int, batch_size: int, epochs: int, max_steps: int,
+                  seed: int) -> list[list[int]]:
+    """The example indices of each batch of a round: a seeded shuffle per epoch.
+
+    Args:
+        num_examples: size of the client's partition.
+        batch_size: examples per batch (the last batch of an epoch may be smaller).
+        epochs: passes over the partition.
+        max_steps: stop after this many batches (0: no cap).
+        seed: seed of the ``torch.Generator`` drawing the permutations.
+
+    Returns:
+        One list of partition indices per batch, in training order.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    batches: list[list[int]] = []
+    for _ in range(epochs):
+        order = torch.randperm(num_examples, generator=gen).tolist()
+        for start in range(0, len(order), batch_size):
+            batches.append(order[start:start + batch_size])
+            if max_steps and len(batches) >= max_steps:
+                return batches
+    return batches
+
+
 def make_batches(examples: list[dict], batch_size: int, epochs: int, max_steps: int,
                  seed: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
     """Shuffle ``examples`` per epoch (seeded) and collate into batches.
+
+    The batches hold the examples of :func:`batch_indices` with the same arguments.
 
     Args:
         examples: tokenized examples ``{"input_ids": [...], "labels": [...]}``.
@@ -69,15 +96,26 @@ def make_batches(examples: list[dict], batch_size: int, epochs: int, max_steps: 
     """
     from ubsmoe.data.commonsense import collate
 
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(epochs):
-        order = torch.randperm(len(examples), generator=gen).tolist()
-        for start in range(0, len(order), batch_size):
-            batches.append(collate([examples[i] for i in order[start:start + batch_size]], pad_token_id))
-            if max_steps and len(batches) >= max_steps:
-                return batches
-    return batches
+    return [collate([examples[i] for i in idx], pad_token_id)
+            for idx in batch_indices(len(examples), batch_size, epochs, max_steps, seed)]
+
+
+def examples_trained(num_examples: int, batch_size: int, epochs: int, max_steps: int,
+                     seed: int) -> int:
+    """Distinct examples a round trains on: the data weight p_c's count.
+
+    Epochs do not multiply it (an example seen twice counts once); a step cap
+    (``max_steps``) that ends the round before the partition is covered lowers it
+    below ``num_examples``.
+
+    Args:
+        num_examples, batch_size, epochs, max_steps, seed: as :func:`batch_indices`.
+
+    Returns:
+        The number of distinct partition indices in the round's batches.
+    """
+    batches = batch_indices(num_examples, batch_size, epochs, max_steps, seed)
+    return len({i for idx in batches for i in idx})
 
 
 def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method: Method,
@@ -275,9 +313,11 @@ class ClientRuntime:
                                cfg.train.max_local_steps, seed, self.tokenizer.pad_token_id)
         stats = local_train(self.model, batches, self.method, cfg.train, top_k)
         layers = smoe_layers(self.model)
+        trained = examples_trained(len(examples), cfg.train.batch_size, cfg.train.local_epochs,
+                                   cfg.train.max_local_steps, seed)
         return ClientUpdate(
             client_id=client_id,
-            num_examples=len(examples),
+            num_examples=trained,
             adapters=adapter_state(self.model),
             expert_counts=torch.stack([m.expert_counts.clone() for m in layers]),  # [L, E]
             token_counts=torch.stack([m.token_count.clone() for m in layers]),  # [L]

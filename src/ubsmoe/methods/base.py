@@ -37,7 +37,9 @@ class ClientUpdate:
 
     Attributes:
         client_id: partition id of the client (0..num_clients-1).
-        num_examples: size of the client's training partition (examples); the
+        num_examples: distinct examples the client trained on in this round (its
+            partition size unless ``train.max_local_steps`` ended the round before
+            the partition was covered; local epochs do not multiply it); the
             data-size weight p_c is proportional to it.
         adapters: trained LoRA parameters, name -> tensor (same names and shapes as
             the global adapters).

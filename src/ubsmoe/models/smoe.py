@@ -36,9 +36,37 @@ def grouped_linear(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tenso
         offsets: ``[num_groups]`` int32 cumulative row counts (end of each group).
 
     Returns:
-        ``[num_rows, out_features]`` in ``x``'s dtype.
+        ``[num_rows, out_features]`` in ``x``'s dtype. A group without rows owns no
+        output row, so an empty expert cannot put anything into the output (its
+        weight-gradient block is the one that needs care: :func:`grouped_weight_grad`).
     """
     return F.grouped_mm(x, weight_t, offs=offsets)
+
+
+def grouped_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per-group weight gradient ``grad_out[rows of e]^T @ inp[rows of e]``, exactly 0 for empty groups.
+
+    ``grouped_mm`` with offsets along the reduction dimension writes one
+    ``[out, in]`` block per group; a group without rows is a sum over nothing,
+    but CUDA does not promise to write its block (an uninitialised, possibly NaN,
+    block has been reported upstream) and only CPU returns zeros. The blocks of
+    groups with a count of 0 are therefore overwritten with zeros by a mask built
+    on the device from ``offsets`` (``masked_fill``, so NaN cannot survive as it
+    would a multiplication by 0): no host synchronisation.
+
+    Args:
+        grad_out: ``[num_rows, out_features]``, rows sorted by group.
+        inp: ``[num_rows, in_features]``, the same rows.
+        offsets: ``[num_groups]`` int32 cumulative row counts (end of each group).
+
+    Returns:
+        ``[num_groups, out_features, in_features]``; block e is
+        ``sum over rows r of group e of grad_out[r]^T inp[r]`` and 0 where group e
+        has no row.
+    """
+    grad = F.grouped_mm(grad_out.t(), inp, offs=offsets)  # [E, out, in]
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))  # [E] rows per group
+    return grad.masked_fill_((counts == 0)[:, None, None], 0)
 
 
 class SlotRouting(NamedTuple):
@@ -171,7 +199,11 @@ class _LoRAGroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        """Input, LoRA A and LoRA B gradients (none for the frozen weight)."""
+        """Input, LoRA A and LoRA B gradients (none for the frozen weight).
+
+        An expert that got no row gets LoRA gradients of exactly 0 on every
+        backend (:func:`grouped_weight_grad`).
+        """
         x, weight, lora_a, lora_b, h, offsets = ctx.saved_tensors
         need_x, _, need_a, need_b = ctx.needs_input_grad[:4]
         rank = ctx.rank
@@ -179,12 +211,12 @@ class _LoRAGroupedLinear(torch.autograd.Function):
         grad_h = grouped_linear(grad_y, lora_b, offsets)  # [S, r'], gradient of scaled h
         grad_b = None
         if need_b:
-            grad_b = F.grouped_mm(grad_y.t(), h, offs=offsets)  # [E, out, r']
+            grad_b = grouped_weight_grad(grad_y, h, offsets)  # [E, out, r'], 0 for empty experts
             grad_b = grad_b if grad_b.shape[-1] == rank else grad_b[..., :rank].contiguous()
         grad_h = grad_h * ctx.scale  # gradient of the unscaled x A^T
         grad_a = None
         if need_a:
-            grad_a = F.grouped_mm(grad_h.t(), x, offs=offsets)  # [E, r', in]
+            grad_a = grouped_weight_grad(grad_h, x, offsets)  # [E, r', in], 0 for empty experts
             grad_a = grad_a if grad_a.shape[1] == rank else grad_a[:, :rank].contiguous()
         grad_x = None
         if need_x:

@@ -147,6 +147,13 @@ def test_fedit_runs_native_top_k_and_smoe_runs_k_c():
     assert get_method_class("fedit")().client_top_k(1, 8) == 8
     assert get_method_class("smoe")().client_top_k(1, 8) == 1
     assert get_method_class("a3smoe")().client_top_k(2, 8) == 2
+    # explicit modes (train.top_k=budget, eval.top_k=native) override the method's own choice
+    assert get_method_class("fedit")().client_top_k(1, 8, "budget") == 1
+    assert get_method_class("smoe")().client_top_k(1, 8, "native") == 8
+    assert {name: get_method_class(name).own_train_top_k for name in available_methods()} == {
+        "fedit": "native", "hetlora": "native", "flexlora": "native", "flora": "native",
+        "florist": "native", "smoe": "budget", "smoe_llb": "budget", "a3smoe": "budget",
+        "ubsmoe": "budget"}
 
 
 def test_fedavg_weights_by_examples():

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
-from ubsmoe.config import load_config
+from ubsmoe.config import ConfigError, load_config
 from ubsmoe.fl.server import Server, ServerState, latest_checkpoint
 from ubsmoe.fl.train import ClientRuntime, batch_indices, causal_lm_loss, client_seed, shared_setup
 from ubsmoe.io import read_jsonl
@@ -215,3 +215,115 @@ def test_sparse_upload_reconstructs_the_same_global_model(tmp_path):
     a = server.method.aggregate(sent, dense)
     b = server.method.aggregate(sent, rebuilt)
     assert any(expert in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----- per-level K: evaluation (eval.top_k) and training (train.top_k) -------------------------
+@pytest.fixture(scope="module")
+def small_setup(tmp_path_factory):
+    """``(make_config(*overrides), shared setup)`` for the small data/model of these tests."""
+    cache = tmp_path_factory.mktemp("cache")
+
+    def make(*extra):
+        return load_config(overrides=[*SMALL, f"model.tokenizer_cache={cache}", *extra])
+
+    return make, shared_setup(make("method=fedit"))
+
+
+def _recorded_evaluate(server, monkeypatch):
+    """Run ``server.evaluate(1)`` with a fake scorer; returns (rows, [(K, rank) per scorer call])."""
+    import ubsmoe.eval.commonsense as ev
+    from ubsmoe.models import smoe_layers
+
+    seen = []
+
+    def fake_evaluate_task(model, tokenizer, task, records, protocols, batch_size, max_new_tokens):
+        seen.append(smoe_layers(model)[0].top_k)
+        return {p: 0.5 for p in protocols} | {"n": len(records)}
+
+    monkeypatch.setattr(ev, "evaluate_task", fake_evaluate_task)
+    g = torch.Generator().manual_seed(0)  # non-zero B so levels of different rank do not coincide
+    server.state.adapters = {k: torch.randn(v.shape, generator=g) * 0.01
+                             for k, v in server.state.adapters.items()}
+    return server.evaluate(1), seen
+
+
+@pytest.mark.parametrize(("method", "ranks"), [("fedit", [20, 20, 20, 20]), ("hetlora", [12, 16, 24, 40])])
+def test_every_method_evaluates_each_level_at_its_own_k(small_setup, tmp_path, monkeypatch, method, ranks):
+    make, setup = small_setup
+    server = Server(make(f"method={method}", "eval.protocols=[loglik]"), tmp_path / "a", setup)
+    rows, seen = _recorded_evaluate(server, monkeypatch)
+    assert [(r["budget"], r["top_k"], r["top_k_mode"], r["lora_rank"]) for r in rows] == [
+        (b, k, "budget", r) for b, k, r in zip((0.125, 0.25, 0.5, 1.0), (1, 2, 4, 8), ranks)]
+    tasks = len(server.test_sets)
+    assert seen == [k for k in (1, 2, 4, 8) for _ in range(tasks)]
+    evals = [r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if r["type"] == "eval"]
+    assert [(r["top_k"], r["top_k_mode"]) for r in evals] == [(1, "budget"), (2, "budget"), (4, "budget"),
+                                                             (8, "budget")]
+
+    both = Server(make(f"method={method}", "eval.protocols=[loglik]", "eval.top_k=[budget,native]"),
+                  tmp_path / "b", setup)
+    rows, seen = _recorded_evaluate(both, monkeypatch)
+    assert [(r["budget"], r["top_k"], r["top_k_mode"], r["lora_rank"]) for r in rows] == [
+        (b, k, "budget", r) for b, k, r in zip((0.125, 0.25, 0.5, 1.0), (1, 2, 4, 8), ranks)] + [
+        (b, 8, "native", r) for b, r in zip((0.125, 0.25, 0.5, 1.0), ranks)]
+    # (K, rank) pairs already scored are reused: FedIT's native rows all equal its K = 8 level
+    distinct = len({(k, r) for k, r in zip([1, 2, 4, 8] + [8] * 4, ranks + ranks)})
+    assert len(seen) == distinct * tasks
+    both.last_eval = rows
+    summary = both.summary()
+    assert [(a["top_k"], a["top_k_mode"], a["lora_rank"]) for a in summary["accuracy"]] == [
+        (r["top_k"], r["top_k_mode"], r["lora_rank"]) for r in rows]
+
+
+def test_report_table_says_which_k_a_row_ran_at(small_setup, tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from ubsmoe.report import accuracy_table
+
+    make, setup = small_setup
+    server = Server(make("method=fedit", "eval.protocols=[loglik]", "eval.top_k=[budget,native]"),
+                    tmp_path / "run", setup)
+    server.last_eval, _ = _recorded_evaluate(server, monkeypatch)
+    console = Console(width=200, record=True)
+    console.print(accuracy_table(server.summary(), "loglik"))
+    text = console.export_text()
+    assert "K from" in text and text.count("budget") >= 4 and text.count("native") == 4
+
+
+def test_train_top_k_budget_trains_fedit_at_k_c(small_setup, tmp_path):
+    make, setup = small_setup
+    auto = Server(make("method=fedit"), tmp_path / "auto", setup)
+    budget = Server(make("method=fedit", "train.top_k=budget"), tmp_path / "budget", setup)
+    k_c = [{0.125: 1, 0.25: 2, 0.5: 4, 1.0: 8}[b] for b in budget.budgets]
+    assert [auto.client_task(c, 1)["top_k"] for c in range(4)] == [8] * 4  # auto: FedIT's native K
+    assert [budget.client_task(c, 1)["top_k"] for c in range(4)] == k_c
+    assert [c["top_k"] for c in budget.summary()["clients"]] == k_c
+    assert [c["top_k"] for c in auto.summary()["clients"]] == [8] * 4
+    assert budget.summary()["train_top_k"] == "budget"
+    c = k_c.index(1)
+    runtime = ClientRuntime(make("method=fedit", "train.top_k=budget"), setup)
+    update = runtime.train_round(**budget.client_task(c, 1))
+    assert update.top_k == 1
+    torch.testing.assert_close(update.expert_counts.sum(-1), 1 * update.token_counts)
+    native = runtime.train_round(**auto.client_task(c, 1))
+    assert native.top_k == 8
+    torch.testing.assert_close(native.expert_counts.sum(-1), 8 * native.token_counts)
+    # the knob reaches the trained weights: K = 1 and K = 8 give different expert LoRA
+    assert any(not torch.equal(update.adapters[k], native.adapters[k])
+               for k in update.adapters if "_lora.B" in k)
+
+
+@pytest.mark.parametrize("method", ["ubsmoe", "smoe", "smoe_llb", "a3smoe"])
+def test_smoe_methods_reject_training_at_the_native_k(method):
+    with pytest.raises(ConfigError, match=rf"^train.top_k: got 'native', expected one of auto, budget "
+                                          rf"for method '{method}'$"):
+        load_config(overrides=[f"method={method}", "train.top_k=native"])
+
+
+def test_top_k_settings_are_validated():
+    assert load_config(overrides=["method=hetlora", "train.top_k=native"]).train.top_k == "native"
+    assert load_config().eval.top_k == ["budget"] and load_config().train.top_k == "auto"
+    with pytest.raises(ConfigError, match="eval.top_k: got .*'all'.*expected a non-empty list"):
+        load_config(overrides=["eval.top_k=[all]"])
+    with pytest.raises(ConfigError, match="train.top_k: got 'max', expected one of auto, budget, native"):
+        load_config(overrides=["train.top_k=max"])

@@ -147,6 +147,13 @@ def test_fedit_runs_native_top_k_and_smoe_runs_k_c():
     assert get_method_class("fedit")().client_top_k(1, 8) == 8
     assert get_method_class("smoe")().client_top_k(1, 8) == 1
     assert get_method_class("a3smoe")().client_top_k(2, 8) == 2
+    # explicit modes (train.top_k=budget, eval.top_k=native) override the method's own choice
+    assert get_method_class("fedit")().client_top_k(1, 8, "budget") == 1
+    assert get_method_class("smoe")().client_top_k(1, 8, "native") == 8
+    assert {name: get_method_class(name).own_train_top_k for name in available_methods()} == {
+        "fedit": "native", "hetlora": "native", "flexlora": "native", "flora": "native",
+        "florist": "native", "smoe": "budget", "smoe_llb": "budget", "a3smoe": "budget",
+        "ubsmoe": "budget"}
 
 
 def test_fedavg_weights_by_examples():
@@ -207,3 +214,57 @@ def test_a3smoe_favours_the_client_that_used_an_expert_more():
 def test_a3smoe_config_rejects_negative_gamma():
     with pytest.raises(ConfigError, match="a3smoe.gamma"):
         A3SMoEConfig(gamma=-1.0)
+
+
+def test_a3smoe_config_rejects_unknown_weighting():
+    with pytest.raises(ConfigError, match="a3smoe.weighting: got 'eq7', expected one of flame, literal"):
+        A3SMoEConfig(weighting="eq7")
+
+
+def _mixed_k_updates():
+    """Client 0 at K = 1, client 1 at K = 3; 8 routed tokens per layer each."""
+    counts0 = torch.tensor([[5.0, 1.0, 2.0, 0.0], [2.0, 2.0, 2.0, 2.0]])  # sums 8 = 8 tokens x K 1
+    counts1 = torch.tensor([[8.0, 6.0, 6.0, 4.0], [6.0, 6.0, 6.0, 6.0]])  # sums 24 = 8 tokens x K 3
+    return [_update(0, 0, counts0, n=10, k=1), _update(1, 1, counts1, n=30, k=3)]
+
+
+@pytest.mark.parametrize(("weighting", "u0", "u1"), [
+    # FLAME: u = n_c (a / (n_tok K_c))^2; layer 0, expert 0
+    ("flame", 10 * (5 / 8 / 1) ** 2, 30 * (8 / 8 / 3) ** 2),
+    # Eq. 7 as printed: u = n_c (p / K_c)^2, p = a / sum_j a_j
+    ("literal", 10 * (5 / 8 / 1) ** 2, 30 * (8 / 24 / 3) ** 2),
+])
+def test_a3smoe_weightings_follow_their_formulas_with_different_k(weighting, u0, u1):
+    updates = _mixed_k_updates()
+    w, _ = a3smoe_expert_weights(updates, gamma=2.0, weighting=weighting)
+    assert float(w[0, 0, 0]) == pytest.approx(u0 / (u0 + u1))
+    assert float(w[1, 0, 0]) == pytest.approx(u1 / (u0 + u1))
+    # layer 1, expert 3: client 0 (2/8 at K 1) vs client 1 (6/8 or 6/24 at K 3)
+    v0 = 10 * (2 / 8) ** 2
+    v1 = 30 * ((6 / 8 if weighting == "flame" else 6 / 24) / 3) ** 2
+    assert float(w[0, 1, 3]) == pytest.approx(v0 / (v0 + v1))
+    # the aggregated expert is that weighted mean of the clients' expert tensors
+    out = A3SMoE(A3SMoEConfig(gamma=2.0, weighting=weighting)).aggregate(_global(), updates)
+    name = "model.layers.0.mlp.gate_up_lora.A"
+    ref = (u0 * updates[0].adapters[name][0] + u1 * updates[1].adapters[name][0]) / (u0 + u1)
+    torch.testing.assert_close(out[name][0], ref)
+
+
+def test_a3smoe_weightings_differ_only_when_k_differs():
+    updates = _mixed_k_updates()
+    flame = A3SMoE(A3SMoEConfig(gamma=2.0)).aggregate(_global(), updates)
+    literal = A3SMoE(A3SMoEConfig(gamma=2.0, weighting="literal")).aggregate(_global(), updates)
+    name = "model.layers.0.mlp.gate_up_lora.A"
+    assert (flame[name] - literal[name]).abs().max() > 1e-2
+    # literal divides the K = 3 client's weight by a further 3**gamma: it leans to client 0
+    assert (literal[name][0] - updates[0].adapters[name][0]).norm() < \
+        (flame[name][0] - updates[0].adapters[name][0]).norm()
+    attn = "model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    torch.testing.assert_close(flame[attn], literal[attn])  # non-expert tensors: FedAvg in both
+    # one K for everyone (counts summing to 8 tokens x K = 2): the extra 1 / K cancels per expert
+    same_k = [_update(0, 0, torch.tensor([[6.0, 4.0, 4.0, 2.0], [8.0, 0.0, 4.0, 4.0]]), n=5, k=2),
+              _update(1, 1, torch.tensor([[2.0, 2.0, 4.0, 8.0], [4.0, 4.0, 4.0, 4.0]]), n=12, k=2)]
+    a = A3SMoE(A3SMoEConfig(gamma=2.0)).aggregate(_global(), same_k)
+    b = A3SMoE(A3SMoEConfig(gamma=2.0, weighting="literal")).aggregate(_global(), same_k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])

@@ -411,19 +411,20 @@ def test_each_budget_level_is_evaluated_with_its_rank(small, tmp_path, monkeypat
     monkeypatch.setattr(ev, "evaluate_task", fake_evaluate_task)
     rows = server.evaluate(1)
     assert [(r["budget"], r["lora_rank"], r["top_k"]) for r in rows] == [
-        (0.125, 12, 8), (0.25, 16, 8), (0.5, 24, 8), (1.0, 40, 8)]
+        (0.125, 12, 1), (0.25, 16, 2), (0.5, 24, 4), (1.0, 40, 8)]  # level j at r_j and K_j
     tasks = len(server.test_sets)
     assert len(seen) == 4 * tasks
-    for level, rank in enumerate([12, 16, 24, 40]):
+    for level, (rank, k_j) in enumerate([(12, 1), (16, 2), (24, 4), (40, 8)]):
         scales, state, k = seen[level * tasks]
-        assert scales == {(rank, 16.0 / rank)} and k == 8
+        assert scales == {(rank, 16.0 / rank)} and k == k_j
         want = server.method.client_adapters(server.state.adapters, rank, seed=0)
         assert set(state) == set(want) and all(torch.equal(state[n], want[n]) for n in want)
-    # FLoRA's adapters are B = 0 at every rank: one evaluation serves all levels
-    flora = Server(make("method=flora"), tmp_path / "flora", setup)
+    # FLoRA's adapters are B = 0 at every rank: at one K, one evaluation serves all levels
+    flora = Server(make("method=flora", "eval.top_k=[native]"), tmp_path / "flora", setup)
     seen.clear()
     rows = flora.evaluate(1)
     assert len(seen) == tasks and [r["lora_rank"] for r in rows] == [12, 16, 24, 40]
+    assert {(r["top_k"], r["top_k_mode"]) for r in rows} == {(8, "native")}
 
 
 def test_flora_merged_base_after_a_round_equals_base_plus_weighted_stack(small, tmp_path):
@@ -521,5 +522,5 @@ def test_flower_run_via_cli_writes_per_budget_accuracy(name, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["method"] == name
     assert [(r["budget"], r["lora_rank"], r["top_k"]) for r in summary["accuracy"]] == [
-        (0.125, 12, 8), (0.25, 16, 8), (0.5, 24, 8), (1.0, 40, 8)]
+        (0.125, 12, 1), (0.25, 16, 2), (0.5, 24, 4), (1.0, 40, 8)]
     assert {c["lora_rank"] for c in summary["clients"]} == {12, 16, 24, 40}

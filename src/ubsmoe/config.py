@@ -38,6 +38,10 @@ COMMONSENSE_TASKS = (
 BUDGET_PATTERNS = ("uniform", "long_tail", "reverse_long_tail")
 PARTITIONS = ("iid", "dirichlet")
 EVAL_PROTOCOLS = ("generation", "loglik")
+# K a budget level is evaluated at: its own K_j (``budget``) or the model's native top-k.
+EVAL_TOP_K = ("budget", "native")
+# K a client trains at: the method's own choice (``auto``), K_c (``budget``) or native.
+TRAIN_TOP_K = ("auto", "budget", "native")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -169,6 +173,12 @@ class TrainConfig:
         max_local_steps: cap on optimizer steps per round (0: no cap).
         max_grad_norm: gradient clipping norm (0: off).
         seed: base seed; per-client seeds derive from it and the client id.
+        top_k: experts per token a client trains with (DESIGN.md section 6):
+            ``auto`` is the method's own choice (:attr:`Method.own_train_top_k`:
+            K_c for the SMoE methods, the native top-k for FedIT and the rank
+            methods), ``budget`` its budget level's K_c, ``native`` the model's
+            top-k. Methods that exist to vary K (the SMoE methods) reject ``native``
+            (:attr:`Method.train_top_k_modes`).
     """
 
     lr: float = 1.5e-4
@@ -177,6 +187,7 @@ class TrainConfig:
     max_local_steps: int = 0
     max_grad_norm: float = 1.0
     seed: int = 0
+    top_k: str = "auto"
 
     def __post_init__(self) -> None:
         errors = []
@@ -190,6 +201,8 @@ class TrainConfig:
             errors.append(_bad("train.max_local_steps", self.max_local_steps, "an integer >= 0"))
         if self.max_grad_norm < 0:
             errors.append(_bad("train.max_grad_norm", self.max_grad_norm, "a number >= 0"))
+        if self.top_k not in TRAIN_TOP_K:
+            errors.append(_bad("train.top_k", self.top_k, f"one of {', '.join(TRAIN_TOP_K)}"))
         _raise(errors)
 
 
@@ -252,9 +265,14 @@ class EvalConfig:
         pg_probe_examples: training examples in the fixed probe batch of the
             PG-alignment diagnostic, run every round for methods with a
             pseudo-gradient at each budget level's K (0: off).
+        top_k: the K each budget level is evaluated at, one set of rows per entry:
+            ``budget`` (level j at its own K_j, and rank methods at rank r_j: the
+            papers' protocol, for every method) and/or ``native`` (every level at
+            the model's top-k, still at rank r_j).
     """
 
     protocols: list[str] = field(default_factory=lambda: list(EVAL_PROTOCOLS))
+    top_k: list[str] = field(default_factory=lambda: ["budget"])
     examples_per_task: int = 0
     max_new_tokens: int = 16
     batch_size: int = 16
@@ -267,6 +285,10 @@ class EvalConfig:
             errors.append(
                 _bad("eval.protocols", self.protocols, f"a non-empty list from {', '.join(EVAL_PROTOCOLS)}")
             )
+        if (not self.top_k or any(m not in EVAL_TOP_K for m in self.top_k)
+                or len(set(self.top_k)) != len(self.top_k)):
+            errors.append(_bad("eval.top_k", self.top_k,
+                               f"a non-empty list of distinct values from {', '.join(EVAL_TOP_K)}"))
         if self.examples_per_task < 0:
             errors.append(_bad("eval.examples_per_task", self.examples_per_task, "an integer >= 0"))
         if self.max_new_tokens < 1:
@@ -321,11 +343,21 @@ class RunConfig:
 
 
 def _check_method_against_run(run: RunConfig) -> None:
-    """Run the method section's cross-checks against the rest of the run, if it has any.
+    """Cross-check the method against the rest of the run.
 
-    A method config may define ``check_run(run)`` (e.g. one LoRA rank per budget
-    level); it raises :class:`ConfigError`.
+    ``train.top_k`` must be one of the method's :attr:`Method.train_top_k_modes`
+    (an SMoE method cannot train at the native top-k). A method config may also
+    define ``check_run(run)`` (e.g. one LoRA rank per budget level).
+
+    Raises:
+        ConfigError: one line naming the field and what is allowed.
     """
+    from ubsmoe.methods import get_method_class
+
+    modes = get_method_class(run.method).train_top_k_modes
+    if run.train.top_k not in modes:
+        raise ConfigError(_bad("train.top_k", run.train.top_k,
+                               f"one of {', '.join(modes)} for method '{run.method}'"))
     check = getattr(run.method_config, "check_run", None)
     if check is not None:
         check(run)

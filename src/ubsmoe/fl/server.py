@@ -362,12 +362,18 @@ class Server:
             ]
         return record
 
-    def level_top_k(self) -> dict[float, int]:
-        """K each budget level runs at: ``{beta: K}`` for ``fl.budgets``."""
+    def level_top_k(self, mode: str | None = None) -> dict[float, int]:
+        """K each budget level runs at: ``{beta: K}`` for ``fl.budgets``.
+
+        Args:
+            mode: ``auto``, ``budget`` or ``native`` (see :meth:`Method.client_top_k`);
+                None: the training mode, ``train.top_k``.
+        """
         from ubsmoe.data.partition import top_k_for_budget
 
+        mode = self.cfg.train.top_k if mode is None else mode
         return {beta: self.method.client_top_k(top_k_for_budget(beta, self.k_max, self.cfg.model.k_min),
-                                               self.k_max)
+                                               self.k_max, mode)
                 for beta in self.cfg.fl.budgets}
 
     # ----- evaluation ------------------------------------------------------------
@@ -391,14 +397,18 @@ class Server:
     def evaluate(self, round_idx: int) -> list[dict[str, Any]]:
         """Score the global model at every budget level's K and LoRA rank on every task.
 
-        Level j is evaluated with the adapters a client of that level would hold
-        (:meth:`Method.client_adapters` at its rank) on the merged base weights.
-        Levels with equal (K, rank, alpha) share one evaluation, and so do levels
-        whose adapters all have B = 0 (a zero update at any rank).
+        For each ``eval.top_k`` mode, level j runs at K_j (``budget``, DESIGN.md
+        section 6: every method, as in the papers' tables) or at the native top-k
+        (``native``), always with the adapters a client of that level would hold
+        (:meth:`Method.client_adapters` at its rank r_j) on the merged base weights.
+        Rows with equal (K, rank, alpha) share one evaluation, across levels and
+        modes, and so do rows whose adapters all have B = 0 (a zero update at any
+        rank).
 
         Returns:
-            One row per (budget level, protocol): ``budget``, ``top_k``, ``lora_rank``,
-            ``protocol``, ``per_task`` accuracies, ``average`` and ``n`` (examples per task).
+            One row per (mode, budget level, protocol): ``budget``, ``top_k``,
+            ``top_k_mode`` (``budget`` or ``native``), ``lora_rank``, ``protocol``,
+            ``per_task`` accuracies, ``average`` and ``n`` (examples per task).
         """
         from ubsmoe.eval.commonsense import evaluate_task
         from ubsmoe.methods.rank import lora_pairs
@@ -406,39 +416,46 @@ class Server:
         self.sync_base()
         tests = self.test_sets
         by_key: dict[tuple, dict[str, dict[str, float]]] = {}
-        rows = []
         seed = client_seed(self.cfg.train.seed + 1, -2, round_idx)
-        for level, (beta, k) in enumerate(self.level_top_k().items()):
+        modes = self.cfg.eval.top_k
+        level_k = {mode: list(self.level_top_k(mode).items()) for mode in modes}
+        by_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+        for level in range(len(self.cfg.fl.budgets)):
             rank, alpha = self.level_lora(level)
             adapters = self.method.client_adapters(self.state.adapters, rank, seed)
             pairs, _ = lora_pairs(list(adapters))
             zero = bool(pairs) and all(not adapters[p.b].any() for p in pairs)
-            key = (k, None, None) if zero else (k, rank, alpha)
-            if key not in by_key:
-                set_lora_rank(self.model, rank, alpha, seed=self.cfg.train.seed + 1)
-                load_adapter_state(self.model, adapters)
-                set_top_k(self.model, k)
-                by_key[key] = {
-                    task: evaluate_task(self.model, self.tokenizer, task, recs, self.cfg.eval.protocols,
-                                        self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens)
-                    for task, recs in tests.items()
-                }
-            scores = by_key[key]
-            for protocol in self.cfg.eval.protocols:
-                per_task = {t: s[protocol] for t, s in scores.items()}
-                row = {
-                    "type": "eval",
-                    "round": round_idx,
-                    "budget": beta,
-                    "top_k": k,
-                    "lora_rank": rank,
-                    "protocol": protocol,
-                    "per_task": per_task,
-                    "average": sum(per_task.values()) / max(len(per_task), 1),
-                    "n": {t: int(s["n"]) for t, s in scores.items()},
-                }
-                append_jsonl(self.run_dir / METRICS_FILE, row)
-                rows.append(row)
+            for mode in modes:
+                beta, k = level_k[mode][level]
+                key = (k, None, None) if zero else (k, rank, alpha)
+                if key not in by_key:
+                    set_lora_rank(self.model, rank, alpha, seed=self.cfg.train.seed + 1)
+                    load_adapter_state(self.model, adapters)
+                    set_top_k(self.model, k)
+                    by_key[key] = {
+                        task: evaluate_task(self.model, self.tokenizer, task, recs,
+                                            self.cfg.eval.protocols, self.cfg.eval.batch_size,
+                                            self.cfg.eval.max_new_tokens)
+                        for task, recs in tests.items()
+                    }
+                scores = by_key[key]
+                for protocol in self.cfg.eval.protocols:
+                    per_task = {t: s[protocol] for t, s in scores.items()}
+                    by_mode[mode].append({
+                        "type": "eval",
+                        "round": round_idx,
+                        "budget": beta,
+                        "top_k": k,
+                        "top_k_mode": mode,
+                        "lora_rank": rank,
+                        "protocol": protocol,
+                        "per_task": per_task,
+                        "average": sum(per_task.values()) / max(len(per_task), 1),
+                        "n": {t: int(s["n"]) for t, s in scores.items()},
+                    })
+        rows = [row for mode in modes for row in by_mode[mode]]  # mode by mode, levels in order
+        for row in rows:
+            append_jsonl(self.run_dir / METRICS_FILE, row)
         return rows
 
     # ----- persistence -----------------------------------------------------------
@@ -494,6 +511,7 @@ class Server:
             "method": self.cfg.method,
             "model": self.cfg.model.name,
             "rounds_completed": self.state.round,
+            "train_top_k": self.cfg.train.top_k,
             "wall_time_s": time.time() - self.start_time,
             "clients": [
                 {"id": c, "budget": b, "top_k": k, "lora_rank": r,
@@ -512,8 +530,8 @@ class Server:
             "train_loss": self.state.train_loss,
             "diagnostics": {k: v for k, v in self.last_diagnostics.items() if k != "type"},
             "accuracy": [
-                {k: row[k] for k in ("round", "budget", "top_k", "lora_rank", "protocol", "per_task",
-                                     "average")}
+                {k: row[k] for k in ("round", "budget", "top_k", "top_k_mode", "lora_rank", "protocol",
+                                     "per_task", "average")}
                 for row in self.last_eval
             ],
         }

@@ -172,6 +172,6 @@ def main(grid: Grid, context: Context) -> None:
     last = summary["rounds_completed"]
     for row in summary["accuracy"]:
         if row["round"] == last:
-            log(INFO, "ubsmoe: budget %g (K=%d) %s accuracy %.4f", row["budget"], row["top_k"],
-                row["protocol"], row["average"])
+            log(INFO, "ubsmoe: budget %g (K=%d, %s) %s accuracy %.4f", row["budget"], row["top_k"],
+                row["top_k_mode"], row["protocol"], row["average"])
     log(INFO, "ubsmoe: wrote %s", run_dir / "summary.json")

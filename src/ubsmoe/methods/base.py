@@ -293,10 +293,17 @@ class Method:
     Class attributes:
         name: registry name (set by :func:`register_method`).
         config_class: the method's hyperparameter dataclass.
+        own_train_top_k: what ``train.top_k=auto`` means for the method:
+            ``budget`` (each client trains at its level's K_c, the SMoE methods) or
+            ``native`` (the model's top-k, FedIT and the rank methods).
+        train_top_k_modes: the ``train.top_k`` values the method accepts; the SMoE
+            methods, which exist to vary K, leave out ``native``.
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = NoConfig
+    own_train_top_k: ClassVar[str] = "budget"
+    train_top_k_modes: ClassVar[tuple[str, ...]] = ("auto", "budget")
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -318,9 +325,26 @@ class Method:
         """
         return None
 
-    def client_top_k(self, k_c: int, k_max: int) -> int:
-        """Experts per token a client of budget K_c trains and is evaluated with."""
-        return k_c
+    def client_top_k(self, k_c: int, k_max: int, mode: str = "auto") -> int:
+        """Experts per token at a budget level of K_c under a ``train.top_k`` / ``eval.top_k`` mode.
+
+        Args:
+            k_c: the level's K (``top_k_for_budget``).
+            k_max: the model's native top-k.
+            mode: ``auto`` (the method's :attr:`own_train_top_k`), ``budget`` or ``native``.
+
+        Returns:
+            ``k_c`` for ``budget``, ``k_max`` for ``native``.
+
+        Raises:
+            ValueError: an unknown mode.
+        """
+        resolved = self.own_train_top_k if mode == "auto" else mode
+        if resolved == "budget":
+            return k_c
+        if resolved == "native":
+            return k_max
+        raise ValueError(f"top-k mode: got {mode!r}, expected auto, budget or native")
 
     def extra_loss(self, model: nn.Module, top_k: int) -> torch.Tensor | None:
         """An extra training loss added to the task loss (None: nothing)."""

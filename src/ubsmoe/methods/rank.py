@@ -1,7 +1,8 @@
 """Shared parts of the heterogeneous-rank LoRA baselines (HetLoRA, FlexLoRA, FLoRA, FLoRIST).
 
 DESIGN.md section 5. These methods vary the LoRA rank per client instead of the
-experts: on the SMoE backbone every client runs the model's native top-k, and a
+experts: on the SMoE backbone every client trains at the model's native top-k by
+default (``train.top_k``; evaluation runs level j at K_j, ``eval.top_k``), and a
 client at budget level beta_j trains rank ``ranks[j]`` (default 12, 16, 24, 40 for
 beta_1..beta_4) on every LoRA of the model, attention (PEFT, ``lora_A.default.weight``
 ``[r, in]`` / ``lora_B.default.weight`` ``[out, r]``) and per-expert
@@ -202,19 +203,21 @@ def fresh_factors(A_like: torch.Tensor, B_like: torch.Tensor, rank: int,
 class RankMethod(Method):
     """Base of the heterogeneous-rank methods: native top-k, rank ``ranks[level]`` per client.
 
+    Clients train at the native top-k by default (these methods vary rank, not
+    experts; ``train.top_k=budget`` trains them at K_c too); every level is evaluated
+    at its rank r_j and, by default, its K_j (``eval.top_k``).
+
     Subclasses implement :meth:`aggregate` and, if clients do not start from the
     global adapters truncated to their rank, :meth:`client_adapters`.
     """
 
     config_class: ClassVar[type] = LoRARankConfig
+    own_train_top_k: ClassVar[str] = "native"
+    train_top_k_modes: ClassVar[tuple[str, ...]] = ("auto", "budget", "native")
 
     def scale(self, rank: int) -> float:
         """LoRA scale ``s = alpha / rank``."""
         return float(self.config.alpha) / rank
-
-    def client_top_k(self, k_c: int, k_max: int) -> int:
-        """Every client runs the native top-k: these methods vary rank, not experts."""
-        return k_max
 
     def client_lora(self, level: int, model_rank: int, model_alpha: float) -> tuple[int, float]:
         """``(ranks[level], alpha)`` from the method's section.

@@ -10,7 +10,11 @@ from rich.table import Table
 
 
 def accuracy_table(summary: dict[str, Any], protocol: str) -> Table:
-    """Per-budget accuracy table (rows: budget levels; columns: K, LoRA rank, tasks, average).
+    """Per-budget accuracy table (rows: budget levels; columns: K, K mode, LoRA rank, tasks, average).
+
+    The ``K from`` column says whether a row ran at the level's own K_j (``budget``)
+    or the model's native top-k (``native``), see ``eval.top_k``; summaries written
+    before that key carry no mode and show ``-``.
 
     Args:
         summary: a run's summary (``summary.json``).
@@ -22,6 +26,7 @@ def accuracy_table(summary: dict[str, Any], protocol: str) -> Table:
     table = Table(title=f"{summary.get('method')}: accuracy ({protocol}), round {rows[0]['round'] if rows else '-'}")
     table.add_column("budget")
     table.add_column("K", justify="right")
+    table.add_column("K from")
     ranks = any("lora_rank" in r for r in rows)
     if ranks:
         table.add_column("rank", justify="right")
@@ -30,7 +35,7 @@ def accuracy_table(summary: dict[str, Any], protocol: str) -> Table:
     table.add_column("average", justify="right")
     for r in rows:
         rank = [str(r.get("lora_rank", "-"))] if ranks else []
-        table.add_row(f"{r['budget']:g}", str(r["top_k"]), *rank,
+        table.add_row(f"{r['budget']:g}", str(r["top_k"]), r.get("top_k_mode", "-"), *rank,
                       *[f"{r['per_task'][t]:.3f}" for t in tasks], f"{r['average']:.3f}")
     return table
 

@@ -312,3 +312,88 @@ def test_pg_alignment_restores_the_model_and_scores_every_inactive_expert(tiny_t
     assert all(p.grad is None for p in model.parameters())
     for k, v in adapter_state(model).items():
         assert torch.equal(v, before[k])
+
+
+# ----- PG in the space of updates (issue 9) ------------------------------------------
+
+def _pg_train(tiny_tokenizer, tiny_model_cfg, steps=1, max_grad_norm=1e-3, **pg):
+    """One tiny model trained ``steps`` steps on one repeated batch at K_c = 1 through
+    local_train (Adam, clipping); returns (params before, params after, inactive masks)."""
+    from ubsmoe.config import TrainConfig
+    from ubsmoe.fl.train import local_train
+
+    torch.manual_seed(0)
+    model, _ = build_model(tiny_model_cfg, tiny_tokenizer, seed=0)
+    method = UBSMoE(UBSMoEConfig(**pg))
+    method.prepare_model(model)
+    set_top_k(model, 1)
+    batch = _batch(tiny_tokenizer, n=2, seq=6)
+    before = {k: v.clone() for k, v in adapter_state(model).items()}
+    local_train(model, [batch] * steps, method, TrainConfig(lr=1e-3, max_grad_norm=max_grad_norm), 1)
+    inactive = [m.batch_expert_counts == 0 for m in smoe_layers(model)]
+    return before, adapter_state(model), inactive
+
+
+def _expert_change(before, after, inactive, rows):
+    """Per layer, ``[E, D]`` parameter change of every expert (all four LoRA tensors)."""
+    from ubsmoe.methods.base import expert_layer_of
+
+    layer_of = expert_layer_of(list(after))
+    out = []
+    for li, mask in enumerate(inactive):
+        names = sorted(n for n, l in layer_of.items() if l == li)
+        d = torch.cat([(after[n] - before[n]).flatten(1) for n in names], 1)  # [E, D]
+        out.append(d[mask if rows == "inactive" else ~mask])
+    return out
+
+
+def test_update_space_pg_doubling_lambda_doubles_an_inactive_experts_move(tiny_tokenizer, tiny_model_cfg):
+    """Adam erased lambda_pg in gradient space; in update space it sets the move."""
+    changes = {}
+    for lam in (0.05, 0.1):
+        before, after, inactive = _pg_train(tiny_tokenizer, tiny_model_cfg, lambda_pg=lam)
+        assert all(int(m.sum()) > 0 for m in inactive)
+        changes[lam] = _expert_change(before, after, inactive, "inactive")
+    for small, large in zip(changes[0.05], changes[0.1]):
+        norms = small.norm(dim=1)
+        assert bool((norms > 0).all())
+        torch.testing.assert_close(large, 2 * small, rtol=1e-4, atol=1e-9)
+
+
+def test_update_space_pg_moves_inactive_experts_relative_to_the_active_ones(tiny_tokenizer, tiny_model_cfg):
+    """After one step the inactive experts' mean move / the active experts' pi-weighted mean
+    move is rho_c * pi_i / mean_A(pi) (checked on the total norm; the direction is shared)."""
+    before, after, inactive = _pg_train(tiny_tokenizer, tiny_model_cfg, lambda_pg=0.1)
+    for moved in _expert_change(before, after, inactive, "inactive"):
+        rows = moved / moved.norm(dim=1, keepdim=True)
+        cos = rows @ rows[0]
+        torch.testing.assert_close(cos, torch.ones_like(cos), rtol=0, atol=1e-4)  # one direction
+
+
+def test_update_space_pg_with_lambda_zero_equals_pg_off_bitwise(tiny_tokenizer, tiny_model_cfg):
+    _, off, _ = _pg_train(tiny_tokenizer, tiny_model_cfg, steps=3, pg=False)
+    _, zero, _ = _pg_train(tiny_tokenizer, tiny_model_cfg, steps=3, lambda_pg=0.0)
+    for k in off:
+        assert torch.equal(off[k].view(torch.int32), zero[k].view(torch.int32)), k
+
+
+@pytest.mark.parametrize("space, independent", [("update", True), ("gradient", False)])
+def test_real_gradient_clipping_does_not_depend_on_pg(tiny_tokenizer, tiny_model_cfg, space, independent):
+    """Clipping binds (max norm 1e-3): after a step with PG in update space every parameter
+    but the inactive experts' rows is bitwise as without PG; the gradient-space rule (PG in
+    the clipping norm) changes the active experts' steps. (One step: in a second one an
+    expert PG moved may become active, and then the runs rightly differ.)"""
+    _, off, inactive = _pg_train(tiny_tokenizer, tiny_model_cfg, pg=False)
+    _, on, inactive_on = _pg_train(tiny_tokenizer, tiny_model_cfg, lambda_pg=1.0, pg_space=space)
+    assert all(torch.equal(a, b) for a, b in zip(inactive, inactive_on))
+    from ubsmoe.methods.base import expert_layer_of
+
+    layer_of = expert_layer_of(list(off))
+    same = True
+    for k in off:
+        if k in layer_of:
+            act = ~inactive[layer_of[k]]
+            same &= torch.equal(off[k][act], on[k][act])
+        else:
+            same &= torch.equal(off[k], on[k])
+    assert same == independent

@@ -24,7 +24,7 @@ from ubsmoe.metrics.diagnostics import (
 )
 from ubsmoe.models import SMoELayer, adapter_state, build_model, set_top_k, smoe_layers
 from ubsmoe.models.loading import patch_smoe, tiny_olmoe
-from ubsmoe.pseudo_grad import UniversalPseudoGradient
+from ubsmoe.pseudo_grad import ProbePseudoGradient, UniversalPseudoGradient
 from ubsmoe.routing import DMRConfig, target_modulation
 
 
@@ -397,3 +397,95 @@ def test_real_gradient_clipping_does_not_depend_on_pg(tiny_tokenizer, tiny_model
         else:
             same &= torch.equal(off[k], on[k])
     assert same == independent
+
+
+def test_layer_probe_gives_inactive_experts_their_gradient_on_their_top_tokens_only():
+    """Probe on: output unchanged, every other gradient bitwise unchanged, and each inactive
+    expert gets the gradient of sum over its n highest-probability tokens t of
+    p_{t,i} <c_t, expert_i(x_t)> (dense reference) for a linear loss <c, y>."""
+    n = 2
+    base = _layer(num_experts=8, top_k=1)
+    x0 = torch.randn(5, 16)
+    c = torch.randn(5, 16)
+    grads = {}
+    for probe in (0, n):
+        layer = copy.deepcopy(base)
+        layer.probe_tokens = probe
+        x = x0.clone().requires_grad_(True)
+        y = layer(x.unsqueeze(0)).squeeze(0)
+        (y * c).sum().backward()
+        grads[probe] = (y.detach(), x.grad, layer)
+    y_off, gx_off, off = grads[0]
+    y_on, gx_on, on = grads[n]
+    assert torch.equal(y_off, y_on) and torch.equal(gx_off, gx_on)
+    inactive = on.batch_expert_counts == 0
+    assert on.batch_probe_slots == n * int(inactive.sum()) > 0
+    assert torch.equal(on.router_weight.grad if on.router_weight.grad is not None else torch.zeros(1),
+                       off.router_weight.grad if off.router_weight.grad is not None else torch.zeros(1))
+    probs = on.route(x0)[0].detach()  # [N, E]
+    gu, dn = on.gate_up_lora, on.down_lora
+    for proj in ("gate_up_lora", "down_lora"):
+        for part in ("A", "B"):
+            g_on = getattr(getattr(on, proj), part).grad
+            g_off = getattr(getattr(off, proj), part).grad
+            assert torch.equal(g_on[~inactive], g_off[~inactive])
+    for i in inactive.nonzero().squeeze(-1).tolist():
+        params = [gu.A, gu.B, dn.A, dn.B]
+        ref_loss = 0.0
+        for t in probs[:, i].topk(n).indices.tolist():
+            w_gu = on.gate_up_proj[i] + gu.scale * gu.B[i] @ gu.A[i]
+            w_dn = on.down_proj[i] + dn.scale * dn.B[i] @ dn.A[i]
+            g, u = (w_gu @ x0[t]).chunk(2)
+            ref_loss = ref_loss + probs[t, i] * (c[t] @ (w_dn @ (F.silu(g) * u)))
+        ref = torch.autograd.grad(ref_loss, params)
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.grad[i], r[i], atol=1e-5, rtol=1e-4)
+
+
+def test_pg_rule_config_and_probe_wiring(tiny_tokenizer, tiny_model_cfg):
+    cfg = load_config(overrides=["ubsmoe.pg_rule=probe", "ubsmoe.pg_probe_tokens=3", "ubsmoe.pg_space=gradient"])
+    method = UBSMoE(cfg.method_config)
+    assert isinstance(method.pseudo_gradient, ProbePseudoGradient) and method.pseudo_gradient.probe_tokens == 3
+    model, _ = build_model(tiny_model_cfg, tiny_tokenizer)
+    method.prepare_model(model)
+    assert all(m.probe_tokens == 3 for m in smoe_layers(model))
+    UBSMoE(UBSMoEConfig(pg=False, pg_rule="probe")).prepare_model(model)
+    assert all(m.probe_tokens == 0 for m in smoe_layers(model))
+    assert isinstance(UBSMoE().pseudo_gradient, UniversalPseudoGradient)
+    for bad, field in (("ubsmoe.pg_space=adam", "ubsmoe.pg_space"), ("ubsmoe.pg_rule=x", "ubsmoe.pg_rule"),
+                       ("ubsmoe.pg_probe_tokens=0", "ubsmoe.pg_probe_tokens")):
+        with pytest.raises(ConfigError, match=field):
+            load_config(overrides=[bad])
+
+
+def test_probe_rule_aligns_and_the_universal_rule_does_not(tiny_tokenizer, tiny_model_cfg):
+    """PG alignment works for both rules: the probe rule's cosine with the forced-on true
+    gradient is clearly positive, the universal rule's about 0 (its direction is borrowed)."""
+    model, _ = build_model(tiny_model_cfg, tiny_tokenizer)
+    UBSMoE().prepare_model(model)
+    for layer in smoe_layers(model):
+        with torch.no_grad():
+            layer.gate_up_lora.B.normal_(std=0.1)
+            layer.down_lora.B.normal_(std=0.1)
+    batch = _batch(tiny_tokenizer, n=4, seq=8)
+    universal = pg_alignment(model, batch, 1, UniversalPseudoGradient(0.01), _lm_loss)
+    probe = pg_alignment(model, batch, 1, ProbePseudoGradient(0.01, 4), _lm_loss)
+    assert probe["n"] == universal["n"] > 0
+    assert abs(universal["mean"]) < 0.1
+    assert probe["mean"] > 0.3 and probe["min"] > 0.0
+    assert all(m.probe_tokens == 0 for m in smoe_layers(model))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_update_space_probe_rule_scales_with_lambda_and_keeps_own_directions(tiny_tokenizer, tiny_model_cfg):
+    """With the probe rule in update space each inactive expert moves along its own
+    direction (not one shared by all) and lambda still sets the size of the move."""
+    changes = {}
+    for lam in (0.05, 0.1):
+        before, after, inactive = _pg_train(tiny_tokenizer, tiny_model_cfg, lambda_pg=lam, pg_rule="probe")
+        changes[lam] = _expert_change(before, after, inactive, "inactive")
+    for small, large in zip(changes[0.05], changes[0.1]):
+        assert bool((small.norm(dim=1) > 0).all())
+        torch.testing.assert_close(large, 2 * small, rtol=1e-4, atol=1e-9)
+        rows = small / small.norm(dim=1, keepdim=True)
+        assert float((rows @ rows.t()).abs().triu(1).max()) < 0.99  # own directions, not one shared

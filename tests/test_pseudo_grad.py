@@ -14,6 +14,8 @@ from ubsmoe.pseudo_grad import (
     PseudoGradient,
     UniversalPseudoGradient,
     apply_pseudo_gradients,
+    apply_pseudo_updates,
+    snapshot_before_step,
     pg_cosine_alignment,
     pg_scale,
 )
@@ -221,3 +223,22 @@ def test_probe_pg_keeps_own_direction_at_the_universal_norm():
         ProbePseudoGradient(0.1, 0)
     no_active = ProbePseudoGradient(0.5, 2)(grads, pi, torch.zeros(4, dtype=torch.bool), 1)
     assert all(torch.equal(v, torch.zeros_like(v)) for v in no_active.values())
+
+
+def test_update_space_pg_moves_inactive_rows_by_the_rule_on_the_steps_changes():
+    """Hand example in update space: the active rows' change in the "step" plays the part
+    of the gradients; the move is added on top of what the step did to inactive rows, and
+    the inactive rows' .grad is taken out before the step."""
+    grads, pi, active, expected = _hand_example()
+    p = torch.nn.Parameter(torch.ones(4, 1, 2))  # "gate_up.A"
+    p.grad = torch.full((4, 1, 2), 9.0)  # inactive rows: a probe gradient (here: anything)
+    snap = snapshot_before_step({"gate_up.A": p}, pi, active)
+    assert torch.equal(p.grad[2:], torch.zeros(2, 1, 2)) and torch.equal(p.grad[:2], torch.full((2, 1, 2), 9.0))
+    assert torch.equal(snap.own["gate_up.A"], torch.full((2, 1, 2), -9.0))
+    with torch.no_grad():  # the "optimizer step": active rows change by g0, g1; row 3 by momentum
+        p[:2] += grads["gate_up.A"][:2]
+        p[3] += torch.tensor([[0.5, -0.5]])
+    apply_pseudo_updates({"gate_up.A": p}, snap, 1, UniversalPseudoGradient(0.5))
+    torch.testing.assert_close(p.detach()[2], 1 + expected["gate_up.A"][2])
+    torch.testing.assert_close(p.detach()[3], 1 + torch.tensor([[0.5, -0.5]]) + expected["gate_up.A"][3])
+    assert snapshot_before_step({"gate_up.A": p}, pi, torch.ones(4, dtype=torch.bool)) is None

@@ -121,12 +121,12 @@ def test_phi_changes_routing_and_learns_from_the_gates():
     assert layer.phi.grad is not None and layer.phi.grad.abs().sum() > 0
 
 
-def test_pg_fills_only_inactive_experts_and_leaves_active_rows_bitwise_unchanged():
+def test_gradient_space_pg_fills_only_inactive_experts_and_leaves_active_rows_bitwise_unchanged():
     x = torch.randn(1, 3, 16)  # 3 tokens at top-1: at most 3 of 16 experts active
     plain = _layer(num_experts=16, top_k=1)
     with_pg = copy.deepcopy(plain)
     model_plain, model_pg = torch.nn.ModuleList([plain]), torch.nn.ModuleList([with_pg])
-    cfg = UBSMoEConfig(lambda_pg=0.05)
+    cfg = UBSMoEConfig(lambda_pg=0.05, pg_space="gradient")
     no_pg = UBSMoE(UBSMoEConfig(pg=False))
     for model, method in ((model_plain, no_pg), (model_pg, UBSMoE(cfg))):
         method.prepare_model(model)
@@ -143,19 +143,20 @@ def test_pg_fills_only_inactive_experts_and_leaves_active_rows_bitwise_unchanged
             assert bool((g_pg[~active].flatten(1).norm(dim=1) > 0).all())
 
 
-def test_pseudo_gradient_grows_as_k_c_shrinks():
+def test_gradient_space_pseudo_gradient_grows_as_k_c_shrinks():
     x = torch.randn(1, 3, 16)
     norms = {}
     base = _layer(num_experts=16, top_k=1)
     for k in (1, 2):
         layer = copy.deepcopy(base)
         model = torch.nn.ModuleList([layer])
-        method = UBSMoE(UBSMoEConfig(lambda_pg=0.05))
+        method = UBSMoE(UBSMoEConfig(lambda_pg=0.05, pg_space="gradient"))
         method.prepare_model(model)
         layer(x).pow(2).sum().backward()
         method.after_backward(model, top_k=k)  # same batch, only rho_c's K_c differs
         inactive = layer.batch_expert_counts == 0
         norms[k] = float(layer.down_lora.B.grad[inactive].norm())
+    assert norms[2] > 0
     assert norms[1] == pytest.approx(2 * norms[2], rel=1e-5)  # rho_c = lambda * M / K_c
 
 

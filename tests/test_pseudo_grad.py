@@ -15,9 +15,9 @@ from ubsmoe.pseudo_grad import (
     UniversalPseudoGradient,
     apply_pseudo_gradients,
     apply_pseudo_updates,
-    snapshot_before_step,
     pg_cosine_alignment,
     pg_scale,
+    snapshot_before_step,
 )
 
 
@@ -201,7 +201,7 @@ def test_pg_cosine_alignment():
 
 
 def test_probe_pg_keeps_own_direction_at_the_universal_norm():
-    grads, pi, active, expected = _hand_example()
+    grads, pi, active, _ = _hand_example()
     # the probe put the inactive experts' own gradients into their rows
     grads["gate_up.A"][2] = torch.tensor([[0.0, -3.0]])
     grads["gate_up.A"][3] = torch.tensor([[1.0, 0.0]])

@@ -57,7 +57,6 @@ from ubsmoe.routing import (
     server_phi_update,
 )
 
-
 PG_SPACES = ("update", "gradient")
 PG_RULES = ("universal", "probe")
 

@@ -68,8 +68,10 @@ class UBSMoEConfig:
     Attributes:
         pg: give inactive experts a pseudo-gradient (PG) in every local step.
         lambda_pg: lambda_pg >= 0 in rho_c = lambda_pg * M / K_c (DESIGN.md 4.2).
-            The default comes from the lambda_pg sweep on the default run (README,
-            "UB-SMoE").
+            Default 0.01: at K_c = 1 of M = 64 an inactive expert of average router
+            probability moves 0.64x the active experts' weighted mean move (the
+            lambda_pg sweep on the default run does not separate the values; README,
+            "UB-SMoE: DMR and PG").
         pg_space: ``update`` (default): after the optimizer step, inactive experts
             move by the rule applied to the active experts' actual changes in that
             step (:func:`ubsmoe.pseudo_grad.apply_pseudo_updates`), so lambda_pg

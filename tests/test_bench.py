@@ -74,8 +74,15 @@ def test_quick_report_model_step_fields(quick_report):
     assert list(models) == ["tiny_quick"]
     res = models["tiny_quick"]
     assert res["tokens_per_step"] == res["config"]["batch_size"] * res["config"]["seq_len"]
-    expected = {f"smoe_k{k}" for k in (1, 2, 4, 8)} | {f"lora_r{r}" for r in (12, 16, 24, 40)}
+    expected = ({f"smoe_k{k}" for k in (1, 2, 4, 8)} | {f"lora_r{r}" for r in (12, 16, 24, 40)}
+                | {"pg_universal_k1", "pg_probe_k1"})
     assert set(res["cases"]) == expected
+    # the probe rule's extra measured FLOPs are exactly its analytic count (same routing)
+    universal, probe = res["cases"]["pg_universal_k1"], res["cases"]["pg_probe_k1"]
+    assert universal["pg_probe"]["slots"] == 0 < probe["pg_probe"]["slots"]
+    assert probe["flops_measured"] - universal["flops_measured"] == probe["pg_probe"]["flops_analytic"]
+    pg_summary = quick_report["suites"]["model_step"]["summary"]["tiny_quick"]["pg_probe_vs_universal"]
+    assert pg_summary["flops_ratio"] > 1.0 and pg_summary["probe_slots"] == probe["pg_probe"]["slots"]
     for case in res["cases"].values():
         assert TIMING <= set(case)
         assert case["flops_measured"] > 0 and case["flops_analytic"] > 0

@@ -198,3 +198,47 @@ def test_flops_cli_json_and_errors():
     assert result.exit_code == 2 and "--budgets" in result.output
     result = CliRunner().invoke(app, ["flops", "--lora-targets", "router"])
     assert result.exit_code == 2 and "lora_targets: got 'router'" in result.output
+
+
+def test_pg_probe_flops_match_flop_counter_on_a_layer():
+    """The probe's extra FLOPs (probe on minus off, forward + backward of one SMoE layer) are
+    exactly slots * pg_probe_flops_per_slot."""
+    from ubsmoe.metrics.flops import pg_probe_flops_per_slot
+    from ubsmoe.models.smoe import SMoELayer
+
+    register_flop_formulas()
+    g = torch.Generator().manual_seed(0)
+    E, H, I, r = 16, 24, 12, 4
+    layer = SMoELayer(torch.randn(E, H, generator=g), torch.randn(E, 2 * I, H, generator=g),
+                      torch.randn(E, H, I, generator=g), torch.nn.SiLU(), top_k=1,
+                      norm_topk_prob=False, lora_rank=r, lora_alpha=8.0)
+    x = torch.randn(1, 5, H, generator=g, requires_grad=True)
+    flops = {}
+    for probe in (0, 3):
+        layer.probe_tokens = probe
+        with FlopCounterMode(display=False) as counter:
+            layer(x).pow(2).sum().backward()
+        flops[probe] = counter.get_total_flops()
+    slots = layer.batch_probe_slots
+    assert slots == 3 * int((layer.batch_expert_counts == 0).sum()) > 0
+    shape = ModelShape(name="t", model_type="olmoe", hidden_size=H, num_layers=1, num_heads=1,
+                       num_kv_heads=1, head_dim=H, vocab_size=8, tie_word_embeddings=False,
+                       intermediate_size=I, num_experts=E, top_k=1)
+    assert flops[3] - flops[0] == slots * pg_probe_flops_per_slot(shape, r)
+
+
+def test_flops_cli_pg_probe_bound():
+    result = CliRunner().invoke(app, ["flops", "--json", "--pg-probe-tokens", "4", "--tokens-per-step", "1024"])
+    assert result.exit_code == 0, result.output
+    table = json.loads(result.output)
+    assert table["settings"]["pg_probe_tokens"] == 4
+    rows = table["rows"]
+    assert [r["pg_probe"]["max_inactive"] for r in rows] == [63, 62, 60, 56]
+    r0 = rows[0]["pg_probe"]
+    assert r0["max_flops_per_token"] == pytest.approx(16 * 63 * 4 * r0["flops_per_slot"] / 1024)
+    # doubling the tokens per step halves the per-token bound
+    table2 = json.loads(CliRunner().invoke(
+        app, ["flops", "--json", "--pg-probe-tokens", "4", "--tokens-per-step", "2048"]).output)
+    assert table2["rows"][0]["pg_probe"]["max_flops_per_token"] == pytest.approx(r0["max_flops_per_token"] / 2)
+    assert "pg_probe" not in json.loads(CliRunner().invoke(app, ["flops", "--json"]).output)["rows"][0]
+    assert "PG probe" in CliRunner().invoke(app, ["flops", "--pg-probe-tokens", "4"]).output

@@ -10,11 +10,14 @@ from torch import nn
 
 from ubsmoe.models.smoe import ExpertLoRA
 from ubsmoe.pseudo_grad import (
+    ProbePseudoGradient,
     PseudoGradient,
     UniversalPseudoGradient,
     apply_pseudo_gradients,
+    apply_pseudo_updates,
     pg_cosine_alignment,
     pg_scale,
+    snapshot_before_step,
 )
 
 
@@ -195,3 +198,47 @@ def test_pg_cosine_alignment():
         pg_cosine_alignment(a, b[:1], torch.tensor([True, True]))
     with pytest.raises(ValueError, match="inactive"):
         pg_cosine_alignment(a, b, torch.tensor([1, 0]))
+
+
+def test_probe_pg_keeps_own_direction_at_the_universal_norm():
+    grads, pi, active, _ = _hand_example()
+    # the probe put the inactive experts' own gradients into their rows
+    grads["gate_up.A"][2] = torch.tensor([[0.0, -3.0]])
+    grads["gate_up.A"][3] = torch.tensor([[1.0, 0.0]])
+    grads["gate_up.B"][2] = 0.0  # no own direction -> zero
+    grads["gate_up.B"][3] = torch.tensor([0.0, 5.0])
+    before = {k: v.clone() for k, v in grads.items()}
+    out = ProbePseudoGradient(0.5, probe_tokens=2)(grads, pi, active, top_k=1)
+    for name in grads:
+        assert torch.equal(out[name][:2], grads[name][:2])
+        assert torch.equal(grads[name], before[name])
+    # universal norms: row 2 ||[4, 4]|| = 4 sqrt 2, row 3 ||[4/3, 4/3]||
+    torch.testing.assert_close(out["gate_up.A"][2], torch.tensor([[0.0, -4 * 2 ** 0.5]]))
+    torch.testing.assert_close(out["gate_up.A"][3], torch.tensor([[4 / 3 * 2 ** 0.5, 0.0]]))
+    assert torch.equal(out["gate_up.B"][2], torch.zeros(2))
+    torch.testing.assert_close(out["gate_up.B"][3], torch.tensor([0.0, 4 / 3]))  # norm 4/3, own dir
+    assert isinstance(ProbePseudoGradient(0.1, 1), PseudoGradient)
+    assert ProbePseudoGradient(0.1, 3).probe_tokens == 3 and UniversalPseudoGradient(0.1).probe_tokens == 0
+    with pytest.raises(ValueError, match="probe_tokens"):
+        ProbePseudoGradient(0.1, 0)
+    no_active = ProbePseudoGradient(0.5, 2)(grads, pi, torch.zeros(4, dtype=torch.bool), 1)
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in no_active.values())
+
+
+def test_update_space_pg_moves_inactive_rows_by_the_rule_on_the_steps_changes():
+    """Hand example in update space: the active rows' change in the "step" plays the part
+    of the gradients; the move is added on top of what the step did to inactive rows, and
+    the inactive rows' .grad is taken out before the step."""
+    grads, pi, active, expected = _hand_example()
+    p = torch.nn.Parameter(torch.ones(4, 1, 2))  # "gate_up.A"
+    p.grad = torch.full((4, 1, 2), 9.0)  # inactive rows: a probe gradient (here: anything)
+    snap = snapshot_before_step({"gate_up.A": p}, pi, active)
+    assert torch.equal(p.grad[2:], torch.zeros(2, 1, 2)) and torch.equal(p.grad[:2], torch.full((2, 1, 2), 9.0))
+    assert torch.equal(snap.own["gate_up.A"], torch.full((2, 1, 2), -9.0))
+    with torch.no_grad():  # the "optimizer step": active rows change by g0, g1; row 3 by momentum
+        p[:2] += grads["gate_up.A"][:2]
+        p[3] += torch.tensor([[0.5, -0.5]])
+    apply_pseudo_updates({"gate_up.A": p}, snap, 1, UniversalPseudoGradient(0.5))
+    torch.testing.assert_close(p.detach()[2], 1 + expected["gate_up.A"][2])
+    torch.testing.assert_close(p.detach()[3], 1 + torch.tensor([[0.5, -0.5]]) + expected["gate_up.A"][3])
+    assert snapshot_before_step({"gate_up.A": p}, pi, torch.ones(4, dtype=torch.bool)) is None

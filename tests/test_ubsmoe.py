@@ -24,7 +24,7 @@ from ubsmoe.metrics.diagnostics import (
 )
 from ubsmoe.models import SMoELayer, adapter_state, build_model, set_top_k, smoe_layers
 from ubsmoe.models.loading import patch_smoe, tiny_olmoe
-from ubsmoe.pseudo_grad import UniversalPseudoGradient
+from ubsmoe.pseudo_grad import ProbePseudoGradient, UniversalPseudoGradient
 from ubsmoe.routing import DMRConfig, target_modulation
 
 
@@ -121,12 +121,12 @@ def test_phi_changes_routing_and_learns_from_the_gates():
     assert layer.phi.grad is not None and layer.phi.grad.abs().sum() > 0
 
 
-def test_pg_fills_only_inactive_experts_and_leaves_active_rows_bitwise_unchanged():
+def test_gradient_space_pg_fills_only_inactive_experts_and_leaves_active_rows_bitwise_unchanged():
     x = torch.randn(1, 3, 16)  # 3 tokens at top-1: at most 3 of 16 experts active
     plain = _layer(num_experts=16, top_k=1)
     with_pg = copy.deepcopy(plain)
     model_plain, model_pg = torch.nn.ModuleList([plain]), torch.nn.ModuleList([with_pg])
-    cfg = UBSMoEConfig(lambda_pg=0.05)
+    cfg = UBSMoEConfig(lambda_pg=0.05, pg_space="gradient")
     no_pg = UBSMoE(UBSMoEConfig(pg=False))
     for model, method in ((model_plain, no_pg), (model_pg, UBSMoE(cfg))):
         method.prepare_model(model)
@@ -143,19 +143,20 @@ def test_pg_fills_only_inactive_experts_and_leaves_active_rows_bitwise_unchanged
             assert bool((g_pg[~active].flatten(1).norm(dim=1) > 0).all())
 
 
-def test_pseudo_gradient_grows_as_k_c_shrinks():
+def test_gradient_space_pseudo_gradient_grows_as_k_c_shrinks():
     x = torch.randn(1, 3, 16)
     norms = {}
     base = _layer(num_experts=16, top_k=1)
     for k in (1, 2):
         layer = copy.deepcopy(base)
         model = torch.nn.ModuleList([layer])
-        method = UBSMoE(UBSMoEConfig(lambda_pg=0.05))
+        method = UBSMoE(UBSMoEConfig(lambda_pg=0.05, pg_space="gradient"))
         method.prepare_model(model)
         layer(x).pow(2).sum().backward()
         method.after_backward(model, top_k=k)  # same batch, only rho_c's K_c differs
         inactive = layer.batch_expert_counts == 0
         norms[k] = float(layer.down_lora.B.grad[inactive].norm())
+    assert norms[2] > 0
     assert norms[1] == pytest.approx(2 * norms[2], rel=1e-5)  # rho_c = lambda * M / K_c
 
 
@@ -312,3 +313,180 @@ def test_pg_alignment_restores_the_model_and_scores_every_inactive_expert(tiny_t
     assert all(p.grad is None for p in model.parameters())
     for k, v in adapter_state(model).items():
         assert torch.equal(v, before[k])
+
+
+# ----- PG in the space of updates (issue 9) ------------------------------------------
+
+def _pg_train(tiny_tokenizer, tiny_model_cfg, steps=1, max_grad_norm=1e-3, **pg):
+    """One tiny model trained ``steps`` steps on one repeated batch at K_c = 1 through
+    local_train (Adam, clipping); returns (params before, params after, inactive masks)."""
+    from ubsmoe.config import TrainConfig
+    from ubsmoe.fl.train import local_train
+
+    torch.manual_seed(0)
+    model, _ = build_model(tiny_model_cfg, tiny_tokenizer, seed=0)
+    method = UBSMoE(UBSMoEConfig(**pg))
+    method.prepare_model(model)
+    set_top_k(model, 1)
+    batch = _batch(tiny_tokenizer, n=2, seq=6)
+    before = {k: v.clone() for k, v in adapter_state(model).items()}
+    local_train(model, [batch] * steps, method, TrainConfig(lr=1e-3, max_grad_norm=max_grad_norm), 1)
+    inactive = [m.batch_expert_counts == 0 for m in smoe_layers(model)]
+    return before, adapter_state(model), inactive
+
+
+def _expert_change(before, after, inactive, rows):
+    """Per layer, ``[E, D]`` parameter change of every expert (all four LoRA tensors)."""
+    from ubsmoe.methods.base import expert_layer_of
+
+    layer_of = expert_layer_of(list(after))
+    out = []
+    for li, mask in enumerate(inactive):
+        names = sorted(n for n, l in layer_of.items() if l == li)
+        d = torch.cat([(after[n] - before[n]).flatten(1) for n in names], 1)  # [E, D]
+        out.append(d[mask if rows == "inactive" else ~mask])
+    return out
+
+
+def test_update_space_pg_doubling_lambda_doubles_an_inactive_experts_move(tiny_tokenizer, tiny_model_cfg):
+    """Adam erased lambda_pg in gradient space; in update space it sets the move."""
+    changes = {}
+    for lam in (0.05, 0.1):
+        before, after, inactive = _pg_train(tiny_tokenizer, tiny_model_cfg, lambda_pg=lam)
+        assert all(int(m.sum()) > 0 for m in inactive)
+        changes[lam] = _expert_change(before, after, inactive, "inactive")
+    for small, large in zip(changes[0.05], changes[0.1]):
+        norms = small.norm(dim=1)
+        assert bool((norms > 0).all())
+        torch.testing.assert_close(large, 2 * small, rtol=1e-4, atol=1e-9)
+
+
+def test_update_space_pg_moves_inactive_experts_relative_to_the_active_ones(tiny_tokenizer, tiny_model_cfg):
+    """After one step the inactive experts' mean move / the active experts' pi-weighted mean
+    move is rho_c * pi_i / mean_A(pi) (checked on the total norm; the direction is shared)."""
+    before, after, inactive = _pg_train(tiny_tokenizer, tiny_model_cfg, lambda_pg=0.1)
+    for moved in _expert_change(before, after, inactive, "inactive"):
+        rows = moved / moved.norm(dim=1, keepdim=True)
+        cos = rows @ rows[0]
+        torch.testing.assert_close(cos, torch.ones_like(cos), rtol=0, atol=1e-4)  # one direction
+
+
+def test_update_space_pg_with_lambda_zero_equals_pg_off_bitwise(tiny_tokenizer, tiny_model_cfg):
+    _, off, _ = _pg_train(tiny_tokenizer, tiny_model_cfg, steps=3, pg=False)
+    _, zero, _ = _pg_train(tiny_tokenizer, tiny_model_cfg, steps=3, lambda_pg=0.0)
+    for k in off:
+        assert torch.equal(off[k].view(torch.int32), zero[k].view(torch.int32)), k
+
+
+@pytest.mark.parametrize("space, independent", [("update", True), ("gradient", False)])
+def test_real_gradient_clipping_does_not_depend_on_pg(tiny_tokenizer, tiny_model_cfg, space, independent):
+    """Clipping binds (max norm 1e-3): after a step with PG in update space every parameter
+    but the inactive experts' rows is bitwise as without PG; the gradient-space rule (PG in
+    the clipping norm) changes the active experts' steps. (One step: in a second one an
+    expert PG moved may become active, and then the runs rightly differ.)"""
+    _, off, inactive = _pg_train(tiny_tokenizer, tiny_model_cfg, pg=False)
+    _, on, inactive_on = _pg_train(tiny_tokenizer, tiny_model_cfg, lambda_pg=1.0, pg_space=space)
+    assert all(torch.equal(a, b) for a, b in zip(inactive, inactive_on))
+    from ubsmoe.methods.base import expert_layer_of
+
+    layer_of = expert_layer_of(list(off))
+    same = True
+    for k in off:
+        if k in layer_of:
+            act = ~inactive[layer_of[k]]
+            same &= torch.equal(off[k][act], on[k][act])
+        else:
+            same &= torch.equal(off[k], on[k])
+    assert same == independent
+
+
+def test_layer_probe_gives_inactive_experts_their_gradient_on_their_top_tokens_only():
+    """Probe on: output unchanged, every other gradient bitwise unchanged, and each inactive
+    expert gets the gradient of sum over its n highest-probability tokens t of
+    p_{t,i} <c_t, expert_i(x_t)> (dense reference) for a linear loss <c, y>."""
+    n = 2
+    base = _layer(num_experts=8, top_k=1)
+    x0 = torch.randn(5, 16)
+    c = torch.randn(5, 16)
+    grads = {}
+    for probe in (0, n):
+        layer = copy.deepcopy(base)
+        layer.probe_tokens = probe
+        x = x0.clone().requires_grad_(True)
+        y = layer(x.unsqueeze(0)).squeeze(0)
+        (y * c).sum().backward()
+        grads[probe] = (y.detach(), x.grad, layer)
+    y_off, gx_off, off = grads[0]
+    y_on, gx_on, on = grads[n]
+    assert torch.equal(y_off, y_on) and torch.equal(gx_off, gx_on)
+    inactive = on.batch_expert_counts == 0
+    assert on.batch_probe_slots == n * int(inactive.sum()) > 0
+    assert torch.equal(on.router_weight.grad if on.router_weight.grad is not None else torch.zeros(1),
+                       off.router_weight.grad if off.router_weight.grad is not None else torch.zeros(1))
+    probs = on.route(x0)[0].detach()  # [N, E]
+    gu, dn = on.gate_up_lora, on.down_lora
+    for proj in ("gate_up_lora", "down_lora"):
+        for part in ("A", "B"):
+            g_on = getattr(getattr(on, proj), part).grad
+            g_off = getattr(getattr(off, proj), part).grad
+            assert torch.equal(g_on[~inactive], g_off[~inactive])
+    for i in inactive.nonzero().squeeze(-1).tolist():
+        params = [gu.A, gu.B, dn.A, dn.B]
+        ref_loss = 0.0
+        for t in probs[:, i].topk(n).indices.tolist():
+            w_gu = on.gate_up_proj[i] + gu.scale * gu.B[i] @ gu.A[i]
+            w_dn = on.down_proj[i] + dn.scale * dn.B[i] @ dn.A[i]
+            g, u = (w_gu @ x0[t]).chunk(2)
+            ref_loss = ref_loss + probs[t, i] * (c[t] @ (w_dn @ (F.silu(g) * u)))
+        ref = torch.autograd.grad(ref_loss, params)
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.grad[i], r[i], atol=1e-5, rtol=1e-4)
+
+
+def test_pg_rule_config_and_probe_wiring(tiny_tokenizer, tiny_model_cfg):
+    cfg = load_config(overrides=["ubsmoe.pg_rule=probe", "ubsmoe.pg_probe_tokens=3", "ubsmoe.pg_space=gradient"])
+    method = UBSMoE(cfg.method_config)
+    assert isinstance(method.pseudo_gradient, ProbePseudoGradient) and method.pseudo_gradient.probe_tokens == 3
+    model, _ = build_model(tiny_model_cfg, tiny_tokenizer)
+    method.prepare_model(model)
+    assert all(m.probe_tokens == 3 for m in smoe_layers(model))
+    UBSMoE(UBSMoEConfig(pg=False, pg_rule="probe")).prepare_model(model)
+    assert all(m.probe_tokens == 0 for m in smoe_layers(model))
+    assert isinstance(UBSMoE().pseudo_gradient, UniversalPseudoGradient)
+    for bad, field in (("ubsmoe.pg_space=adam", "ubsmoe.pg_space"), ("ubsmoe.pg_rule=x", "ubsmoe.pg_rule"),
+                       ("ubsmoe.pg_probe_tokens=0", "ubsmoe.pg_probe_tokens")):
+        with pytest.raises(ConfigError, match=field):
+            load_config(overrides=[bad])
+
+
+def test_probe_rule_aligns_and_the_universal_rule_does_not(tiny_tokenizer, tiny_model_cfg):
+    """PG alignment works for both rules: the probe rule's cosine with the forced-on true
+    gradient is clearly positive, the universal rule's about 0 (its direction is borrowed)."""
+    model, _ = build_model(tiny_model_cfg, tiny_tokenizer)
+    UBSMoE().prepare_model(model)
+    for layer in smoe_layers(model):
+        with torch.no_grad():
+            layer.gate_up_lora.B.normal_(std=0.1)
+            layer.down_lora.B.normal_(std=0.1)
+    batch = _batch(tiny_tokenizer, n=4, seq=8)
+    universal = pg_alignment(model, batch, 1, UniversalPseudoGradient(0.01), _lm_loss)
+    probe = pg_alignment(model, batch, 1, ProbePseudoGradient(0.01, 4), _lm_loss)
+    assert probe["n"] == universal["n"] > 0
+    assert abs(universal["mean"]) < 0.1
+    assert probe["mean"] > 0.3 and probe["min"] > 0.0
+    assert all(m.probe_tokens == 0 for m in smoe_layers(model))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_update_space_probe_rule_scales_with_lambda_and_keeps_own_directions(tiny_tokenizer, tiny_model_cfg):
+    """With the probe rule in update space each inactive expert moves along its own
+    direction (not one shared by all) and lambda still sets the size of the move."""
+    changes = {}
+    for lam in (0.05, 0.1):
+        before, after, inactive = _pg_train(tiny_tokenizer, tiny_model_cfg, lambda_pg=lam, pg_rule="probe")
+        changes[lam] = _expert_change(before, after, inactive, "inactive")
+    for small, large in zip(changes[0.05], changes[0.1]):
+        assert bool((small.norm(dim=1) > 0).all())
+        torch.testing.assert_close(large, 2 * small, rtol=1e-4, atol=1e-9)
+        rows = small / small.norm(dim=1, keepdim=True)
+        assert float((rows @ rows.t()).abs().triu(1).max()) < 0.99  # own directions, not one shared

@@ -215,6 +215,11 @@ def flops(
     frozen_backward: Annotated[bool, typer.Option(
         "--frozen-backward/--no-frozen-backward",
         help="count the input-gradient pass through frozen weights (a LoRA step computes it)")] = True,
+    pg_probe_tokens: Annotated[int, typer.Option(
+        help="also show the PG probe's extra FLOPs (ubsmoe.pg_rule=probe) at this many tokens per "
+             "inactive expert (0: off)")] = 0,
+    tokens_per_step: Annotated[int | None, typer.Option(
+        help="tokens per local step, spreading the probe's per-step cost (default 16 x seq-len)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
 ) -> None:
     """Activated parameters and training FLOPs per token for each compute budget."""
@@ -236,7 +241,8 @@ def flops(
                 _fail(f"--ranks: {model} is a dense model; give one LoRA rank per budget level")
             rank_list = list(PAPER_LORA_RANKS)
         table = budget_table(shape, default_budgets(shape, betas, rank_list, lora_rank),
-                             seq_len=seq_len, lora_targets=lora_targets, frozen_backward=frozen_backward)
+                             seq_len=seq_len, lora_targets=lora_targets, frozen_backward=frozen_backward,
+                             pg_probe_tokens=pg_probe_tokens, tokens_per_step=tokens_per_step)
     except ValueError as e:
         _fail(str(e))
     if as_json:

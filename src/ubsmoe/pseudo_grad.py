@@ -1,18 +1,31 @@
-"""Universal Pseudo-Gradient, PG (DESIGN.md section 4.2; notation in section 2).
+"""Pseudo-gradients for inactive experts, PG (DESIGN.md section 4.2; notation in section 2).
 
 UB-SMoE: "Universally Balanced Sparse Mixture-of-Experts for Resource-Adaptive
 Federated Fine-Tuning of Foundation Models" (ICML 2026, arXiv 2605.16690).
 
 Top-K routing is not differentiable: an expert that receives no token in a batch
 gets no gradient, and a client with a small K_c leaves most experts without any
-signal. After backward in every local step, PG writes a pseudo-gradient into each
-inactive expert's LoRA ``.grad``, built from the router probabilities and the active
-experts' real gradients and scaled by a client-sparsity factor that grows as K_c
-shrinks, so that the optimizer treats it like a real gradient.
+signal. A PG rule fills the inactive experts' rows from the router probabilities and
+the active experts' signal, scaled by a client-sparsity factor that grows as K_c
+shrinks. Two rules sit behind the small :class:`PseudoGradient` interface:
 
-The paper's exact PG equation was not available; :class:`UniversalPseudoGradient`
-follows its published description (DESIGN.md 4.2). PG sits behind the small
-:class:`PseudoGradient` interface so that a variant can be swapped in.
+* :class:`UniversalPseudoGradient`, the paper's published description: every
+  inactive expert gets the pi-weighted mean of the active experts' signal;
+* :class:`ProbePseudoGradient`: each inactive expert's own true gradient on the few
+  tokens where its router probability is highest (computed by the SMoE layer's probe,
+  ``SMoELayer.probe_tokens``, at extra FLOPs), rescaled to the universal rule's norm.
+
+A rule can act in two spaces (``ubsmoe.pg_space``):
+
+* ``update`` (default): after the optimizer step, :func:`apply_pseudo_updates` moves
+  each inactive expert by the rule applied to the step's actual parameter changes
+  (snapshot taken by :func:`snapshot_before_step` after backward). Adam divides each
+  gradient by its own running RMS, so a scale put on a gradient is lost; in the space
+  of updates lambda_pg and rho_c set how far an inactive expert moves relative to
+  what the optimizer did to the active experts, and PG never enters gradient
+  clipping;
+* ``gradient`` (the earlier rule, for comparison): :func:`apply_pseudo_gradients`
+  writes the rule's output into ``.grad`` before clipping and the step.
 
 Pure PyTorch; nothing here knows about Flower.
 """
@@ -21,17 +34,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "ProbePseudoGradient",
     "PseudoGradient",
     "UniversalPseudoGradient",
+    "UpdateSnapshot",
     "apply_pseudo_gradients",
+    "apply_pseudo_updates",
     "pg_cosine_alignment",
     "pg_scale",
+    "snapshot_before_step",
 ]
 
 
@@ -66,13 +84,41 @@ def pg_scale(lambda_pg: float, num_experts: int, top_k: int) -> float:
     return float(lambda_pg) * num_experts / top_k
 
 
+def _check_layer_inputs(grads: Mapping[str, torch.Tensor], router_prob: torch.Tensor,
+                        active: torch.Tensor) -> int:
+    """Validate a rule's inputs and return ``num_experts`` (see :class:`PseudoGradient`)."""
+    if router_prob.dim() != 1:
+        raise ValueError(
+            f"router_prob: got shape {tuple(router_prob.shape)}, expected [num_experts]"
+        )
+    num_experts = router_prob.shape[0]
+    if active.shape != (num_experts,) or active.dtype != torch.bool:
+        raise ValueError(
+            f"active: got shape {tuple(active.shape)} dtype {active.dtype}, expected "
+            f"[num_experts] = [{num_experts}] torch.bool"
+        )
+    for name, g in grads.items():
+        if not isinstance(g, torch.Tensor) or g.dim() < 1 or g.shape[0] != num_experts:
+            shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+            raise ValueError(
+                f"grads[{name!r}]: got {shape}, expected a tensor [num_experts = "
+                f"{num_experts}, ...]"
+            )
+    return num_experts
+
+
 @runtime_checkable
 class PseudoGradient(Protocol):
     """Interface of a pseudo-gradient rule for the experts of one SMoE layer.
 
-    A rule maps the layer's true per-expert LoRA gradients to new full gradients in
-    which the inactive experts' rows are filled; the active experts' rows must come
-    back unchanged. Any callable with this signature works.
+    A rule maps the layer's per-expert LoRA signal (the gradients, or in update space
+    the step's parameter changes) to a new full signal in which the inactive experts'
+    rows are filled; the active experts' rows must come back unchanged. The inactive
+    rows of the input hold that expert's own signal in the same space (zeros, unless
+    the layer's probe computed a gradient for it: then the gradient, or its negation
+    in update space, a descent direction). Any callable with this signature works;
+    a rule that needs the layer's probe says so with an integer attribute
+    ``probe_tokens`` > 0 (tokens per inactive expert).
     """
 
     def __call__(self, grads: Mapping[str, torch.Tensor], router_prob: torch.Tensor,
@@ -81,7 +127,8 @@ class PseudoGradient(Protocol):
 
         Args:
             grads: per-expert LoRA tensor name (e.g. ``"gate_up.A"``) -> its gradient
-                ``[num_experts, ...]``; rows of experts without tokens hold zeros.
+                (or parameter change) ``[num_experts, ...]``; rows of experts without
+                tokens hold their own signal (see above; zeros without a probe).
             router_prob: ``[num_experts]`` batch-mean router probability pi (float).
             active: ``[num_experts]`` bool, True for experts that received at least
                 one token in the batch.
@@ -114,6 +161,8 @@ class UniversalPseudoGradient(PseudoGradient):
         ValueError: ``lambda_pg`` negative or not finite.
     """
 
+    probe_tokens = 0  # needs no probe
+
     def __init__(self, lambda_pg: float) -> None:
         pg_scale(lambda_pg, 1, 1)  # validates lambda_pg
         self.lambda_pg = float(lambda_pg)
@@ -144,23 +193,7 @@ class UniversalPseudoGradient(PseudoGradient):
                 not bool, a gradient whose first dimension is not ``num_experts``, or
                 ``top_k`` outside ``[1, num_experts]``.
         """
-        if router_prob.dim() != 1:
-            raise ValueError(
-                f"router_prob: got shape {tuple(router_prob.shape)}, expected [num_experts]"
-            )
-        num_experts = router_prob.shape[0]
-        if active.shape != (num_experts,) or active.dtype != torch.bool:
-            raise ValueError(
-                f"active: got shape {tuple(active.shape)} dtype {active.dtype}, expected "
-                f"[num_experts] = [{num_experts}] torch.bool"
-            )
-        for name, g in grads.items():
-            if not isinstance(g, torch.Tensor) or g.dim() < 1 or g.shape[0] != num_experts:
-                shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-                raise ValueError(
-                    f"grads[{name!r}]: got {shape}, expected a tensor [num_experts = "
-                    f"{num_experts}, ...]"
-                )
+        num_experts = _check_layer_inputs(grads, router_prob, active)
         rho = pg_scale(self.lambda_pg, num_experts, top_k)
         out = dict(grads)
         n_active = int(active.sum())
@@ -186,13 +219,210 @@ class UniversalPseudoGradient(PseudoGradient):
         return out
 
 
+class ProbePseudoGradient(PseudoGradient):
+    """PG from each inactive expert's own gradient on its highest-probability tokens.
+
+    The second rule behind :class:`PseudoGradient` (DESIGN.md section 4.2): the SMoE
+    layer's probe (``SMoELayer.probe_tokens = probe_tokens``) runs every inactive
+    expert i, with a zero-valued contribution at its gate weight, on the
+    ``probe_tokens`` tokens of the batch where its router probability p_{t,i} is
+    highest, so backward leaves in i's rows the true gradient h_i it would get if
+    forced on for those tokens (the PG-alignment diagnostic's reference restricted to
+    a few tokens, so it can align). Per LoRA tensor, the rule keeps h_i's direction
+    and takes the universal rule's norm (:class:`UniversalPseudoGradient`):
+
+        g_i = ||rho_c * (pi_i / mean_{j in A} pi_j) * G|| * h_i / ||h_i||   for i in I
+
+    so the two rules differ only in direction. A tensor whose h_i is zero (e.g. the
+    A factor while B = 0) gets zero. Extra cost per step and SMoE layer: |I| *
+    ``probe_tokens`` expert-token passes, forward and backward without the input
+    gradient of the first projection (:func:`ubsmoe.metrics.flops.pg_probe_flops_per_slot`).
+
+    Args:
+        lambda_pg: lambda_pg >= 0 (0 writes zero pseudo-gradients).
+        probe_tokens: tokens per inactive expert, >= 1.
+
+    Raises:
+        ValueError: ``lambda_pg`` negative or not finite, or ``probe_tokens`` < 1.
+    """
+
+    def __init__(self, lambda_pg: float, probe_tokens: int) -> None:
+        if isinstance(probe_tokens, bool) or not isinstance(probe_tokens, int) or probe_tokens < 1:
+            raise ValueError(f"probe_tokens: got {probe_tokens!r}, expected an integer >= 1")
+        self.universal = UniversalPseudoGradient(lambda_pg)
+        self.lambda_pg = self.universal.lambda_pg
+        self.probe_tokens = probe_tokens
+
+    def __repr__(self) -> str:
+        return f"ProbePseudoGradient(lambda_pg={self.lambda_pg}, probe_tokens={self.probe_tokens})"
+
+    def __call__(self, grads: Mapping[str, torch.Tensor], router_prob: torch.Tensor,
+                 active: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+        """Return the signal with each inactive row rescaled to the universal rule's norm.
+
+        Active rows are returned bitwise unchanged; every expert active returns the
+        input unchanged; no expert active (no norm to borrow) zeroes the inactive
+        rows. The input tensors are never modified.
+
+        Args:
+            grads: name -> signal ``[num_experts, ...]``; inactive rows hold the
+                probe's gradient (or its negation in update space).
+            router_prob: ``[num_experts]`` batch-mean router probabilities pi >= 0.
+            active: ``[num_experts]`` bool mask of active experts.
+            top_k: K_c in ``[1, num_experts]``.
+
+        Returns:
+            Name -> new signal ``[num_experts, ...]``, same dtype and device.
+
+        Raises:
+            ValueError: as :class:`UniversalPseudoGradient`.
+        """
+        num_experts = _check_layer_inputs(grads, router_prob, active)
+        pg_scale(self.lambda_pg, num_experts, top_k)  # validates top_k
+        n_active = int(active.sum())
+        if n_active == num_experts:
+            return dict(grads)
+        universal = self.universal(grads, router_prob, active, top_k)
+        inact_idx = (~active).nonzero().squeeze(-1)  # [|I|]
+        out = {}
+        for name, g in grads.items():
+            own = g.detach()[inact_idx].to(torch.float32).flatten(1)  # [|I|, D]
+            if n_active == 0:
+                target = torch.zeros(own.shape[0], dtype=torch.float32, device=own.device)  # [|I|]
+            else:
+                target = universal[name].detach()[inact_idx].to(torch.float32).flatten(1).norm(dim=1)
+            norm = own.norm(dim=1)  # [|I|]
+            coef = torch.where(norm > 0, target / norm.clamp_min(torch.finfo(torch.float32).tiny),
+                               0.0)  # [|I|]
+            new = g.detach().clone()  # [E, ...]
+            new[inact_idx] = (coef.unsqueeze(-1) * own).reshape((-1, *g.shape[1:])).to(g.dtype)
+            out[name] = new
+        return out
+
+
+@dataclass
+class UpdateSnapshot:
+    """What update-space PG keeps of one SMoE layer between backward and the step.
+
+    Attributes:
+        router_prob: ``[num_experts]`` batch router probabilities pi (any positive
+            multiple of the batch mean).
+        active: ``[num_experts]`` bool, experts with >= 1 token in the batch.
+        before: name -> ``[n_active, ...]`` the active experts' rows before the step.
+        own: name -> ``[n_inactive, ...]`` the inactive experts' own descent
+            direction: minus the gradient their rows of ``.grad`` held (the probe's
+            gradient; zeros without a probe).
+    """
+
+    router_prob: torch.Tensor
+    active: torch.Tensor
+    before: dict[str, torch.Tensor]
+    own: dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def snapshot_before_step(layer_params: Mapping[str, torch.nn.Parameter],
+                         router_prob: torch.Tensor, active: torch.Tensor) -> UpdateSnapshot | None:
+    """Prepare update-space PG for one layer: call after backward, before clipping.
+
+    Copies the active experts' rows (to measure their change in the step) and moves
+    the inactive experts' rows of ``.grad`` out of the gradient (zeroing them), so
+    that neither clipping nor the optimizer sees anything but the real gradients of
+    the experts that ran.
+
+    Args:
+        layer_params: name -> per-expert LoRA parameter ``[num_experts, ...]`` of one
+            layer (e.g. ``"gate_up.A"`` -> ``[num_experts, rank, in_features]``).
+        router_prob: ``[num_experts]`` batch router probabilities pi.
+        active: ``[num_experts]`` bool, experts with >= 1 token in the batch.
+
+    Returns:
+        The :class:`UpdateSnapshot`, or None when there is nothing to fill (every
+        expert active, or none: no change to borrow).
+
+    Raises:
+        ValueError: ``active`` is not a ``[num_experts]`` bool mask.
+    """
+    params = dict(layer_params)
+    num_experts = router_prob.shape[0] if router_prob.dim() == 1 else -1
+    if active.shape != (num_experts,) or active.dtype != torch.bool:
+        raise ValueError(
+            f"active: got shape {tuple(active.shape)} dtype {active.dtype}, expected "
+            f"router_prob's [num_experts] torch.bool"
+        )
+    n_active = int(active.sum())
+    if n_active in (0, num_experts):
+        return None
+    act_idx = active.nonzero().squeeze(-1)  # [|A|]
+    inact_idx = (~active).nonzero().squeeze(-1)  # [|I|]
+    before, own = {}, {}
+    for name, p in params.items():
+        before[name] = p.detach()[act_idx].clone()  # [|A|, ...]
+        if p.grad is None:
+            own[name] = torch.zeros((len(inact_idx), *p.shape[1:]), dtype=p.dtype, device=p.device)
+        else:
+            own[name] = -p.grad[inact_idx]  # [|I|, ...], a copy
+            p.grad[inact_idx] = 0.0
+    return UpdateSnapshot(router_prob.detach().clone(), active.clone(), before, own)
+
+
+@torch.no_grad()
+def apply_pseudo_updates(layer_params: Mapping[str, torch.nn.Parameter], snapshot: UpdateSnapshot,
+                         top_k: int, pg: PseudoGradient) -> None:
+    """Move one layer's inactive experts by ``pg`` applied to the step's changes.
+
+    Call right after the optimizer step. Per LoRA tensor, delta_j = (row after the
+    step) - (row before) for each active expert j, the optimizer's actual change;
+    ``pg`` maps these (inactive rows: the snapshot's own descent direction) to
+    inactive rows u_i, and each inactive row moves by u_i *on top of* whatever the
+    optimizer did to it. For the universal rule:
+
+        u_i = rho_c * (pi_i / mean_{j in A} pi_j) * sum_{j in A} (pi_j / sum_A pi) * delta_j
+
+    (DESIGN.md 4.2). The optimizer's own change of an inactive row is Adam's momentum
+    from that expert's real gradients of earlier steps (exactly zero for an expert
+    inactive in every step so far), that expert's own information, so it is kept, not
+    replaced; the PG move is not fed back into the optimizer's state.
+
+    Args:
+        layer_params: the same name -> parameter mapping given to
+            :func:`snapshot_before_step`.
+        snapshot: its result.
+        top_k: K_c in ``[1, num_experts]``.
+        pg: the rule.
+
+    Raises:
+        ValueError: as raised by ``pg``, or a rule that returns another shape.
+    """
+    active = snapshot.active
+    act_idx = active.nonzero().squeeze(-1)  # [|A|]
+    inact_idx = (~active).nonzero().squeeze(-1)  # [|I|]
+    deltas = {}
+    for name, p in layer_params.items():
+        delta = torch.empty_like(p)  # [E, ...]
+        delta[act_idx] = p.detach()[act_idx] - snapshot.before[name]
+        delta[inact_idx] = snapshot.own[name]
+        deltas[name] = delta
+    new = pg(deltas, snapshot.router_prob, active, top_k)
+    for name, p in layer_params.items():
+        u = new[name]
+        if u.shape != p.shape:
+            raise ValueError(
+                f"pseudo-update {name!r}: got shape {tuple(u.shape)}, expected {tuple(p.shape)}"
+            )
+        p[inact_idx] = p[inact_idx] + u[inact_idx].to(p.dtype)
+
+
 @torch.no_grad()
 def apply_pseudo_gradients(layer_params: Mapping[str, torch.nn.Parameter],
                            router_prob: torch.Tensor, active: torch.Tensor, top_k: int,
                            pg: PseudoGradient) -> None:
     """Run ``pg`` on one SMoE layer and write the result into each ``.grad`` in place.
 
-    Call after backward and before clipping / the optimizer step. A parameter whose
+    The gradient-space rule (``ubsmoe.pg_space=gradient``): call after backward and
+    before clipping / the optimizer step. The pseudo-gradients then enter the clipping
+    norm, and Adam divides them by their own running RMS, so their scale is lost
+    (use :func:`apply_pseudo_updates` for PG whose strength is its settings'). A parameter whose
     ``.grad`` is ``None`` (no expert of the layer received a token, or the tensor did
     not enter the graph) is treated as an all-zero gradient and gets a new ``.grad``.
 

@@ -9,7 +9,11 @@ gradient clipping, Adam step: exactly a client's step) at
 - LoRA-rank budgets r = 12, 16, 24, 40 at the native top-8 (one model per rank,
   ``model.lora_rank = r``), as the heterogeneous-rank baselines run;
 
-all eight cases interleaved in one process. Next to each time it puts the FLOPs of
+- UB-SMoE at K = 1 with PG in update space, once per PG rule (``pg_universal_k1``,
+  ``pg_probe_k1``): the probe rule's extra cost (``pg_probe`` field: probe slots run
+  in the step and their analytic FLOPs) next to the universal rule's;
+
+all ten cases interleaved in one process. Next to each time it puts the FLOPs of
 the same step from ``FlopCounterMode`` (grouped matmuls and CPU attention included,
 see :func:`~ubsmoe.metrics.flops.register_flop_formulas`) and the analytic FLOPs of
 :func:`~ubsmoe.metrics.flops.training_flops_per_token` for the same shapes. The
@@ -30,11 +34,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ubsmoe.bench import BenchOptions, interleaved_timings, ratio_stats, register_suite, summarize
 from ubsmoe.config import ModelConfig, TinyModelConfig, TrainConfig
-from ubsmoe.metrics.flops import ModelShape, register_flop_formulas, training_flops_per_token
+from ubsmoe.metrics.flops import (
+    ModelShape,
+    pg_probe_flops_per_slot,
+    register_flop_formulas,
+    training_flops_per_token,
+)
 
 SMOE_KS = [1, 2, 4, 8]
 LORA_RANKS = [12, 16, 24, 40]
 SMOE_RANK = 20
+PG_PROBE_TOKENS = 4  # the ubsmoe.pg_probe_tokens default
 
 
 @dataclass(frozen=True)
@@ -123,7 +133,8 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
     """
     from ubsmoe.fl.train import local_train
     from ubsmoe.methods import get_method_class
-    from ubsmoe.models import set_top_k
+    from ubsmoe.methods.ubsmoe import UBSMoEConfig
+    from ubsmoe.models import set_top_k, smoe_layers
 
     ks = sorted(ks or SMOE_KS)
     ranks = sorted(ranks or LORA_RANKS)
@@ -139,6 +150,12 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
         cases[f"smoe_k{k}"] = _Case(smoe_model, k, SMOE_RANK, smoe_method)
     for r in ranks:
         cases[f"lora_r{r}"] = _Case(_build(step_cfg, r, seed), k_max, r, rank_method)
+    k_low = ks[0]
+    for rule in ("universal", "probe"):
+        method = get_method_class("ubsmoe")(UBSMoEConfig(pg_rule=rule, pg_probe_tokens=PG_PROBE_TOKENS))
+        model = _build(step_cfg, SMOE_RANK, seed)
+        method.prepare_model(model)
+        cases[f"pg_{rule}_k{k_low}"] = _Case(model, k_low, SMOE_RANK, method)
 
     def runner(case: _Case):
         """A callable running one local training step of ``case``."""
@@ -152,11 +169,12 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
 
     runs = {name: runner(case) for name, case in cases.items()}
     register_flop_formulas()
-    measured = {}
+    measured, probe_slots = {}, {}
     for name, run in runs.items():
         with FlopCounterMode(display=False) as counter:
             run()
         measured[name] = int(counter.get_total_flops())
+        probe_slots[name] = sum(m.batch_probe_slots for m in smoe_layers(cases[name].model))
     times = interleaved_timings(runs, repeats, warmup)
     shape = _shape(step_cfg)
     out_cases = {}
@@ -168,6 +186,12 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
             "flops_analytic": analytic["total"] * tokens,
             "flops_analytic_terms": {k: v * tokens for k, v in analytic.items() if k != "total"},
         }
+        if name.startswith("pg_"):
+            out_cases[name]["pg_probe"] = {
+                "tokens_per_expert": PG_PROBE_TOKENS if "probe" in name else 0,
+                "slots": probe_slots[name],
+                "flops_analytic": probe_slots[name] * pg_probe_flops_per_slot(shape, case.lora_rank),
+            }
 
     def contrast(names: list[str]) -> dict[str, Any]:
         """Time and FLOP ratios of each case to the last (largest) budget."""
@@ -192,6 +216,7 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
         "cases": out_cases,
         "smoe": contrast([f"smoe_k{k}" for k in ks]),
         "lora_rank": contrast([f"lora_r{r}" for r in ranks]),
+        "pg_rules": contrast([f"pg_universal_k{k_low}", f"pg_probe_k{k_low}"]),
     }
 
 
@@ -218,10 +243,17 @@ def model_step_suite(options: BenchOptions) -> dict[str, Any]:
                 "flops_saving": rank["budgets"][lo_r]["flops_saving"]},
             "median_s": {c: v["median_s"] for c, v in res["cases"].items()},
         }
+        pg = res["pg_rules"]
+        probe, universal = pg["reference_case"], next(iter(pg["budgets"]))
+        summary[name]["pg_probe_vs_universal"] = {
+            "flops_ratio": 1.0 / pg["budgets"][universal]["flops_ratio"],
+            "time_ratio": 1.0 / pg["budgets"][universal]["time_ratio"]["of_medians"],
+            "probe_slots": res["cases"][probe]["pg_probe"]["slots"],
+        }
     return {
         "description": ("local training step (forward, loss, backward, clip, Adam) per SMoE "
-                        "budget K and per LoRA rank at native top-k, with FlopCounterMode and "
-                        "analytic FLOPs"),
+                        "budget K and per LoRA rank at native top-k, and UB-SMoE at the lowest K "
+                        "per PG rule, with FlopCounterMode and analytic FLOPs"),
         "models": models,
         "summary": summary,
     }

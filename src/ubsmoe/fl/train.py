@@ -1,8 +1,8 @@
 """Local training on one client (plain PyTorch, no Flower).
 
 One function, :func:`local_train`, reads like the algorithm: forward, loss, method
-loss hook, backward, method gradient hook (UB-SMoE's pseudo-gradient goes here),
-clip, step, log. :class:`ClientRuntime` holds what a client keeps between rounds
+loss hook, backward, method gradient hook, clip, step, method update hook (UB-SMoE's
+pseudo-gradient acts here, in the space of updates), log. :class:`ClientRuntime` holds what a client keeps between rounds
 (model, tokenizer, its tokenized partition) and :meth:`ClientRuntime.train_round`
 turns the server's instruction into a :class:`~ubsmoe.methods.base.ClientUpdate`.
 """
@@ -125,7 +125,8 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
     Args:
         model: patched model; only parameters with ``requires_grad`` are trained.
         batches: from :func:`make_batches`.
-        method: supplies the extra loss and the gradient hook.
+        method: supplies the extra loss, the gradient hook (after backward) and the
+            update hook (after the optimizer step).
         train_cfg: lr and gradient clipping.
         top_k: K_c the client runs at (already set on the model).
 
@@ -149,6 +150,7 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
         if train_cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
         optimizer.step()
+        method.after_step(model, top_k)
         total_loss += float(loss.detach())
         steps += 1
         examples += batch["input_ids"].shape[0]

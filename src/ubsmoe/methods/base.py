@@ -353,6 +353,12 @@ class Method:
     def after_backward(self, model: nn.Module, top_k: int) -> None:
         """Gradient hook run after backward, before clipping and the optimizer step."""
 
+    def after_step(self, model: nn.Module, top_k: int) -> None:
+        """Update hook run right after the optimizer step (e.g. PG in update space).
+
+        Default: nothing.
+        """
+
     # ----- LoRA rank (heterogeneous-rank methods) ------------------------------------
     def client_lora(self, level: int, model_rank: int, model_alpha: float) -> tuple[int, float]:
         """``(rank, alpha)`` of every LoRA a client at budget level ``level`` trains.

@@ -7,8 +7,12 @@ DESIGN.md section 4.
 Client side, per local step: routing uses the layer's modulation phi on each
 token's N_p candidate experts (:func:`ubsmoe.routing.dmr_route`); phi is learned
 with the range penalty (:func:`ubsmoe.routing.phi_range_penalty`) added to the task
-loss; after backward, the inactive experts' LoRA gradients are filled with
-pseudo-gradients (:class:`ubsmoe.pseudo_grad.UniversalPseudoGradient`).
+loss; after the optimizer step, the inactive experts' LoRA parameters move by the PG
+rule applied to the step's actual parameter changes (``pg_space=update``; the
+earlier rule, pseudo-gradients written into ``.grad`` before clipping and the step,
+is ``pg_space=gradient``). Rules: :class:`ubsmoe.pseudo_grad.UniversalPseudoGradient`
+(``pg_rule=universal``) and :class:`ubsmoe.pseudo_grad.ProbePseudoGradient`
+(``pg_rule=probe``).
 
 Server side, per round: expert LoRA, attention LoRA and phi are p_c-weighted means
 (section 4.3), then phi moves towards the utilization-aware target:
@@ -38,7 +42,14 @@ from ubsmoe.methods.base import (
     round_utilization,
 )
 from ubsmoe.models.loading import smoe_layers
-from ubsmoe.pseudo_grad import UniversalPseudoGradient, apply_pseudo_gradients
+from ubsmoe.pseudo_grad import (
+    ProbePseudoGradient,
+    PseudoGradient,
+    UniversalPseudoGradient,
+    apply_pseudo_gradients,
+    apply_pseudo_updates,
+    snapshot_before_step,
+)
 from ubsmoe.routing import (
     DMRConfig,
     mean_top_k,
@@ -46,16 +57,33 @@ from ubsmoe.routing import (
     server_phi_update,
 )
 
+PG_SPACES = ("update", "gradient")
+PG_RULES = ("universal", "probe")
+
 
 @dataclass
 class UBSMoEConfig:
     """UB-SMoE hyperparameters.
 
     Attributes:
-        pg: write pseudo-gradients into inactive experts after each backward.
+        pg: give inactive experts a pseudo-gradient (PG) in every local step.
         lambda_pg: lambda_pg >= 0 in rho_c = lambda_pg * M / K_c (DESIGN.md 4.2).
-            The default comes from the lambda_pg sweep on the default run (README,
-            "UB-SMoE").
+            Default 0.01: at K_c = 1 of M = 64 an inactive expert of average router
+            probability moves 0.64x the active experts' weighted mean move (the
+            lambda_pg sweep on the default run does not separate the values; README,
+            "UB-SMoE: DMR and PG").
+        pg_space: ``update`` (default): after the optimizer step, inactive experts
+            move by the rule applied to the active experts' actual changes in that
+            step (:func:`ubsmoe.pseudo_grad.apply_pseudo_updates`), so lambda_pg
+            sets their move relative to the active experts' and PG stays out of
+            gradient clipping; ``gradient``: the earlier rule, pseudo-gradients
+            written into ``.grad`` before clipping and the step (Adam then erases
+            their scale).
+        pg_rule: ``universal`` (the paper's description: the pi-weighted mean of the
+            active experts' signal) or ``probe`` (each inactive expert's own true
+            gradient on its ``pg_probe_tokens`` highest-probability tokens, at the
+            universal rule's norm; costs extra FLOPs).
+        pg_probe_tokens: tokens per inactive expert for ``pg_rule=probe``, >= 1.
         dmr: Dynamic Modulated Routing settings (:class:`ubsmoe.routing.DMRConfig`):
             ``num_candidates`` (N_p), ``momentum`` (zeta), ``phi_min``/``phi_max``/
             ``penalty_coef`` (range penalty), and the switches ``learn_phi``,
@@ -67,16 +95,27 @@ class UBSMoEConfig:
 
     pg: bool = True
     lambda_pg: float = 0.01
+    pg_space: str = "update"
+    pg_rule: str = "universal"
+    pg_probe_tokens: int = 4
     dmr: DMRConfig = field(default_factory=DMRConfig)
 
     def __post_init__(self) -> None:
         from ubsmoe.config import ConfigError
 
+        errors = []
         if isinstance(self.lambda_pg, bool) or not isinstance(self.lambda_pg, (int, float)) or not (
                 math.isfinite(self.lambda_pg) and self.lambda_pg >= 0):
-            raise ConfigError(
-                f"ubsmoe.lambda_pg: got {self.lambda_pg!r}, expected a finite number >= 0"
-            )
+            errors.append(f"ubsmoe.lambda_pg: got {self.lambda_pg!r}, expected a finite number >= 0")
+        if self.pg_space not in PG_SPACES:
+            errors.append(f"ubsmoe.pg_space: got {self.pg_space!r}, expected one of {', '.join(PG_SPACES)}")
+        if self.pg_rule not in PG_RULES:
+            errors.append(f"ubsmoe.pg_rule: got {self.pg_rule!r}, expected one of {', '.join(PG_RULES)}")
+        if (isinstance(self.pg_probe_tokens, bool) or not isinstance(self.pg_probe_tokens, int)
+                or self.pg_probe_tokens < 1):
+            errors.append(f"ubsmoe.pg_probe_tokens: got {self.pg_probe_tokens!r}, expected an integer >= 1")
+        if errors:
+            raise ConfigError("\n".join(errors))
 
 
 def _expert_params(layer: nn.Module) -> dict[str, nn.Parameter]:
@@ -93,21 +132,30 @@ class UBSMoE(Method):
 
     def __init__(self, config: UBSMoEConfig | None = None) -> None:
         super().__init__(config)
-        self._pg = UniversalPseudoGradient(self.config.lambda_pg)
+        cfg = self.config
+        self._pg: PseudoGradient = (ProbePseudoGradient(cfg.lambda_pg, cfg.pg_probe_tokens)
+                                    if cfg.pg_rule == "probe" else UniversalPseudoGradient(cfg.lambda_pg))
+        # (layer params, snapshot) per SMoE layer, from after_backward to after_step.
+        self._pending: list = []
 
     @property
-    def pseudo_gradient(self) -> UniversalPseudoGradient | None:
+    def pseudo_gradient(self) -> PseudoGradient | None:
         """The PG rule, or None when ``pg`` is off."""
         return self._pg if self.config.pg else None
 
     def prepare_model(self, model: nn.Module) -> None:
-        """Enable DMR on every SMoE layer (phi becomes part of the adapters).
+        """Enable DMR on every SMoE layer (phi becomes part of the adapters); set the PG probe.
+
+        With ``pg_rule=probe`` (and PG on) every layer's probe runs in training
+        forwards (``SMoELayer.probe_tokens``).
 
         Raises:
             ValueError: ``dmr.num_candidates`` exceeds the model's expert count.
         """
+        probe = self._pg.probe_tokens if self.config.pg else 0
         for layer in smoe_layers(model):
             layer.enable_dmr(self.config.dmr.num_candidates)
+            layer.probe_tokens = probe
 
     def extra_loss(self, model: nn.Module, top_k: int) -> torch.Tensor | None:
         """The range penalty on every layer's phi (None when off or phi is frozen)."""
@@ -119,17 +167,40 @@ class UBSMoE(Method):
                    for m in layers)
 
     def after_backward(self, model: nn.Module, top_k: int) -> None:
-        """Drop phi's gradient when it is frozen; fill inactive experts' gradients with PG.
+        """Drop phi's gradient when it is frozen; prepare or apply PG.
 
         Per SMoE layer, the active set is the experts with >= 1 token in this batch
         (``batch_expert_counts``) and pi is the batch's router probabilities.
+        ``pg_space=update``: snapshot the active experts' rows and take the
+        inactive rows out of ``.grad`` (:func:`ubsmoe.pseudo_grad.snapshot_before_step`),
+        so clipping sees only real gradients; ``gradient``: write pseudo-gradients
+        into ``.grad`` (they then enter clipping and the optimizer).
         """
+        self._pending = []
         for layer in smoe_layers(model):
             if not self.config.dmr.learn_phi:
                 layer.phi.grad = None
-            if self.config.pg and layer.batch_expert_counts is not None:
-                apply_pseudo_gradients(_expert_params(layer), layer.router_prob_sum,
-                                       layer.batch_expert_counts > 0, top_k, self._pg)
+            if not (self.config.pg and layer.batch_expert_counts is not None):
+                continue
+            params = _expert_params(layer)
+            active = layer.batch_expert_counts > 0  # [E]
+            if self.config.pg_space == "gradient":
+                apply_pseudo_gradients(params, layer.router_prob_sum, active, top_k, self._pg)
+            else:
+                snapshot = snapshot_before_step(params, layer.router_prob_sum, active)
+                if snapshot is not None:
+                    self._pending.append((params, snapshot))
+
+    def after_step(self, model: nn.Module, top_k: int) -> None:
+        """``pg_space=update``: move the inactive experts by PG on the step's changes.
+
+        Inactive expert i of each layer moves by the rule applied to the active
+        experts' actual changes delta_j in this step, on top of the optimizer's own
+        change of i's rows (:func:`ubsmoe.pseudo_grad.apply_pseudo_updates`).
+        """
+        for params, snapshot in self._pending:
+            apply_pseudo_updates(params, snapshot, top_k, self._pg)
+        self._pending = []
 
     def aggregator(self, global_adapters: dict[str, torch.Tensor]) -> Aggregator:
         """An incremental :class:`UBSMoEAggregator` (FedAvg, then the phi update)."""

@@ -210,9 +210,10 @@ def pg_alignment(model: nn.Module, batch: dict[str, torch.Tensor], top_k: int,
 
     Paper §6.3.4 / DESIGN.md section 4.2. On a fixed probe batch at K_c = ``top_k``:
 
-    1. forward and backward as in training; per SMoE layer, A = experts that got a
-       token, I = the others; the rule ``pg`` turns the true gradients into
-       pseudo-gradients for I (not written into the model);
+    1. forward and backward as in training (with the layer's probe on when the rule
+       has ``probe_tokens`` > 0, :class:`ubsmoe.pseudo_grad.ProbePseudoGradient`);
+       per SMoE layer, A = experts that got a token, I = the others; the rule ``pg``
+       turns the gradients into pseudo-gradients for I (not written into the model);
     2. forward and backward again with every expert of I forced on for every token
        at its gate weight (``SMoELayer.force_on``: a zero-valued contribution, so
        the loss and routing are unchanged and each forced expert's LoRA receives
@@ -220,14 +221,22 @@ def pg_alignment(model: nn.Module, batch: dict[str, torch.Tensor], top_k: int,
     3. per inactive expert, the cosine of the two (all four LoRA tensors
        concatenated, :func:`ubsmoe.pseudo_grad.pg_cosine_alignment`).
 
-    The model's gradients, K_c, ``force_on`` flags and utilization counters are
-    restored afterwards; its parameters are not changed.
+    The model's gradients, K_c, ``force_on`` and ``probe_tokens`` settings and
+    utilization counters are restored afterwards; its parameters are not changed.
+
+    The score is of the rule's gradient-space output; with ``pg_space=update`` the
+    rule acts on the step's parameter changes instead, but what sets the direction is
+    the same: for the universal rule the active experts' shared signal, whose cosine
+    with an inactive expert's own gradient is about 0 by construction (that gradient
+    depends on the expert's own frozen weights and its tokens); for the probe rule the
+    expert's own gradient on a few tokens.
 
     Args:
         model: the patched model (LoRA parameters trainable).
         batch: ``input_ids``, ``attention_mask``, ``labels``, each ``[batch, seq]``.
         top_k: K_c to probe at.
-        pg: the pseudo-gradient rule (its scale does not affect a cosine).
+        pg: the pseudo-gradient rule (its scale does not affect a cosine; an integer
+            attribute ``probe_tokens`` > 0 turns the layers' probe on for pass 1).
         loss_fn: ``(logits [batch, seq, vocab], labels [batch, seq]) -> scalar``.
 
     Returns:
@@ -242,6 +251,8 @@ def pg_alignment(model: nn.Module, batch: dict[str, torch.Tensor], top_k: int,
     if not layers:
         raise ValueError("model: no SMoE layer to probe")
     saved_k = layers[0].top_k
+    saved_probe = [m.probe_tokens for m in layers]
+    probe_tokens = int(getattr(pg, "probe_tokens", 0))
     saved_counts = [(m.expert_counts.clone(), m.token_count.clone()) for m in layers]
     params = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
@@ -259,6 +270,8 @@ def pg_alignment(model: nn.Module, batch: dict[str, torch.Tensor], top_k: int,
                                attention_mask=batch["attention_mask"]).logits
             loss_fn(logits, batch["labels"]).backward()
 
+        for layer in layers:
+            layer.probe_tokens = probe_tokens
         backward()
         pseudo, inactive = [], []
         for layer in layers:
@@ -268,14 +281,16 @@ def pg_alignment(model: nn.Module, batch: dict[str, torch.Tensor], top_k: int,
             inactive.append(~active)
         for layer, mask in zip(layers, inactive):
             layer.force_on = mask
+            layer.probe_tokens = 0
         backward()
         for layer, ps, mask in zip(layers, pseudo, inactive):
             if bool(mask.any()):
                 true = _per_expert(_expert_grads(layer))  # [E, D]
                 cosines.append(pg_cosine_alignment(ps, true, mask))
     finally:
-        for layer, (counts, tokens) in zip(layers, saved_counts):
+        for layer, (counts, tokens), probe in zip(layers, saved_counts, saved_probe):
             layer.force_on = None
+            layer.probe_tokens = probe
             layer.expert_counts.copy_(counts)
             layer.token_count.copy_(tokens)
         for p in params:

@@ -33,6 +33,13 @@ step = forward + backward):
   norms, activations, softmax, residual adds, the loss, the optimizer step (per
   step, LoRA-sized) — all O(H) per token.
 
+PG probe (``ubsmoe.pg_rule=probe``): per step and SMoE layer, each inactive
+expert runs on ``pg_probe_tokens`` tokens, forward and backward, on detached inputs
+(:func:`pg_probe_flops_per_slot` per (token, expert) slot). At most ``M - K``
+experts of a layer are inactive in a step (each token uses K), so
+:func:`budget_table` reports the bound ``L (M - K) n_probe slot / tokens_per_step``
+per token.
+
 With ``frozen_backward=False`` the frozen model is counted forward only (its
 matmuls and attention scores; LoRA keeps its full ``6r(in+out)``): the "2N + 6P"
 shorthand some papers use. Activated parameters: every parameter except the
@@ -373,6 +380,32 @@ def training_flops_per_token(s: ModelShape, top_k: int, lora_rank: int, seq_len:
     return terms
 
 
+def pg_probe_flops_per_slot(s: ModelShape, lora_rank: int) -> int:
+    """FLOPs of one PG-probe slot: one inactive expert on one token, forward + backward.
+
+    The probe (``SMoELayer.probe_tokens``, DESIGN.md section 4.2) runs the expert on
+    a detached input, so the backward forms the LoRA weight gradients and the input
+    gradient of ``down`` (to reach ``gate_up``'s LoRA) but no input gradient of
+    ``gate_up``. With H = hidden, I = expert intermediate, r = LoRA rank:
+
+    - frozen: ``gate_up`` ``[2I, H]`` forward ``4IH``; ``down`` ``[H, I]`` forward and
+      input gradient ``4IH``: ``8IH``;
+    - LoRA ``gate_up`` (in H, out 2I): ``6r(H + 2I) - 2rH`` (no ``A`` input gradient);
+      LoRA ``down`` (in I, out H): ``6r(I + H)``.
+
+    Matches ``FlopCounterMode`` on the layer (tests/test_flops.py).
+
+    Raises:
+        ValueError: a dense model or ``lora_rank < 1``.
+    """
+    if not s.is_moe:
+        raise ValueError(f"model: {s.name} is dense; the PG probe needs an MoE model")
+    if lora_rank < 1:
+        raise ValueError(f"lora_rank: got {lora_rank}, expected an integer >= 1")
+    h, i, r = s.hidden_size, s.intermediate_size, lora_rank
+    return 8 * i * h + 6 * r * (h + 2 * i) - 2 * r * h + 6 * r * (i + h)
+
+
 @dataclass(frozen=True)
 class Budget:
     """One compute budget: a level beta and what it runs at.
@@ -415,7 +448,8 @@ def default_budgets(s: ModelShape, betas: list[float], ranks: list[int] | None,
 
 
 def budget_table(s: ModelShape, budgets: list[Budget], seq_len: int = 256,
-                 lora_targets: str = "all", frozen_backward: bool = True) -> dict[str, Any]:
+                 lora_targets: str = "all", frozen_backward: bool = True,
+                 pg_probe_tokens: int = 0, tokens_per_step: int | None = None) -> dict[str, Any]:
     """Activated parameters and training FLOPs per token for each budget.
 
     Args:
@@ -424,18 +458,31 @@ def budget_table(s: ModelShape, budgets: list[Budget], seq_len: int = 256,
         seq_len: sequence length of the attention-score term.
         lora_targets: where LoRA sits (``LORA_TARGETS``).
         frozen_backward: see :func:`training_flops_per_token`.
+        pg_probe_tokens: tokens per inactive expert of the PG probe
+            (``ubsmoe.pg_probe_tokens`` with ``pg_rule=probe``); 0: no probe row.
+        tokens_per_step: tokens in one local step (batch x sequence), to spread the
+            probe's per-step cost over tokens; None: ``16 * seq_len`` (batch 16).
 
     Returns:
         JSON-ready dict: ``model`` (the shape), ``total_params``, ``settings``,
         ``rows`` (per budget: beta, K, rank, activated params, FLOPs per token by
-        term, both as ratios to the largest budget) and ``lowest_vs_highest``
-        (FLOP ratio, FLOP reduction ``1 - ratio``, activated-parameter ratio).
+        term, both as ratios to the largest budget; with a probe also ``pg_probe``:
+        FLOPs per slot, the bound ``max_inactive = M - K``, the per-token bound
+        ``max_flops_per_token`` and its share of the step ``max_share``) and
+        ``lowest_vs_highest`` (FLOP ratio, FLOP reduction ``1 - ratio``,
+        activated-parameter ratio; without the probe).
 
     Raises:
-        ValueError: no budgets, or a bad setting (see the functions above).
+        ValueError: no budgets, a bad setting (see the functions above), a negative
+            ``pg_probe_tokens``, a probe on a dense model, or ``tokens_per_step < 1``.
     """
     if not budgets:
         raise ValueError("budgets: expected at least one budget level")
+    if pg_probe_tokens < 0:
+        raise ValueError(f"pg_probe_tokens: got {pg_probe_tokens}, expected an integer >= 0")
+    tokens_per_step = 16 * seq_len if tokens_per_step is None else tokens_per_step
+    if tokens_per_step < 1:
+        raise ValueError(f"tokens_per_step: got {tokens_per_step}, expected an integer >= 1")
     rows = []
     for b in budgets:
         active = param_counts(s, b.top_k)["total"]
@@ -447,6 +494,14 @@ def budget_table(s: ModelShape, budgets: list[Budget], seq_len: int = 256,
             "flops_per_token": training_flops_per_token(s, b.top_k, b.lora_rank, seq_len,
                                                         lora_targets, frozen_backward),
         })
+    if pg_probe_tokens:
+        for b, row in zip(budgets, rows, strict=True):
+            slot = pg_probe_flops_per_slot(s, b.lora_rank)
+            max_inactive = s.num_experts - b.top_k
+            extra = s.num_layers * max_inactive * pg_probe_tokens * slot / tokens_per_step
+            row["pg_probe"] = {"flops_per_slot": slot, "max_inactive": max_inactive,
+                               "max_flops_per_token": extra,
+                               "max_share": extra / row["flops_per_token"]["total"]}
     top = rows[-1]
     for row in rows:
         row["flops_ratio_to_highest"] = row["flops_per_token"]["total"] / top["flops_per_token"]["total"]
@@ -456,7 +511,8 @@ def budget_table(s: ModelShape, budgets: list[Budget], seq_len: int = 256,
         "model": asdict(s),
         "total_params": param_counts(s)["total"],
         "settings": {"seq_len": seq_len, "lora_targets": lora_targets,
-                     "frozen_backward": frozen_backward},
+                     "frozen_backward": frozen_backward, "pg_probe_tokens": pg_probe_tokens,
+                     "tokens_per_step": tokens_per_step},
         "rows": rows,
         "lowest_vs_highest": {
             "flops_ratio": low["flops_ratio_to_highest"],

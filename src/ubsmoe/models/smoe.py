@@ -349,6 +349,13 @@ class SMoELayer(nn.Module):
             at their gate weight with a zero-valued contribution: the forward value
             is unchanged but their LoRA receives the gradient it would get if
             forced on (the PG-alignment probe, DESIGN.md section 4.2).
+        probe_tokens: PG probe (``pg_rule=probe``, DESIGN.md section 4.2): when > 0
+            and autograd is recording, every expert without a token in the forward
+            also runs, with a zero-valued contribution at its gate weight, on the
+            ``probe_tokens`` tokens where its router probability is highest, on
+            detached inputs; backward then leaves in its LoRA ``.grad`` rows its true
+            gradient on those tokens and changes no other gradient. 0: off.
+        batch_probe_slots: (token, expert) pairs the probe ran in the last forward.
     """
 
     def __init__(self, router_weight: torch.Tensor, gate_up_proj: torch.Tensor,
@@ -387,6 +394,8 @@ class SMoELayer(nn.Module):
         self.keep_router_logits = False
         self.router_logits_out: torch.Tensor | None = None
         self.force_on: torch.Tensor | None = None
+        self.probe_tokens = 0
+        self.batch_probe_slots = 0
         # Optional [num_tokens] bool mask of real (non-padding) tokens for the next
         # forward; set by `routing_mask`. Masked-out tokens are not routed at all.
         self.token_mask: torch.Tensor | None = None
@@ -494,4 +503,26 @@ class SMoELayer(nn.Module):
             index = forced.unsqueeze(0).expand(x.shape[0], -1)  # [N, F]
             extra = self.experts_forward(x, probs[:, forced].to(x.dtype), index)  # [N, H]
             y = y + (extra - extra.detach())  # zero value, the forced experts' gradient
+        self.batch_probe_slots = 0
+        if self.probe_tokens > 0 and torch.is_grad_enabled():
+            y = y + self._probe_inactive(x, probs, counts)
         return y
+
+    def _probe_inactive(self, x: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Zero-valued ``[num_tokens, hidden]`` term giving inactive experts their probe gradient.
+
+        Each expert i with ``counts[i] == 0`` runs on its ``probe_tokens`` tokens of
+        highest ``probs[:, i]`` at gate weight ``probs[t, i]``; inputs and gate weights
+        are detached, so only the inactive experts' LoRA receives gradient.
+        """
+        inactive = (counts == 0).nonzero().squeeze(-1)  # [I]
+        n = min(self.probe_tokens, x.shape[0])
+        if inactive.numel() == 0 or n == 0:
+            return torch.zeros_like(x)
+        token = probs[:, inactive].topk(n, dim=0).indices.t().reshape(-1)  # [I*n], expert-major
+        expert = inactive.repeat_interleave(n)  # [I*n]
+        weights = probs[token, expert].detach().to(x.dtype).unsqueeze(-1)  # [I*n, 1]
+        out = self.experts_forward(x.detach().index_select(0, token), weights,
+                                   expert.unsqueeze(-1))  # [I*n, H]
+        self.batch_probe_slots = int(token.numel())
+        return torch.zeros_like(x).index_add(0, token, out - out.detach())  # [N, H], all zeros

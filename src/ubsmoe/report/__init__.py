@@ -82,7 +82,21 @@ def flops_tables(result: dict[str, Any]) -> list[Table]:
         terms.add_row(f"{row['beta']:g}", *[f"{f[k] / 1e9:.3f}" for k in
                                              ("attention_proj", "attention_scores", "router", "mlp",
                                               "lm_head", "lora")])
-    return [main, terms]
+    tables = [main, terms]
+    if settings.get("pg_probe_tokens"):
+        probe = Table(title=(f"PG probe (ubsmoe.pg_rule=probe, {settings['pg_probe_tokens']} tokens per "
+                             f"inactive expert, {settings['tokens_per_step']} tokens per step): "
+                             "extra training FLOPs, upper bound"))
+        for col in ("beta", "K", "MFLOP per slot", "max inactive per layer", "max GFLOP per token",
+                    "max share of step"):
+            probe.add_column(col, justify="right")
+        for row in result["rows"]:
+            p = row["pg_probe"]
+            probe.add_row(f"{row['beta']:g}", str(row["top_k"]), f"{p['flops_per_slot'] / 1e6:.3f}",
+                          str(p["max_inactive"]), f"{p['max_flops_per_token'] / 1e9:.4f}",
+                          f"{100 * p['max_share']:.2f}%")
+        tables.append(probe)
+    return tables
 
 
 def flops_notes(result: dict[str, Any]) -> list[str]:

@@ -231,7 +231,7 @@ def plan(cfg: RunConfig) -> dict[str, Any]:
     return {
         "model": {"name": cfg.model.name, "init": cfg.model.resolved_init, "device": label,
                   "dtype": str(dtype).removeprefix("torch."), "shape": asdict(shape)},
-        "params": {"total": frozen, "trainable_per_client": trainable,
+        "params": {"total": param_counts(shape)["total"], "trainable_per_client": trainable,
                    "trainable_global": global_trainable, "per_budget": rows},
         "memory": {"client_process": client, "server_process": server,
                    "device_total": device_total},

@@ -27,7 +27,12 @@ allocated; presets and full architectures alike, see
     output (2 H), the gate/up output and the GLU output (3 I) and two ``r``-wide
     LoRA activations; the router saves its float32 logits (4 E bytes). The LM head
     keeps the logits in the dtype plus two float32 copies for the loss (``V (d +
-    8)`` bytes). Assumes no activation checkpointing; with
+    8)`` bytes). The planned figure is this times ``ACTIVATION_PEAK_FACTOR`` (2):
+    during the backward pass the gradients of a layer's activations coexist with
+    them, and forward temporaries come and go; on CPU ``medium`` (float32, 16 x 256,
+    K = 8) the tensors autograd actually saves were 296 KB per token (the formula
+    says 350 KB) while the peak RSS above weights, adapters and Adam was 2.3x the
+    saved tensors (README, "Planning a run"). Assumes no activation checkpointing; with
     ``train.activation_checkpointing`` only the layer inputs (``L H d`` per token)
     plus one layer's activations are kept;
   - evaluation (server): ``eval.batch_size`` sequences of ``T +
@@ -62,6 +67,8 @@ import torch
 from ubsmoe.config import ConfigError, RunConfig
 
 GIB = 1024 ** 3
+# Peak training activations / activations saved for backward (see the module docstring).
+ACTIVATION_PEAK_FACTOR = 2.0
 # Share of a device's free memory a run may plan to use.
 FREE_MEMORY_SHARE = 0.9
 
@@ -124,7 +131,9 @@ def _workers(cfg: RunConfig, clients_per_round: int, gpus: int) -> dict[str, Any
 
 def activation_bytes(shape, batch: int, seq_len: int, top_k: int, lora_rank: int,
                      dtype_bytes: int, checkpointing: bool = False) -> int:
-    """Training activations kept for the backward pass (formula in the module docstring).
+    """Peak training activation bytes: saved-for-backward formula x ``ACTIVATION_PEAK_FACTOR``.
+
+    The formula is in the module docstring.
 
     Args:
         shape: :class:`~ubsmoe.metrics.flops.ModelShape` of an MoE model.
@@ -144,8 +153,10 @@ def activation_bytes(shape, batch: int, seq_len: int, top_k: int, lora_rank: int
     head = V * (dtype_bytes + 8)
     tokens = batch * seq_len
     if checkpointing:
-        return tokens * (L * h * dtype_bytes + per_layer + head)
-    return tokens * (L * per_layer + head)
+        saved = tokens * (L * h * dtype_bytes + per_layer + head)
+    else:
+        saved = tokens * (L * per_layer + head)
+    return int(ACTIVATION_PEAK_FACTOR * saved)
 
 
 def plan(cfg: RunConfig) -> dict[str, Any]:
@@ -231,7 +242,8 @@ def plan(cfg: RunConfig) -> dict[str, Any]:
     return {
         "model": {"name": cfg.model.name, "init": cfg.model.resolved_init, "device": label,
                   "dtype": str(dtype).removeprefix("torch."), "shape": asdict(shape)},
-        "params": {"total": param_counts(shape)["total"], "trainable_per_client": trainable,
+        "params": {"total": param_counts(shape)["total"], "frozen_in_model": frozen,
+                   "trainable_per_client": trainable,
                    "trainable_global": global_trainable, "per_budget": rows},
         "memory": {"client_process": client, "server_process": server,
                    "device_total": device_total},
@@ -244,8 +256,9 @@ def plan(cfg: RunConfig) -> dict[str, Any]:
             "micro_batch": micro, "grad_accumulation_steps": accumulation,
             "activation_checkpointing": checkpointing, "seq_len": seq,
             "steps_per_round": steps, "tokens_per_client_round": tokens_per_client,
-            "activation_formula": ("b*T*[L*(8H + K(2H + 3I + 2r))*d + L*4E + V*(d + 8)] bytes, "
-                                   "sequences padded to T, no activation checkpointing"),
+            "activation_formula": (f"{ACTIVATION_PEAK_FACTOR:g} x b*T*[L*(8H + K(2H + 3I + 2r))*d "
+                                   "+ L*4E + V*(d + 8)] bytes, sequences padded to T, no "
+                                   "activation checkpointing"),
         },
     }
 

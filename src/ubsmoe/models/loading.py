@@ -212,7 +212,8 @@ def olmoe_config(cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: 
         cfg: model config (``name``: a preset, or a shipped / local OLMoE config).
         vocab_size: a preset's vocabulary (the trained tokenizer's size; default the
             preset's ``vocab_size``). A full architecture keeps its own vocabulary.
-        pad_token_id, eos_token_id: the tokenizer's special ids (default: the config's).
+        pad_token_id, eos_token_id: the tokenizer's special ids (default: the config's;
+            0 and 1 for a preset, where :func:`train_tokenizer` puts them).
 
     Raises:
         ValueError: see :func:`architecture_config`.
@@ -224,6 +225,8 @@ def olmoe_config(cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: 
                                  ("bos_token_id", eos_token_id)) if v is not None}
     if t is None:
         return OlmoeConfig(**{**architecture_config(cfg), **special})
+    # A preset's trained tokenizer puts <pad> at 0 and <|endoftext|> at 1 (SPECIAL_TOKENS).
+    special = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1, **special}
     return OlmoeConfig(
         vocab_size=vocab_size or t.vocab_size,
         hidden_size=t.hidden_size,

@@ -163,3 +163,24 @@ def test_shared_setup_trains_the_tokenizer_to_the_preset_vocabulary(tmp_path, mo
     setup = shared_setup(cfg)
     assert seen["vocab"] == MEDIUM.vocab_size
     assert setup.tokenizer.pad_token == "<pad>"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_build_trains_on_the_device_and_adapters_come_back_on_cpu(tiny_tokenizer):
+    from ubsmoe.fl.train import local_train
+    from ubsmoe.methods import get_method_class
+
+    model, _ = build_model(ModelConfig(name="medium", device="cuda"), tiny_tokenizer, seed=0)
+    base = smoe_layers(model)[0]
+    assert base.gate_up_proj.device.type == "cuda" and base.gate_up_proj.dtype == torch.bfloat16
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    ids = torch.randint(2, len(tiny_tokenizer), (2, 16))  # CPU batch: local_train moves it
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    before = adapter_state(model)
+    local_train(model, [batch], get_method_class("ubsmoe")(), TrainConfig(lr=1e-3), top_k=2)
+    after = adapter_state(model)
+    assert all(t.device.type == "cpu" for t in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    load_adapter_state(model, before)
+    assert all(torch.equal(p.cpu(), before[n]) for n, p in model.named_parameters() if p.requires_grad)

@@ -69,6 +69,8 @@ def run(
     resume: Annotated[Path | None, typer.Option(
         "--resume", help="continue the run in this directory from its latest checkpoint")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="show Flower's and Ray's logs")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="start even when `ubsmoe plan` says the run does not fit its device")] = False,
 ) -> None:
     """Run a federated fine-tuning job (Flower simulation, in-process)."""
     from ubsmoe.config import ConfigError, load_config
@@ -87,6 +89,8 @@ def run(
         else:
             cfg = load_config(config, list(overrides or []))
             run_dir = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
+        if not force:
+            _preflight(cfg)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             setup = shared_setup(cfg)
@@ -116,6 +120,16 @@ def run(
         summary = run_federated(cfg, run_dir, resume=resume is not None, progress=display,
                                 setup=setup, verbose=verbose)
     _print_summary(summary, run_dir)
+
+
+def _preflight(cfg) -> None:
+    """Stop (exit 2, one line) when the run's plan does not fit its device (``check_plan``)."""
+    from ubsmoe.metrics.plan import PlanError, check_plan
+
+    try:
+        check_plan(cfg)
+    except (PlanError, ValueError) as e:  # ConfigError is a ValueError
+        _fail(str(e).replace("\n", "; "))
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
@@ -254,6 +268,36 @@ def flops(
         console.print(t)
     for line in flops_notes(table):
         console.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def plan(
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="key=value overrides, as for `ubsmoe run`")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="YAML config (on top of the embedded default)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+) -> None:
+    """Parameters, memory per process, processes, FLOPs per round and disk of a run (meta device)."""
+    import json
+
+    from ubsmoe.config import ConfigError, load_config
+    from ubsmoe.metrics.plan import plan as make_plan
+
+    try:
+        cfg = load_config(config, list(overrides or []))
+        result = make_plan(cfg)
+    except ConfigError as e:
+        _fail(str(e).replace("\n", "; "))
+    except ValueError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    from ubsmoe.report import plan_tables
+
+    for t in plan_tables(result):
+        console.print(t)
 
 
 def main() -> None:

@@ -42,7 +42,10 @@ EVAL_PROTOCOLS = ("generation", "loglik")
 EVAL_TOP_K = ("budget", "native")
 # K a client trains at: the method's own choice (``auto``), K_c (``budget``) or native.
 TRAIN_TOP_K = ("auto", "budget", "native")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODEL_INITS = ("auto", "random", "pretrained")
+# Random-weight OLMoE-architecture presets (sizes in ubsmoe.models.loading.PRESETS).
+MODEL_PRESETS = ("tiny", "medium")
 
 
 class ConfigError(ValueError):
@@ -80,12 +83,24 @@ class ModelConfig:
     """Which model to fine-tune and where its LoRA adapters go.
 
     Attributes:
-        name: ``tiny`` for the offline preset, else a hub name or local path of an
-            OLMoE checkpoint (e.g. ``allenai/OLMoE-1B-7B-0924``).
+        name: a random-weight preset (``tiny``: the CPU default; ``medium``: hidden
+            512, 4 layers, 64 experts, top-8, vocabulary 4096), else a hub name or
+            local path of an OLMoE checkpoint (e.g. ``allenai/OLMoE-1B-7B-0924``).
         lora_rank: LoRA rank r of every expert projection and attention projection.
         lora_alpha: LoRA alpha; the scale is alpha / r.
         attention_lora: also put LoRA on q/k/v/o attention projections.
-        dtype: parameter dtype of the frozen model.
+        dtype: parameter dtype of the frozen model: ``auto`` (bfloat16 on a GPU,
+            float32 on CPU), ``float32``, ``bfloat16`` or ``float16``. LoRA factors
+            (attention and experts) and DMR phi stay float32 whatever this is.
+        device: where clients train and the server evaluates: ``auto`` (the first
+            CUDA device when one is visible, else CPU), ``cuda``, ``cuda:N`` or
+            ``cpu``. Checked against the visible devices when the model is built.
+        init: ``pretrained`` (load the checkpoint's weights and tokenizer, from the
+            hub or a local path), ``random`` (random weights of the preset's or the
+            checkpoint's architecture, from a shipped or local config.json, built on
+            the target device, with a tokenizer trained locally to its vocabulary
+            size: no hub access needed) or ``auto`` (``random`` for presets,
+            ``pretrained`` otherwise).
         k_min: smallest number of activated experts a client may get.
         tokenizer_cache: where the tiny preset's trained tokenizer is cached
             (empty: ``$UBSMOE_CACHE`` or ``~/.cache/ubsmoe``).
@@ -95,7 +110,9 @@ class ModelConfig:
     lora_rank: int = 20
     lora_alpha: float = 16.0
     attention_lora: bool = True
-    dtype: str = "float32"
+    dtype: str = "auto"
+    device: str = "auto"
+    init: str = "auto"
     k_min: int = 1
     tokenizer_cache: str = ""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -110,7 +127,29 @@ class ModelConfig:
             errors.append(_bad("model.dtype", self.dtype, f"one of {', '.join(DTYPES)}"))
         if self.k_min < 1:
             errors.append(_bad("model.k_min", self.k_min, "an integer >= 1"))
+        if not _valid_device_name(self.device):
+            errors.append(_bad("model.device", self.device, "auto, cpu, cuda or cuda:N"))
+        if self.init not in MODEL_INITS:
+            errors.append(_bad("model.init", self.init, f"one of {', '.join(MODEL_INITS)}"))
+        elif self.init == "pretrained" and self.name in MODEL_PRESETS:
+            errors.append(_bad("model.init", self.init,
+                               f"random or auto for the preset {self.name!r} (it has no pretrained weights)"))
         _raise(errors)
+
+    @property
+    def resolved_init(self) -> str:
+        """``random`` or ``pretrained``: ``auto`` resolved by the model name."""
+        if self.init != "auto":
+            return self.init
+        return "random" if self.name in MODEL_PRESETS else "pretrained"
+
+
+def _valid_device_name(name: str) -> bool:
+    """True for ``auto``, ``cpu``, ``cuda`` and ``cuda:N`` (N a non-negative integer)."""
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    head, sep, index = name.partition(":")
+    return head == "cuda" and bool(sep) and index.isdigit()
 
 
 @dataclass

@@ -40,6 +40,7 @@ from ubsmoe.metrics.flops import (
     register_flop_formulas,
     training_flops_per_token,
 )
+from ubsmoe.models.loading import MEDIUM
 
 SMOE_KS = [1, 2, 4, 8]
 LORA_RANKS = [12, 16, 24, 40]
@@ -65,14 +66,11 @@ class StepConfig:
 
 
 TINY = StepConfig("tiny", TinyModelConfig())
-# OLMoE-1B-7B's routing (64 experts, top-8), expert intermediate = hidden / 2 and
-# head width 128 as in OLMoE, at hidden 512 and 4 layers (about 0.11B parameters,
-# under 1 GiB for all five models); vocabulary 4096 keeps the LM head's share of the
+# The `medium` model preset (ubsmoe.models.loading.MEDIUM): OLMoE-1B-7B's routing
+# (64 experts, top-8), expert intermediate = hidden / 2 and head width 128 as in
+# OLMoE, at hidden 512 and 4 layers; vocabulary 4096 keeps the LM head's share of the
 # training FLOPs at K = 8 (10%) near OLMoE-1B-7B's (8%). About 0.09 TFLOP per step.
-OLMOE_MEDIUM = StepConfig("olmoe_medium", TinyModelConfig(
-    hidden_size=512, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
-    num_experts=64, num_experts_per_tok=8, vocab_size=4096, max_position_embeddings=1024),
-    batch_size=8, seq_len=128)
+OLMOE_MEDIUM = StepConfig("olmoe_medium", MEDIUM, batch_size=8, seq_len=128)
 QUICK = StepConfig("tiny_quick", TinyModelConfig(hidden_size=32, num_hidden_layers=1,
                                                  num_attention_heads=2, intermediate_size=16,
                                                  num_experts=16, num_experts_per_tok=8,

@@ -322,7 +322,8 @@ class Server:
         """The fixed PG-alignment probe batch: ``eval.pg_probe_examples`` seeded training examples.
 
         Returns:
-            ``input_ids`` / ``attention_mask`` / ``labels``, each ``[batch, seq]``.
+            ``input_ids`` / ``attention_mask`` / ``labels``, each ``[batch, seq]``, on
+            the server model's device.
         """
         from ubsmoe.data.commonsense import collate, tokenize_example
 
@@ -330,7 +331,8 @@ class Server:
         gen = torch.Generator().manual_seed(client_seed(self.cfg.train.seed, -2, 0))
         idx = torch.randperm(len(train), generator=gen)[:self.cfg.eval.pg_probe_examples].tolist()
         examples = [tokenize_example(self.tokenizer, train[i], self.cfg.data.max_length) for i in idx]
-        return collate(examples, self.tokenizer.pad_token_id)
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
 
     def diagnostics(self, round_idx: int, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
         """Utilization, phi and PG-alignment diagnostics of a round (DESIGN.md section 6).

@@ -133,12 +133,16 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
     Returns:
         ``{"loss": mean task loss over steps, "steps": n, "examples": n, "tokens": n}``
         (tokens: labelled tokens, i.e. response tokens).
+
+    Batches may live on the CPU; each is moved to the model's device.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=train_cfg.lr)
     model.train()
     total_loss, steps, examples, tokens = 0.0, 0, 0, 0
+    device = next(model.parameters()).device
     for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with routing_mask(model, batch["attention_mask"]):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = causal_lm_loss(logits, batch["labels"])
@@ -210,17 +214,23 @@ class SharedSetup:
 def shared_setup(cfg: RunConfig) -> SharedSetup:
     """Load data, the tokenizer and the client partitions (deterministic for a config).
 
+    The tokenizer is trained locally for ``model.init=random`` (see
+    :func:`~ubsmoe.models.loading.train_tokenizer`), else loaded with the checkpoint's.
+
     Raises:
         ConfigError: the data cannot be resolved or is too small for the clients.
+        ValueError: ``model.name`` has no readable OLMoE config (``random``).
     """
     from ubsmoe.data.commonsense import format_prompt, load_commonsense
     from ubsmoe.data.partition import partition_clients
-    from ubsmoe.models.loading import cache_dir, train_tokenizer
+    from ubsmoe.models.loading import cache_dir, tokenizer_vocab_size, train_tokenizer
 
     data = load_commonsense(cfg.data, cfg.train.seed)
-    if cfg.model.name == "tiny":
+    if cfg.model.resolved_init == "random":
+        # Offline: a BPE tokenizer trained on the run's text to the preset's or the
+        # architecture's vocabulary size (cached by text and size).
         texts = [format_prompt(r) + r["output"] for r in data.train]
-        tokenizer = train_tokenizer(texts, cfg.model.tiny.vocab_size, cache_dir(cfg.model))
+        tokenizer = train_tokenizer(texts, tokenizer_vocab_size(cfg.model), cache_dir(cfg.model))
     else:
         from transformers import AutoTokenizer
 
@@ -237,7 +247,9 @@ class ClientRuntime:
     """What a client process keeps between rounds: model, tokenizer, tokenized partitions.
 
     One model per process serves every client id the process is asked to run (a
-    simulation worker runs many clients in turn), resized to each client's LoRA rank
+    simulation worker runs many clients in turn), on ``model.device`` (batches are
+    moved there per step; the update's adapters and counts come back as CPU
+    tensors), resized to each client's LoRA rank
     and carrying the run's base-weight merges; partitions are tokenized on first use
     and cached.
 
@@ -321,8 +333,8 @@ class ClientRuntime:
             client_id=client_id,
             num_examples=trained,
             adapters=adapter_state(self.model),
-            expert_counts=torch.stack([m.expert_counts.clone() for m in layers]),  # [L, E]
-            token_counts=torch.stack([m.token_count.clone() for m in layers]),  # [L]
+            expert_counts=torch.stack([m.expert_counts.cpu() for m in layers]),  # [L, E]
+            token_counts=torch.stack([m.token_count.cpu() for m in layers]),  # [L]
             top_k=top_k,
             loss=stats["loss"],
             metrics={"steps": float(stats["steps"]), "tokens": float(stats["tokens"]),

@@ -1,9 +1,11 @@
-"""Models: loading (hub or tiny preset), the SMoE layer, per-expert LoRA."""
+"""Models: device and dtype, loading (checkpoint or random weights), the SMoE layer, expert LoRA."""
 
 from ubsmoe.models.loading import (
     adapter_state,
     build_model,
     load_adapter_state,
+    resolve_device,
+    resolve_dtype,
     routing_mask,
     set_top_k,
     smoe_layers,
@@ -17,6 +19,8 @@ __all__ = [
     "adapter_state",
     "build_model",
     "load_adapter_state",
+    "resolve_device",
+    "resolve_dtype",
     "routing_mask",
     "set_top_k",
     "smoe_layers",

@@ -1,9 +1,21 @@
-"""Load an OLMoE model (hub name, local path or the offline `tiny` preset) and patch it.
+"""Load or build an OLMoE model on its device and patch it.
 
-The `tiny` preset is a randomly initialised ``OlmoeForCausalLM`` with OLMoE-1B-7B's
-routing shape (64 experts, top-8) and small width/depth, plus a byte-level BPE
-tokenizer trained locally (Hugging Face ``tokenizers``) on the run's training text
-and cached on disk, so everything runs without the model hub.
+Two ways to get the model (``model.init``, see :class:`~ubsmoe.config.ModelConfig`):
+
+- ``random``: a randomly initialised ``OlmoeForCausalLM`` of a preset's sizes
+  (``tiny``, ``medium``: OLMoE-1B-7B's routing shape, 64 experts and top-8, at small
+  width and depth) or of a full architecture read from a shipped or local
+  ``config.json`` (e.g. OLMoE-1B-7B), built directly on the target device in the
+  target dtype (no CPU copy first), plus a byte-level BPE tokenizer trained locally
+  (Hugging Face ``tokenizers``) on the run's training text to the config's
+  vocabulary size and cached on disk: everything runs without the model hub.
+- ``pretrained``: a checkpoint's weights and tokenizer (hub name or local path).
+
+:func:`resolve_device` and :func:`resolve_dtype` turn ``model.device`` /
+``model.dtype`` into torch objects. LoRA factors (PEFT attention LoRA through PEFT's
+adapter autocast, per-expert LoRA in :class:`~ubsmoe.models.smoe.ExpertLoRA`) and
+the DMR modulation phi are float32 whatever the base dtype; adapters leave the
+model (:func:`adapter_state`) as CPU tensors.
 
 :func:`build_model` then replaces every ``OlmoeSparseMoeBlock`` with
 :class:`~ubsmoe.models.smoe.SMoELayer` (reusing the frozen expert weights) and, if
@@ -21,8 +33,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ubsmoe.config import ModelConfig
+from ubsmoe.config import ConfigError, ModelConfig, TinyModelConfig
 from ubsmoe.models.smoe import ExpertLoRA, SMoELayer
+
+# The `medium` preset: OLMoE-1B-7B's routing (64 experts, top-8), expert intermediate =
+# hidden / 2 and head width 128 as in OLMoE, at hidden 512 and 4 layers (about 0.11B
+# parameters; the `olmoe_medium` shapes of the model_step benchmark).
+MEDIUM = TinyModelConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=256, num_experts=64, num_experts_per_tok=8,
+                         vocab_size=4096, max_position_embeddings=1024)
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 PEFT_ADAPTER = "default"
@@ -85,21 +104,131 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, cache: Path):
     )
 
 
-def tiny_olmoe(cfg: ModelConfig, vocab_size: int, pad_token_id: int, eos_token_id: int,
-               seed: int = 0):
-    """A randomly initialised ``OlmoeForCausalLM`` of the `tiny` preset's sizes.
+def resolve_device(name: str) -> torch.device:
+    """The torch device of ``model.device``.
 
     Args:
-        cfg: model config (sizes from ``cfg.tiny``).
-        vocab_size: the trained tokenizer's vocabulary size.
-        pad_token_id, eos_token_id: the tokenizer's special token ids.
-        seed: initialisation seed (the same on server and every client).
-    """
-    from transformers import OlmoeConfig, OlmoeForCausalLM
+        name: ``auto`` (``cuda:0`` when a CUDA device is visible, else CPU), ``cpu``,
+            ``cuda`` (the current CUDA device) or ``cuda:N``.
 
-    t = cfg.tiny
-    hf_cfg = OlmoeConfig(
-        vocab_size=vocab_size,
+    Returns:
+        The device (``meta`` is accepted too, for shape-only builds).
+
+    Raises:
+        ConfigError: an unknown name, CUDA asked for without a visible CUDA device,
+            or ``cuda:N`` beyond the visible devices (one line naming ``model.device``).
+    """
+    if name in ("cpu", "meta"):
+        return torch.device(name)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if name == "auto":
+        return torch.device("cuda", 0) if count else torch.device("cpu")
+    head, sep, index = name.partition(":")
+    if head != "cuda" or (sep and not index.isdigit()):
+        raise ConfigError(f"model.device: got {name!r}, expected auto, cpu, cuda or cuda:N")
+    if count == 0:
+        raise ConfigError(f"model.device: got {name!r}, expected auto or cpu (no CUDA device visible)")
+    if not sep:
+        return torch.device("cuda", torch.cuda.current_device())
+    if int(index) >= count:
+        raise ConfigError(f"model.device: got {name!r}, expected auto, cpu, cuda or cuda:0..cuda:{count - 1} "
+                          f"({count} CUDA device{'s' if count > 1 else ''} visible)")
+    return torch.device("cuda", int(index))
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of ``model.dtype`` on ``device``.
+
+    Args:
+        name: ``auto`` (bfloat16 on a CUDA device, float32 elsewhere), ``float32``,
+            ``bfloat16`` or ``float16``.
+        device: the resolved device (:func:`resolve_device`).
+
+    Raises:
+        ConfigError: an unknown dtype name.
+    """
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype: got {name!r}, expected one of auto, float32, bfloat16, float16")
+    return getattr(torch, name)
+
+
+def preset_sizes(name: str, cfg: ModelConfig | None = None) -> TinyModelConfig | None:
+    """The sizes of preset ``name`` (``tiny``: ``cfg.tiny``; ``medium``: :data:`MEDIUM`), else None."""
+    if name == "tiny":
+        return cfg.tiny if cfg is not None else TinyModelConfig()
+    if name == "medium":
+        return MEDIUM
+    return None
+
+
+def architecture_config(cfg: ModelConfig) -> dict:
+    """The Hugging Face ``config.json`` dict of a non-preset ``model.name``, read offline.
+
+    Resolution: a shipped config (:data:`ubsmoe.metrics.flops.SHIPPED_CONFIGS`) ->
+    a local ``config.json`` or a folder holding one -> ``transformers.AutoConfig``
+    (hub name; needs the network or the HF cache).
+
+    Raises:
+        ValueError: nothing could be loaded, or the model is not an OLMoE (sparse
+            MoE) architecture (a dense backbone such as OLMo-1B has no MoE block for
+            the SMoE patch).
+    """
+    import json
+
+    from ubsmoe.metrics.flops import SHIPPED_CONFIGS, shipped_config
+
+    if cfg.name in SHIPPED_CONFIGS:
+        config = shipped_config(cfg.name)
+    else:
+        path = Path(cfg.name)
+        path = path / "config.json" if path.is_dir() else path
+        if path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            try:
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(cfg.name).to_dict()
+            except (OSError, ValueError) as e:
+                raise ValueError(f"model.name: no config for {cfg.name!r} (not shipped, not a local "
+                                 f"path, hub lookup failed); shipped offline: "
+                                 f"{', '.join(SHIPPED_CONFIGS)}") from e
+    model_type = config.get("model_type")
+    if model_type != "olmoe":
+        kind = "dense backbones are not supported yet" if model_type in ("olmo", "llama", "mistral") \
+            else "not an OLMoE architecture"
+        raise ValueError(f"model.name: {cfg.name!r} is a {model_type!r} model: {kind} "
+                         "(the SMoE patch needs an OlmoeSparseMoeBlock)")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def olmoe_config(cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: int | None = None,
+                 eos_token_id: int | None = None):
+    """The ``OlmoeConfig`` a ``random`` build uses: a preset's sizes or a full architecture.
+
+    Args:
+        cfg: model config (``name``: a preset, or a shipped / local OLMoE config).
+        vocab_size: a preset's vocabulary (the trained tokenizer's size; default the
+            preset's ``vocab_size``). A full architecture keeps its own vocabulary.
+        pad_token_id, eos_token_id: the tokenizer's special ids (default: the config's;
+            0 and 1 for a preset, where :func:`train_tokenizer` puts them).
+
+    Raises:
+        ValueError: see :func:`architecture_config`.
+    """
+    from transformers import OlmoeConfig
+
+    t = preset_sizes(cfg.name, cfg)
+    special = {k: v for k, v in (("pad_token_id", pad_token_id), ("eos_token_id", eos_token_id),
+                                 ("bos_token_id", eos_token_id)) if v is not None}
+    if t is None:
+        return OlmoeConfig(**{**architecture_config(cfg), **special})
+    # A preset's trained tokenizer puts <pad> at 0 and <|endoftext|> at 1 (SPECIAL_TOKENS).
+    special = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1, **special}
+    return OlmoeConfig(
+        vocab_size=vocab_size or t.vocab_size,
         hidden_size=t.hidden_size,
         intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_hidden_layers,
@@ -108,20 +237,73 @@ def tiny_olmoe(cfg: ModelConfig, vocab_size: int, pad_token_id: int, eos_token_i
         num_experts=t.num_experts,
         num_experts_per_tok=t.num_experts_per_tok,
         max_position_embeddings=t.max_position_embeddings,
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_token_id,
-        bos_token_id=eos_token_id,
         tie_word_embeddings=False,
         initializer_range=t.initializer_range,
+        **special,
     )
-    with torch.random.fork_rng():
+
+
+def tokenizer_vocab_size(cfg: ModelConfig) -> int:
+    """Vocabulary size a locally trained tokenizer targets: the preset's or the architecture's."""
+    t = preset_sizes(cfg.name, cfg)
+    return t.vocab_size if t is not None else int(architecture_config(cfg)["vocab_size"])
+
+
+def random_olmoe(cfg: ModelConfig, vocab_size: int | None, pad_token_id: int | None,
+                 eos_token_id: int | None, seed: int = 0, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+    """A randomly initialised ``OlmoeForCausalLM``, built directly on ``device`` in ``dtype``.
+
+    Construction runs under a ``torch.device(device)`` context, so every weight is
+    allocated (and initialised, with the model's ``initializer_range``) on the target
+    device: a 7B model never takes a CPU copy, and ``device="meta"`` allocates
+    nothing (shapes only, for planning).
+
+    Args:
+        cfg: model config (a preset, or a shipped / local OLMoE config).
+        vocab_size: a preset's vocabulary (the trained tokenizer's size).
+        pad_token_id, eos_token_id: the tokenizer's special token ids.
+        seed: initialisation seed (the same on server and every client).
+        device: target device.
+        dtype: parameter dtype.
+
+    Raises:
+        ValueError: see :func:`architecture_config`.
+    """
+    from transformers import OlmoeForCausalLM
+
+    device = torch.device(device)
+    hf_cfg = olmoe_config(cfg, vocab_size, pad_token_id, eos_token_id)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = OlmoeForCausalLM(hf_cfg)
-    return model.to(getattr(torch, cfg.dtype))
+        with torch.device(device):
+            model = OlmoeForCausalLM._from_config(hf_cfg, dtype=dtype)
+    return model
 
 
-def load_hf_model(cfg: ModelConfig):
+def tiny_olmoe(cfg: ModelConfig, vocab_size: int, pad_token_id: int, eos_token_id: int,
+               seed: int = 0):
+    """A randomly initialised ``OlmoeForCausalLM`` of the `tiny` preset's sizes on CPU.
+
+    Args:
+        cfg: model config (sizes from ``cfg.tiny``; ``cfg.dtype``, ``auto`` = float32).
+        vocab_size: the trained tokenizer's vocabulary size.
+        pad_token_id, eos_token_id: the tokenizer's special token ids.
+        seed: initialisation seed (the same on server and every client).
+    """
+    tiny = cfg if cfg.name == "tiny" else ModelConfig(name="tiny", tiny=cfg.tiny)
+    return random_olmoe(tiny, vocab_size, pad_token_id, eos_token_id, seed, "cpu",
+                        resolve_dtype(cfg.dtype, torch.device("cpu")))
+
+
+def load_hf_model(cfg: ModelConfig, device: torch.device | None = None, dtype: torch.dtype | None = None):
     """Load an OLMoE checkpoint and its tokenizer by hub name or local path.
+
+    Args:
+        cfg: model config.
+        device: where the weights go (default: :func:`resolve_device` of
+            ``cfg.device``); loaded straight there (``device_map``) on CUDA.
+        dtype: parameter dtype (default: :func:`resolve_dtype` of ``cfg.dtype``).
 
     Raises:
         ValueError: the checkpoint is not an OLMoE-architecture model.
@@ -129,19 +311,23 @@ def load_hf_model(cfg: ModelConfig):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(cfg.device) if device is None else device
+    dtype = resolve_dtype(cfg.dtype, device) if dtype is None else dtype
+    extra = {"device_map": str(device)} if device.type == "cuda" else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.name)
-        model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=getattr(torch, cfg.dtype))
+        model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype, **extra)
     except OSError as e:
-        raise OSError(f"model.name: could not load {cfg.name!r} ({e})") from e
+        raise OSError(f"model.name: could not load {cfg.name!r} ({e}); without the hub use "
+                      "model.init=random or a local checkpoint path") from e
     if model.config.model_type != "olmoe":
         raise ValueError(
             f"model.name: {cfg.name!r} is a {model.config.model_type!r} model; "
-            "supported: 'tiny' or an OLMoE checkpoint"
+            "supported: a preset (tiny, medium) or an OLMoE checkpoint"
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
 def patch_smoe(model: nn.Module, lora_rank: int, lora_alpha: float) -> list[SMoELayer]:
@@ -162,16 +348,18 @@ def patch_smoe(model: nn.Module, lora_rank: int, lora_alpha: float) -> list[SMoE
     for name, block in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = SMoELayer(
-            router_weight=block.gate.weight,
-            gate_up_proj=block.experts.gate_up_proj,
-            down_proj=block.experts.down_proj,
-            act_fn=block.experts.act_fn,
-            top_k=block.gate.top_k,
-            norm_topk_prob=block.gate.norm_topk_prob,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-        )
+        # LoRA factors, phi and the routing counters are allocated on the experts' device.
+        with torch.device(block.experts.gate_up_proj.device):
+            layer = SMoELayer(
+                router_weight=block.gate.weight,
+                gate_up_proj=block.experts.gate_up_proj,
+                down_proj=block.experts.down_proj,
+                act_fn=block.experts.act_fn,
+                top_k=block.gate.top_k,
+                norm_topk_prob=block.gate.norm_topk_prob,
+                lora_rank=lora_rank,
+                lora_alpha=lora_alpha,
+            )
         setattr(parent, child, layer)
         layers.append(layer)
     return layers
@@ -206,27 +394,38 @@ def routing_mask(model: nn.Module, attention_mask: torch.Tensor | None) -> Itera
             layer.token_mask = None
 
 
-def build_model(cfg: ModelConfig, tokenizer=None, seed: int = 0):
-    """Load the configured model, patch its MoE blocks and add LoRA.
+def build_model(cfg: ModelConfig, tokenizer=None, seed: int = 0, device: torch.device | str | None = None):
+    """Build or load the configured model on its device, patch its MoE blocks, add LoRA.
 
     Args:
-        cfg: model config.
-        tokenizer: required for the `tiny` preset (sets vocabulary and special ids);
-            ignored for hub models, whose own tokenizer is returned.
-        seed: initialisation seed of the tiny model and of the LoRA A factors.
+        cfg: model config (``init``, ``device``, ``dtype``, LoRA).
+        tokenizer: required for ``model.init=random`` (the locally trained one sets
+            a preset's vocabulary and the special ids); ignored for ``pretrained``,
+            whose own tokenizer is returned.
+        seed: initialisation seed of random weights and of the LoRA A factors.
+        device: override of ``cfg.device`` (e.g. ``"meta"`` for a shape-only build).
 
     Returns:
-        ``(model, tokenizer)``: the patched model with only LoRA parameters trainable.
+        ``(model, tokenizer)``: the patched model on its device with only LoRA
+        parameters trainable.
 
     Raises:
-        ValueError: `tiny` without a tokenizer, or a non-OLMoE checkpoint.
+        ConfigError: ``model.device`` names no visible device.
+        ValueError: ``random`` without a tokenizer, or a non-OLMoE architecture.
     """
-    if cfg.name == "tiny":
+    device = resolve_device(cfg.device) if device is None else torch.device(device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.resolved_init == "random":
         if tokenizer is None:
-            raise ValueError("model.name=tiny needs the locally trained tokenizer")
-        model = tiny_olmoe(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
+            raise ValueError(f"model.init=random ({cfg.name}) needs the locally trained tokenizer")
+        vocab = len(tokenizer) if preset_sizes(cfg.name, cfg) is not None else None
+        if vocab is None and len(tokenizer) > tokenizer_vocab_size(cfg):
+            raise ValueError(f"tokenizer: {len(tokenizer)} tokens exceed {cfg.name}'s vocabulary "
+                             f"{tokenizer_vocab_size(cfg)}")
+        model = random_olmoe(cfg, vocab, tokenizer.pad_token_id, tokenizer.eos_token_id, seed,
+                             device, dtype)
     else:
-        model, tokenizer = load_hf_model(cfg)
+        model, tokenizer = load_hf_model(cfg, device, dtype)
     return prepare_model(model, cfg, seed), tokenizer
 
 
@@ -260,12 +459,16 @@ def prepare_model(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Modul
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every trainable (LoRA) parameter, keyed by parameter name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """CPU copies of every trainable (LoRA, phi) parameter, keyed by parameter name.
+
+    CPU whatever the model's device: this is what goes over the wire and into
+    checkpoints.
+    """
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the model's trainable parameters.
+    """Copy ``state`` (tensors on any device) into the model's trainable parameters, on their device.
 
     Raises:
         KeyError: a trainable parameter is missing from ``state`` or ``state`` has
@@ -352,8 +555,9 @@ def set_lora_rank(model: nn.Module, rank: int, alpha: float, seed: int = 0) -> N
         for name, old in _expert_loras(model).items():
             parent_name, _, child = name.rpartition(".")
             num_experts, _, in_features = old.A.shape
-            new = ExpertLoRA(num_experts, in_features, old.B.shape[1], rank, alpha, old.A.dtype)
-            setattr(model.get_submodule(parent_name), child, new.to(old.A.device))
+            with torch.device(old.A.device):
+                new = ExpertLoRA(num_experts, in_features, old.B.shape[1], rank, alpha, old.A.dtype)
+            setattr(model.get_submodule(parent_name), child, new)
 
 
 def lora_base_weight(model: nn.Module, module_name: str) -> nn.Parameter:

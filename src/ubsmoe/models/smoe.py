@@ -237,8 +237,11 @@ def lora_grouped_linear(x: torch.Tensor, weight: torch.Tensor, lora: ExpertLoRA,
 
     Returns:
         ``[S, out_features]``: ``x W_e^T + scale * (x A_e^T) B_e^T`` per row of expert e.
+        The factors (float32 parameters) are cast to ``x``'s dtype for the grouped
+        matmuls (a no-op in float32); their gradients flow back in float32.
     """
-    return _LoRAGroupedLinear.apply(x, weight, lora.A, lora.B, lora.scale, offsets)
+    return _LoRAGroupedLinear.apply(x, weight, lora.A.to(x.dtype), lora.B.to(x.dtype), lora.scale,
+                                    offsets)
 
 
 class _WeightedSwiGLU(torch.autograd.Function):
@@ -379,7 +382,9 @@ class SMoELayer(nn.Module):
         self.gate_up_proj = nn.Parameter(gate_up_proj.detach(), requires_grad=False)
         self.down_proj = nn.Parameter(down_proj.detach(), requires_grad=False)
         self.act_fn = act_fn
-        dtype = gate_up_proj.dtype
+        # LoRA factors stay float32 under a bfloat16/float16 base (Adam updates of ~lr
+        # would round away in 8 mantissa bits); cast to the activations' dtype per call.
+        dtype = torch.promote_types(gate_up_proj.dtype, torch.float32)
         self.gate_up_lora = ExpertLoRA(num_experts, hidden, 2 * self.intermediate_size,
                                        lora_rank, lora_alpha, dtype)
         self.down_lora = ExpertLoRA(num_experts, self.intermediate_size, hidden,

@@ -122,6 +122,49 @@ def flops_notes(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def plan_tables(plan: dict[str, Any]) -> list[Table]:
+    """Rich tables of a :func:`ubsmoe.metrics.plan.plan` result: run, budgets, memory."""
+    gib = 1024 ** 3
+    m, params, procs = plan["model"], plan["params"], plan["processes"]
+    run = Table(title=f"ubsmoe plan: {m['name']} ({m['init']} weights) on {m['device']}, {m['dtype']}")
+    run.add_column("quantity")
+    run.add_column("value", justify="right")
+    a = plan["assumptions"]
+    run.add_row("parameters (base model)", f"{params['total'] / 1e9:.3f} B")
+    run.add_row("trainable per client (max rank)", f"{params['trainable_per_client'] / 1e6:.2f} M")
+    run.add_row("processes", f"1 server + {procs['workers']['at_once']} worker(s) at once "
+                f"({procs['workers']['limited_by']})")
+    run.add_row("micro-batch x seq_len", f"{a['micro_batch']} x {a['seq_len']} "
+                f"(accumulation {a['grad_accumulation_steps']}, checkpointing "
+                f"{'on' if a['activation_checkpointing'] else 'off'})")
+    run.add_row("local steps per round", str(a["steps_per_round"]))
+    run.add_row("training FLOPs per round", f"{plan['flops_per_round'] / 1e12:.1f} TFLOP")
+    disk = plan["disk"]
+    run.add_row("disk (checkpoints + final adapter)",
+                f"{disk['total'] / gib:.2f} GiB ({disk['kept_checkpoints']} kept x "
+                f"{disk['checkpoint_bytes'] / gib:.2f} GiB + 1)")
+    budgets = Table(title="per budget level")
+    for col in ("beta", "K", "rank", "activated params", "GFLOP/token", "clients/round", "TFLOP/round"):
+        budgets.add_column(col, justify="right")
+    for r in params["per_budget"]:
+        budgets.add_row(f"{r['beta']:g}", str(r["top_k"]), str(r["lora_rank"]),
+                        f"{r['activated_params'] / 1e9:.3f} B", f"{r['flops_per_token'] / 1e9:.2f}",
+                        f"{r['clients_per_round']:g}", f"{r['flops_per_round'] / 1e12:.1f}")
+    mem = Table(title="memory per process (GiB)")
+    mem.add_column("term")
+    mem.add_column("client (each worker)", justify="right")
+    mem.add_column("server", justify="right")
+    client, server = plan["memory"]["client_process"], plan["memory"]["server_process"]
+    for term in ("base_weights", "adapters", "gradients", "optimizer", "activations", "evaluation",
+                 "total"):
+        mem.add_row(term.replace("_", " "),
+                    f"{client[term] / gib:.2f}" if term in client else "-",
+                    f"{server[term] / gib:.2f}" if term in server else "-")
+    mem.add_row(f"on {m['device']}: server + {procs['workers']['at_once']} worker(s)", "",
+                f"{plan['memory']['device_total'] / gib:.2f}")
+    return [run, budgets, mem]
+
+
 def bench_tables(report: dict[str, Any]) -> list[Table]:
     """Summary tables of a ``ubsmoe bench`` report (every built-in suite).
 

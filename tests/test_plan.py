@@ -1,0 +1,127 @@
+"""`ubsmoe plan` and the run pre-flight (metrics/plan.py, cli.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ubsmoe.config import load_config
+from ubsmoe.metrics import plan as plan_mod
+from ubsmoe.metrics.plan import PlanError, activation_bytes, check_plan, plan
+
+OLMOE = "allenai/OLMoE-1B-7B-0924"
+GIB = 1024 ** 3
+
+
+@pytest.fixture(scope="module")
+def olmoe_plan():
+    """The plan of the paper's model on CUDA with the embedded run's settings."""
+    return plan(load_config(None, [f"model.name={OLMOE}", "model.init=random", "model.device=cuda"]))
+
+
+def test_olmoe_plan_params_and_activated_per_budget(olmoe_plan):
+    p = olmoe_plan
+    assert p["params"]["total"] == 6_919_161_856
+    assert [r["top_k"] for r in p["params"]["per_budget"]] == [1, 2, 4, 8]
+    activated = [round(r["activated_params"] / 1e9, 3) for r in p["params"]["per_budget"]]
+    assert activated == [0.577, 0.678, 0.879, 1.282]
+    assert p["model"]["dtype"] == "bfloat16" and p["model"]["device"] == "cuda"
+
+
+def test_olmoe_plan_memory_terms(olmoe_plan):
+    p = olmoe_plan
+    client = p["memory"]["client_process"]
+    # Base weights: frozen parameters x 2 bytes (UB-SMoE's phi is trainable, an adapter).
+    assert client["base_weights"] == 2 * 6_919_161_856
+    trainable = p["params"]["trainable_per_client"]
+    assert client["adapters"] == 4 * trainable == client["gradients"]
+    assert client["optimizer"] == 8 * trainable  # Adam: two float32 states
+    assert client["total"] == sum(v for k, v in client.items() if k != "total")
+    workers = p["processes"]["workers"]["at_once"]
+    assert p["memory"]["device_total"] == p["memory"]["server_process"]["total"] + workers * client["total"]
+    assert p["disk"]["total"] == p["disk"]["checkpoint_bytes"] * (p["disk"]["kept_checkpoints"] + 1)
+
+
+def test_activations_scale_with_batch_and_drop_with_checkpointing(olmoe_plan):
+    from ubsmoe.metrics.flops import load_model_shape
+
+    s = load_model_shape(OLMOE)
+    one = activation_bytes(s, 1, 256, 8, 20, 2)
+    assert activation_bytes(s, 16, 256, 8, 20, 2) == 16 * one
+    assert activation_bytes(s, 1, 256, 1, 20, 2) < one
+    assert activation_bytes(s, 1, 256, 8, 20, 2, checkpointing=True) < one / 4
+    assert olmoe_plan["memory"]["client_process"]["activations"] == activation_bytes(s, 16, 256, 8, 20, 2)
+
+
+def test_plan_flops_per_round_sum_levels(olmoe_plan):
+    p = olmoe_plan
+    tokens = p["assumptions"]["tokens_per_client_round"]
+    assert tokens == 12 * 16 * 256  # embedded run: 12 steps of 16 x 256
+    expect = sum(r["clients_per_round"] * tokens * r["flops_per_token"] for r in p["params"]["per_budget"])
+    assert p["flops_per_round"] == pytest.approx(expect)
+    assert p["flops_per_round"] > 0
+
+
+def test_plan_reads_other_helpers_settings_with_defaults(monkeypatch):
+    """grad accumulation divides the micro-batch; fl.client_gpus bounds the workers at once."""
+    cfg = load_config(None, ["model.name=medium", "fl.client_cpus=1"])
+    base = plan(cfg)
+    object.__setattr__(cfg.train, "grad_accumulation_steps", 4)
+    object.__setattr__(cfg.fl, "client_gpus", 0.5)
+    acc = plan(cfg)
+    assert acc["assumptions"]["micro_batch"] == 4
+    assert acc["memory"]["client_process"]["activations"] * 4 == base["memory"]["client_process"]["activations"]
+    assert acc["processes"]["workers"]["at_once"] == 2  # floor(1 GPU / 0.5)
+
+
+def test_check_plan_refuses_a_run_that_does_not_fit():
+    cfg = load_config(None, ["model.name=medium", "model.device=cpu"])
+    p = check_plan(cfg, free_bytes=10 ** 15)
+    need = p["memory"]["device_total"]
+    check_plan(cfg, free_bytes=int(need / 0.9) + 1)
+    with pytest.raises(PlanError, match=r"^plan: the run needs .* GiB on cpu .* but 90% of its free "
+                                        r"memory is .*: .*, or pass --force$"):
+        check_plan(cfg, free_bytes=int(need / 0.9) - 1024)
+
+
+def test_cli_plan_json_full_size_offline():
+    from ubsmoe.cli import app
+
+    result = CliRunner().invoke(app, ["plan", f"model.name={OLMOE}", "model.init=random", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["params"]["total"] == 6_919_161_856
+    assert out["model"]["init"] == "random"
+
+
+def test_cli_plan_table_and_bad_key():
+    from ubsmoe.cli import app
+
+    ok = CliRunner().invoke(app, ["plan", "model.name=medium"])
+    assert ok.exit_code == 0 and "memory per process" in ok.stdout
+    bad = CliRunner().invoke(app, ["plan", "model.device=tpu"])
+    assert bad.exit_code == 2 and "model.device" in bad.output
+
+
+def test_run_preflight_exits_2_and_force_overrides(monkeypatch, tmp_path):
+    """`ubsmoe run` stops on the plan (one line, exit 2); --force goes past it."""
+    from ubsmoe import cli
+    from ubsmoe.fl import train
+
+    monkeypatch.setattr(plan_mod, "free_memory", lambda device: 1024 ** 2)
+    reached = {}
+
+    def stop(cfg):
+        reached["setup"] = True
+        raise OSError("stopped after the pre-flight")
+
+    monkeypatch.setattr(train, "shared_setup", stop)
+    args = ["run", "model.name=medium", "model.device=cpu", "--out", str(tmp_path / "r")]
+    refused = CliRunner().invoke(cli.app, args)
+    assert refused.exit_code == 2
+    assert "plan: the run needs" in refused.output and "--force" in refused.output
+    assert "setup" not in reached
+    forced = CliRunner().invoke(cli.app, [*args, "--force"])
+    assert reached.get("setup") and "stopped after the pre-flight" in forced.output

@@ -5,8 +5,10 @@ from ubsmoe.models.loading import (
     build_model,
     load_adapter_state,
     routing_mask,
+    set_activation_checkpointing,
     set_top_k,
     smoe_layers,
+    step_stats,
     train_tokenizer,
 )
 from ubsmoe.models.smoe import ExpertLoRA, SMoELayer
@@ -18,7 +20,9 @@ __all__ = [
     "build_model",
     "load_adapter_state",
     "routing_mask",
+    "set_activation_checkpointing",
     "set_top_k",
     "smoe_layers",
+    "step_stats",
     "train_tokenizer",
 ]

@@ -133,6 +133,7 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
         (steps: optimizer steps; tokens: labelled tokens, i.e. response tokens).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    # Hook point for per-method optimizer parameter groups (method.param_groups) goes here.
     optimizer = torch.optim.Adam(params, lr=train_cfg.lr)
     micro_batch_size = train_cfg.batch_size // train_cfg.grad_accumulation_steps
     set_activation_checkpointing(model, train_cfg.activation_checkpointing)

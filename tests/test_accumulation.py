@@ -162,3 +162,40 @@ def test_activation_checkpointing_recomputes_and_is_switched_off_after(tiny_toke
     assert not any(m.gradient_checkpointing for m in model.modules()
                    if isinstance(m, GradientCheckpointingLayer))
     assert layer.router_logits_out is not None and layer.router_logits_out.shape[0] > 0
+
+
+def _saved_bytes(model, part):
+    """Bytes of tensors autograd saves for backward during one training forward."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    from ubsmoe.models import routing_mask
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with routing_mask(model, part["attention_mask"]):
+            model(input_ids=part["input_ids"], attention_mask=part["attention_mask"])
+    return total[0]
+
+
+def test_memory_knobs_shrink_what_a_forward_keeps(tiny_tokenizer, small_model_cfg):
+    from ubsmoe.models.loading import set_activation_checkpointing
+
+    model, _ = build_model(small_model_cfg, tiny_tokenizer, seed=0)
+    model.train()
+    batch = _batches(tiny_tokenizer, 8, 1)[0]
+    plain = _saved_bytes(model, batch)
+    set_activation_checkpointing(model, True)
+    ckpt = _saved_bytes(model, batch)
+    set_activation_checkpointing(model, False)
+    assert ckpt < 0.5 * plain  # only each decoder layer's inputs are kept
+    # Accumulation: the model only ever sees micro-batches of batch_size / steps rows.
+    rows = []
+    model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    method = get_method_class("smoe")()
+    local_train(model, [batch], method, TrainConfig(batch_size=8, grad_accumulation_steps=4), TOP_K)
+    assert rows == [2, 2, 2, 2]
+    assert _saved_bytes(model, split_batch(batch, 2)[0]) < 0.5 * plain

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TEXTS
 
 from ubsmoe.config import ConfigError, TrainConfig
 from ubsmoe.data.commonsense import collate
 from ubsmoe.fl.train import local_train, split_batch
 from ubsmoe.methods import get_method_class
 from ubsmoe.models import adapter_state, build_model, set_top_k, smoe_layers
-
-from conftest import TEXTS
 
 TOP_K = 2
 
@@ -174,9 +173,9 @@ def _saved_bytes(model, part):
 
     from ubsmoe.models import routing_mask
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with routing_mask(model, part["attention_mask"]):
-            model(input_ids=part["input_ids"], attention_mask=part["attention_mask"])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            routing_mask(model, part["attention_mask"]):
+        model(input_ids=part["input_ids"], attention_mask=part["attention_mask"])
     return total[0]
 
 

@@ -142,7 +142,7 @@ def test_quick_report_eval_fields(quick_report):
     ev = quick_report["suites"]["eval"]
     assert ev["examples"] == 8 and ev["prompt_tokens"]["max"] > ev["prompt_tokens"]["min"]
     assert set(ev["cases"]) == {"generation_before", "generation", "generation_answering", "loglik"}
-    for name, case in ev["cases"].items():
+    for case in ev["cases"].values():
         assert TIMING <= set(case) and case["examples_per_s"] > 0
         assert case["examples_per_s"] == pytest.approx(ev["examples"] / case["median_s"])
     # The label-biased model stops early; the random one runs to max_new_tokens.

@@ -264,4 +264,4 @@ def run_bench(suites: list[str] | None = None, options: BenchOptions | None = No
 
 # Suite modules register themselves on import (order = default run order).
 from ubsmoe.bench import layer, model_step, server  # noqa: F401, I001
-from ubsmoe.bench import evaluation  # noqa: F401, E402  (registered last: runs last)
+from ubsmoe.bench import evaluation  # noqa: F401  (registered last: runs last)

@@ -29,7 +29,7 @@ def test_quick_report_top_level_fields(quick_report):
     r = quick_report
     assert r["schema"] == "ubsmoe-bench/1" and r["quick"] is True
     assert r["command"].startswith("ubsmoe bench --quick --threads 1 --out ")
-    assert set(r["suites"]) == {"layer", "model_step", "server_memory", "federated"} == set(r["summary"])
+    assert set(r["suites"]) == {"layer", "model_step", "server_memory", "federated", "eval"} == set(r["summary"])
     env = r["environment"]
     assert env["torch_threads"] == 1
     for key in ("python", "torch", "transformers", "peft", "cpu_count", "torch_interop_threads",
@@ -143,3 +143,18 @@ def test_quick_report_federated_fields(quick_report):
         assert 0 < u["sparse_bytes"] <= u["dense_bytes"]
     # Naive SMoE at K_c = 1 leaves more experts untouched than at K_c = 8: a smaller upload.
     assert uploads["k1"]["sparse_bytes"] < uploads["k8"]["sparse_bytes"]
+
+
+def test_quick_report_eval_fields(quick_report):
+    ev = quick_report["suites"]["eval"]
+    assert ev["examples"] == 8 and ev["prompt_tokens"]["max"] > ev["prompt_tokens"]["min"]
+    assert set(ev["cases"]) == {"generation_before", "generation", "generation_answering", "loglik"}
+    for case in ev["cases"].values():
+        assert TIMING <= set(case) and case["examples_per_s"] > 0
+        assert case["examples_per_s"] == pytest.approx(ev["examples"] / case["median_s"])
+    # The label-biased model stops early; the random one runs to max_new_tokens.
+    assert ev["cases"]["generation_answering"]["mean_response_tokens"] < \
+        ev["cases"]["generation"]["mean_response_tokens"]
+    assert set(ev["summary"]) == {"generation_before_ex_per_s", "generation_ex_per_s",
+                                  "generation_answering_ex_per_s", "loglik_ex_per_s",
+                                  "generation_speedup"}

@@ -16,6 +16,7 @@ from ubsmoe.eval import (
     extract_answer,
     generate_responses,
     generation_accuracy,
+    generation_predictions,
     loglik_accuracy,
     subsample,
 )
@@ -231,6 +232,60 @@ def test_batched_generation_equals_unbatched(tiny):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
     assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == batched[2]
+
+
+@pytest.fixture(scope="module")
+def answering(tiny):
+    """The tiny model with its " answer", "1".."4" output rows scaled x4: greedy
+    responses often hold a label (prompt-dependent), some never do."""
+    import copy
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    label_ids = sorted({t for label in LABELS
+                        for t in tokenizer(" " + label, add_special_tokens=False)["input_ids"]})
+    with torch.no_grad():
+        model.get_output_embeddings().weight[label_ids] *= 4.0
+    return model, tokenizer
+
+
+def _reference_predictions(model, tokenizer, task, prompts, max_new_tokens):
+    """Per-example, unpadded, full-length greedy generation, then extraction."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            out.append(extract_answer(task, tokenizer.decode(seq[0, ids.shape[1]:],
+                                                             skip_special_tokens=True)))
+    return out
+
+
+def test_sorted_early_stopping_generation_equals_per_example_loop(answering):
+    model, tokenizer = answering
+    prompts = [_prompt(_question(i)) for i in range(32)]
+    assert len({len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts}) >= 8
+    reference = _reference_predictions(model, tokenizer, "ARC-Easy", prompts, 12)
+    got = generation_predictions(model, tokenizer, "ARC-Easy", prompts, batch_size=8, max_new_tokens=12)
+    assert got == reference
+    assert None in got and any(got)  # both labelled and unlabelled rows
+    answers = [LABELS[i % 4] for i in range(32)]
+    expected = sum(p == a for p, a in zip(reference, answers)) / 32
+    assert generation_accuracy(model, tokenizer, "ARC-Easy", prompts, answers, 8, 12) == expected
+    # The stop really happens: stopped responses end at their label, the rest run on.
+    full = generate_responses(model, tokenizer, prompts, batch_size=8, max_new_tokens=12)
+    stopped = generate_responses(model, tokenizer, prompts, batch_size=8, max_new_tokens=12,
+                                 task="ARC-Easy")
+    shorter = [i for i, (a, b) in enumerate(zip(full, stopped)) if len(b) < len(a)]
+    assert shorter and all(full[i].startswith(stopped[i]) for i in range(32))
+    assert all(extract_answer("ARC-Easy", stopped[i]) is not None for i in shorter)
+    # Sorting by length only changes the batching, not the responses or their order.
+    unsorted = generate_responses(model, tokenizer, prompts, batch_size=8, max_new_tokens=12,
+                                  sort_by_length=False)
+    assert unsorted == full
 
 
 class FixedAnswerLM(nn.Module):

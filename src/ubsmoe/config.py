@@ -207,7 +207,13 @@ class TrainConfig:
 
     Attributes:
         lr: Adam learning rate.
-        batch_size: examples per local step.
+        batch_size: examples per local optimizer step (the effective batch).
+        grad_accumulation_steps: micro-batches per optimizer step; each holds
+            ``batch_size / grad_accumulation_steps`` examples and the accumulated
+            gradient equals the full batch's (README, "Memory for long runs").
+        activation_checkpointing: recompute each decoder layer's activations in
+            the backward pass instead of storing them (less memory, one more
+            forward per layer); utilization counts are not affected.
         local_epochs: passes over the client's partition per round.
         max_local_steps: cap on optimizer steps per round (0: no cap).
         max_grad_norm: gradient clipping norm (0: off).
@@ -227,6 +233,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     top_k: str = "auto"
+    grad_accumulation_steps: int = 1
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         errors = []
@@ -242,6 +250,15 @@ class TrainConfig:
             errors.append(_bad("train.max_grad_norm", self.max_grad_norm, "a number >= 0"))
         if self.top_k not in TRAIN_TOP_K:
             errors.append(_bad("train.top_k", self.top_k, f"one of {', '.join(TRAIN_TOP_K)}"))
+        steps = self.grad_accumulation_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            errors.append(_bad("train.grad_accumulation_steps", steps, "an integer >= 1"))
+        elif self.batch_size >= 1 and self.batch_size % steps:
+            errors.append(_bad("train.grad_accumulation_steps", steps,
+                               f"a divisor of train.batch_size={self.batch_size}"))
+        if not isinstance(self.activation_checkpointing, bool):
+            errors.append(_bad("train.activation_checkpointing", self.activation_checkpointing,
+                               "true or false"))
         _raise(errors)
 
 

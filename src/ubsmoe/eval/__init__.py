@@ -10,6 +10,7 @@ from ubsmoe.eval.commonsense import (
     extract_answer,
     generate_responses,
     generation_accuracy,
+    generation_predictions,
     loglik_accuracy,
     subsample,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "extract_answer",
     "generate_responses",
     "generation_accuracy",
+    "generation_predictions",
     "loglik_accuracy",
     "subsample",
 ]

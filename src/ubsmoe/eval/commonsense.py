@@ -142,14 +142,56 @@ def _check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size: got {batch_size}, expected an integer >= 1")
 
 
+class _AnswerStop:
+    """Stopping criterion: a row is done once its response holds an answer label.
+
+    Called by ``generate`` after every decoding step with the sequences so far; rows
+    already done stay done (``generate`` pads them). The check is the task's own
+    :func:`extract_answer`, so a stopped response extracts to the same label as the
+    full-length one (no label of a task contains another, so a later token cannot
+    create an earlier-starting match).
+
+    Args:
+        tokenizer: decodes the new tokens.
+        task: task name for :func:`extract_answer`.
+        prompt_len: columns of the (left-padded) prompt; new tokens follow.
+    """
+
+    def __init__(self, tokenizer, task: str, prompt_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.task = task
+        self.prompt_len = prompt_len
+        self.done: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``input_ids [B, prompt_len + new]`` -> ``[B]`` bool, True where the row is done."""
+        if self.done is None:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        todo = (~self.done).nonzero().squeeze(-1).tolist()
+        if todo:
+            texts = self.tokenizer.batch_decode(input_ids[todo, self.prompt_len:],
+                                                skip_special_tokens=True)
+            for row, text in zip(todo, texts):
+                if extract_answer(self.task, text) is not None:
+                    self.done[row] = True
+        return self.done.clone()
+
+
 def generate_responses(model: nn.Module, tokenizer, prompts: Sequence[str], batch_size: int,
-                       max_new_tokens: int) -> list[str]:
+                       max_new_tokens: int, task: str | None = None,
+                       sort_by_length: bool = True) -> list[str]:
     """Greedy responses to ``prompts``, decoded from the new tokens only.
 
-    Prompts are tokenized without special tokens (as in :func:`loglik_accuracy`) and
-    left-padded in batches of ``batch_size`` prompts; ``generate`` derives position
-    ids from the attention mask, so a batched response equals the unbatched one.
-    Decoding stops at the tokenizer's eos token or after ``max_new_tokens``.
+    Prompts are tokenized without special tokens (as in :func:`loglik_accuracy`),
+    sorted by token length (longest first, so a batch holds prompts of similar
+    length and little padding) and left-padded in batches of ``batch_size``;
+    ``generate`` decodes with the KV cache and derives position ids from the
+    attention mask, so a batched response equals the unbatched one up to float
+    noise (padding is masked in attention and never routed to experts). A row stops
+    at the tokenizer's eos token, after ``max_new_tokens``, or, with ``task``, once
+    :func:`extract_answer` finds a label in its response (the label it extracts is
+    then the one the full-length response would give). Responses come back in the
+    order of ``prompts``.
 
     Args:
         model: a causal LM (Hugging Face, possibly PEFT-wrapped).
@@ -157,25 +199,39 @@ def generate_responses(model: nn.Module, tokenizer, prompts: Sequence[str], batc
         prompts: full prompts (ending in ``"### Response:\\n"``).
         batch_size: prompts per ``generate`` call.
         max_new_tokens: response length limit in tokens.
+        task: stop a row at its first answer label of this task (None: no early stop).
+        sort_by_length: batch prompts sorted by length (False: in the given order).
 
     Returns:
-        One response string per prompt.
+        One response string per prompt (truncated after the label with ``task``).
 
     Raises:
-        ValueError: ``batch_size`` or ``max_new_tokens`` < 1, or no pad token.
+        ValueError: ``batch_size`` or ``max_new_tokens`` < 1, no pad token, or an
+            unknown ``task``.
     """
     _check_batch_size(batch_size)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: got {max_new_tokens}, expected an integer >= 1")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer: needs a pad token for batched generation")
+    if task is not None:
+        extract_answer(task, "")  # validate the task before generating anything
+    from transformers import StoppingCriteriaList
+
     device = _device(model)
-    responses: list[str] = []
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    order = list(range(len(prompts)))
+    if sort_by_length:
+        order.sort(key=lambda i: -len(ids[i]))  # stable: equal lengths keep their order
+    responses: list[str] = [""] * len(prompts)
     with _evaluating(model, tokenizer, "left"):
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt",
-                              padding=True, add_special_tokens=False).to(device)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, padding=True,
+                                  return_tensors="pt").to(device)
             prompt_len = batch["input_ids"].shape[1]
+            stopping = None if task is None else StoppingCriteriaList(
+                [_AnswerStop(tokenizer, task, prompt_len)])
             # The mask covers the prefill forward only; decode steps are all real tokens.
             with routing_mask(model, batch["attention_mask"]):
                 out = model.generate(
@@ -183,12 +239,43 @@ def generate_responses(model: nn.Module, tokenizer, prompts: Sequence[str], batc
                     attention_mask=batch["attention_mask"],
                     do_sample=False,
                     num_beams=1,
+                    use_cache=True,
                     max_new_tokens=max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
+                    stopping_criteria=stopping,
                 )  # [B, prompt_len + new]
-            responses.extend(tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True))
+            texts = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+            for i, text in zip(rows, texts):
+                responses[i] = text
     return responses
+
+
+def generation_predictions(model: nn.Module, tokenizer, task: str, prompts: Sequence[str],
+                           batch_size: int, max_new_tokens: int) -> list[str | None]:
+    """The label each greedy response gives (:func:`extract_answer`), per prompt.
+
+    Generation stops per row at the first label (see :func:`generate_responses`).
+
+    Args:
+        model: a causal LM (Hugging Face, possibly PEFT-wrapped).
+        tokenizer: its tokenizer.
+        task: task name, selects the label pattern.
+        prompts: one prompt per example.
+        batch_size: prompts per ``generate`` call.
+        max_new_tokens: response length limit in tokens.
+
+    Returns:
+        Per prompt, the extracted label or None (no label: counts as wrong).
+
+    Raises:
+        ValueError: unknown task or a bad ``batch_size``/``max_new_tokens``.
+    """
+    extract_answer(task, "")  # validate the task before generating anything
+    if not prompts:
+        return []
+    responses = generate_responses(model, tokenizer, prompts, batch_size, max_new_tokens, task=task)
+    return [extract_answer(task, r) for r in responses]
 
 
 def generation_accuracy(model: nn.Module, tokenizer, task: str, prompts: Sequence[str],
@@ -221,8 +308,8 @@ def generation_accuracy(model: nn.Module, tokenizer, task: str, prompts: Sequenc
         raise ValueError(f"answers: got {len(answers)} for {len(prompts)} prompts")
     if not prompts:
         return 0.0
-    responses = generate_responses(model, tokenizer, prompts, batch_size, max_new_tokens)
-    correct = sum(extract_answer(task, r) == a.strip() for r, a in zip(responses, answers))
+    predictions = generation_predictions(model, tokenizer, task, prompts, batch_size, max_new_tokens)
+    correct = sum(p == a.strip() for p, a in zip(predictions, answers))
     return correct / len(prompts)
 
 

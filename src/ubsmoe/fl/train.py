@@ -26,8 +26,10 @@ from ubsmoe.models import (
     build_model,
     load_adapter_state,
     routing_mask,
+    set_activation_checkpointing,
     set_top_k,
     smoe_layers,
+    step_stats,
 )
 from ubsmoe.models.loading import merge_into_base, set_lora_rank
 
@@ -118,48 +120,98 @@ def examples_trained(num_examples: int, batch_size: int, epochs: int, max_steps:
     return len({i for idx in batches for i in idx})
 
 
+def split_batch(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Split a right-padded batch into micro-batches of ``micro_batch_size`` rows.
+
+    Columns that are padding in every row of a micro-batch are dropped at the right
+    (exact for right padding and a causal model: no real token attends to them).
+
+    Args:
+        batch: ``input_ids``/``attention_mask``/``labels``, each ``[batch, seq]``.
+        micro_batch_size: rows per micro-batch (the last may hold fewer).
+
+    Returns:
+        Micro-batches with the same keys, each ``[<= micro_batch_size, <= seq]``.
+    """
+    rows = batch["input_ids"].shape[0]
+    parts = []
+    for start in range(0, rows, micro_batch_size):
+        part = {k: v[start:start + micro_batch_size] for k, v in batch.items()}
+        width = int(part["attention_mask"].sum(1).max())
+        parts.append({k: v[:, :max(width, 1)] for k, v in part.items()})
+    return parts
+
+
 def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method: Method,
                 train_cfg: TrainConfig, top_k: int) -> dict[str, float]:
     """Train the model's LoRA parameters on ``batches`` with a fresh Adam optimizer.
 
+    One optimizer step per batch (the effective batch, ``train.batch_size``): zero
+    the gradients, clear the SMoE layers' per-step routing statistics, then per
+    micro-batch (``train.grad_accumulation_steps`` of them) forward, task loss,
+    method loss, backward; then the method's gradient hook once on the accumulated
+    gradients (UB-SMoE's PG sees the active set of the whole batch), clipping and
+    the optimizer step. A micro-batch's task loss is its mean token loss weighted by
+    its share of the step's labelled tokens, so the accumulated gradient is the full
+    batch's mean-token-loss gradient; the method's extra loss is averaged over the
+    micro-batches (exact for losses of the parameters alone, e.g. UB-SMoE's range
+    penalty; SMoE-LLB's load-balancing loss is a per-micro-batch statistic).
+    With ``train.activation_checkpointing`` the decoder layers are recomputed in the
+    backward pass (:func:`~ubsmoe.models.loading.set_activation_checkpointing`).
+
     Args:
         model: patched model; only parameters with ``requires_grad`` are trained.
-        batches: from :func:`make_batches`.
+        batches: from :func:`make_batches`, each of up to ``train.batch_size`` rows.
         method: supplies the extra loss, the gradient hook (after backward) and the
             update hook (after the optimizer step).
-        train_cfg: lr and gradient clipping.
+        train_cfg: lr, gradient clipping, accumulation and checkpointing.
         top_k: K_c the client runs at (already set on the model).
 
     Returns:
         ``{"loss": mean task loss over steps, "steps": n, "examples": n, "tokens": n}``
-        (tokens: labelled tokens, i.e. response tokens).
+        (steps: optimizer steps; tokens: labelled tokens, i.e. response tokens).
 
     Batches may live on the CPU; each is moved to the model's device.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    # Hook point for per-method optimizer parameter groups (method.param_groups) goes here.
     optimizer = torch.optim.Adam(params, lr=train_cfg.lr)
+    micro_batch_size = train_cfg.batch_size // train_cfg.grad_accumulation_steps
+    set_activation_checkpointing(model, train_cfg.activation_checkpointing)
     model.train()
     total_loss, steps, examples, tokens = 0.0, 0, 0, 0
     device = next(model.parameters()).device
-    for batch in batches:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with routing_mask(model, batch["attention_mask"]):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = causal_lm_loss(logits, batch["labels"])
-        extra = method.extra_loss(model, top_k)
-        objective = loss if extra is None else loss + extra
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        method.after_backward(model, top_k)
-        if train_cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
-        optimizer.step()
-        method.after_step(model, top_k)
-        total_loss += float(loss.detach())
-        steps += 1
-        examples += batch["input_ids"].shape[0]
-        tokens += int((batch["labels"][:, 1:] != -100).sum())
-    model.eval()
+    try:
+        for batch in batches:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            optimizer.zero_grad(set_to_none=True)
+            parts = split_batch(batch, micro_batch_size)
+            step_tokens = int((batch["labels"][:, 1:] != -100).sum())  # labelled tokens of the step
+            step_loss = 0.0
+            with step_stats(model):
+                for part in parts:
+                    with routing_mask(model, part["attention_mask"]):
+                        logits = model(input_ids=part["input_ids"],
+                                       attention_mask=part["attention_mask"]).logits
+                    part_tokens = int((part["labels"][:, 1:] != -100).sum())
+                    weight = part_tokens / step_tokens if step_tokens else 1.0 / len(parts)
+                    loss = causal_lm_loss(logits, part["labels"]) * weight
+                    extra = method.extra_loss(model, top_k)
+                    objective = loss if extra is None else loss + extra / len(parts)
+                    objective.backward()
+                    step_loss += float(loss.detach())
+                method.after_backward(model, top_k)  # once, on the accumulated gradients
+            if train_cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
+            optimizer.step()
+            method.after_step(model, top_k)
+            total_loss += step_loss
+            steps += 1
+            examples += batch["input_ids"].shape[0]
+            tokens += step_tokens
+    finally:
+        set_activation_checkpointing(model, False)
+        model.eval()
     return {"loss": total_loss / max(steps, 1), "steps": steps, "examples": examples, "tokens": tokens}
 
 

@@ -9,6 +9,13 @@ implements it, ``M * sum_i f_i * P_i`` over all SMoE layers' tokens (f_i: share 
 top-K_c assignments, P_i: mean router probability), with coefficient 0.01 (OLMoE's
 ``router_aux_loss_coef``). The loss is transformers' own
 ``load_balancing_loss_func``, not a re-implementation.
+
+The load-balancing loss is a per-batch statistic (f_i and P_i are batch means).
+With gradient accumulation (``train.grad_accumulation_steps > 1``) it is computed
+per micro-batch, as transformers computes it per forward, and averaged over the
+step's micro-batches; it is therefore not identical to the full batch's value.
+Under activation checkpointing the recomputed forward keeps no router logits, so
+each micro-batch's loss is taken once.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ from ubsmoe.models.loading import (
     resolve_device,
     resolve_dtype,
     routing_mask,
+    set_activation_checkpointing,
     set_top_k,
     smoe_layers,
+    step_stats,
     train_tokenizer,
 )
 from ubsmoe.models.smoe import ExpertLoRA, SMoELayer
@@ -22,7 +24,9 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "routing_mask",
+    "set_activation_checkpointing",
     "set_top_k",
     "smoe_layers",
+    "step_stats",
     "train_tokenizer",
 ]

@@ -338,9 +338,21 @@ class SMoELayer(nn.Module):
             since the last :meth:`reset_stats`.
         token_count: ``[]`` float64 buffer, tokens processed (n) since then.
         router_prob_sum: ``[E]`` float32, sum over tokens of router probabilities
-            in the last forward (for PG's pi; PG only uses ratios of pi).
+            in the last forward, or over every forward of the current optimizer
+            step while :attr:`accumulate_step_stats` is set (for PG's pi; PG only
+            uses ratios of pi).
         batch_expert_counts: ``[E]`` int64, tokens routed to each expert in the last
-            forward (PG's active set A = experts with a count > 0).
+            forward, or in the current optimizer step's micro-batches while
+            :attr:`accumulate_step_stats` is set (PG's active set A = experts with
+            a count > 0).
+        accumulate_step_stats: add each forward's ``router_prob_sum`` and
+            ``batch_expert_counts`` to the previous ones instead of replacing them
+            (set by :func:`ubsmoe.models.loading.step_stats` for one optimizer step
+            of gradient accumulation).
+        recomputing: the current forward is an activation-checkpointing
+            recomputation in the backward pass (set by
+            :func:`ubsmoe.models.loading.set_activation_checkpointing`): it records
+            no statistics and keeps no router logits, so nothing is counted twice.
         phi: ``[E]`` float32 DMR modulation (parameter; zeros and frozen unless
             :meth:`enable_dmr` was called).
         dmr_candidates: N_p, the candidates per token DMR modulates (0: DMR off).
@@ -394,6 +406,8 @@ class SMoELayer(nn.Module):
         self.register_buffer("token_count", torch.zeros((), dtype=torch.float64), persistent=False)
         self.router_prob_sum: torch.Tensor | None = None
         self.batch_expert_counts: torch.Tensor | None = None
+        self.accumulate_step_stats = False
+        self.recomputing = False
         self.phi = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
         self.dmr_candidates = 0
         self.keep_router_logits = False
@@ -437,6 +451,25 @@ class SMoELayer(nn.Module):
         self.expert_counts.zero_()
         self.token_count.zero_()
 
+    @torch.no_grad()
+    def _record_stats(self, probs: torch.Tensor, top_index: torch.Tensor) -> None:
+        """Count one forward's routing: a_i and n, and PG's per-batch (or per-step) stats.
+
+        Args:
+            probs: ``[num_tokens, E]`` float32 router probabilities (detached).
+            top_index: ``[num_tokens, K_c]`` selected experts.
+        """
+        counts = torch.bincount(top_index.reshape(-1), minlength=self.num_experts)  # [E]
+        self.expert_counts += counts.to(torch.float64)
+        self.token_count += top_index.shape[0]
+        prob_sum = probs.sum(0)  # [E]
+        if self.accumulate_step_stats and self.batch_expert_counts is not None:
+            self.batch_expert_counts = self.batch_expert_counts + counts
+            self.router_prob_sum = self.router_prob_sum + prob_sum
+        else:
+            self.batch_expert_counts = counts
+            self.router_prob_sum = prob_sum
+
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router affinities ``s = W_r x``: ``[num_tokens, hidden] -> [num_tokens, E]``."""
         return F.linear(x, self.router_weight)
@@ -455,7 +488,7 @@ class SMoELayer(nn.Module):
             top_index [num_tokens, K_c] int64)``.
         """
         logits = self.router_logits(x)  # [N, E]
-        if self.keep_router_logits:
+        if self.keep_router_logits and not self.recomputing:
             self.router_logits_out = logits
         phi = self.phi if self.dmr_candidates else None
         return dmr_route(logits, phi, self.top_k, max(self.dmr_candidates, 1), self.norm_topk_prob)
@@ -496,12 +529,8 @@ class SMoELayer(nn.Module):
 
     def _route_and_run(self, x: torch.Tensor) -> torch.Tensor:
         probs, top_weights, top_index = self.route(x)
-        with torch.no_grad():
-            counts = torch.bincount(top_index.reshape(-1), minlength=self.num_experts)  # [E]
-            self.batch_expert_counts = counts
-            self.expert_counts += counts.to(torch.float64)
-            self.token_count += x.shape[0]
-        self.router_prob_sum = probs.detach().sum(0)
+        if not self.recomputing:
+            self._record_stats(probs.detach(), top_index)
         y = self.experts_forward(x, top_weights, top_index)
         if self.force_on is not None and bool(self.force_on.any()):
             forced = self.force_on.nonzero().squeeze(-1)  # [F]

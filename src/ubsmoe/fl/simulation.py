@@ -156,6 +156,22 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def federation_config(cfg: RunConfig, verbose: bool = False) -> str:
+    """The ``flwr run --federation-config`` value of a run (Flower's SimulationConfig keys).
+
+    ``num-supernodes`` = ``fl.num_clients``; ``client-resources-num-cpus`` /
+    ``-num-gpus`` = ``fl.client_cpus`` / ``fl.client_gpus`` (Ray resources per
+    ClientApp worker: the simulation runs floor(available / per-client) workers at
+    once); Ray's own logging at ERROR unless ``verbose``.
+    """
+    level = "INFO" if verbose else "ERROR"
+    return (f"num-supernodes={cfg.fl.num_clients} "
+            f"client-resources-num-cpus={int(cfg.fl.client_cpus)} "
+            f"client-resources-num-gpus={float(cfg.fl.client_gpus)} "
+            f'init-args-logging-level="{level}" '
+            f"init-args-log-to-driver={'true' if verbose else 'false'}")
+
+
 def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
@@ -249,12 +265,7 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
                 env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True))
             _wait_healthy(port, procs[0], superlink_log)
-            level = "INFO" if verbose else "ERROR"
-            federation = (f"num-supernodes={cfg.fl.num_clients} "
-                          f"client-resources-num-cpus={int(cfg.fl.client_cpus)} "
-                          f"client-resources-num-gpus={float(cfg.fl.client_gpus)} "
-                          f'init-args-logging-level="{level}" '
-                          f"init-args-log-to-driver={'true' if verbose else 'false'}")
+            federation = federation_config(cfg, verbose)
             flower_log = run_dir / "flower.log"
             log_file = None if verbose else open(flower_log, "ab")
             procs.append(subprocess.Popen(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -172,6 +173,16 @@ def federation_config(cfg: RunConfig, verbose: bool = False) -> str:
             f"init-args-log-to-driver={'true' if verbose else 'false'}")
 
 
+def _last_exception_line(log: Path) -> str:
+    """The first ``SomeError: message`` line of a log (the root of a chained traceback), or ''."""
+    if not log.is_file():
+        return ""
+    lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines()]
+    hits = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)
+            and not ln.startswith("RuntimeError: An error was encountered")]
+    return hits[0] if hits else ""
+
+
 def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
@@ -297,8 +308,9 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
                 raise RunFailed(f"the ServerApp failed: {result['error']['message']} "
                                 f"(traceback: {run_dir / 'server_error.log'})")
             if "done" not in result:
-                raise RunFailed(f"`flwr run` exited with code {procs[1].returncode} without a result; "
-                                f"see {flower_log} and {superlink_log}")
+                cause = _last_exception_line(flower_log)
+                raise RunFailed(f"`flwr run` exited with code {procs[1].returncode} without a result"
+                                f"{f' ({cause})' if cause else ''}; see {flower_log} and {superlink_log}")
             return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     finally:
         stop_process_tree(procs)

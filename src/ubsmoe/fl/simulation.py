@@ -173,7 +173,7 @@ def federation_config(cfg: RunConfig, verbose: bool = False) -> str:
             f"init-args-log-to-driver={'true' if verbose else 'false'}")
 
 
-def _last_exception_line(log: Path) -> str:
+def _root_exception_line(log: Path) -> str:
     """The first ``SomeError: message`` line of a log (the root of a chained traceback), or ''."""
     if not log.is_file():
         return ""
@@ -308,7 +308,7 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
                 raise RunFailed(f"the ServerApp failed: {result['error']['message']} "
                                 f"(traceback: {run_dir / 'server_error.log'})")
             if "done" not in result:
-                cause = _last_exception_line(flower_log)
+                cause = _root_exception_line(flower_log)
                 raise RunFailed(f"`flwr run` exited with code {procs[1].returncode} without a result"
                                 f"{f' ({cause})' if cause else ''}; see {flower_log} and {superlink_log}")
             return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))

@@ -122,7 +122,9 @@ def _superlink_port(run_dir):
 
 
 def _port_is_free(port):
+    """Nothing listens on 127.0.0.1:port (SO_REUSEADDR: closed connections in TIME_WAIT don't count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

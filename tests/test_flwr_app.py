@@ -6,13 +6,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 from flwr.cli.config_utils import load_and_validate
 from flwr.clientapp import ClientApp
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 from flwr.serverapp import ServerApp
 from flwr.supercore.object_ref import load_app
-
-import pytest
 
 from ubsmoe.fl.server_app import config_from_run_config
 from ubsmoe.fl.simulation import app_dir

@@ -192,10 +192,10 @@ def _wait_healthy(port: int, superlink: subprocess.Popen, log: Path) -> None:
     while time.monotonic() < deadline:
         if superlink.poll() is not None:
             raise RunFailed(f"flower-superlink exited with code {superlink.returncode}; see {log}")
-        with suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
-                if r.status == 200:
-                    return
+        with suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/health",
+                                                        timeout=0.5) as r:
+            if r.status == 200:
+                return
         time.sleep(POLL_S)
     raise RunFailed(f"flower-superlink did not answer on 127.0.0.1:{port} within {STARTUP_TIMEOUT_S:.0f}s; "
                     f"see {log}")
@@ -278,7 +278,7 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
             _wait_healthy(port, procs[0], superlink_log)
             federation = federation_config(cfg, verbose)
             flower_log = run_dir / "flower.log"
-            log_file = None if verbose else open(flower_log, "ab")
+            log_file = None if verbose else open(flower_log, "ab")  # noqa: SIM115 (closed in finally)
             procs.append(subprocess.Popen(
                 [executable("flwr"), "run", str(app_dir()), CONNECTION, "--stream",
                  "--run-config", str(home / "run_config.toml"), "--federation-config", federation],

@@ -62,6 +62,17 @@ def test_wrong_types_rejected():
         load_config(overrides=["model.attention_lora=maybe"])
 
 
+def test_client_resources_and_keep_checkpoints_validated():
+    cfg = load_config(overrides=["fl.client_cpus=2", "fl.client_gpus=0.5", "fl.keep_checkpoints=0"])
+    assert (cfg.fl.client_cpus, cfg.fl.client_gpus, cfg.fl.keep_checkpoints) == (2, 0.5, 0)
+    assert load_config().fl.keep_checkpoints == 2 and load_config().fl.client_gpus == 0.0
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["fl.client_cpus=0.5", "fl.client_gpus=-1", "fl.keep_checkpoints=-1"])
+    msg = str(e.value)
+    assert "fl.client_cpus: got 0.5, expected a whole number >= 1" in msg
+    assert "fl.client_gpus: got -1" in msg and "fl.keep_checkpoints: got -1" in msg
+
+
 def test_unknown_method_and_bad_method_field():
     with pytest.raises(ConfigError, match="method: got 'nope', expected one of"):
         load_config(overrides=["method=nope"])

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -13,9 +22,12 @@ from typer.testing import CliRunner
 from ubsmoe.cli import app
 from ubsmoe.config import ConfigError, load_config
 from ubsmoe.fl.server import Server, ServerState, latest_checkpoint
+from ubsmoe.fl.simulation import federation_config
 from ubsmoe.fl.train import ClientRuntime, batch_indices, causal_lm_loss, client_seed, shared_setup
 from ubsmoe.io import read_jsonl
 from ubsmoe.models import adapter_state
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 SMALL = [
     "data.tasks=[boolq,piqa,ARC-Easy]",
@@ -118,6 +130,33 @@ def test_num_examples_counts_distinct_examples_trained_on(tmp_path):
         assert update.num_examples == len({i for idx in indices for i in idx}) == min(4 * cap, size)
 
 
+def _worker_builds(run_dir):
+    """pid -> runtime builds of every ClientApp process, from the run's client metrics."""
+    clients = [c for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "train"
+               for c in r["clients"]]
+    builds: dict[int, int] = {}
+    for c in clients:
+        pid = int(c["pid"])
+        builds[pid] = max(builds.get(pid, 0), int(c["runtime_builds"]))
+    return clients, builds
+
+
+def _superlink_port(run_dir):
+    text = (run_dir / "superlink.log").read_text()
+    return int(re.search(r"HTTP API on 127\.0\.0\.1:(\d+)", text).group(1))
+
+
+def _port_is_free(port):
+    """Nothing listens on 127.0.0.1:port (SO_REUSEADDR: closed connections in TIME_WAIT don't count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def test_flower_end_to_end_run_via_cli(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", "--out", str(out), *SMALL, "method=a3smoe",
@@ -134,7 +173,76 @@ def test_flower_end_to_end_run_via_cli(tmp_path):
         assert set(r["per_task"]) == {"boolq", "piqa", "ARC-Easy"}
         assert all(0.0 <= v <= 1.0 for v in r["per_task"].values())
     assert "hellaswag" not in summary["data"]["tasks_scored"]
-    assert "accuracy (loglik)" in result.output
+    assert "accuracy (loglik)" in result.output and "round 2: train loss" in result.output
+    # It went through a local SuperLink and `flwr run` (their logs are in the run directory).
+    assert "Successfully started run" in (out / "flower.log").read_text()
+    # One model per ClientApp worker process, reused for every client and round it served.
+    clients, builds = _worker_builds(out)
+    assert len(clients) == 8 and set(builds.values()) == {1} and len(builds) < len(clients)
+    # Every process of the run is gone: the workers, and nothing holds the SuperLink port.
+    assert not any(psutil.pid_exists(pid) for pid in builds)
+    assert psutil.Process().children(recursive=True) == []
+    assert _port_is_free(_superlink_port(out))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_and_the_run_resumes(tmp_path):
+    """SIGINT to `ubsmoe run`'s process group mid-run (as Ctrl-C in a terminal)."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ubsmoe.cli", "run", "--out", str(out), *SMALL, "fl.rounds=3",
+         "method=fedit", "eval.protocols=[loglik]", f"model.tokenizer_cache={tmp_path / 'cache'}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 900
+    while not (out / "checkpoints" / "round_0001.pt").exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    names = " ".join(" ".join(p.cmdline()) for p in tree)
+    assert "flower-superlink" in names and "flwr" in names and len(tree) > 3
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output
+    assert "error: interrupted" in output and f"--resume {out}" in output.replace("\n", "")
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    assert alive == [], [p.cmdline() for p in alive]
+    assert _port_is_free(_superlink_port(out))
+    assert not (out / "summary.json").exists()
+    result = CliRunner().invoke(app, ["run", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3
+    assert [r["round"] for r in summary["train_loss"]] == [1, 2, 3]
+    assert psutil.Process().children(recursive=True) == []
+
+
+def test_federation_config_carries_the_client_resources(tmp_path):
+    from flwr.common.config import parse_config_args
+    from flwr.supercore.utils import simulation_config_from_json
+
+    cfg = _cfg(tmp_path, "fl.client_cpus=2", "fl.client_gpus=0.25")
+    # Parsed as `flwr run --federation-config` parses it, into Flower's SimulationConfig.
+    parsed = parse_config_args([federation_config(cfg)])
+    sim = simulation_config_from_json({k.replace("-", "_"): v for k, v in parsed.items()})
+    assert (sim.num_supernodes, sim.client_resources_num_cpus, sim.client_resources_num_gpus) == (4, 2, 0.25)
+    assert sim.init_args_logging_level == "ERROR" and sim.init_args_log_to_driver is False
+
+
+@pytest.mark.parametrize("keep", [1, 2, 0])
+def test_keep_checkpoints_prunes_old_rounds_and_resume_still_works(tmp_path, keep):
+    cfg = _cfg(tmp_path, "method=fedit", "fl.rounds=3", "eval.protocols=[loglik]",
+               f"fl.keep_checkpoints={keep}")
+    server = _run_rounds(cfg, tmp_path / "run")
+    server.finish()
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("round_*.pt"))
+    expected = ["round_0001.pt", "round_0002.pt", "round_0003.pt"]
+    assert ckpts == (expected[-keep:] if keep else expected)
+    assert (tmp_path / "run" / "checkpoints" / "adapter" / "adapter_config.json").is_file()
+    resumed = Server(cfg, tmp_path / "run", shared_setup(cfg), resume=True)
+    assert resumed.state.round == 3 and all(
+        torch.equal(resumed.state.adapters[k], v) for k, v in server.state.adapters.items())
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,12 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 class _Display:
-    """Live progress of a run (rounds, client replies, evaluation) with rich."""
+    """Live progress of a run (rounds, client replies, evaluation) with rich.
+
+    Called with the ServerApp's progress events as :func:`ubsmoe.fl.simulation.run_federated`
+    reads them: ``round_start`` {round, clients}, ``client_done``, ``aggregate``,
+    ``round_end`` {round, loss}.
+    """
 
     def __init__(self, rounds: int) -> None:
         from rich.progress import (
@@ -53,9 +58,8 @@ class _Display:
         elif event == "aggregate":
             p.update(self.clients, description=f"round {info['round']}: aggregate + evaluate")
         elif event == "round_end":
-            rec = info["record"]
             p.advance(self.rounds)
-            p.console.print(f"round {rec['round']}: train loss {rec['loss']:.4f}", highlight=False)
+            p.console.print(f"round {info['round']}: train loss {info['loss']:.4f}", highlight=False)
 
 
 @app.command()
@@ -72,7 +76,11 @@ def run(
     force: Annotated[bool, typer.Option(
         "--force", help="start even when `ubsmoe plan` says the run does not fit its device")] = False,
 ) -> None:
-    """Run a federated fine-tuning job (Flower simulation, in-process)."""
+    """Run a federated fine-tuning job on a private local Flower SuperLink (simulation runtime).
+
+    Exit codes: 0 done, 2 bad config, 1 the run failed, 130 interrupted (Ctrl-C or
+    SIGTERM; every process started is stopped, and ``--resume DIR`` continues).
+    """
     from ubsmoe.config import ConfigError, load_config
     from ubsmoe.fl.train import shared_setup
 
@@ -106,19 +114,25 @@ def run(
     skipped = setup.data.skipped
     if skipped:
         console.print(f"skipped tasks: {', '.join(f'{t} ({why})' for t, why in skipped.items())}", highlight=False)
-    from ubsmoe.fl.simulation import run_federated
+    from ubsmoe.fl.simulation import RunFailed, run_federated
 
     display = _Display(cfg.fl.rounds)
-    with display.progress:
-        if resume is not None:
-            from ubsmoe.fl.server import latest_checkpoint
+    try:
+        with display.progress:
+            if resume is not None:
+                from ubsmoe.fl.server import latest_checkpoint
 
-            ckpt = latest_checkpoint(run_dir)
-            if ckpt is None:
-                _fail(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-            display.progress.update(display.rounds, completed=int(ckpt.stem.split("_")[1]))
-        summary = run_federated(cfg, run_dir, resume=resume is not None, progress=display,
-                                setup=setup, verbose=verbose)
+                ckpt = latest_checkpoint(run_dir)
+                if ckpt is None:
+                    _fail(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+                display.progress.update(display.rounds, completed=int(ckpt.stem.split("_")[1]))
+            summary = run_federated(cfg, run_dir, resume=resume is not None, progress=display,
+                                    verbose=verbose)
+    except RunFailed as e:
+        _fail(str(e), code=1)
+    except KeyboardInterrupt:
+        _fail(f"interrupted; every process of the run was stopped. Continue with: "
+              f"ubsmoe run --resume {run_dir}", code=130)
     _print_summary(summary, run_dir)
 
 

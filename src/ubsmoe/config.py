@@ -275,7 +275,14 @@ class FLConfig:
         budget_pattern: how clients are spread over the levels: ``uniform``,
             ``long_tail`` (75% at the lowest level) or ``reverse_long_tail``
             (75% at the highest).
-        client_cpus: CPUs reserved per simulated client (Ray resources).
+        client_cpus: CPUs reserved per simulated client: the local SuperLink's
+            federation config ``client-resources-num-cpus`` (Ray resources). A
+            whole number >= 1: Flower 1.42's federation config takes integer CPUs.
+        client_gpus: GPUs reserved per simulated client (``client-resources-num-gpus``);
+            fractions share a GPU between workers (0.25: four per GPU); 0: CPU only.
+        keep_checkpoints: how many ``checkpoints/round_XXXX.pt`` to keep, newest
+            first (0: keep all); older ones are deleted once a new one is written.
+            The final adapters (``checkpoints/adapter``) are always kept.
     """
 
     num_clients: int = 8
@@ -284,6 +291,8 @@ class FLConfig:
     budgets: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
     budget_pattern: str = "uniform"
     client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
         errors = []
@@ -301,8 +310,12 @@ class FLConfig:
             errors.append(
                 _bad("fl.budget_pattern", self.budget_pattern, f"one of {', '.join(BUDGET_PATTERNS)}")
             )
-        if not self.client_cpus > 0:
-            errors.append(_bad("fl.client_cpus", self.client_cpus, "a number > 0"))
+        if not (self.client_cpus >= 1 and float(self.client_cpus).is_integer()):
+            errors.append(_bad("fl.client_cpus", self.client_cpus, "a whole number >= 1"))
+        if not self.client_gpus >= 0:
+            errors.append(_bad("fl.client_gpus", self.client_gpus, "a number >= 0 (fractions allowed)"))
+        if self.keep_checkpoints < 0:
+            errors.append(_bad("fl.keep_checkpoints", self.keep_checkpoints, "an integer >= 0 (0: keep all)"))
         _raise(errors)
 
 

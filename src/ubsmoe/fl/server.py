@@ -154,6 +154,30 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` ``checkpoints/round_XXXX.pt`` of a run directory.
+
+    Called only after a new checkpoint has been renamed into place (atomic write),
+    so a crash at any point leaves at least one complete checkpoint for ``--resume``.
+    The final adapters (``checkpoints/adapter``) are not round checkpoints and are
+    never touched.
+
+    Args:
+        run_dir: the run directory.
+        keep: how many of the newest round checkpoints to keep; 0 keeps all.
+
+    Returns:
+        The deleted paths, oldest first.
+    """
+    if keep <= 0:
+        return []
+    ckpts = sorted((Path(run_dir) / CHECKPOINT_DIR).glob("round_*.pt"))
+    doomed = ckpts[:-keep]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
 class Server:
     """Server side of a run: sampling, aggregation, evaluation, logging, checkpoints.
 
@@ -462,9 +486,14 @@ class Server:
 
     # ----- persistence -----------------------------------------------------------
     def checkpoint(self) -> Path:
-        """Write ``checkpoints/round_XXXX.pt`` atomically and return its path."""
+        """Write ``checkpoints/round_XXXX.pt`` atomically and return its path.
+
+        Then prunes older round checkpoints to ``fl.keep_checkpoints`` (see
+        :func:`prune_checkpoints`); the one just written is always among those kept.
+        """
         path = self.run_dir / CHECKPOINT_DIR / f"round_{self.state.round:04d}.pt"
         atomic_torch_save(path, self.state.state_dict())
+        prune_checkpoints(self.run_dir, self.cfg.fl.keep_checkpoints)
         return path
 
     def save_adapters(self) -> Path:

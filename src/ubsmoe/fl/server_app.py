@@ -1,15 +1,19 @@
 """Flower ServerApp: moves messages between the grid and :class:`~ubsmoe.fl.server.Server`.
 
-``ubsmoe run`` builds the app with :func:`make_server_app` around an already
-validated config; ``flwr run .`` uses the module-level ``app``, which reads the run
-config keys ``config-file`` (a ubsmoe YAML, optional), ``overrides`` (space-separated
-``key=value``) and ``out`` (run directory) from ``[tool.flwr.app.config]``
+Both ``ubsmoe run`` (through the app shipped in ``ubsmoe/flwr_app``, see
+:mod:`ubsmoe.fl.simulation`) and ``flwr run .`` run the module-level ``app``. It
+reads the run config keys ``config-file`` (a ubsmoe YAML, optional), ``overrides``
+(space-separated ``key=value``), ``out`` (run directory), ``resume`` (continue from
+the run directory's latest checkpoint) and ``progress-file`` (a JSON-lines file of
+progress events for a live display; empty: none) from ``[tool.flwr.app.config]``
 (:func:`config_from_run_config`) and logs its progress through Flower's logger.
 """
 
 from __future__ import annotations
 
+import json
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from logging import INFO
 from pathlib import Path
@@ -110,29 +114,6 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume:
     return server.finish()
 
 
-def make_server_app(cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume: bool = False,
-                    progress: ProgressFn = _noop, result: dict[str, Any] | None = None) -> ServerApp:
-    """A ServerApp running :func:`serve` on an already-built config and setup.
-
-    ``result`` (if given) receives ``summary`` or ``error`` so the caller can report
-    a failure raised inside the simulation's server thread.
-    """
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        try:
-            summary = serve(grid, cfg, run_dir, setup, resume=resume, progress=progress)
-            if result is not None:
-                result["summary"] = summary
-        except BaseException as e:  # surfaced by the caller
-            if result is None:
-                raise
-            result["error"] = e
-
-    return server_app
-
-
 app = ServerApp()
 
 
@@ -156,22 +137,70 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[RunConfig, Path]
     return cfg, Path(out).expanduser().resolve()
 
 
-def _log_progress(event: str, info: dict[str, Any]) -> None:
-    if event == "round_end":
-        rec = info["record"]
-        log(INFO, "ubsmoe: round %d: train loss %.4f", rec["round"], rec["loss"])
+class ProgressLog:
+    """Progress callback for :func:`serve`: Flower's log plus an optional events file.
+
+    Each event is appended to ``path`` as one JSON line ``{"event": ..., **info}``
+    and flushed at once, so a launcher in another process (``ubsmoe run``) can
+    follow the run: ``round_start`` (round, clients), ``client_done`` (round),
+    ``aggregate`` (round), ``round_end`` (round, loss), then ``done`` (run_dir) or
+    ``error`` (message: one line; traceback: the full text). A line is written in
+    one ``write`` call well under the pipe-buffer size, so a reader polling the
+    file sees whole lines or an unterminated tail it skips.
+
+    Args:
+        path: the events file (appended to; created with its folder); None: log only.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, event: str, **info: Any) -> None:
+        """Append one event to the file (no-op without a file)."""
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"event": event, **info}) + "\n")
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "round_end":
+            rec = info["record"]
+            log(INFO, "ubsmoe: round %d: train loss %.4f", rec["round"], rec["loss"])
+            self.emit(event, round=rec["round"], loss=rec["loss"])
+        else:
+            self.emit(event, **info)
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes", "on")
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: config from the app's run config."""
-    cfg, run_dir = config_from_run_config(dict(context.run_config))
-    log(INFO, "ubsmoe: method %s, %d clients, %d rounds; run directory %s",
-        cfg.method, cfg.fl.num_clients, cfg.fl.rounds, run_dir)
-    summary = serve(grid, cfg, run_dir, shared_setup(cfg), progress=_log_progress)
+    """Entry point for ``flwr run`` and ``ubsmoe run``: config from the app's run config.
+
+    A failure is written to the progress file as an ``error`` event, then re-raised
+    so Flower marks the run failed.
+    """
+    run_config = dict(context.run_config)
+    progress = ProgressLog(Path(str(run_config["progress-file"])).expanduser().resolve()
+                           if str(run_config.get("progress-file", "")) else None)
+    try:
+        cfg, run_dir = config_from_run_config(run_config)
+        resume = _truthy(run_config.get("resume", False))
+        log(INFO, "ubsmoe: method %s, %d clients, %d rounds; run directory %s%s",
+            cfg.method, cfg.fl.num_clients, cfg.fl.rounds, run_dir, " (resumed)" if resume else "")
+        summary = serve(grid, cfg, run_dir, shared_setup(cfg), resume=resume, progress=progress)
+    except BaseException as e:
+        message = f"{type(e).__name__}: {e}".replace("\n", "; ")
+        progress.emit("error", message=message, traceback=traceback.format_exc())
+        raise
     last = summary["rounds_completed"]
     for row in summary["accuracy"]:
         if row["round"] == last:
             log(INFO, "ubsmoe: budget %g (K=%d, %s) %s accuracy %.4f", row["budget"], row["top_k"],
                 row["top_k_mode"], row["protocol"], row["average"])
     log(INFO, "ubsmoe: wrote %s", run_dir / "summary.json")
+    progress.emit("done", run_dir=str(run_dir))

@@ -452,16 +452,15 @@ class SMoELayer(nn.Module):
         self.token_count.zero_()
 
     @torch.no_grad()
-    def _record_stats(self, probs: torch.Tensor, top_index: torch.Tensor) -> None:
+    def _record_stats(self, probs: torch.Tensor, counts: torch.Tensor) -> None:
         """Count one forward's routing: a_i and n, and PG's per-batch (or per-step) stats.
 
         Args:
             probs: ``[num_tokens, E]`` float32 router probabilities (detached).
-            top_index: ``[num_tokens, K_c]`` selected experts.
+            counts: ``[E]`` tokens routed to each expert in this forward.
         """
-        counts = torch.bincount(top_index.reshape(-1), minlength=self.num_experts)  # [E]
         self.expert_counts += counts.to(torch.float64)
-        self.token_count += top_index.shape[0]
+        self.token_count += probs.shape[0]
         prob_sum = probs.sum(0)  # [E]
         if self.accumulate_step_stats and self.batch_expert_counts is not None:
             self.batch_expert_counts = self.batch_expert_counts + counts
@@ -529,8 +528,9 @@ class SMoELayer(nn.Module):
 
     def _route_and_run(self, x: torch.Tensor) -> torch.Tensor:
         probs, top_weights, top_index = self.route(x)
+        counts = torch.bincount(top_index.reshape(-1), minlength=self.num_experts)  # [E] this forward
         if not self.recomputing:
-            self._record_stats(probs.detach(), top_index)
+            self._record_stats(probs.detach(), counts)
         y = self.experts_forward(x, top_weights, top_index)
         if self.force_on is not None and bool(self.force_on.any()):
             forced = self.force_on.nonzero().squeeze(-1)  # [F]

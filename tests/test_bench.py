@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from ubsmoe.bench import BenchOptions, interleaved_timings, ratio_stats, run_bench
@@ -136,3 +137,17 @@ def test_quick_report_federated_fields(quick_report):
         assert 0 < u["sparse_bytes"] <= u["dense_bytes"]
     # Naive SMoE at K_c = 1 leaves more experts untouched than at K_c = 8: a smaller upload.
     assert uploads["k1"]["sparse_bytes"] < uploads["k8"]["sparse_bytes"]
+
+
+def test_interleaved_timings_syncs_around_every_timed_call_only():
+    from ubsmoe.bench import device_sync
+
+    events = []
+    cases = {"a": lambda: events.append("a"), "b": lambda: events.append("b")}
+    times = interleaved_timings(cases, repeats=2, warmup=1, sync=lambda: events.append("sync"))
+    assert events == ["a", "b",  # warm-up: no sync
+                      "sync", "a", "sync", "sync", "b", "sync",
+                      "sync", "b", "sync", "sync", "a", "sync"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
+    assert device_sync("cpu") is None and device_sync(torch.device("cpu")) is None
+    assert callable(device_sync("cuda:0"))  # built lazily: no CUDA call until it runs

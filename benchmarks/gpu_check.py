@@ -475,8 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "schema": SCHEMA, "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
-        "quick": args.quick, "targets": TARGETS, "environment": environment(check.device),
-        "parts": {}, "summary": {}}
+        "quick": args.quick, "targets": TARGETS, "environment": {}, "parts": {}, "summary": {}}
+    try:
+        report["environment"] = environment(check.device)
+    except Exception as e:  # noqa: BLE001  (the parts still run and report their own errors)
+        report["environment"] = {"error": f"{type(e).__name__}: {e}"}
     atomic_write_json(Path(args.out), report)
     for name in parts:
         print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)

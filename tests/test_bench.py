@@ -151,3 +151,14 @@ def test_interleaved_timings_syncs_around_every_timed_call_only():
     assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
     assert device_sync("cpu") is None and device_sync(torch.device("cpu")) is None
     assert callable(device_sync("cuda:0"))  # built lazily: no CUDA call until it runs
+
+
+def test_layer_and_step_models_are_built_on_the_requested_device_and_dtype():
+    from ubsmoe.bench.layer import QUICK_SHAPE, build_layers
+    from ubsmoe.bench.model_step import QUICK, _build
+
+    ours, reference, _ = build_layers(QUICK_SHAPE, 8, torch.bfloat16, 0, device="meta")
+    assert {p.device.type for p in [*ours.parameters(), *reference.parameters()]} == {"meta"}
+    model = _build(QUICK, 4, 0, device="meta", dtype="bfloat16")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from ubsmoe.bench import BenchOptions, interleaved_timings, ratio_stats, run_bench
@@ -158,3 +159,27 @@ def test_quick_report_eval_fields(quick_report):
     assert set(ev["summary"]) == {"generation_before_ex_per_s", "generation_ex_per_s",
                                   "generation_answering_ex_per_s", "loglik_ex_per_s",
                                   "generation_speedup"}
+
+def test_interleaved_timings_syncs_around_every_timed_call_only():
+    from ubsmoe.bench import device_sync
+
+    events = []
+    cases = {"a": lambda: events.append("a"), "b": lambda: events.append("b")}
+    times = interleaved_timings(cases, repeats=2, warmup=1, sync=lambda: events.append("sync"))
+    assert events == ["a", "b",  # warm-up: no sync
+                      "sync", "a", "sync", "sync", "b", "sync",
+                      "sync", "b", "sync", "sync", "a", "sync"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
+    assert device_sync("cpu") is None and device_sync(torch.device("cpu")) is None
+    assert callable(device_sync("cuda:0"))  # built lazily: no CUDA call until it runs
+
+
+def test_layer_and_step_models_are_built_on_the_requested_device_and_dtype():
+    from ubsmoe.bench.layer import QUICK_SHAPE, build_layers
+    from ubsmoe.bench.model_step import QUICK, _build
+
+    ours, reference, _ = build_layers(QUICK_SHAPE, 8, torch.bfloat16, 0, device="meta")
+    assert {p.device.type for p in [*ours.parameters(), *reference.parameters()]} == {"meta"}
+    model = _build(QUICK, 4, 0, device="meta", dtype="bfloat16")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16

@@ -166,8 +166,21 @@ def summarize(times: list[float]) -> dict[str, Any]:
     }
 
 
+def device_sync(device: str | torch.device) -> Callable[[], None] | None:
+    """What waits for ``device``'s queued work: ``torch.cuda.synchronize`` on CUDA, else None.
+
+    CUDA kernels run asynchronously, so a wall-clock timing of a call that launches
+    them must synchronize before reading the clock (pass this as
+    :func:`interleaved_timings`' ``sync``).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
 def interleaved_timings(cases: dict[str, Callable[[], Any]], repeats: int,
-                        warmup: int) -> dict[str, list[float]]:
+                        warmup: int, sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
     """Time every case ``repeats`` times, interleaved, after ``warmup`` untimed runs each.
 
     Within repeat i the cases run in the given order for even i and reversed for odd
@@ -177,19 +190,25 @@ def interleaved_timings(cases: dict[str, Callable[[], Any]], repeats: int,
         cases: name -> a callable running one unit of work (e.g. a forward+backward).
         repeats: timed runs per case (>= 1).
         warmup: untimed runs per case first (>= 0).
+        sync: called before the clock starts and before it stops (e.g.
+            :func:`device_sync` of a CUDA device), so asynchronous work of a case
+            is timed in full and none of it spills into the next case.
 
     Returns:
         name -> ``repeats`` wall-clock durations in seconds (``time.perf_counter``).
     """
     names = list(cases)
+    wait = sync or (lambda: None)
     for _ in range(warmup):
         for name in names:
             cases[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(repeats):
         for name in names if i % 2 == 0 else names[::-1]:
+            wait()
             start = time.perf_counter()
             cases[name]()
+            wait()
             times[name].append(time.perf_counter() - start)
     return times
 

@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ubsmoe.bench import (
     BenchOptions,
+    device_sync,
     interleaved_timings,
     ratio_stats,
     register_suite,
@@ -83,8 +84,8 @@ class _Block(nn.Module):
         return self.mlp(x)
 
 
-def build_layers(shape: LayerShape, top_k: int, dtype: torch.dtype,
-                 seed: int) -> tuple[SMoELayer, nn.Module, nn.Module]:
+def build_layers(shape: LayerShape, top_k: int, dtype: torch.dtype, seed: int,
+                 device: str | torch.device = "cpu") -> tuple[SMoELayer, nn.Module, nn.Module]:
     """Our SMoE layer and the HF + PEFT reference with identical weights and LoRA.
 
     Base weights are N(0, 0.02) (HF's init std); LoRA A follows PEFT's init and B is
@@ -94,7 +95,9 @@ def build_layers(shape: LayerShape, top_k: int, dtype: torch.dtype,
         shape: block and LoRA sizes.
         top_k: initial K of both.
         dtype: parameter dtype.
-        seed: weight seed.
+        seed: weight seed (the draws depend on the device's generator, so CPU and
+            CUDA weights differ for one seed).
+        device: where every tensor is created (no CPU copy first).
 
     Returns:
         ``(ours, reference, reference_block)``: ``reference`` is the PEFT model,
@@ -107,7 +110,7 @@ def build_layers(shape: LayerShape, top_k: int, dtype: torch.dtype,
     cfg = OlmoeConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                       num_experts=shape.num_experts, num_experts_per_tok=top_k,
                       experts_implementation="grouped_mm")
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), torch.device(device):
         torch.manual_seed(seed)
         block = OlmoeSparseMoeBlock(cfg)
         with torch.no_grad():
@@ -204,7 +207,7 @@ def _max_diffs(ours: SMoELayer, reference: nn.Module, block: nn.Module, x: torch
 
 
 def layer_benchmark(shape: LayerShape, dtypes: list[str], ks: list[int], repeats: int,
-                    warmup: int, seed: int = 0) -> dict[str, Any]:
+                    warmup: int, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Time ours against the HF + PEFT reference, per dtype, interleaved.
 
     Args:
@@ -213,9 +216,11 @@ def layer_benchmark(shape: LayerShape, dtypes: list[str], ks: list[int], repeats
         ks: experts per token to time; must contain 1 and the largest K compared.
         repeats, warmup: timed and untimed runs per case.
         seed: weights, input and output-gradient seed.
+        device: where the layers run (``"cpu"``, ``"cuda"``, ...); on CUDA every
+            timed call is bracketed by ``torch.cuda.synchronize``.
 
     Returns:
-        JSON-ready dict: ``shape``, ``ks``, ``timing`` protocol, and per dtype
+        JSON-ready dict: ``shape``, ``ks``, ``device``, ``timing`` protocol, and per dtype
         ``cases`` (per implementation and K: timing summary and FLOPs),
         ``ratios`` and ``max_abs_diff`` (ours vs reference, per K).
 
@@ -230,17 +235,18 @@ def layer_benchmark(shape: LayerShape, dtypes: list[str], ks: list[int], repeats
     ks = sorted(set(ks))
     k_lo, k_hi = ks[0], ks[-1]
     out: dict[str, Any] = {
-        "shape": asdict(shape), "ks": ks,
+        "shape": asdict(shape), "ks": ks, "device": str(device),
         "timing": {"repeats": repeats, "warmup": warmup, "unit": "seconds per forward+backward",
                    "order": "interleaved, alternating direction per repeat"},
         "dtypes": {},
     }
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        ours, reference, block = build_layers(shape, k_hi, dtype, seed)
-        g = torch.Generator().manual_seed(seed + 1)
-        x = torch.randn(1, shape.num_tokens, shape.hidden, generator=g).to(dtype).requires_grad_(True)
-        grad_out = torch.randn(1, shape.num_tokens, shape.hidden, generator=g).to(dtype)
+        ours, reference, block = build_layers(shape, k_hi, dtype, seed, device)
+        g = torch.Generator().manual_seed(seed + 1)  # CPU draws: the same input on every device
+        x = torch.randn(1, shape.num_tokens, shape.hidden, generator=g).to(device, dtype)
+        x.requires_grad_(True)
+        grad_out = torch.randn(1, shape.num_tokens, shape.hidden, generator=g).to(device, dtype)
         diffs = {f"k{k}": _max_diffs(ours, reference, block, x, grad_out, k) for k in (k_lo, k_hi)}
         cases: dict[str, Callable[[], None]] = {}
         for k in ks:
@@ -254,7 +260,7 @@ def layer_benchmark(shape: LayerShape, dtypes: list[str], ks: list[int], repeats
 
                 cases[f"{impl}_k{k}"] = case
         flops = {name: _flops(fn) for name, fn in cases.items()}
-        times = interleaved_timings(cases, repeats, warmup)
+        times = interleaved_timings(cases, repeats, warmup, sync=device_sync(device))
         entry = {
             "cases": {name: {**summarize(t), "flops": flops[name]} for name, t in times.items()},
             "ratios": {
@@ -276,8 +282,18 @@ def layer_benchmark(shape: LayerShape, dtypes: list[str], ks: list[int], repeats
     return out
 
 
-def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    """Headline figures and the issue's targets, per dtype (ratios of medians)."""
+def layer_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """Headline figures and the issue's targets, per dtype (ratios of medians).
+
+    Args:
+        result: a :func:`layer_benchmark` result.
+
+    Returns:
+        ``targets`` and per dtype: ``speedup_k1`` / ``speedup_k8`` (reference median
+        / ours; None when K = 1 or 8 was not timed), ``k1_over_k8`` (our K = 1 time
+        over our K = 8 time), its FLOP ratio, every case's ``median_s`` and
+        ``targets_met``.
+    """
     ks = result["ks"]
     k_lo, k_hi = ks[0], ks[-1]
     summary: dict[str, Any] = {"targets": TARGETS}
@@ -311,5 +327,5 @@ def layer_suite(options: BenchOptions) -> dict[str, Any]:
         "frozen base weights, input requires grad) vs transformers OlmoeSparseMoeBlock with "
         "experts_implementation='grouped_mm' + PEFT LoRA via target_parameters"
     )
-    result["summary"] = _summary(result)
+    result["summary"] = layer_summary(result)
     return result

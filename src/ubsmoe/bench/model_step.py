@@ -32,7 +32,14 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ubsmoe.bench import BenchOptions, interleaved_timings, ratio_stats, register_suite, summarize
+from ubsmoe.bench import (
+    BenchOptions,
+    device_sync,
+    interleaved_timings,
+    ratio_stats,
+    register_suite,
+    summarize,
+)
 from ubsmoe.config import ModelConfig, TinyModelConfig, TrainConfig
 from ubsmoe.metrics.flops import (
     ModelShape,
@@ -86,18 +93,27 @@ class _Case:
     method: Any = field(repr=False)
 
 
-def _build(step_cfg: StepConfig, lora_rank: int, seed: int) -> torch.nn.Module:
-    """The patched model (attention LoRA + expert LoRA at ``lora_rank``), float32."""
+def _build(step_cfg: StepConfig, lora_rank: int, seed: int, device: str | torch.device = "cpu",
+           dtype: str = "float32") -> torch.nn.Module:
+    """The patched model (attention LoRA + expert LoRA at ``lora_rank``), random weights.
+
+    Created directly on ``device`` (a ``torch.device`` context: no CPU copy of a
+    large model first), initialised in float32 and cast to ``dtype`` (``model.dtype``
+    values).
+    """
     from ubsmoe.models.loading import prepare_model, tiny_olmoe
 
-    cfg = ModelConfig(name="tiny", lora_rank=lora_rank, tiny=step_cfg.sizes)
-    model = tiny_olmoe(cfg, step_cfg.sizes.vocab_size, pad_token_id=0, eos_token_id=1, seed=seed)
-    return prepare_model(model, cfg, seed)
+    cfg = ModelConfig(name="tiny", lora_rank=lora_rank, dtype=dtype, tiny=step_cfg.sizes)
+    with torch.device(device):
+        model = tiny_olmoe(cfg, step_cfg.sizes.vocab_size, pad_token_id=0, eos_token_id=1, seed=seed)
+        return prepare_model(model, cfg, seed)
 
 
-def _batch(step_cfg: StepConfig, seed: int) -> dict[str, torch.Tensor]:
+def _batch(step_cfg: StepConfig, seed: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Random token ids, all labelled, no padding: ``[batch, seq]`` each, on ``device``."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, step_cfg.sizes.vocab_size, (step_cfg.batch_size, step_cfg.seq_len), generator=g)
+    ids = ids.to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
@@ -112,7 +128,8 @@ def _shape(step_cfg: StepConfig) -> ModelShape:
 
 
 def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 0,
-                   ks: list[int] | None = None, ranks: list[int] | None = None) -> dict[str, Any]:
+                   ks: list[int] | None = None, ranks: list[int] | None = None,
+                   device: str | torch.device = "cpu", dtype: str = "float32") -> dict[str, Any]:
     """Time a local training step per K and per LoRA rank on one model config.
 
     Args:
@@ -122,6 +139,10 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
         ks: SMoE budgets (default 1, 2, 4, 8; the largest is the reference).
         ranks: LoRA ranks at native top-k (default 12, 16, 24, 40; the largest is the
             reference).
+        device: where the models are built and trained; on CUDA every timed step
+            is bracketed by ``torch.cuda.synchronize``. All five models (one SMoE
+            model, one per rank) are alive at once: about 5 x the model's bytes.
+        dtype: frozen weights' dtype (``float32``, ``bfloat16``, ``float16``).
 
     Returns:
         JSON-ready dict: ``config``, ``tokens_per_step``, ``cases`` (per case: K,
@@ -138,20 +159,20 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
     ranks = sorted(ranks or LORA_RANKS)
     k_max = step_cfg.sizes.num_experts_per_tok
     train_cfg = TrainConfig()
-    batch = _batch(step_cfg, seed)
+    batch = _batch(step_cfg, seed, device)
     tokens = step_cfg.batch_size * step_cfg.seq_len
     smoe_method = get_method_class("smoe")()
     rank_method = get_method_class("fedit")()
     cases: dict[str, _Case] = {}
-    smoe_model = _build(step_cfg, SMOE_RANK, seed)
+    smoe_model = _build(step_cfg, SMOE_RANK, seed, device, dtype)
     for k in ks:
         cases[f"smoe_k{k}"] = _Case(smoe_model, k, SMOE_RANK, smoe_method)
     for r in ranks:
-        cases[f"lora_r{r}"] = _Case(_build(step_cfg, r, seed), k_max, r, rank_method)
+        cases[f"lora_r{r}"] = _Case(_build(step_cfg, r, seed, device, dtype), k_max, r, rank_method)
     k_low = ks[0]
     for rule in ("universal", "probe"):
         method = get_method_class("ubsmoe")(UBSMoEConfig(pg_rule=rule, pg_probe_tokens=PG_PROBE_TOKENS))
-        model = _build(step_cfg, SMOE_RANK, seed)
+        model = _build(step_cfg, SMOE_RANK, seed, device, dtype)
         method.prepare_model(model)
         cases[f"pg_{rule}_k{k_low}"] = _Case(model, k_low, SMOE_RANK, method)
 
@@ -173,7 +194,7 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
             run()
         measured[name] = int(counter.get_total_flops())
         probe_slots[name] = sum(m.batch_probe_slots for m in smoe_layers(cases[name].model))
-    times = interleaved_timings(runs, repeats, warmup)
+    times = interleaved_timings(runs, repeats, warmup, sync=device_sync(device))
     shape = _shape(step_cfg)
     out_cases = {}
     for name, case in cases.items():
@@ -205,7 +226,8 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
     return {
         "config": {"name": step_cfg.name, "sizes": asdict(step_cfg.sizes),
                    "batch_size": step_cfg.batch_size, "seq_len": step_cfg.seq_len,
-                   "smoe_lora_rank": SMOE_RANK, "attention_lora": True, "dtype": "float32",
+                   "smoe_lora_rank": SMOE_RANK, "attention_lora": True, "dtype": dtype,
+                   "device": str(device),
                    "lr": train_cfg.lr, "max_grad_norm": train_cfg.max_grad_norm},
         "tokens_per_step": tokens,
         "timing": {"repeats": repeats, "warmup": warmup,

@@ -97,15 +97,16 @@ def _build(step_cfg: StepConfig, lora_rank: int, seed: int, device: str | torch.
            dtype: str = "float32") -> torch.nn.Module:
     """The patched model (attention LoRA + expert LoRA at ``lora_rank``), random weights.
 
-    Created directly on ``device`` (a ``torch.device`` context: no CPU copy of a
-    large model first), initialised in float32 and cast to ``dtype`` (``model.dtype``
-    values).
+    Created directly on ``device`` in ``dtype`` (``model.dtype`` values) by
+    :func:`~ubsmoe.models.loading.random_olmoe`: no CPU copy of a large model first.
     """
-    from ubsmoe.models.loading import prepare_model, tiny_olmoe
+    from ubsmoe.models.loading import prepare_model, random_olmoe, resolve_dtype
 
+    device = torch.device(device)
     cfg = ModelConfig(name="tiny", lora_rank=lora_rank, dtype=dtype, tiny=step_cfg.sizes)
+    model = random_olmoe(cfg, step_cfg.sizes.vocab_size, pad_token_id=0, eos_token_id=1, seed=seed,
+                         device=device, dtype=resolve_dtype(dtype, device))
     with torch.device(device):
-        model = tiny_olmoe(cfg, step_cfg.sizes.vocab_size, pad_token_id=0, eos_token_id=1, seed=seed)
         return prepare_model(model, cfg, seed)
 
 

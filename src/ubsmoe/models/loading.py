@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -531,7 +532,12 @@ def prepare_model(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Modul
 
             lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                               target_modules=list(ATTENTION_MODULES), bias="none")
-            model = get_peft_model(model, lora)
+            with warnings.catch_warnings():
+                # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing`; the
+                # FutureWarning is about PEFT's code, not ours (only this message is hidden).
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
+                model = get_peft_model(model, lora)
         patch_smoe(model, cfg.lora_rank, cfg.lora_alpha)
     model.config.use_cache = True
     return model

@@ -266,7 +266,9 @@ def test_method_runs_end_to_end_and_writes_diagnostics(tmp_path, method):
     cfg = _cfg(tmp_path, f"method={method}", "eval.protocols=[loglik]", "eval.pg_probe_examples=2")
     server = _run_rounds(cfg, tmp_path / "run")
     summary = server.finish()
-    diags = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "diagnostics"]
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    diags = [r for r in records if r["type"] == "diagnostics"]
+    trained = {r["round"]: r["clients"] for r in records if r["type"] == "train"}
     assert [d["round"] for d in diags] == [1, 2]
     for d in diags:
         num_layers, num_experts = len(d["utilization"]), len(d["utilization"][0])
@@ -274,9 +276,9 @@ def test_method_runs_end_to_end_and_writes_diagnostics(tmp_path, method):
         assert 0.0 < d["entropy"]["mean"] <= d["entropy"]["max"] + 1e-9
         assert d["entropy"]["max"] == pytest.approx(torch.log(torch.tensor(float(num_experts))).item())
         assert 0.0 <= d["gini"]["mean"] < 1.0
-        # u~ sums to K_bar = sum_c p_c K_c per layer.
-        k_bar = sum(c["top_k"] * c["train_examples"] for c in summary["clients"]) / sum(
-            c["train_examples"] for c in summary["clients"])
+        # u~ sums to K_bar = sum_c p_c K_c per layer, p_c from the round's examples trained on.
+        clients = trained[d["round"]]
+        k_bar = sum(c["top_k"] * c["examples"] for c in clients) / sum(c["examples"] for c in clients)
         assert [sum(row) for row in d["utilization"]] == pytest.approx([k_bar] * num_layers)
     if method == "ubsmoe":
         assert -1.0 <= diags[-1]["phi_utilization"]["spearman"] < 0.0  # over-used experts pushed down

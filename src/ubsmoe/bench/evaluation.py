@@ -86,6 +86,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
     def gen(name, m, **kw):
         """A case: generate for every prompt and keep the responses."""
         def case():
+            """One timed generation pass over the prompts."""
             responses[name] = generate_responses(m, tokenizer, prompts, batch_size, max_new_tokens, **kw)
         return case
 

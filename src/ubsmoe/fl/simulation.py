@@ -120,6 +120,7 @@ def stop_process_tree(procs: list[subprocess.Popen], timeout: float = STOP_TIMEO
                 tree[child.pid] = child
 
     def signal_all(sig: int, alive: list[psutil.Process]) -> None:
+        """Send ``sig`` to every started process, its process group and ``alive`` descendants."""
         for proc in procs:
             if proc.poll() is None:
                 with suppress(ProcessLookupError, PermissionError):
@@ -148,6 +149,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: Any) -> None:
+        """SIGTERM -> KeyboardInterrupt, so the same cleanup runs as on Ctrl-C."""
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -209,6 +211,7 @@ class _EventReader:
         self.offset = 0
 
     def read(self) -> list[dict[str, Any]]:
+        """The events appended since the last call (complete lines only)."""
         if not self.path.is_file():
             return []
         with open(self.path, "rb") as f:
@@ -288,6 +291,7 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
             result: dict[str, Any] = {}
 
             def drain() -> None:
+                """Forward the progress events written so far to the display."""
                 for ev in events.read():
                     name = ev.pop("event")
                     if name in ("done", "error"):

@@ -429,6 +429,7 @@ def _checkpoint_contexts(layers: list[SMoELayer]):
 
     @contextmanager
     def recompute() -> Iterator[None]:
+        """Replay the forward's token mask and mark the SMoE layers as recomputing."""
         saved = [(layer.token_mask, layer.recomputing) for layer in layers]
         for layer, mask in zip(layers, masks):
             layer.token_mask = mask

@@ -64,7 +64,8 @@ def test_build_model_with_attention_lora_matches_hf(tiny_tokenizer, tiny_model_c
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora" in n for n in trainable)
+    assert trainable and all("lora" in n or n.endswith(".mlp.router_weight") for n in trainable)
+    assert sum(n.endswith(".mlp.router_weight") for n in trainable) == len(smoe_layers(model))
     assert any("q_proj.lora_A" in n for n in trainable)
     assert any("gate_up_lora.A" in n for n in trainable)
 

@@ -215,6 +215,9 @@ def flops(
     frozen_backward: Annotated[bool, typer.Option(
         "--frozen-backward/--no-frozen-backward",
         help="count the input-gradient pass through frozen weights (a LoRA step computes it)")] = True,
+    router_trainable: Annotated[bool, typer.Option(
+        "--router-trainable/--frozen-router",
+        help="count the router as trained (6 FLOPs/parameter, model.router_trainable) or frozen")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
 ) -> None:
     """Activated parameters and training FLOPs per token for each compute budget."""
@@ -236,7 +239,8 @@ def flops(
                 _fail(f"--ranks: {model} is a dense model; give one LoRA rank per budget level")
             rank_list = list(PAPER_LORA_RANKS)
         table = budget_table(shape, default_budgets(shape, betas, rank_list, lora_rank),
-                             seq_len=seq_len, lora_targets=lora_targets, frozen_backward=frozen_backward)
+                             seq_len=seq_len, lora_targets=lora_targets, frozen_backward=frozen_backward,
+                             router_trainable=router_trainable)
     except ValueError as e:
         _fail(str(e))
     if as_json:

@@ -83,6 +83,10 @@ class ModelConfig:
         attention_lora: also put LoRA on q/k/v/o attention projections.
         dtype: parameter dtype of the frozen model.
         k_min: smallest number of activated experts a client may get.
+        router_trainable: train the router ``W_r`` of every SMoE layer (every
+            method; it is uploaded and aggregated by p_c-weighted mean like any
+            non-LoRA adapter tensor, DESIGN.md section 3). Kept in float32 when
+            ``dtype`` is lower precision. False keeps the host model's router frozen.
         tokenizer_cache: where the tiny preset's trained tokenizer is cached
             (empty: ``$UBSMOE_CACHE`` or ``~/.cache/ubsmoe``).
     """
@@ -93,6 +97,7 @@ class ModelConfig:
     attention_lora: bool = True
     dtype: str = "float32"
     k_min: int = 1
+    router_trainable: bool = True
     tokenizer_cache: str = ""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
@@ -106,6 +111,8 @@ class ModelConfig:
             errors.append(_bad("model.dtype", self.dtype, f"one of {', '.join(DTYPES)}"))
         if self.k_min < 1:
             errors.append(_bad("model.k_min", self.k_min, "an integer >= 1"))
+        if not isinstance(self.router_trainable, bool):
+            errors.append(_bad("model.router_trainable", self.router_trainable, "true or false"))
         _raise(errors)
 
 

@@ -88,23 +88,28 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
         model: patched model; only parameters with ``requires_grad`` are trained.
         batches: from :func:`make_batches`.
         method: supplies the extra loss and the gradient hook.
-        train_cfg: lr and gradient clipping.
+        train_cfg: lr and gradient clipping (the optimizer's groups come from
+            :meth:`Method.param_groups`; clipping is over all trainable parameters).
         top_k: K_c the client runs at (already set on the model).
 
     Returns:
         ``{"loss": mean task loss over steps, "steps": n, "examples": n, "tokens": n}``
-        (tokens: labelled tokens, i.e. response tokens).
+        (tokens: labelled tokens, i.e. response tokens) plus, per key of
+        :meth:`Method.step_metrics`, its maximum over the steps.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=train_cfg.lr)
+    optimizer = torch.optim.Adam(method.param_groups(model, train_cfg.lr), lr=train_cfg.lr)
     model.train()
     total_loss, steps, examples, tokens = 0.0, 0, 0, 0
+    step_max: dict[str, float] = {}
     for batch in batches:
         with routing_mask(model, batch["attention_mask"]):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = causal_lm_loss(logits, batch["labels"])
         extra = method.extra_loss(model, top_k)
         objective = loss if extra is None else loss + extra
+        for key, value in method.step_metrics(model).items():
+            step_max[key] = max(step_max.get(key, value), value)
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         method.after_backward(model, top_k)
@@ -116,7 +121,8 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
         examples += batch["input_ids"].shape[0]
         tokens += int((batch["labels"][:, 1:] != -100).sum())
     model.eval()
-    return {"loss": total_loss / max(steps, 1), "steps": steps, "examples": examples, "tokens": tokens}
+    return {"loss": total_loss / max(steps, 1), "steps": steps, "examples": examples, "tokens": tokens,
+            **step_max}
 
 
 def sync_base_merges(model: nn.Module, applied: list[str],
@@ -284,5 +290,7 @@ class ClientRuntime:
             top_k=top_k,
             loss=stats["loss"],
             metrics={"steps": float(stats["steps"]), "tokens": float(stats["tokens"]),
-                     "train_s": time.perf_counter() - start},
+                     "train_s": time.perf_counter() - start,
+                     **{k: float(v) for k, v in stats.items()
+                        if k not in ("loss", "steps", "examples", "tokens")}},
         )

@@ -150,9 +150,20 @@ def test_method_runs_end_to_end_and_writes_diagnostics(tmp_path, method):
         assert [p["top_k"] for p in diags[-1]["pg_alignment"]] == [1, 2, 4, 8]
         assert all(p["n"] > 0 for p in diags[-1]["pg_alignment"])
         assert any(k.endswith(".phi") for k in server.state.adapters)
+        phi = server.global_phi()  # [L, E], after the last aggregation
+        assert diags[-1]["phi"]["outside_share"] == pytest.approx(float((phi.abs() > 1.0).double().mean()))
+        train = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"]
+        client_max = max(c["phi_penalty_max"] for c in train[-1]["clients"])
+        assert diags[-1]["phi"]["penalty_max"] == client_max
+        assert diags[-1]["phi"]["penalty_acted"] is (client_max > 0)
     else:
         assert "pg_alignment" not in diags[-1] and "phi_utilization" not in diags[-1]
     assert summary["diagnostics"]["round"] == 2
+    from safetensors.torch import load_file
+
+    routers = load_file(str(tmp_path / "run" / "checkpoints" / "adapter" / "router.safetensors"))
+    assert sorted(routers) == sorted(k for k in server.state.adapters if k.endswith(".mlp.router_weight"))
+    assert len(routers) == 2 and all(torch.equal(v, server.state.adapters[k]) for k, v in routers.items())
 
 
 def test_ubsmoe_with_every_switch_off_trains_exactly_like_naive_smoe(tmp_path):

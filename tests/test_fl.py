@@ -31,7 +31,7 @@ SMALL = [
 
 # Mean training loss per round of the Flower run below (method=a3smoe, seed 0),
 # recorded from a CPU run; the tolerance absorbs thread-count rounding.
-RECORDED_LOSS = [6.5333, 6.3404]
+RECORDED_LOSS = [6.5298, 6.3277]  # with the trained router (model.router_trainable); frozen: 6.5333, 6.3404
 
 
 def _cfg(tmp_path, *extra):

@@ -130,12 +130,14 @@ def test_full_size_random_build_on_meta_device(tiny_tokenizer):
     """OLMoE-1B-7B from the shipped config, random init, on the meta device: nothing allocated."""
     cfg = ModelConfig(name="allenai/OLMoE-1B-7B-0924", init="random", dtype="bfloat16")
     model, _ = build_model(cfg, tiny_tokenizer, seed=0, device="meta")
+    # phi: DMR's [E] per layer; the router W_r is a host weight, trainable (model.router_trainable)
     base = sum(p.numel() for n, p in model.named_parameters()
-               if not p.requires_grad and not n.endswith(".phi"))  # phi: DMR's [E] per layer
+               if (not p.requires_grad and not n.endswith(".phi")) or n.endswith(".mlp.router_weight"))
     assert base == 6_919_161_856
     assert {p.device.type for p in model.parameters()} == {"meta"}
     layer = smoe_layers(model)[0]
     assert layer.gate_up_proj.dtype == torch.bfloat16 and layer.gate_up_lora.A.dtype == torch.float32
+    assert layer.router_weight.dtype == torch.float32 and layer.router_weight.requires_grad
 
 
 def test_dense_backbone_random_is_refused(tiny_tokenizer):
@@ -174,6 +176,9 @@ def test_cuda_build_trains_on_the_device_and_adapters_come_back_on_cpu(tiny_toke
     model, _ = build_model(ModelConfig(name="medium", device="cuda"), tiny_tokenizer, seed=0)
     base = smoe_layers(model)[0]
     assert base.gate_up_proj.device.type == "cuda" and base.gate_up_proj.dtype == torch.bfloat16
+    # model.router_trainable: the router trains in float32 on the device under the bfloat16 base
+    assert base.router_weight.device.type == "cuda" and base.router_weight.dtype == torch.float32
+    assert base.router_weight.requires_grad
     assert all(p.device.type == "cuda" for p in model.parameters())
     ids = torch.randint(2, len(tiny_tokenizer), (2, 16))  # CPU batch: local_train moves it
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -182,5 +187,8 @@ def test_cuda_build_trains_on_the_device_and_adapters_come_back_on_cpu(tiny_toke
     after = adapter_state(model)
     assert all(t.device.type == "cpu" for t in after.values())
     assert any(not torch.equal(before[n], after[n]) for n in before)
+    routers = [n for n in after if n.endswith(".mlp.router_weight")]
+    assert routers and all(after[n].dtype == torch.float32 and not torch.equal(before[n], after[n])
+                           for n in routers)
     load_adapter_state(model, before)
     assert all(torch.equal(p.cpu(), before[n]) for n, p in model.named_parameters() if p.requires_grad)

@@ -89,9 +89,24 @@ def test_olmoe_flops_scale_with_k_and_k1_vs_k8():
     cmp = table["lowest_vs_highest"]
     # The paper's "45.0%" is the activated-parameter ratio K=1 : K=8 (0.450); counting the
     # training FLOPs (frozen backward, attention at seq 256, LoRA) K = 1 needs 41.2% of K = 8.
+    # The router trains by default (model.router_trainable): 6 FLOPs per router parameter.
     assert cmp["activated_params_ratio"] == pytest.approx(0.4504, abs=5e-4)
-    assert cmp["flops_ratio"] == pytest.approx(0.4120, abs=5e-4)
+    assert cmp["flops_ratio"] == pytest.approx(0.4125, abs=5e-4)
     assert cmp["flops_reduction"] == pytest.approx(1 - cmp["flops_ratio"])
+    frozen = budget_table(shape, default_budgets(shape, BUDGETS, None, 20), router_trainable=False)
+    assert frozen["lowest_vs_highest"]["flops_ratio"] == pytest.approx(0.4120, abs=5e-4)
+
+
+def test_trainable_router_costs_six_flops_per_parameter_frozen_four_or_two():
+    shape = load_model_shape(OLMOE)
+    router_params = 16 * 64 * 2048
+    trained = training_flops_per_token(shape, 2, 20, 256)
+    frozen = training_flops_per_token(shape, 2, 20, 256, router_trainable=False)
+    forward_only = training_flops_per_token(shape, 2, 20, 256, frozen_backward=False, router_trainable=False)
+    assert (trained["router"], frozen["router"], forward_only["router"]) == (
+        6 * router_params, 4 * router_params, 2 * router_params)
+    assert trained["total"] - frozen["total"] == 2 * router_params
+    assert training_flops_per_token(shape, 2, 20, 256, frozen_backward=False)["router"] == 6 * router_params
 
 
 def test_olmo_1b_rank_40_vs_12_saves_little():
@@ -192,6 +207,12 @@ def test_flops_cli_json_and_errors():
     table = json.loads(result.output)
     assert [r["top_k"] for r in table["rows"]] == [1, 2, 4, 8]
     assert [round(r["activated_params"] / 1e9, 1) for r in table["rows"]] == [0.6, 0.7, 0.9, 1.3]
+    assert table["settings"]["router_trainable"] is True
+    result = CliRunner().invoke(app, ["flops", "--json", "--frozen-router"])
+    frozen = json.loads(result.output)
+    assert frozen["settings"]["router_trainable"] is False
+    assert [r["flops_per_token"]["router"] * 3 for r in frozen["rows"]] == \
+        [r["flops_per_token"]["router"] * 2 for r in table["rows"]]  # 4 vs 6 per parameter
     result = CliRunner().invoke(app, ["flops", "allenai/OLMo-1B-hf"])
     assert result.exit_code == 0 and "r=12 vs r=40" in result.output and "reduction 2.5%" in result.output
     result = CliRunner().invoke(app, ["flops", "--budgets", "0.5,x"])

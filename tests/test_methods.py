@@ -22,7 +22,11 @@ NAMES = {
     "model.layers.1.mlp.gate_up_lora.B": (E, 8, 3),
     "model.layers.1.mlp.down_lora.A": (E, 3, 4),
     "model.layers.1.mlp.down_lora.B": (E, 6, 3),
+    # Trainable routers (model.router_trainable): plain dense tensors, never LoRA factors.
+    "model.layers.0.mlp.router_weight": (E, 6),
+    "model.layers.1.mlp.router_weight": (E, 6),
 }
+ROUTERS = [n for n in NAMES if n.endswith(".mlp.router_weight")]
 # Methods whose aggregate returns new factors of the aggregated update (an SVD, or a
 # merge into the base weights) rather than a mean of the clients' factors: the
 # contract holds for the effective update s*B@A (+ base merges), not the raw tensors.
@@ -268,3 +272,19 @@ def test_a3smoe_weightings_differ_only_when_k_differs():
     b = A3SMoE(A3SMoEConfig(gamma=2.0, weighting="literal")).aggregate(_global(), same_k)
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_router_is_the_data_weighted_mean_of_the_clients_routers(name):
+    """Every method (FedAvg, A3SMoE's non-expert part, UB-SMoE, the rank methods) averages W_r with p_c."""
+    method = _method(name)
+    counts = torch.tensor([[6.0, 2.0, 0.0, 0.0], [1.0, 1.0, 3.0, 3.0]])  # uneven: A3SMoE weights differ
+    updates = [_update(c, 10 + c, counts=counts.roll(c, -1), n=n) for c, n in enumerate([3, 5, 12])]
+    out = method.aggregate(_global(), updates)
+    p = torch.tensor([3.0, 5.0, 12.0], dtype=torch.float64) / 20.0
+    for r in ROUTERS:
+        expected = sum(pc * u.adapters[r].double() for pc, u in zip(p, updates))
+        torch.testing.assert_close(out[r].double(), expected, atol=1e-6, rtol=1e-6)
+        assert out[r].dtype == updates[0].adapters[r].dtype
+    sent = method.client_adapters(_global(), 2, seed=0)  # rank methods: truncated / fresh LoRA
+    assert all(torch.equal(sent[r], _global()[r]) for r in ROUTERS)  # the router is passed on as is

@@ -64,7 +64,8 @@ def test_build_model_with_attention_lora_matches_hf(tiny_tokenizer, tiny_model_c
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora" in n for n in trainable)
+    assert trainable and all("lora" in n or n.endswith(".mlp.router_weight") for n in trainable)
+    assert sum(n.endswith(".mlp.router_weight") for n in trainable) == len(smoe_layers(model))
     assert any("q_proj.lora_A" in n for n in trainable)
     assert any("gate_up_lora.A" in n for n in trainable)
 
@@ -375,3 +376,22 @@ def test_bfloat16_with_rank_not_a_multiple_of_eight_runs_and_tracks_float32():
     assert float((out.detach().float() - ref.detach()).abs().max()) < 0.05 * float(scale)
     rel = (bf16.down_lora.B.grad.float() - layer.down_lora.B.grad).norm() / layer.down_lora.B.grad.norm()
     assert float(rel) < 0.05
+
+
+def test_trainable_router_trains_in_float32_on_a_bfloat16_model(tiny_tokenizer, tiny_model_cfg):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_model_cfg, dtype="bfloat16")
+    model, _ = build_model(cfg, tiny_tokenizer, seed=0)
+    layers = smoe_layers(model)
+    assert all(m.router_weight.dtype == torch.float32 and m.router_weight.requires_grad for m in layers)
+    assert all(m.gate_up_proj.dtype == torch.bfloat16 for m in layers)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 9))
+    out = model(input_ids=ids).logits
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).mean().backward()
+    assert all(m.router_weight.grad is not None and m.router_weight.grad.dtype == torch.float32
+               and m.router_weight.grad.abs().sum() > 0 for m in layers)
+    frozen, _ = build_model(dataclasses.replace(cfg, router_trainable=False), tiny_tokenizer, seed=0)
+    assert all(m.router_weight.dtype == torch.bfloat16 and not m.router_weight.requires_grad
+               for m in smoe_layers(frozen))

@@ -33,9 +33,12 @@ def test_olmoe_plan_params_and_activated_per_budget(olmoe_plan):
 def test_olmoe_plan_memory_terms(olmoe_plan):
     p = olmoe_plan
     client = p["memory"]["client_process"]
-    # Base weights: frozen parameters x 2 bytes (UB-SMoE's phi is trainable, an adapter).
-    assert client["base_weights"] == 2 * 6_919_161_856
+    # Base weights: frozen parameters x 2 bytes (UB-SMoE's phi and, with model.router_trainable,
+    # the routers W_r [64, 2048] of the 16 layers are trainable: adapters, float32).
+    router = 16 * 64 * 2048
+    assert client["base_weights"] == 2 * (6_919_161_856 - router)
     trainable = p["params"]["trainable_per_client"]
+    assert p["params"]["frozen_in_model"] == 6_919_161_856 - router
     assert client["adapters"] == 4 * trainable == client["gradients"]
     assert client["optimizer"] == 8 * trainable  # Adam: two float32 states
     assert client["total"] == sum(v for k, v in client.items() if k != "total")
@@ -62,6 +65,11 @@ def test_plan_flops_per_round_sum_levels(olmoe_plan):
     expect = sum(r["clients_per_round"] * tokens * r["flops_per_token"] for r in p["params"]["per_budget"])
     assert p["flops_per_round"] == pytest.approx(expect)
     assert p["flops_per_round"] > 0
+    from ubsmoe.metrics.flops import load_model_shape, training_flops_per_token
+
+    shape = load_model_shape(OLMOE)  # the router trains (model.router_trainable): counted at 6 FLOPs
+    assert [r["flops_per_token"] for r in p["params"]["per_budget"]] == [
+        training_flops_per_token(shape, k, 20, 256, router_trainable=True)["total"] for k in (1, 2, 4, 8)]
 
 
 def test_plan_reads_other_helpers_settings_with_defaults(monkeypatch):

@@ -25,7 +25,7 @@ from ubsmoe.metrics.diagnostics import (
 from ubsmoe.models import SMoELayer, adapter_state, build_model, set_top_k, smoe_layers
 from ubsmoe.models.loading import patch_smoe, tiny_olmoe
 from ubsmoe.pseudo_grad import ProbePseudoGradient, UniversalPseudoGradient
-from ubsmoe.routing import DMRConfig, target_modulation
+from ubsmoe.routing import DMRConfig, phi_range_penalty, target_modulation
 
 
 def _layer(num_experts=8, hidden=16, inter=8, top_k=2, rank=4, seed=0):
@@ -490,3 +490,75 @@ def test_update_space_probe_rule_scales_with_lambda_and_keeps_own_directions(tin
         torch.testing.assert_close(large, 2 * small, rtol=1e-4, atol=1e-9)
         rows = small / small.norm(dim=1, keepdim=True)
         assert float((rows @ rows.t()).abs().triu(1).max()) < 0.99  # own directions, not one shared
+
+
+# ----- phi's own learning rate and the range penalty ------------------------------------
+
+def _phi_train(tokenizer, model_cfg, dmr, steps, phi0=0.0, max_grad_norm=1.0):
+    """``steps`` local_train steps of a tiny UB-SMoE model from phi = ``phi0``.
+
+    Returns ``(model before, model after, stats)``; lr 1e-3, PG on, clipping on.
+    """
+    from ubsmoe.config import TrainConfig
+    from ubsmoe.fl.train import local_train
+
+    model, _ = build_model(model_cfg, tokenizer, seed=0)
+    method = UBSMoE(UBSMoEConfig(dmr=dmr))
+    method.prepare_model(model)
+    with torch.no_grad():
+        for layer in smoe_layers(model):
+            layer.phi.fill_(phi0)
+    set_top_k(model, 2)
+    start = copy.deepcopy(model)
+    batches = [_batch(tokenizer, n=4, seq=16, seed=s) for s in range(steps)]
+    stats = local_train(model, batches, method, TrainConfig(lr=1e-3, max_grad_norm=max_grad_norm), 2)
+    return start, model, stats
+
+
+def test_phi_lr_moves_phi_more_and_leaves_every_other_update_unchanged(tiny_tokenizer, tiny_model_cfg):
+    runs = {lr: _phi_train(tiny_tokenizer, tiny_model_cfg, DMRConfig(phi_lr=lr), steps=1,
+                           max_grad_norm=1e-3)  # clipping active
+            for lr in (1e-3, 1e-1)}
+    moved = {}
+    for lr, (start, after, _) in runs.items():
+        before = dict(start.named_parameters())
+        moved[lr] = max(float((after_p - before[n]).abs().max())
+                        for n, after_p in after.named_parameters() if n.endswith(".phi"))
+    # Adam's first step moves each coordinate by lr * g / (|g| + eps): 100x for 100x the lr.
+    assert moved[1e-1] / moved[1e-3] == pytest.approx(100.0, rel=1e-3) and moved[1e-1] > 0.05
+    slow, fast = (dict(runs[lr][1].named_parameters()) for lr in (1e-3, 1e-1))
+    others = [n for n, p in slow.items() if p.requires_grad and not n.endswith(".phi")]
+    assert any(n.endswith("router_weight") for n in others)
+    assert all(torch.equal(slow[n], fast[n]) for n in others)
+    start = dict(runs[1e-3][0].named_parameters())
+    assert sum(not torch.equal(start[n], slow[n]) for n in others) > len(others) // 2  # they did train
+
+
+def test_phi_lr_is_its_own_optimizer_group():
+    from ubsmoe.methods.base import Method
+
+    model = torch.nn.ModuleList([_layer(), _layer(seed=1)])
+    for layer in model:
+        layer.gate_up_lora.A.requires_grad_(True)
+    UBSMoE().prepare_model(model)
+    groups = UBSMoE(UBSMoEConfig(dmr=DMRConfig(phi_lr=0.3))).param_groups(model, 1e-3)
+    assert [g["lr"] for g in groups] == [1e-3, 0.3]
+    assert [id(p) for p in groups[1]["params"]] == [id(m.phi) for m in model]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in trainable)
+    assert Method().param_groups(model, 1e-3) == [{"params": trainable, "lr": 1e-3}]
+    with pytest.raises(ConfigError, match="dmr.phi_lr"):
+        DMRConfig(phi_lr=0.0)
+
+
+def test_large_phi_lr_makes_the_penalty_act_and_keep_phi_nearer_the_range(tiny_tokenizer, tiny_model_cfg):
+    """Synthetic: phi_lr 1.5 pushes phi out of [-1, 1] in one step; coef 1 makes the penalty count."""
+    out = {}
+    for penalty in (True, False):
+        dmr = DMRConfig(phi_lr=1.5, penalty_coef=1.0, range_penalty=penalty)
+        _, after, stats = _phi_train(tiny_tokenizer, tiny_model_cfg, dmr, steps=4)
+        phi = torch.stack([m.phi.detach() for m in smoe_layers(after)])  # [L, E]
+        out[penalty] = (stats["phi_penalty_max"], float(phi_range_penalty(phi, -1.0, 1.0, 1.0)))
+    (acted, dist_on), (off, dist_off) = out[True], out[False]
+    assert acted > 0 and off == 0.0  # penalty_acted only with the penalty on
+    assert dist_off > 0 and dist_on < 0.5 * dist_off

@@ -248,6 +248,9 @@ def flops(
              "inactive expert (0: off)")] = 0,
     tokens_per_step: Annotated[int | None, typer.Option(
         help="tokens per local step, spreading the probe's per-step cost (default 16 x seq-len)")] = None,
+    router_trainable: Annotated[bool, typer.Option(
+        "--router-trainable/--frozen-router",
+        help="count the router as trained (6 FLOPs/parameter, model.router_trainable) or frozen")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
 ) -> None:
     """Activated parameters and training FLOPs per token for each compute budget."""
@@ -270,7 +273,8 @@ def flops(
             rank_list = list(PAPER_LORA_RANKS)
         table = budget_table(shape, default_budgets(shape, betas, rank_list, lora_rank),
                              seq_len=seq_len, lora_targets=lora_targets, frozen_backward=frozen_backward,
-                             pg_probe_tokens=pg_probe_tokens, tokens_per_step=tokens_per_step)
+                             pg_probe_tokens=pg_probe_tokens, tokens_per_step=tokens_per_step,
+                             router_trainable=router_trainable)
     except ValueError as e:
         _fail(str(e))
     if as_json:

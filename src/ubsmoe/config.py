@@ -91,7 +91,8 @@ class ModelConfig:
         attention_lora: also put LoRA on q/k/v/o attention projections.
         dtype: parameter dtype of the frozen model: ``auto`` (bfloat16 on a GPU,
             float32 on CPU), ``float32``, ``bfloat16`` or ``float16``. LoRA factors
-            (attention and experts) and DMR phi stay float32 whatever this is.
+            (attention and experts), DMR phi and a trainable router stay float32
+            whatever this is.
         device: where clients train and the server evaluates: ``auto`` (the first
             CUDA device when one is visible, else CPU), ``cuda``, ``cuda:N`` or
             ``cpu``. Checked against the visible devices when the model is built.
@@ -102,6 +103,10 @@ class ModelConfig:
             size: no hub access needed) or ``auto`` (``random`` for presets,
             ``pretrained`` otherwise).
         k_min: smallest number of activated experts a client may get.
+        router_trainable: train the router ``W_r`` of every SMoE layer (every
+            method; it is uploaded and aggregated by p_c-weighted mean like any
+            non-LoRA adapter tensor, DESIGN.md section 3). Kept in float32 when
+            ``dtype`` is lower precision. False keeps the host model's router frozen.
         tokenizer_cache: where the tiny preset's trained tokenizer is cached
             (empty: ``$UBSMOE_CACHE`` or ``~/.cache/ubsmoe``).
     """
@@ -114,6 +119,7 @@ class ModelConfig:
     device: str = "auto"
     init: str = "auto"
     k_min: int = 1
+    router_trainable: bool = True
     tokenizer_cache: str = ""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
@@ -134,6 +140,8 @@ class ModelConfig:
         elif self.init == "pretrained" and self.name in MODEL_PRESETS:
             errors.append(_bad("model.init", self.init,
                                f"random or auto for the preset {self.name!r} (it has no pretrained weights)"))
+        if not isinstance(self.router_trainable, bool):
+            errors.append(_bad("model.router_trainable", self.router_trainable, "true or false"))
         _raise(errors)
 
     @property

@@ -58,6 +58,12 @@ class DMRConfig:
         server_update: utilization-aware server update of phi (ablation switch,
             paper Table 5); off keeps the aggregated phi.
         learn_phi: phi is trained locally on clients; off keeps it frozen there.
+        phi_lr: Adam learning rate of phi in local training (its own optimizer
+            parameter group; every other parameter keeps ``train.lr``), > 0. Adam
+            moves a parameter by about its lr per step whatever the gradient's scale,
+            so at ``train.lr`` phi could not leave [phi_min, phi_max] within a round
+            and the range penalty would never act. The default 0.1 lets phi cross
+            the range in a round of about 10 steps (README, "UB-SMoE").
 
     Raises:
         ConfigError: (a ``ValueError``) listing every invalid field, one per line,
@@ -72,6 +78,7 @@ class DMRConfig:
     range_penalty: bool = True
     server_update: bool = True
     learn_phi: bool = True
+    phi_lr: float = 0.1
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -94,6 +101,8 @@ class DMRConfig:
         if (not _is_real(self.penalty_coef) or not math.isfinite(self.penalty_coef)
                 or self.penalty_coef < 0):
             bad("penalty_coef", "a finite number >= 0")
+        if not _is_real(self.phi_lr) or not math.isfinite(self.phi_lr) or self.phi_lr <= 0:
+            bad("phi_lr", "a finite number > 0")
         for name in ("range_penalty", "server_update", "learn_phi"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "true or false")

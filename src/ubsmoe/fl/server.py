@@ -23,7 +23,13 @@ from ubsmoe.config import RunConfig, save_config
 from ubsmoe.fl.train import SharedSetup, client_seed, sync_base_merges
 from ubsmoe.io import append_jsonl, atomic_torch_save, atomic_write_json
 from ubsmoe.methods import ClientUpdate, get_method_class
-from ubsmoe.methods.base import Aggregator, data_weights, phi_layer_of, round_utilization
+from ubsmoe.methods.base import (
+    ROUTER_PARAM_RE,
+    Aggregator,
+    data_weights,
+    phi_layer_of,
+    round_utilization,
+)
 from ubsmoe.models import adapter_state, build_model, load_adapter_state, set_top_k, smoe_layers
 from ubsmoe.models.loading import set_lora_rank
 
@@ -366,7 +372,11 @@ class Server:
             utilization u~ ``[L, E]``, its entropy (per layer, mean, variance across
             layers) and Gini coefficient, the phi-utilization correlations and phi's
             range when the method has phi, and, for methods with a pseudo-gradient,
-            the PG alignment on the probe batch at each budget level's K.
+            the PG alignment on the probe batch at each budget level's K. ``phi``
+            holds phi's ``min``/``max``/``mean_abs``, ``outside_share`` (share of global
+            phi entries outside the method's ``phi_range``, after aggregation) and, from
+            the clients' ``phi_penalty_max`` metrics, ``penalty_max`` (max over clients)
+            and ``penalty_acted`` (the range penalty was > 0 at some local step).
         """
         from ubsmoe.fl.train import causal_lm_loss
         from ubsmoe.metrics.diagnostics import pg_alignment, utilization_summary
@@ -379,6 +389,14 @@ class Server:
         if phi is not None:
             record["phi"] = {"min": float(phi.min()), "max": float(phi.max()),
                              "mean_abs": float(phi.abs().mean())}
+            bounds = self.method.phi_range()
+            if bounds is not None:  # share of global phi entries the range penalty would act on
+                record["phi"]["outside_share"] = float(((phi < bounds[0]) | (phi > bounds[1]))
+                                                       .double().mean())
+            penalties = [u.metrics["phi_penalty_max"] for u in updates if "phi_penalty_max" in u.metrics]
+            if penalties:  # largest range penalty in any client's loss at any local step
+                record["phi"]["penalty_max"] = max(penalties)
+                record["phi"]["penalty_acted"] = max(penalties) > 0
         pg = self.method.pseudo_gradient
         if pg is not None and self.cfg.eval.pg_probe_examples > 0:
             load_adapter_state(self.model, self.state.adapters)
@@ -499,6 +517,9 @@ class Server:
     def save_adapters(self) -> Path:
         """Save the final global adapters: attention LoRA in PEFT format, expert LoRA as safetensors.
 
+        With ``model.router_trainable`` the trained routers go to ``router.safetensors``
+        (``<layer>.mlp.router_weight`` ``[E, H]`` float32, the model's parameter names).
+
         A method that merges into the base weights (FLoRA, FLoRIST) also writes its merge
         factors, ``base_merges.safetensors`` (``"<merge index>/<module>.A|B"``, update
         ``B @ A`` each). Written to a temporary folder and renamed, so a crash leaves no
@@ -520,6 +541,9 @@ class Server:
             self.model.save_pretrained(tmp)  # PEFT: attention LoRA only (keys with "lora_")
         experts = {k: v.contiguous() for k, v in self.state.adapters.items() if "_lora." in k}
         save_file(experts, str(tmp / "expert_lora.safetensors"))
+        routers = {k: v.contiguous() for k, v in self.state.adapters.items() if ROUTER_PARAM_RE.search(k)}
+        if routers:  # model.router_trainable: the trained W_r [E, H] of every SMoE layer
+            save_file(routers, str(tmp / "router.safetensors"))
         merges = self.method.base_merges()
         if merges:  # FLoRA / FLoRIST: the merged base is the pretrained one plus these
             save_file({f"{i:04d}/{name}": t.contiguous() for i, (_, factors) in enumerate(merges)

@@ -162,24 +162,28 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
     Args:
         model: patched model; only parameters with ``requires_grad`` are trained.
         batches: from :func:`make_batches`, each of up to ``train.batch_size`` rows.
-        method: supplies the extra loss, the gradient hook (after backward) and the
-            update hook (after the optimizer step).
-        train_cfg: lr, gradient clipping, accumulation and checkpointing.
+        method: supplies the extra loss, the optimizer's parameter groups
+            (:meth:`Method.param_groups`), the gradient hook (after backward), the
+            update hook (after the optimizer step) and per-step metrics
+            (:meth:`Method.step_metrics`, once per optimizer step).
+        train_cfg: lr, gradient clipping (over all trainable parameters),
+            accumulation and checkpointing.
         top_k: K_c the client runs at (already set on the model).
 
     Returns:
         ``{"loss": mean task loss over steps, "steps": n, "examples": n, "tokens": n}``
-        (steps: optimizer steps; tokens: labelled tokens, i.e. response tokens).
+        (steps: optimizer steps; tokens: labelled tokens, i.e. response tokens) plus,
+        per key of :meth:`Method.step_metrics`, its maximum over the steps.
 
     Batches may live on the CPU; each is moved to the model's device.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    # Hook point for per-method optimizer parameter groups (method.param_groups) goes here.
-    optimizer = torch.optim.Adam(params, lr=train_cfg.lr)
+    optimizer = torch.optim.Adam(method.param_groups(model, train_cfg.lr), lr=train_cfg.lr)
     micro_batch_size = train_cfg.batch_size // train_cfg.grad_accumulation_steps
     set_activation_checkpointing(model, train_cfg.activation_checkpointing)
     model.train()
     total_loss, steps, examples, tokens = 0.0, 0, 0, 0
+    step_max: dict[str, float] = {}
     device = next(model.parameters()).device
     try:
         for batch in batches:
@@ -200,6 +204,10 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
                     objective = loss if extra is None else loss + extra / len(parts)
                     objective.backward()
                     step_loss += float(loss.detach())
+                # Once per optimizer step, after every micro-batch's forward and extra loss
+                # (the parameters, e.g. UB-SMoE's phi, are those of this step's loss).
+                for key, value in method.step_metrics(model).items():
+                    step_max[key] = max(step_max.get(key, value), value)
                 method.after_backward(model, top_k)  # once, on the accumulated gradients
             if train_cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
@@ -212,7 +220,8 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
     finally:
         set_activation_checkpointing(model, False)
         model.eval()
-    return {"loss": total_loss / max(steps, 1), "steps": steps, "examples": examples, "tokens": tokens}
+    return {"loss": total_loss / max(steps, 1), "steps": steps, "examples": examples, "tokens": tokens,
+            **step_max}
 
 
 def sync_base_merges(model: nn.Module, applied: list[str],
@@ -390,5 +399,7 @@ class ClientRuntime:
             top_k=top_k,
             loss=stats["loss"],
             metrics={"steps": float(stats["steps"]), "tokens": float(stats["tokens"]),
-                     "train_s": time.perf_counter() - start},
+                     "train_s": time.perf_counter() - start,
+                     **{k: float(v) for k, v in stats.items()
+                        if k not in ("loss", "steps", "examples", "tokens")}},
         )

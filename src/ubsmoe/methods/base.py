@@ -23,6 +23,8 @@ _REGISTRY: dict[str, type[Method]] = {}
 EXPERT_PARAM_RE = re.compile(r"\.(gate_up_lora|down_lora)\.(A|B)$")
 # Name of an SMoE layer's DMR modulation phi ([num_experts]), see SMoELayer.enable_dmr.
 PHI_PARAM_RE = re.compile(r"\.phi$")
+# Name of an SMoE layer's router W_r ([num_experts, hidden]) when model.router_trainable.
+ROUTER_PARAM_RE = re.compile(r"\.router_weight$")
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
@@ -358,6 +360,37 @@ class Method:
 
         Default: nothing.
         """
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups for local training.
+
+        Default: one group of every trainable parameter at ``lr``. A method may give
+        some parameters their own learning rate (UB-SMoE: phi at ``dmr.phi_lr``);
+        every trainable parameter must be in exactly one group.
+
+        Args:
+            model: the client's model.
+            lr: ``train.lr``.
+
+        Returns:
+            ``torch.optim`` parameter groups (``{"params": [...], "lr": float}``).
+        """
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+    def step_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Scalars measured at every local step, after the forward and the extra loss.
+
+        ``local_train`` reports the maximum of each over the round's steps, under the
+        same key (e.g. UB-SMoE's ``phi_penalty_max``). Default: none.
+        """
+        return {}
+
+    def phi_range(self) -> tuple[float, float] | None:
+        """``(phi_min, phi_max)`` of the method's DMR range penalty, or None (no phi).
+
+        The server's diagnostics report the share of global phi entries outside it.
+        """
+        return None
 
     # ----- LoRA rank (heterogeneous-rank methods) ------------------------------------
     def client_lora(self, level: int, model_rank: int, model_alpha: float) -> tuple[int, float]:

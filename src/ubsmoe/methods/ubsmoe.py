@@ -166,6 +166,28 @@ class UBSMoE(Method):
         return sum(phi_range_penalty(m.phi, dmr.phi_min, dmr.phi_max, dmr.penalty_coef)
                    for m in layers)
 
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """phi at ``dmr.phi_lr``, every other trainable parameter at ``lr``."""
+        phis = {id(m.phi) for m in smoe_layers(model)}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if id(p) not in phis], "lr": lr},
+                  {"params": [p for p in trainable if id(p) in phis], "lr": self.config.dmr.phi_lr}]
+        return [g for g in groups if g["params"]]
+
+    def step_metrics(self, model: nn.Module) -> dict[str, float]:
+        """``phi_penalty_max``: the range penalty in this step's loss (0 when it is off)."""
+        dmr = self.config.dmr
+        if not (dmr.range_penalty and dmr.learn_phi):
+            return {"phi_penalty_max": 0.0}
+        with torch.no_grad():
+            penalty = sum(float(phi_range_penalty(m.phi, dmr.phi_min, dmr.phi_max, dmr.penalty_coef))
+                          for m in smoe_layers(model))
+        return {"phi_penalty_max": penalty}
+
+    def phi_range(self) -> tuple[float, float]:
+        """``(dmr.phi_min, dmr.phi_max)``."""
+        return self.config.dmr.phi_min, self.config.dmr.phi_max
+
     def after_backward(self, model: nn.Module, top_k: int) -> None:
         """Drop phi's gradient when it is frozen; prepare or apply PG.
 

@@ -27,7 +27,9 @@ step = forward + backward):
   score matrix (no causal halving; this is what SDPA kernels and FlopCounterMode
   count): ``4 * seq_len * num_heads * head_dim`` forward per token and layer, twice
   that backward;
-- router: a frozen ``[E, H]`` matmul (``4 E H``); experts: K of them per token;
+- router: an ``[E, H]`` matmul, frozen (``4 E H``) or, with ``model.router_trainable``
+  (the default), trained (``6 E H``: its weight gradient is formed); experts: K of
+  them per token;
   LM head: a frozen ``[V, H]`` matmul (also when tied to the embedding);
 - not counted: embedding lookup (0 FLOPs; its parameters are activated though),
   norms, activations, softmax, residual adds, the loss, the optimizer step (per
@@ -340,7 +342,8 @@ def lora_params_per_token(s: ModelShape, rank: int, top_k: int, targets: str = "
 
 
 def training_flops_per_token(s: ModelShape, top_k: int, lora_rank: int, seq_len: int,
-                             lora_targets: str = "all", frozen_backward: bool = True) -> dict[str, int]:
+                             lora_targets: str = "all", frozen_backward: bool = True,
+                             router_trainable: bool = True) -> dict[str, int]:
     """Training FLOPs per token by term (conventions in the module docstring).
 
     Args:
@@ -351,6 +354,8 @@ def training_flops_per_token(s: ModelShape, top_k: int, lora_rank: int, seq_len:
         lora_targets: ``all``, ``attention`` or ``mlp`` (experts for a MoE model).
         frozen_backward: count the input-gradient pass of frozen weights and the
             attention-score backward (True), or the frozen model forward only.
+        router_trainable: the router is trained (``model.router_trainable``): 6 FLOPs
+            per router parameter like LoRA, else frozen (4, or 2 forward only).
 
     Returns:
         ``{"attention_proj", "attention_scores", "router", "mlp", "lm_head", "lora",
@@ -371,7 +376,7 @@ def training_flops_per_token(s: ModelShape, top_k: int, lora_rank: int, seq_len:
     terms = {
         "attention_proj": frozen * p["attention"],
         "attention_scores": scores_fwd * (3 if frozen_backward else 1),
-        "router": frozen * p["router"],
+        "router": (6 if router_trainable else frozen) * p["router"],
         "mlp": frozen * p["mlp"],
         "lm_head": frozen * s.vocab_size * s.hidden_size,
         "lora": 6 * (lora["attention"] + lora["mlp"]),
@@ -449,7 +454,8 @@ def default_budgets(s: ModelShape, betas: list[float], ranks: list[int] | None,
 
 def budget_table(s: ModelShape, budgets: list[Budget], seq_len: int = 256,
                  lora_targets: str = "all", frozen_backward: bool = True,
-                 pg_probe_tokens: int = 0, tokens_per_step: int | None = None) -> dict[str, Any]:
+                 pg_probe_tokens: int = 0, tokens_per_step: int | None = None,
+                 router_trainable: bool = True) -> dict[str, Any]:
     """Activated parameters and training FLOPs per token for each budget.
 
     Args:
@@ -457,7 +463,7 @@ def budget_table(s: ModelShape, budgets: list[Budget], seq_len: int = 256,
         budgets: from :func:`default_budgets`, lowest first.
         seq_len: sequence length of the attention-score term.
         lora_targets: where LoRA sits (``LORA_TARGETS``).
-        frozen_backward: see :func:`training_flops_per_token`.
+        frozen_backward, router_trainable: see :func:`training_flops_per_token`.
         pg_probe_tokens: tokens per inactive expert of the PG probe
             (``ubsmoe.pg_probe_tokens`` with ``pg_rule=probe``); 0: no probe row.
         tokens_per_step: tokens in one local step (batch x sequence), to spread the
@@ -492,7 +498,8 @@ def budget_table(s: ModelShape, budgets: list[Budget], seq_len: int = 256,
             "activated_params": active,
             "lora_params_per_token": lora["attention"] + lora["mlp"],
             "flops_per_token": training_flops_per_token(s, b.top_k, b.lora_rank, seq_len,
-                                                        lora_targets, frozen_backward),
+                                                        lora_targets, frozen_backward,
+                                                        router_trainable),
         })
     if pg_probe_tokens:
         for b, row in zip(budgets, rows, strict=True):
@@ -511,8 +518,8 @@ def budget_table(s: ModelShape, budgets: list[Budget], seq_len: int = 256,
         "model": asdict(s),
         "total_params": param_counts(s)["total"],
         "settings": {"seq_len": seq_len, "lora_targets": lora_targets,
-                     "frozen_backward": frozen_backward, "pg_probe_tokens": pg_probe_tokens,
-                     "tokens_per_step": tokens_per_step},
+                     "frozen_backward": frozen_backward, "router_trainable": router_trainable,
+                     "pg_probe_tokens": pg_probe_tokens, "tokens_per_step": tokens_per_step},
         "rows": rows,
         "lowest_vs_highest": {
             "flops_ratio": low["flops_ratio_to_highest"],

@@ -229,7 +229,8 @@ def plan(cfg: RunConfig) -> dict[str, Any]:
                   for beta in cfg.fl.budgets}
     rows, round_flops = [], 0.0
     for lvl in levels:
-        per_token = training_flops_per_token(shape, lvl["top_k"], lvl["lora_rank"], seq)["total"]
+        per_token = training_flops_per_token(shape, lvl["top_k"], lvl["lora_rank"], seq,
+                                             router_trainable=cfg.model.router_trainable)["total"]
         per_round = clients_at[lvl["beta"]] * tokens_per_client * per_token
         round_flops += per_round
         rows.append({**lvl, "activated_params": param_counts(shape, lvl["top_k"])["total"],

@@ -488,7 +488,7 @@ def build_model(cfg: ModelConfig, tokenizer=None, seed: int = 0, device: torch.d
 
     Returns:
         ``(model, tokenizer)``: the patched model on its device with only LoRA
-        parameters trainable.
+        parameters (and the routers when ``cfg.router_trainable``) trainable.
 
     Raises:
         ConfigError: ``model.device`` names no visible device.
@@ -513,13 +513,18 @@ def build_model(cfg: ModelConfig, tokenizer=None, seed: int = 0, device: torch.d
 def prepare_model(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Module:
     """Freeze an OLMoE model, add attention LoRA (PEFT) if configured, patch its MoE blocks.
 
+    With ``model.router_trainable`` every SMoE layer's router ``W_r`` ``[E, H]`` is
+    trainable too (float32, see :meth:`~ubsmoe.models.smoe.SMoELayer.set_router_trainable`)
+    and so part of :func:`adapter_state`.
+
     Args:
         model: an ``OlmoeForCausalLM`` (hub checkpoint or :func:`tiny_olmoe`).
         cfg: LoRA rank, alpha and whether attention gets LoRA.
         seed: seed of the LoRA A factors (``seed + 1`` is used, as in :func:`build_model`).
 
     Returns:
-        The model (a PEFT wrapper when attention LoRA is on) with only LoRA trainable.
+        The model (a PEFT wrapper when attention LoRA is on) with only LoRA (and the
+        routers, when trainable) trainable.
 
     Raises:
         ValueError: the model has no OLMoE sparse-MoE block.
@@ -540,12 +545,14 @@ def prepare_model(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Modul
                                         category=FutureWarning)
                 model = get_peft_model(model, lora)
         patch_smoe(model, cfg.lora_rank, cfg.lora_alpha)
+    for layer in smoe_layers(model):
+        layer.set_router_trainable(cfg.router_trainable)
     model.config.use_cache = True
     return model
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """CPU copies of every trainable (LoRA, phi) parameter, keyed by parameter name.
+    """CPU copies of every trainable parameter (LoRA, phi, routers), keyed by parameter name.
 
     CPU whatever the model's device: this is what goes over the wire and into
     checkpoints.

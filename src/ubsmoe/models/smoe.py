@@ -4,7 +4,8 @@ UB-SMoE: "Universally Balanced Sparse Mixture-of-Experts for Resource-Adaptive
 Federated Fine-Tuning of Foundation Models" (ICML 2026, arXiv 2605.16690).
 
 :class:`SMoELayer` replaces a host model's sparse-MoE block (OLMoE's
-``OlmoeSparseMoeBlock`` first) and keeps its frozen router and expert weights.
+``OlmoeSparseMoeBlock`` first) and keeps its frozen expert weights and its router
+(trainable on request, :meth:`SMoELayer.set_router_trainable`).
 Per token it routes to the top-K_c experts (K_c set per client), runs each selected
 expert's frozen weights plus its own LoRA on the tokens routed to it only, and
 records expert utilization. With DMR enabled (:meth:`SMoELayer.enable_dmr`, UB-SMoE)
@@ -328,7 +329,8 @@ class SMoELayer(nn.Module):
 
     Follows the host model's conventions: SwiGLU experts ``down(act(gate(x)) * up(x))``
     with fused ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` (the
-    transformers >= 5 layout), router ``W_r`` ``[E, H]``, softmax in float32, gate
+    transformers >= 5 layout), router ``W_r`` ``[E, H]`` (frozen unless
+    :meth:`set_router_trainable`), softmax in float32, gate
     weights = raw softmax probabilities (OLMoE) or renormalised over the selected
     experts (``norm_topk_prob``, Mixtral/Qwen).
 
@@ -389,7 +391,8 @@ class SMoELayer(nn.Module):
         self.max_top_k = top_k
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
-        # Frozen host weights, kept as parameters so state_dict names stay familiar.
+        # Host weights, kept as parameters so state_dict names stay familiar; all frozen
+        # here (the router may be made trainable with set_router_trainable).
         self.router_weight = nn.Parameter(router_weight.detach(), requires_grad=False)
         self.gate_up_proj = nn.Parameter(gate_up_proj.detach(), requires_grad=False)
         self.down_proj = nn.Parameter(down_proj.detach(), requires_grad=False)
@@ -446,6 +449,21 @@ class SMoELayer(nn.Module):
         self.dmr_candidates = int(num_candidates)
         self.phi.requires_grad_(True)
 
+    def set_router_trainable(self, trainable: bool) -> None:
+        """Train the router ``W_r`` ``[E, H]`` (True) or keep it frozen (False).
+
+        A trainable router becomes an adapter tensor (``adapter_state``): it is
+        uploaded, aggregated by p_c-weighted mean and exported with the LoRA
+        (DESIGN.md section 3). It is kept in float32 whatever the host dtype: Adam's
+        steps (about lr = 1.5e-4 per coordinate) are below bfloat16's resolution for
+        router weights of magnitude >= 0.04 (8-bit mantissa), so a bfloat16 router
+        would round most updates away. The logits are then computed in float32
+        (:meth:`router_logits`). Freezing keeps the current values and dtype.
+        """
+        if trainable and self.router_weight.dtype != torch.float32:
+            self.router_weight = nn.Parameter(self.router_weight.detach().float(), requires_grad=True)
+        self.router_weight.requires_grad_(bool(trainable))
+
     def reset_stats(self) -> None:
         """Zero the utilization counters a_i and n."""
         self.expert_counts.zero_()
@@ -470,8 +488,12 @@ class SMoELayer(nn.Module):
             self.router_prob_sum = prob_sum
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Router affinities ``s = W_r x``: ``[num_tokens, hidden] -> [num_tokens, E]``."""
-        return F.linear(x, self.router_weight)
+        """Router affinities ``s = W_r x``: ``[num_tokens, hidden] -> [num_tokens, E]``.
+
+        In the router's dtype (float32 for a trainable router on a lower-precision
+        model: ``x`` is upcast; the host dtype otherwise, as the host model computes).
+        """
+        return F.linear(x.to(self.router_weight.dtype), self.router_weight)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-K_c routing, DMR-modulated when enabled (DESIGN.md section 3, steps 1-3).
@@ -490,7 +512,9 @@ class SMoELayer(nn.Module):
         if self.keep_router_logits and not self.recomputing:
             self.router_logits_out = logits
         phi = self.phi if self.dmr_candidates else None
-        return dmr_route(logits, phi, self.top_k, max(self.dmr_candidates, 1), self.norm_topk_prob)
+        probs, top_weights, top_index = dmr_route(logits, phi, self.top_k, max(self.dmr_candidates, 1),
+                                                  self.norm_topk_prob)
+        return probs, top_weights.to(x.dtype), top_index
 
     def experts_forward(self, x: torch.Tensor, top_weights: torch.Tensor,
                         top_index: torch.Tensor) -> torch.Tensor:

@@ -108,12 +108,16 @@ def flops_notes(result: dict[str, Any]) -> list[str]:
     cmp = result["lowest_vs_highest"]
     counted = result["settings"]["frozen_backward"]
     frozen = "4 (forward + input gradient)" if counted else "2 (forward only)"
+    router_trained = result["settings"].get("router_trainable", False)
+    frozen_mats = "attention q/k/v/o, experts/MLP, LM head" if router_trained else \
+        "attention q/k/v/o, router, experts/MLP, LM head"
+    trained = "LoRA and the router" if router_trained else "LoRA"
     return [
         (f"lowest vs highest budget ({label(low)} vs {label(high)}): training FLOPs ratio "
         f"{cmp['flops_ratio']:.3f} (reduction {100 * cmp['flops_reduction']:.1f}%), "
         f"activated-parameter ratio {cmp['activated_params_ratio']:.3f}"),
-        (f"counted per token: frozen matmuls (attention q/k/v/o, router, experts/MLP, LM head) "
-        f"{frozen} FLOPs per weight; LoRA 6 FLOPs per parameter (forward, input and weight "
+        (f"counted per token: frozen matmuls ({frozen_mats}) "
+        f"{frozen} FLOPs per weight; {trained} 6 FLOPs per parameter (forward, input and weight "
         f"gradients); attention scores QK^T and AV over a full {result['settings']['seq_len']}^2 "
         f"score matrix ({'backward 2x forward' if counted else 'forward only'}). Not counted: "
         "embedding lookup, norms, activations, "

@@ -72,16 +72,19 @@ def test_plan_flops_per_round_sum_levels(olmoe_plan):
         training_flops_per_token(shape, k, 20, 256, router_trainable=True)["total"] for k in (1, 2, 4, 8)]
 
 
-def test_plan_reads_other_helpers_settings_with_defaults(monkeypatch):
-    """grad accumulation divides the micro-batch; fl.client_gpus bounds the workers at once."""
-    cfg = load_config(None, ["model.name=medium", "fl.client_cpus=1"])
-    base = plan(cfg)
-    object.__setattr__(cfg.train, "grad_accumulation_steps", 4)
-    object.__setattr__(cfg.fl, "client_gpus", 0.5)
-    acc = plan(cfg)
+def test_plan_follows_accumulation_gpus_and_kept_checkpoints():
+    """grad accumulation divides the micro-batch; fl.client_gpus bounds the workers at once;
+    fl.keep_checkpoints sets the checkpoint disk (0: every round's checkpoint is kept)."""
+    base = plan(load_config(None, ["model.name=medium", "fl.client_cpus=1", "fl.rounds=5"]))
+    acc = plan(load_config(None, ["model.name=medium", "fl.client_cpus=1", "fl.rounds=5",
+                                  "train.grad_accumulation_steps=4", "fl.client_gpus=0.5"]))
     assert acc["assumptions"]["micro_batch"] == 4
     assert acc["memory"]["client_process"]["activations"] * 4 == base["memory"]["client_process"]["activations"]
     assert acc["processes"]["workers"]["at_once"] == 2  # floor(1 GPU / 0.5)
+    disk = {k: plan(load_config(None, ["model.name=medium", "fl.rounds=5", f"fl.keep_checkpoints={k}"]))["disk"]
+            for k in (1, 2, 0)}
+    assert [disk[k]["kept_checkpoints"] for k in (1, 2, 0)] == [1, 2, 5]
+    assert disk[0]["total"] == 6 * disk[0]["checkpoint_bytes"]  # 5 rounds + the final adapters
 
 
 def test_check_plan_refuses_a_run_that_does_not_fit():

@@ -117,7 +117,7 @@ def _split(model) -> tuple[int, int, int]:
 
 def _workers(cfg: RunConfig, clients_per_round: int, gpus: int) -> dict[str, Any]:
     """Simulation workers running at once and what limits them."""
-    client_gpus = float(getattr(cfg.fl, "client_gpus", 0.0) or 0.0)
+    client_gpus = cfg.fl.client_gpus
     cpus = os.cpu_count() or 1
     if client_gpus > 0:
         slots = math.floor(max(gpus, 1) / client_gpus)
@@ -198,8 +198,8 @@ def plan(cfg: RunConfig) -> dict[str, Any]:
     set_lora_rank(model, global_rank, global_alpha, seed=cfg.train.seed + 1)
     global_trainable = _split(model)[2]
 
-    accumulation = max(1, int(getattr(cfg.train, "grad_accumulation_steps", 1) or 1))
-    checkpointing = bool(getattr(cfg.train, "activation_checkpointing", False))
+    accumulation = cfg.train.grad_accumulation_steps
+    checkpointing = cfg.train.activation_checkpointing
     micro = max(1, math.ceil(cfg.train.batch_size / accumulation))
     seq = cfg.data.max_length
     k_top = max(r["top_k"] for r in levels)
@@ -237,8 +237,8 @@ def plan(cfg: RunConfig) -> dict[str, Any]:
                      "flops_per_token": per_token, "clients_per_round": clients_at[lvl["beta"]],
                      "flops_per_round": per_round})
 
-    keep = int(getattr(cfg.fl, "keep_checkpoints", 2) or 2)
-    kept = min(keep, cfg.fl.rounds)
+    keep = cfg.fl.keep_checkpoints  # 0: every round's checkpoint is kept
+    kept = cfg.fl.rounds if keep == 0 else min(keep, cfg.fl.rounds)
     ckpt = 4 * global_trainable
     return {
         "model": {"name": cfg.model.name, "init": cfg.model.resolved_init, "device": label,

@@ -39,8 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -247,28 +246,6 @@ def iid_setup(cfg):
     return SharedSetup(data=data, tokenizer=tokenizer, partitions=parts)
 
 
-@contextmanager
-def batches_on(device: torch.device) -> Iterator[None]:
-    """Move the local-training batches ``fl.train.make_batches`` builds (on the CPU) to ``device``.
-
-    Until the library places batches itself (``model.device``, another branch) this is
-    what lets ClientRuntime train a CUDA model; afterwards it is a no-op move.
-    """
-    from ubsmoe.fl import train
-
-    make = train.make_batches
-
-    def on_device(*args, **kwargs) -> list[dict[str, torch.Tensor]]:
-        """``make_batches`` with every tensor moved to ``device``."""
-        return [{k: v.to(device) for k, v in b.items()} for b in make(*args, **kwargs)]
-
-    train.make_batches = on_device
-    try:
-        yield
-    finally:
-        train.make_batches = make
-
-
 def part_round(check: Check) -> dict[str, Any]:
     """One UB-SMoE round (4 clients x 4 steps; quick: 2 x 1) and the evaluation at every budget."""
     from ubsmoe.bench.model_step import OLMOE_MEDIUM
@@ -293,26 +270,20 @@ def part_round(check: Check) -> dict[str, Any]:
             f"train.batch_size={batch}", f"train.max_local_steps={steps}",
             f"eval.examples_per_task={n_eval}", "eval.protocols=[generation,loglik]",
             f"eval.max_new_tokens={new_tokens}", "eval.batch_size=16",
-            "eval.pg_probe_examples=0",  # the probe batch is not placed on the device yet
-            f"model.dtype={check.dtype}", f"model.tokenizer_cache={tmp}/cache",
+            "eval.pg_probe_examples=0",  # time training and evaluation, not the PG diagnostic
+            f"model.dtype={check.dtype}", f"model.device={check.device}",
+            f"model.tokenizer_cache={tmp}/cache",
             *(f"model.tiny.{k}={v}" for k, v in asdict(sizes).items()), *tasks])
         start = time.perf_counter()
         setup = iid_setup(cfg)
         setup_s = time.perf_counter() - start
-        with torch.device(check.device):  # both models are created on the device
-            server = Server(cfg, Path(tmp) / "run", setup)
-            runtime = ClientRuntime(cfg, setup)
+        server = Server(cfg, Path(tmp) / "run", setup)  # both models built on model.device
+        runtime = ClientRuntime(cfg, setup)
         build_s = time.perf_counter() - start - setup_s
-        # The server keeps CPU adapters, as Flower delivers them; clients reply with CPU tensors.
-        server.state.adapters = {k: v.cpu() for k, v in server.state.adapters.items()}
+        # Adapters, replies and batches cross as CPU tensors, as Flower delivers them; the
+        # library moves them to and from model.device.
         start = time.perf_counter()
-        updates = []
-        with batches_on(check.device):
-            for c in server.sample_clients(1):
-                u = runtime.train_round(**server.client_task(c, 1))
-                updates.append(replace(u, adapters={k: v.cpu() for k, v in u.adapters.items()},
-                                       expert_counts=u.expert_counts.cpu(),
-                                       token_counts=u.token_counts.cpu()))
+        updates = [runtime.train_round(**server.client_task(c, 1)) for c in server.sample_clients(1)]
         train_s = time.perf_counter() - start
         start = time.perf_counter()
         record = server.end_round(1, updates)  # aggregation, diagnostics, evaluation, checkpoint
@@ -333,8 +304,8 @@ def part_round(check: Check) -> dict[str, Any]:
         "setting": {"method": "ubsmoe", "clients": clients, "local_steps": steps, "batch_size": batch,
                     "max_length": max_len, "eval_examples_per_task": n_eval,
                     "max_new_tokens": new_tokens, "partition": "seeded IID split (iid_setup)",
-                    "placement": "models built under torch.device(device); batches moved by "
-                                 "batches_on; adapters and replies kept on the CPU"},
+                    "placement": "models on model.device; batches, adapters and replies "
+                                 "cross as CPU tensors"},
         "setup_s": setup_s, "build_s": build_s,
         "clients": record["clients"], "train_loss": record["loss"],
         "summary": {"round_s": round_s, "train_s": train_s, "aggregate_s": record["aggregate_s"],

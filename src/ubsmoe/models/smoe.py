@@ -106,8 +106,8 @@ def sort_slots(top_index: torch.Tensor, num_experts: int) -> SlotRouting:
     num_tokens, k = top_index.shape
     flat = top_index.reshape(-1)  # [S], slot t*K + j
     sorted_expert, order = torch.sort(flat, stable=True)  # [S], [S]
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)  # [S]
+    positions = torch.arange(order.numel(), device=order.device)  # [S]
+    inverse = torch.empty_like(order).scatter_(0, order, positions)  # [S]
     bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=sorted_expert.dtype)  # [E]
     offsets = torch.searchsorted(sorted_expert, bounds, out_int32=True)  # [E] #slots with expert < e+1
     return SlotRouting(order, order // k, inverse.view(num_tokens, k), offsets)
@@ -323,6 +323,27 @@ class ExpertLoRA(nn.Module):
         nn.init.zeros_(self.B)
 
 
+_KEEP_CACHE: list = []  # [(mask, mask._version, keep)]: the last token mask's real-token index
+
+
+def _real_tokens(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the True entries of a ``[num_tokens]`` bool mask, or None if all are True.
+
+    Both answers need the host (``all`` and ``nonzero`` synchronise on CUDA), so the
+    last mask's answer is cached: every SMoE layer of a forward gets the same mask
+    object from :func:`~ubsmoe.models.loading.routing_mask`, and only the first one
+    pays the synchronisation. The cache holds the mask itself (its identity cannot
+    be reused while cached) and its version counter (an in-place edit misses).
+    """
+    if _KEEP_CACHE:
+        cached, version, keep = _KEEP_CACHE[0]
+        if cached is mask and version == mask._version:
+            return keep
+    keep = None if bool(mask.all()) else mask.nonzero().squeeze(-1)  # [N_real]
+    _KEEP_CACHE[:] = [(mask, mask._version, keep)]
+    return keep
+
+
 class SMoELayer(nn.Module):
     """Sparse-MoE block with per-client top-K_c routing, per-expert LoRA and counters.
 
@@ -493,20 +514,22 @@ class SMoELayer(nn.Module):
         return dmr_route(logits, phi, self.top_k, max(self.dmr_candidates, 1), self.norm_topk_prob)
 
     def experts_forward(self, x: torch.Tensor, top_weights: torch.Tensor,
-                        top_index: torch.Tensor) -> torch.Tensor:
+                        top_index: torch.Tensor, routing: SlotRouting | None = None) -> torch.Tensor:
         """Run each token through its selected experts, grouped by expert.
 
         Args:
             x: ``[num_tokens, hidden]``.
             top_weights: ``[num_tokens, K]`` gate weights.
             top_index: ``[num_tokens, K]`` selected experts.
+            routing: ``sort_slots(top_index, num_experts)`` when the caller has it.
 
         Returns:
             ``[num_tokens, hidden]``: sum over the K selected experts of
             gate weight * (frozen expert + LoRA)(x).
         """
-        routing = sort_slots(top_index, self.num_experts)
-        weights = top_weights.reshape(-1)[routing.order].unsqueeze(-1)  # [S, 1] gate weight per row
+        if routing is None:
+            routing = sort_slots(top_index, self.num_experts)
+        weights = top_weights.reshape(-1).index_select(0, routing.order).unsqueeze(-1)  # [S, 1]
         xs = _GatherSlots.apply(x, routing.token, routing.inverse)  # [S, H] rows sorted by expert
         gate_up = lora_grouped_linear(xs, self.gate_up_proj, self.gate_up_lora, routing.offsets)  # [S, 2I]
         h = weighted_glu(gate_up, weights, self.act_fn)  # [S, I], gate weight folded in
@@ -518,20 +541,23 @@ class SMoELayer(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)  # [N, H]
         mask = self.token_mask
-        if mask is not None and mask.numel() == x.shape[0] and not bool(mask.all()):
-            keep = mask.nonzero().squeeze(-1)  # [N_real]
+        keep = _real_tokens(mask) if mask is not None and mask.numel() == x.shape[0] else None
+        if keep is not None:
             y = torch.zeros_like(x)
-            y = y.index_copy(0, keep, self._route_and_run(x[keep]))
+            y = y.index_copy(0, keep, self._route_and_run(x.index_select(0, keep)))
         else:
             y = self._route_and_run(x)
         return y.reshape(shape)
 
     def _route_and_run(self, x: torch.Tensor) -> torch.Tensor:
         probs, top_weights, top_index = self.route(x)
-        counts = torch.bincount(top_index.reshape(-1), minlength=self.num_experts)  # [E] this forward
+        routing = sort_slots(top_index, self.num_experts)
+        # Tokens per expert from the sorted offsets (what bincount gives, without its
+        # host synchronisation on CUDA: bincount reads the input's max on the host).
+        counts = torch.diff(routing.offsets, prepend=routing.offsets.new_zeros(1)).long()  # [E]
         if not self.recomputing:
             self._record_stats(probs.detach(), counts)
-        y = self.experts_forward(x, top_weights, top_index)
+        y = self.experts_forward(x, top_weights, top_index, routing)
         if self.force_on is not None and bool(self.force_on.any()):
             forced = self.force_on.nonzero().squeeze(-1)  # [F]
             index = forced.unsqueeze(0).expand(x.shape[0], -1)  # [N, F]

@@ -191,7 +191,7 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
             optimizer.zero_grad(set_to_none=True)
             parts = split_batch(batch, micro_batch_size)
             step_tokens = int((batch["labels"][:, 1:] != -100).sum())  # labelled tokens of the step
-            step_loss = 0.0
+            part_losses = []  # detached, read once after the step (no host sync before it)
             with step_stats(model):
                 for part in parts:
                     with routing_mask(model, part["attention_mask"]):
@@ -203,7 +203,7 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
                     extra = method.extra_loss(model, top_k)
                     objective = loss if extra is None else loss + extra / len(parts)
                     objective.backward()
-                    step_loss += float(loss.detach())
+                    part_losses.append(loss.detach())
                 # Once per optimizer step, after every micro-batch's forward and extra loss
                 # (the parameters, e.g. UB-SMoE's phi, are those of this step's loss).
                 for key, value in method.step_metrics(model).items():
@@ -213,6 +213,9 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
                 torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
             optimizer.step()
             method.after_step(model, top_k)
+            step_loss = 0.0
+            for value in torch.stack(part_losses).tolist() if part_losses else []:  # one host sync
+                step_loss += value
             total_loss += step_loss
             steps += 1
             examples += batch["input_ids"].shape[0]

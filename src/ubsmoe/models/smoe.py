@@ -44,7 +44,8 @@ def grouped_linear(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tenso
     return F.grouped_mm(x, weight_t, offs=offsets)
 
 
-def grouped_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, offsets: torch.Tensor,
+                        empty: torch.Tensor | None = None) -> torch.Tensor:
     """Per-group weight gradient ``grad_out[rows of e]^T @ inp[rows of e]``, exactly 0 for empty groups.
 
     ``grouped_mm`` with offsets along the reduction dimension writes one
@@ -59,6 +60,8 @@ def grouped_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, offsets: torc
         grad_out: ``[num_rows, out_features]``, rows sorted by group.
         inp: ``[num_rows, in_features]``, the same rows.
         offsets: ``[num_groups]`` int32 cumulative row counts (end of each group).
+        empty: ``[num_groups]`` bool, groups without rows (``counts == 0``) when the
+            caller has it (one layer's projections share it); None: from ``offsets``.
 
     Returns:
         ``[num_groups, out_features, in_features]``; block e is
@@ -66,8 +69,9 @@ def grouped_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, offsets: torc
         has no row.
     """
     grad = F.grouped_mm(grad_out.t(), inp, offs=offsets)  # [E, out, in]
-    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))  # [E] rows per group
-    return grad.masked_fill_((counts == 0)[:, None, None], 0)
+    if empty is None:
+        empty = torch.diff(offsets, prepend=offsets.new_zeros(1)) == 0  # [E] groups without rows
+    return grad.masked_fill_(empty[:, None, None], 0)
 
 
 class SlotRouting(NamedTuple):
@@ -83,12 +87,16 @@ class SlotRouting(NamedTuple):
         inverse: ``[num_tokens, K]`` int64, the sorted position of each slot.
         offsets: ``[num_experts]`` int32, end of each expert's rows among the sorted
             positions (cumulative counts, the ``offs`` of ``grouped_mm``).
+        counts: ``[num_experts]`` int64 slots per expert (``bincount`` of the
+            selected experts, taken from ``offsets``: ``bincount`` synchronises with
+            the host on CUDA).
     """
 
     order: torch.Tensor
     token: torch.Tensor
     inverse: torch.Tensor
     offsets: torch.Tensor
+    counts: torch.Tensor
 
 
 def sort_slots(top_index: torch.Tensor, num_experts: int) -> SlotRouting:
@@ -107,11 +115,12 @@ def sort_slots(top_index: torch.Tensor, num_experts: int) -> SlotRouting:
     num_tokens, k = top_index.shape
     flat = top_index.reshape(-1)  # [S], slot t*K + j
     sorted_expert, order = torch.sort(flat, stable=True)  # [S], [S]
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)  # [S]
+    positions = torch.arange(order.numel(), device=order.device)  # [S]
+    inverse = torch.empty_like(order).scatter_(0, order, positions)  # [S]
     bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=sorted_expert.dtype)  # [E]
     offsets = torch.searchsorted(sorted_expert, bounds, out_int32=True)  # [E] #slots with expert < e+1
-    return SlotRouting(order, order // k, inverse.view(num_tokens, k), offsets)
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()  # [E]
+    return SlotRouting(order, order // k, inverse.view(num_tokens, k), offsets, counts)
 
 
 class _GatherSlots(torch.autograd.Function):
@@ -157,20 +166,34 @@ class _CombineSlots(torch.autograd.Function):
         return grad_y.index_select(0, token), None, None  # [S, H]
 
 
-def _pad_rank(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad the rank dimension of ``A [E, r, in]``, ``B [E, out, r]`` to 16-byte rows.
+def _pad_rank(lora_a: torch.Tensor, lora_b: torch.Tensor,
+              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cast ``A [E, r, in]``, ``B [E, out, r]`` to ``dtype`` with the rank zero-padded to 16-byte rows.
 
     ``grouped_mm`` needs every non-unit stride to be a multiple of 16 bytes, and the
     ``[S, r]`` LoRA activation has row stride r: rank 20 in bfloat16 (40 bytes) would
     be rejected. The padded rows of A and columns of B are zero, so the product is
-    unchanged; the gradients are sliced back to rank r.
+    unchanged; the gradients are sliced back to rank r. Cast and padding are one
+    copy into a zeroed buffer (the values are those of ``F.pad(A.to(dtype))``).
     """
-    align = max(1, 16 // lora_a.element_size())
-    rank = lora_a.shape[1]
+    dtype = lora_a.dtype if dtype is None else dtype
+    align = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    num_experts, rank, in_features = lora_a.shape
     pad = -rank % align
     if pad == 0:
-        return lora_a, lora_b
-    return F.pad(lora_a, (0, 0, 0, pad)), F.pad(lora_b, (0, pad))
+        return lora_a.to(dtype), lora_b.to(dtype)
+    a = lora_a.new_zeros((num_experts, rank + pad, in_features), dtype=dtype)
+    b = lora_b.new_zeros((num_experts, lora_b.shape[1], rank + pad), dtype=dtype)
+    a[:, :rank].copy_(lora_a)
+    b[..., :rank].copy_(lora_b)
+    return a, b
+
+
+def _unpad_grad(grad: torch.Tensor, rank: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The rank-``rank`` part of a padded factor's gradient, contiguous, in ``dtype``."""
+    if grad.shape[dim] != rank:
+        grad = grad.narrow(dim, 0, rank)
+    return grad.to(dtype) if grad.dtype != dtype else grad.contiguous()
 
 
 class _LoRAGroupedLinear(torch.autograd.Function):
@@ -181,19 +204,23 @@ class _LoRAGroupedLinear(torch.autograd.Function):
     output is added in place instead of through an extra autograd add, and only
     ``x`` and the ``[S, r]`` LoRA activation are saved. Every matmul is a
     ``grouped_mm`` over the sorted rows, so all compute scales with the routed rows.
+    The factors come in their own (float32) dtype and are cast to ``x``'s inside
+    (with the rank padding), their gradients cast back: no extra autograd nodes.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scale: float, offsets: torch.Tensor) -> torch.Tensor:
+                lora_b: torch.Tensor, scale: float, offsets: torch.Tensor,
+                empty: torch.Tensor | None = None) -> torch.Tensor:
         """``x [S, in] -> [S, out]``; saves x and the ``[S, r']`` LoRA activation."""
         rank = lora_a.shape[1]
-        lora_a, lora_b = _pad_rank(lora_a, lora_b)  # [E, r', in], [E, out, r']
+        ctx.factor_dtypes = (lora_a.dtype, lora_b.dtype)
+        lora_a, lora_b = _pad_rank(lora_a, lora_b, x.dtype)  # [E, r', in], [E, out, r']
         h = grouped_linear(x, lora_a.transpose(1, 2), offsets)  # [S, r']
         h = h * scale  # scale the narrow [S, r'] activation, not the [S, out] output
         y = grouped_linear(x, weight.transpose(1, 2), offsets)  # [S, out]
         y.add_(grouped_linear(h, lora_b.transpose(1, 2), offsets))
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h, offsets)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h, offsets, empty)
         ctx.scale = scale
         ctx.rank = rank
         return y
@@ -205,29 +232,30 @@ class _LoRAGroupedLinear(torch.autograd.Function):
         An expert that got no row gets LoRA gradients of exactly 0 on every
         backend (:func:`grouped_weight_grad`).
         """
-        x, weight, lora_a, lora_b, h, offsets = ctx.saved_tensors
+        x, weight, lora_a, lora_b, h, offsets, empty = ctx.saved_tensors
+        dtype_a, dtype_b = ctx.factor_dtypes
         need_x, _, need_a, need_b = ctx.needs_input_grad[:4]
         rank = ctx.rank
         grad_y = grad_y.contiguous()
         grad_h = grouped_linear(grad_y, lora_b, offsets)  # [S, r'], gradient of scaled h
         grad_b = None
         if need_b:
-            grad_b = grouped_weight_grad(grad_y, h, offsets)  # [E, out, r'], 0 for empty experts
-            grad_b = grad_b if grad_b.shape[-1] == rank else grad_b[..., :rank].contiguous()
+            grad_b = grouped_weight_grad(grad_y, h, offsets, empty)  # [E, out, r'], 0 for empty experts
+            grad_b = _unpad_grad(grad_b, rank, 2, dtype_b)
         grad_h = grad_h * ctx.scale  # gradient of the unscaled x A^T
         grad_a = None
         if need_a:
-            grad_a = grouped_weight_grad(grad_h, x, offsets)  # [E, r', in], 0 for empty experts
-            grad_a = grad_a if grad_a.shape[1] == rank else grad_a[:, :rank].contiguous()
+            grad_a = grouped_weight_grad(grad_h, x, offsets, empty)  # [E, r', in], 0 for empty experts
+            grad_a = _unpad_grad(grad_a, rank, 1, dtype_a)
         grad_x = None
         if need_x:
             grad_x = grouped_linear(grad_y, weight, offsets)  # [S, in]
             grad_x.add_(grouped_linear(grad_h, lora_a, offsets))
-        return grad_x, None, grad_a, grad_b, None, None
+        return grad_x, None, grad_a, grad_b, None, None, None
 
 
 def lora_grouped_linear(x: torch.Tensor, weight: torch.Tensor, lora: ExpertLoRA,
-                        offsets: torch.Tensor) -> torch.Tensor:
+                        offsets: torch.Tensor, empty: torch.Tensor | None = None) -> torch.Tensor:
     """Frozen expert projection plus its LoRA on rows grouped by expert.
 
     Args:
@@ -235,14 +263,14 @@ def lora_grouped_linear(x: torch.Tensor, weight: torch.Tensor, lora: ExpertLoRA,
         weight: ``[E, out_features, in_features]`` frozen expert weights (HF layout).
         lora: the projection's :class:`ExpertLoRA` (``A [E, r, in]``, ``B [E, out, r]``).
         offsets: ``[E]`` int32 cumulative row counts.
+        empty: ``[E]`` bool, experts without rows (None: derived from ``offsets``).
 
     Returns:
         ``[S, out_features]``: ``x W_e^T + scale * (x A_e^T) B_e^T`` per row of expert e.
         The factors (float32 parameters) are cast to ``x``'s dtype for the grouped
         matmuls (a no-op in float32); their gradients flow back in float32.
     """
-    return _LoRAGroupedLinear.apply(x, weight, lora.A.to(x.dtype), lora.B.to(x.dtype), lora.scale,
-                                    offsets)
+    return _LoRAGroupedLinear.apply(x, weight, lora.A, lora.B, lora.scale, offsets, empty)
 
 
 class _WeightedSwiGLU(torch.autograd.Function):
@@ -322,6 +350,27 @@ class ExpertLoRA(nn.Module):
         for i in range(self.A.shape[0]):
             nn.init.kaiming_uniform_(self.A.data[i], a=math.sqrt(5))
         nn.init.zeros_(self.B)
+
+
+_KEEP_CACHE: list = []  # [(mask, mask._version, keep)]: the last token mask's real-token index
+
+
+def _real_tokens(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the True entries of a ``[num_tokens]`` bool mask, or None if all are True.
+
+    Both answers need the host (``all`` and ``nonzero`` synchronise on CUDA), so the
+    last mask's answer is cached: every SMoE layer of a forward gets the same mask
+    object from :func:`~ubsmoe.models.loading.routing_mask`, and only the first one
+    pays the synchronisation. The cache holds the mask itself (its identity cannot
+    be reused while cached) and its version counter (an in-place edit misses).
+    """
+    if _KEEP_CACHE:
+        cached, version, keep = _KEEP_CACHE[0]
+        if cached is mask and version == mask._version:
+            return keep
+    keep = None if bool(mask.all()) else mask.nonzero().squeeze(-1)  # [N_real]
+    _KEEP_CACHE[:] = [(mask, mask._version, keep)]
+    return keep
 
 
 class SMoELayer(nn.Module):
@@ -517,24 +566,28 @@ class SMoELayer(nn.Module):
         return probs, top_weights.to(x.dtype), top_index
 
     def experts_forward(self, x: torch.Tensor, top_weights: torch.Tensor,
-                        top_index: torch.Tensor) -> torch.Tensor:
+                        top_index: torch.Tensor, routing: SlotRouting | None = None) -> torch.Tensor:
         """Run each token through its selected experts, grouped by expert.
 
         Args:
             x: ``[num_tokens, hidden]``.
             top_weights: ``[num_tokens, K]`` gate weights.
             top_index: ``[num_tokens, K]`` selected experts.
+            routing: ``sort_slots(top_index, num_experts)`` when the caller has it.
 
         Returns:
             ``[num_tokens, hidden]``: sum over the K selected experts of
             gate weight * (frozen expert + LoRA)(x).
         """
-        routing = sort_slots(top_index, self.num_experts)
-        weights = top_weights.reshape(-1)[routing.order].unsqueeze(-1)  # [S, 1] gate weight per row
+        if routing is None:
+            routing = sort_slots(top_index, self.num_experts)
+        weights = top_weights.reshape(-1).index_select(0, routing.order).unsqueeze(-1)  # [S, 1]
         xs = _GatherSlots.apply(x, routing.token, routing.inverse)  # [S, H] rows sorted by expert
-        gate_up = lora_grouped_linear(xs, self.gate_up_proj, self.gate_up_lora, routing.offsets)  # [S, 2I]
+        empty = routing.counts == 0  # [E] experts without rows, shared by both projections
+        gate_up = lora_grouped_linear(xs, self.gate_up_proj, self.gate_up_lora, routing.offsets,
+                                      empty)  # [S, 2I]
         h = weighted_glu(gate_up, weights, self.act_fn)  # [S, I], gate weight folded in
-        out = lora_grouped_linear(h, self.down_proj, self.down_lora, routing.offsets)  # [S, H]
+        out = lora_grouped_linear(h, self.down_proj, self.down_lora, routing.offsets, empty)  # [S, H]
         return _CombineSlots.apply(out, routing.token, routing.inverse).to(x.dtype)  # [N, H]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -542,20 +595,21 @@ class SMoELayer(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)  # [N, H]
         mask = self.token_mask
-        if mask is not None and mask.numel() == x.shape[0] and not bool(mask.all()):
-            keep = mask.nonzero().squeeze(-1)  # [N_real]
+        keep = _real_tokens(mask) if mask is not None and mask.numel() == x.shape[0] else None
+        if keep is not None:
             y = torch.zeros_like(x)
-            y = y.index_copy(0, keep, self._route_and_run(x[keep]))
+            y = y.index_copy(0, keep, self._route_and_run(x.index_select(0, keep)))
         else:
             y = self._route_and_run(x)
         return y.reshape(shape)
 
     def _route_and_run(self, x: torch.Tensor) -> torch.Tensor:
         probs, top_weights, top_index = self.route(x)
-        counts = torch.bincount(top_index.reshape(-1), minlength=self.num_experts)  # [E] this forward
+        routing = sort_slots(top_index, self.num_experts)
+        counts = routing.counts  # [E] tokens per expert in this forward (no host sync)
         if not self.recomputing:
             self._record_stats(probs.detach(), counts)
-        y = self.experts_forward(x, top_weights, top_index)
+        y = self.experts_forward(x, top_weights, top_index, routing)
         if self.force_on is not None and bool(self.force_on.any()):
             forced = self.force_on.nonzero().squeeze(-1)  # [F]
             index = forced.unsqueeze(0).expand(x.shape[0], -1)  # [N, F]

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ubsmoe.config import ConfigError, ModelConfig, TinyModelConfig
-from ubsmoe.models.smoe import ExpertLoRA, SMoELayer
+from ubsmoe.models.smoe import ExpertLoRA, SMoELayer, TokenMask
 
 # The `medium` preset: OLMoE-1B-7B's routing (64 experts, top-8), expert intermediate =
 # hidden / 2 and head width 128 as in OLMoE, at hidden 512 and 4 layers (about 0.11B
@@ -385,9 +385,9 @@ def routing_mask(model: nn.Module, attention_mask: torch.Tensor | None) -> Itera
         attention_mask: ``[batch, seq]`` 1 for real tokens, or None for all tokens.
     """
     layers = smoe_layers(model)
-    flat = None if attention_mask is None else attention_mask.reshape(-1).bool()
+    mask = None if attention_mask is None else TokenMask.from_attention_mask(attention_mask)
     for layer in layers:
-        layer.token_mask = flat
+        layer.token_mask = mask
     try:
         yield
     finally:

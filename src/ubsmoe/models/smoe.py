@@ -18,6 +18,7 @@ tokens it was not chosen for, and no Python loop over experts sits inside autogr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -352,25 +353,28 @@ class ExpertLoRA(nn.Module):
         nn.init.zeros_(self.B)
 
 
-_KEEP_CACHE: list = []  # [(mask, mask._version, keep)]: the last token mask's real-token index
+@dataclass(frozen=True)
+class TokenMask:
+    """The real (non-padding) tokens of one forward, resolved once for every SMoE layer.
 
-
-def _real_tokens(mask: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the True entries of a ``[num_tokens]`` bool mask, or None if all are True.
-
-    Both answers need the host (``all`` and ``nonzero`` synchronise on CUDA), so the
-    last mask's answer is cached: every SMoE layer of a forward gets the same mask
-    object from :func:`~ubsmoe.models.loading.routing_mask`, and only the first one
-    pays the synchronisation. The cache holds the mask itself (its identity cannot
-    be reused while cached) and its version counter (an in-place edit misses).
+    Attributes:
+        num_tokens: N, the flattened ``batch * seq`` tokens the mask covers.
+        index: ``[N_real]`` positions of the real tokens, or None when all N are real.
     """
-    if _KEEP_CACHE:
-        cached, version, keep = _KEEP_CACHE[0]
-        if cached is mask and version == mask._version:
-            return keep
-    keep = None if bool(mask.all()) else mask.nonzero().squeeze(-1)  # [N_real]
-    _KEEP_CACHE[:] = [(mask, mask._version, keep)]
-    return keep
+
+    num_tokens: int
+    index: torch.Tensor | None
+
+    @classmethod
+    def from_attention_mask(cls, attention_mask: torch.Tensor) -> TokenMask:
+        """Resolve a ``[batch, seq]`` attention mask (1 = real token).
+
+        The ``all``/``nonzero`` reads synchronise with the device once here, per
+        forward, instead of once per SMoE layer.
+        """
+        flat = attention_mask.reshape(-1).bool()  # [N]
+        index = None if bool(flat.all()) else flat.nonzero().squeeze(-1)  # [N_real]
+        return cls(flat.numel(), index)
 
 
 class SMoELayer(nn.Module):
@@ -467,9 +471,9 @@ class SMoELayer(nn.Module):
         self.force_on: torch.Tensor | None = None
         self.probe_tokens = 0
         self.batch_probe_slots = 0
-        # Optional [num_tokens] bool mask of real (non-padding) tokens for the next
-        # forward; set by `routing_mask`. Masked-out tokens are not routed at all.
-        self.token_mask: torch.Tensor | None = None
+        # Real (non-padding) tokens of the next forward, set by `routing_mask`;
+        # padding tokens are not routed at all.
+        self.token_mask: TokenMask | None = None
 
     def set_top_k(self, k: int) -> None:
         """Set K_c, the experts activated per token.
@@ -595,7 +599,8 @@ class SMoELayer(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)  # [N, H]
         mask = self.token_mask
-        keep = _real_tokens(mask) if mask is not None and mask.numel() == x.shape[0] else None
+        # A mask for another token count (e.g. one decoding step with a KV cache) does not apply.
+        keep = mask.index if mask is not None and mask.num_tokens == x.shape[0] else None
         if keep is not None:
             y = torch.zeros_like(x)
             y = y.index_copy(0, keep, self._route_and_run(x.index_select(0, keep)))

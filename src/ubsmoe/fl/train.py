@@ -83,41 +83,21 @@ def batch_indices(num_examples: int, batch_size: int, epochs: int, max_steps: in
     return batches
 
 
-def make_batches(examples: list[dict], batch_size: int, epochs: int, max_steps: int,
-                 seed: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
-    """Shuffle ``examples`` per epoch (seeded) and collate into batches.
-
-    The batches hold the examples of :func:`batch_indices` with the same arguments.
+def make_batches(examples: list[dict], indices: list[list[int]],
+                 pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+    """Collate the examples of each batch of :func:`batch_indices`.
 
     Args:
         examples: tokenized examples ``{"input_ids": [...], "labels": [...]}``.
-        max_steps: stop after this many batches (0: no cap).
+        indices: partition indices per batch, in training order.
+        pad_token_id: the tokenizer's padding id.
 
     Returns:
         Batches of ``input_ids``/``attention_mask``/``labels``, each ``[batch, seq]``.
     """
     from ubsmoe.data.commonsense import collate
 
-    return [collate([examples[i] for i in idx], pad_token_id)
-            for idx in batch_indices(len(examples), batch_size, epochs, max_steps, seed)]
-
-
-def examples_trained(num_examples: int, batch_size: int, epochs: int, max_steps: int,
-                     seed: int) -> int:
-    """Distinct examples a round trains on: the data weight p_c's count.
-
-    Epochs do not multiply it (an example seen twice counts once); a step cap
-    (``max_steps``) that ends the round before the partition is covered lowers it
-    below ``num_examples``.
-
-    Args:
-        num_examples, batch_size, epochs, max_steps, seed: as :func:`batch_indices`.
-
-    Returns:
-        The number of distinct partition indices in the round's batches.
-    """
-    batches = batch_indices(num_examples, batch_size, epochs, max_steps, seed)
-    return len({i for idx in batches for i in idx})
+    return [collate([examples[i] for i in idx], pad_token_id) for idx in indices]
 
 
 def split_batch(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -387,12 +367,14 @@ class ClientRuntime:
             layer.reset_stats()
         seed = client_seed(cfg.train.seed, client_id, round_idx)
         torch.manual_seed(seed)
-        batches = make_batches(examples, cfg.train.batch_size, cfg.train.local_epochs,
-                               cfg.train.max_local_steps, seed, self.tokenizer.pad_token_id)
+        indices = batch_indices(len(examples), cfg.train.batch_size, cfg.train.local_epochs,
+                                cfg.train.max_local_steps, seed)
+        batches = make_batches(examples, indices, self.tokenizer.pad_token_id)
         stats = local_train(self.model, batches, self.method, cfg.train, top_k)
         layers = smoe_layers(self.model)
-        trained = examples_trained(len(examples), cfg.train.batch_size, cfg.train.local_epochs,
-                                   cfg.train.max_local_steps, seed)
+        # p_c's count: distinct examples trained on (epochs do not multiply it; a step
+        # cap that ends the round early lowers it below the partition size).
+        trained = len({i for idx in indices for i in idx})
         return ClientUpdate(
             client_id=client_id,
             num_examples=trained,

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
+from ubsmoe.fl.fold import OrderedFold, union_seconds
 from ubsmoe.fl.payload import ROWS_SUFFIX, dense_from_upload, payload_nbytes, sparse_upload
-from ubsmoe.fl.server import OrderedFold, union_seconds
 from ubsmoe.methods import ClientUpdate, available_methods, get_method_class
 from ubsmoe.methods.base import FedAvgAggregator, fedavg
 

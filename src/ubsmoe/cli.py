@@ -120,7 +120,7 @@ def run(
     try:
         with display.progress:
             if resume is not None:
-                from ubsmoe.fl.server import latest_checkpoint
+                from ubsmoe.fl.run_dir import latest_checkpoint
 
                 ckpt = latest_checkpoint(run_dir)
                 if ckpt is None:

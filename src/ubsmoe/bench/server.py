@@ -4,7 +4,7 @@
 client updates at OLMoE-1B-7B adapter sizes (rank 20 LoRA on the gate_up and down
 projections of all 64 experts in 16 layers, q/k/v/o attention LoRA and phi: 580 MiB
 per update in float32). The server folds each reply into the method's running
-aggregator as it arrives and drops it (:class:`ubsmoe.fl.server.OrderedFold`), so
+aggregator as it arrives and drops it (:class:`ubsmoe.fl.fold.OrderedFold`), so
 the figure must not grow with the client count (target: at most 1.25x from 8 to 32).
 Each count runs in a fresh subprocess (``python -m ubsmoe.bench.memory_child N``)
 whose peak RSS (``ru_maxrss``) is the measure; replies are synthesised there one at a
@@ -70,7 +70,7 @@ def aggregate_synthetic(num_clients: int, sizes: dict[str, int], method: str = "
         ``num_clients``, ``peak_rss_mib`` (this process, MiB), ``adapter_mib`` (one
         update), ``max_buffered_replies`` and ``aggregate_s`` (folding, seconds).
     """
-    from ubsmoe.fl.server import OrderedFold
+    from ubsmoe.fl.fold import OrderedFold
     from ubsmoe.methods import ClientUpdate, get_method_class
 
     torch.manual_seed(seed)

@@ -13,175 +13,33 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ubsmoe.config import RunConfig, save_config
+from ubsmoe.fl.export import export_adapters
+from ubsmoe.fl.fold import OrderedFold, union_seconds
+from ubsmoe.fl.run_dir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    ServerState,
+    latest_checkpoint,
+    prune_checkpoints,
+)
 from ubsmoe.fl.train import SharedSetup, client_seed, sync_base_merges
 from ubsmoe.io import append_jsonl, atomic_torch_save, atomic_write_json
 from ubsmoe.methods import ClientUpdate, get_method_class
 from ubsmoe.methods.base import (
-    ROUTER_PARAM_RE,
-    Aggregator,
     data_weights,
     phi_layer_of,
     round_utilization,
 )
 from ubsmoe.models import adapter_state, build_model, load_adapter_state, set_top_k, smoe_layers
 from ubsmoe.models.loading import set_lora_rank
-
-CHECKPOINT_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.yaml"
-
-
-@dataclass
-class ServerState:
-    """Everything the server needs to resume: round index, global adapters, method state.
-
-    Attributes:
-        round: last completed round (0 before the first).
-        adapters: global LoRA parameters, name -> tensor.
-        train_loss: per completed round, the p_c-weighted mean client loss.
-        method_state: the method's own state (:meth:`Method.state_dict`, e.g. FLoRA's
-            base-weight merges).
-    """
-
-    round: int
-    adapters: dict[str, torch.Tensor]
-    train_loss: list[dict[str, float]] = field(default_factory=list)
-    method_state: dict[str, Any] = field(default_factory=dict)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain-data form for ``torch.save``."""
-        return {"round": self.round, "adapters": self.adapters, "train_loss": self.train_loss,
-                "method_state": self.method_state}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> ServerState:
-        """Inverse of :meth:`state_dict`.
-
-        Raises:
-            KeyError: a required entry is missing.
-        """
-        return cls(round=int(state["round"]), adapters=dict(state["adapters"]),
-                   train_loss=list(state.get("train_loss", [])),
-                   method_state=dict(state.get("method_state", {})))
-
-
-class OrderedFold:
-    """Feeds replies to an :class:`~ubsmoe.methods.base.Aggregator` in client-id order.
-
-    Replies may arrive in any order; each one is folded as soon as every client
-    with a smaller id has been folded, then only its statistics (no adapters) are
-    kept. So the result is the same for any arrival order, and when replies arrive
-    in id order no adapter is ever held beyond the one being folded.
-
-    Args:
-        aggregator: the method's aggregator for this round.
-        client_ids: the round's participants.
-
-    Attributes:
-        folded: the folded updates in id order, adapters dropped.
-        max_buffered: the most replies ever waiting for a predecessor.
-        fold_s: seconds spent inside the aggregator.
-        intervals: ``(start, end)`` epoch seconds of every fold call.
-    """
-
-    def __init__(self, aggregator: Aggregator, client_ids: Sequence[int]) -> None:
-        self.aggregator = aggregator
-        self.expected = sorted(client_ids)
-        self.position = 0
-        self.pending: dict[int, ClientUpdate] = {}
-        self.folded: list[ClientUpdate] = []
-        self.max_buffered = 0
-        self.fold_s = 0.0
-        self.intervals: list[tuple[float, float]] = []
-
-    def add(self, update: ClientUpdate) -> None:
-        """Buffer ``update`` and fold every reply that is now next in id order.
-
-        Raises:
-            ValueError: a client that is not a participant, or a second reply from one.
-        """
-        cid = update.client_id
-        if cid not in self.expected or cid in self.pending or cid in self.expected[:self.position]:
-            raise ValueError(f"unexpected reply from client {cid} (participants: {self.expected})")
-        self.pending[cid] = update
-        self.max_buffered = max(self.max_buffered, len(self.pending) - 1)
-        while self.position < len(self.expected) and self.expected[self.position] in self.pending:
-            nxt = self.pending.pop(self.expected[self.position])
-            self._timed(self.aggregator.add, nxt)
-            self.folded.append(replace(nxt, adapters={}))
-            self.position += 1
-
-    def result(self) -> dict[str, torch.Tensor]:
-        """The aggregated adapters.
-
-        Raises:
-            ValueError: a participant's reply is missing.
-        """
-        missing = self.expected[self.position:]
-        if missing:
-            raise ValueError(f"no reply from clients {missing}")
-        return self._timed(self.aggregator.result)
-
-    def _timed(self, fn, *args):
-        start = time.time()
-        out = fn(*args)
-        end = time.time()
-        self.fold_s += end - start
-        self.intervals.append((start, end))
-        return out
-
-
-def union_seconds(intervals: Iterable[tuple[float, float]]) -> float:
-    """Total length (seconds) of the union of ``(start, end)`` intervals."""
-    total, cur_start, cur_end = 0.0, None, None
-    for start, end in sorted(intervals):
-        if cur_end is None or start > cur_end:
-            if cur_end is not None:
-                total += cur_end - cur_start
-            cur_start, cur_end = start, end
-        else:
-            cur_end = max(cur_end, end)
-    if cur_end is not None:
-        total += cur_end - cur_start
-    return total
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint file of a run directory, or None."""
-    ckpts = sorted((Path(run_dir) / CHECKPOINT_DIR).glob("round_*.pt"))
-    return ckpts[-1] if ckpts else None
-
-
-def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` ``checkpoints/round_XXXX.pt`` of a run directory.
-
-    Called only after a new checkpoint has been renamed into place (atomic write),
-    so a crash at any point leaves at least one complete checkpoint for ``--resume``.
-    The final adapters (``checkpoints/adapter``) are not round checkpoints and are
-    never touched.
-
-    Args:
-        run_dir: the run directory.
-        keep: how many of the newest round checkpoints to keep; 0 keeps all.
-
-    Returns:
-        The deleted paths, oldest first.
-    """
-    if keep <= 0:
-        return []
-    ckpts = sorted((Path(run_dir) / CHECKPOINT_DIR).glob("round_*.pt"))
-    doomed = ckpts[:-keep]
-    for path in doomed:
-        path.unlink(missing_ok=True)
-    return doomed
 
 
 class Server:
@@ -515,48 +373,12 @@ class Server:
         return path
 
     def save_adapters(self) -> Path:
-        """Save the final global adapters: attention LoRA in PEFT format, expert LoRA as safetensors.
-
-        With ``model.router_trainable`` the trained routers go to ``router.safetensors``
-        (``<layer>.mlp.router_weight`` ``[E, H]`` float32, the model's parameter names).
-
-        A method that merges into the base weights (FLoRA, FLoRIST) also writes its merge
-        factors, ``base_merges.safetensors`` (``"<merge index>/<module>.A|B"``, update
-        ``B @ A`` each). Written to a temporary folder and renamed, so a crash leaves no
-        half adapter.
-        """
-        import os
-        import shutil
-
-        from safetensors.torch import save_file
-
+        """Save the final global adapters under ``checkpoints/adapter`` (see :func:`export_adapters`)."""
         self.sync_base()
         set_lora_rank(self.model, *self.global_lora, seed=self.cfg.train.seed + 1)
         load_adapter_state(self.model, self.state.adapters)
-        final = self.run_dir / CHECKPOINT_DIR / "adapter"
-        tmp = self.run_dir / CHECKPOINT_DIR / ".adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if hasattr(self.model, "save_pretrained") and hasattr(self.model, "peft_config"):
-            self.model.save_pretrained(tmp)  # PEFT: attention LoRA only (keys with "lora_")
-        experts = {k: v.contiguous() for k, v in self.state.adapters.items() if "_lora." in k}
-        save_file(experts, str(tmp / "expert_lora.safetensors"))
-        routers = {k: v.contiguous() for k, v in self.state.adapters.items() if ROUTER_PARAM_RE.search(k)}
-        if routers:  # model.router_trainable: the trained W_r [E, H] of every SMoE layer
-            save_file(routers, str(tmp / "router.safetensors"))
-        merges = self.method.base_merges()
-        if merges:  # FLoRA / FLoRIST: the merged base is the pretrained one plus these
-            save_file({f"{i:04d}/{name}": t.contiguous() for i, (_, factors) in enumerate(merges)
-                       for name, t in factors.items()}, str(tmp / "base_merges.safetensors"))
-        if final.exists():
-            old = final.with_name(".adapter.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        return final
+        return export_adapters(self.model, self.state.adapters, self.method.base_merges(),
+                               self.run_dir / CHECKPOINT_DIR / "adapter")
 
     def summary(self) -> dict[str, Any]:
         """The run's summary (also written to summary.json by :meth:`finish`)."""

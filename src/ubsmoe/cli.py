@@ -31,7 +31,8 @@ class _Display:
 
     Called with the ServerApp's progress events as :func:`ubsmoe.fl.simulation.run_federated`
     reads them: ``round_start`` {round, clients}, ``client_done``, ``aggregate``,
-    ``round_end`` {round, loss}.
+    ``round_end`` {round, loss}, ``client_failed`` {round, client, reason} and
+    ``round_retry`` / ``round_failed`` {round, message}, each printed as one line.
     """
 
     def __init__(self, rounds: int) -> None:
@@ -60,6 +61,14 @@ class _Display:
         elif event == "round_end":
             p.advance(self.rounds)
             p.console.print(f"round {info['round']}: train loss {info['loss']:.4f}", highlight=False)
+        elif event == "client_failed":  # one line per client left out of a round
+            p.advance(self.clients)
+            p.console.print(f"round {info['round']}: client {info['client']} left out: {info['reason']}",
+                            highlight=False)
+        elif event in ("round_retry", "round_failed"):
+            p.console.print(f"{info['message']}; "
+                            f"{'retrying the round' if event == 'round_retry' else 'no retries left'}",
+                            highlight=False)
 
 
 @app.command()

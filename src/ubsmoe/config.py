@@ -270,6 +270,9 @@ class TrainConfig:
         _raise(errors)
 
 
+AGGREGATIONS = ("mean", "median", "trimmed_mean")
+
+
 @dataclass
 class FLConfig:
     """Federation: clients, rounds, participation and compute budgets.
@@ -291,6 +294,24 @@ class FLConfig:
         keep_checkpoints: how many ``checkpoints/round_XXXX.pt`` to keep, newest
             first (0: keep all); older ones are deleted once a new one is written.
             The final adapters (``checkpoints/adapter``) are always kept.
+        round_timeout_s: seconds the server waits for a round's replies (per try);
+            a client that has not replied by then is left out of the round as timed
+            out. 0: no timeout (a disconnected node is still left out, through the
+            error reply Flower sends for a node that went offline).
+        min_replies: a round completes only with at least this many good replies.
+        min_reply_fraction: ... and at least this share of the round's sampled
+            clients (rounded up), in (0, 1].
+        round_retries: how often a round that missed ``min_replies`` /
+            ``min_reply_fraction`` is tried again with the same clients and seeds
+            before the run stops (0: never).
+        reject_norm_multiple: reject a reply whose update norm ``||x_c - x_sent||``
+            exceeds this multiple of the round's median (0: off). Buffers the
+            round's replies.
+        aggregation: ``mean`` (the method's own weighted mean, streaming),
+            ``median`` (coordinate-wise median) or ``trimmed_mean`` of the tensors
+            a method averages with data weights; the robust ones buffer replies.
+        trim_fraction: share of replies cut at each end per coordinate by
+            ``trimmed_mean``, in [0, 0.5).
     """
 
     num_clients: int = 8
@@ -301,9 +322,31 @@ class FLConfig:
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     keep_checkpoints: int = 2
+    round_timeout_s: float = 0.0
+    min_replies: int = 1
+    min_reply_fraction: float = 0.5
+    round_retries: int = 1
+    reject_norm_multiple: float = 0.0
+    aggregation: str = "mean"
+    trim_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         errors = []
+        if not self.round_timeout_s >= 0:
+            errors.append(_bad("fl.round_timeout_s", self.round_timeout_s, "seconds >= 0 (0: no timeout)"))
+        if self.min_replies < 1:
+            errors.append(_bad("fl.min_replies", self.min_replies, "an integer >= 1"))
+        if not 0.0 < self.min_reply_fraction <= 1.0:
+            errors.append(_bad("fl.min_reply_fraction", self.min_reply_fraction, "a number in (0, 1]"))
+        if self.round_retries < 0:
+            errors.append(_bad("fl.round_retries", self.round_retries, "an integer >= 0"))
+        if not self.reject_norm_multiple >= 0:
+            errors.append(_bad("fl.reject_norm_multiple", self.reject_norm_multiple,
+                               "a number >= 0 (0: off; e.g. 3)"))
+        if self.aggregation not in AGGREGATIONS:
+            errors.append(_bad("fl.aggregation", self.aggregation, f"one of {', '.join(AGGREGATIONS)}"))
+        if not 0.0 <= self.trim_fraction < 0.5:
+            errors.append(_bad("fl.trim_fraction", self.trim_fraction, "a number in [0, 0.5)"))
         if self.num_clients < 1:
             errors.append(_bad("fl.num_clients", self.num_clients, "an integer >= 1"))
         if self.rounds < 1:

@@ -1,11 +1,24 @@
-"""Flower ClientApp: converts messages to ubsmoe types and calls the local trainer."""
+"""Flower ClientApp: converts messages to ubsmoe types and calls the local trainer.
+
+Test hook (testing only, never set in a real run): the environment variable
+``UBSMOE_FAULTS`` makes chosen clients misbehave, to exercise the server's failure
+handling through the real Flower path. It is a comma-separated list of
+``<client>:<fault>[@<round>]`` (no round: every round), e.g.
+``UBSMOE_FAULTS="1:raise@1,2:timeout@1,3:nan,0:shape@2"``. Faults: ``raise`` (the
+ClientApp raises), ``timeout`` (sleeps ``fl.round_timeout_s`` + ``UBSMOE_FAULT_LATE_S``
+seconds, default 10, then replies normally: a late reply), ``nan`` / ``inf`` (a NaN
+/ Inf in the upload), ``shape`` (an adapter with one extra row), ``int`` (an
+adapter as int32), ``keys`` (an extra tensor), ``counts`` (expert counts that do not
+sum to K_c x tokens) and ``bf16`` (the upload in bfloat16: cast, not rejected).
+"""
 
 from __future__ import annotations
 
 import os
 import time
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ubsmoe.fl.messages import METRIC_PARTITION_ID, train_task_from_content, update_to_content
@@ -18,6 +31,60 @@ app = ClientApp()
 # client and round. _BUILDS counts the builds in this process (reported per reply).
 _RUNTIMES: dict[str, ClientRuntime] = {}
 _BUILDS = 0
+FAULTS_ENV = "UBSMOE_FAULTS"
+FAULT_KINDS = ("raise", "timeout", "nan", "inf", "shape", "int", "keys", "counts", "bf16")
+
+
+class InjectedFault(RuntimeError):
+    """The failure ``UBSMOE_FAULTS`` asked this client to raise (test hook)."""
+
+
+def injected_fault(client_id: int, round_idx: int) -> str | None:
+    """The fault ``UBSMOE_FAULTS`` gives ``client_id`` in ``round_idx`` (None: behave).
+
+    Raises:
+        ValueError: a malformed ``UBSMOE_FAULTS`` entry or an unknown fault.
+    """
+    for entry in filter(None, (e.strip() for e in os.environ.get(FAULTS_ENV, "").split(","))):
+        client, _, rest = entry.partition(":")
+        kind, _, rnd = rest.partition("@")
+        if kind not in FAULT_KINDS or not client.isdigit() or (rnd and not rnd.isdigit()):
+            raise ValueError(f"{FAULTS_ENV}: bad entry {entry!r}, expected <client>:<fault>[@<round>] "
+                             f"with fault one of {', '.join(FAULT_KINDS)}")
+        if int(client) == client_id and (not rnd or int(rnd) == round_idx):
+            return kind
+    return None
+
+
+def _corrupt(kind: str, content: RecordDict, received: dict[str, torch.Tensor]) -> RecordDict:
+    """Apply a data fault (``nan`` ... ``bf16``) to a reply's content (test hook).
+
+    The faulty tensor is the first received adapter by name, sent whole.
+    """
+    upload = content["adapters"].to_torch_state_dict()
+    name = min(received)
+    upload.pop(name + ".rows", None)
+    x = upload.get(name, received[name]).clone()
+    if x.shape != received[name].shape:  # a row upload: send the received tensor whole instead
+        x = received[name].clone()
+    if kind in ("nan", "inf"):
+        x.view(-1)[0] = float("nan") if kind == "nan" else float("inf")
+        upload[name] = x
+    elif kind == "shape":
+        upload[name] = torch.cat([x, x[:1]])  # one extra row
+    elif kind == "int":
+        upload[name] = x.to(torch.int32)
+    elif kind == "keys":
+        upload["not_an_adapter.weight"] = torch.zeros(2)
+    elif kind == "bf16":
+        upload = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in upload.items()}
+    content["adapters"] = ArrayRecord(upload)
+    if kind == "counts":
+        stats = content["stats"].to_torch_state_dict()
+        stats["expert_counts"] = stats["expert_counts"].clone()
+        stats["expert_counts"][0, 0] += 1
+        content["stats"] = ArrayRecord(stats)
+    return content
 
 
 def _runtime(cfg) -> ClientRuntime:
@@ -45,12 +112,24 @@ def train(msg: Message, context: Context) -> Message:
     ``work_end`` (epoch seconds) to the metrics, for the server's overhead account,
     and ``pid`` / ``runtime_builds`` (this process and how many runtimes it has built
     so far), which show the model is built once per worker process, not per client.
+    Honors the ``UBSMOE_FAULTS`` test hook (module docstring).
+
+    Raises:
+        InjectedFault: ``UBSMOE_FAULTS`` asks this client to raise.
     """
     start = time.time()
     cfg, task = train_task_from_content(msg.content)
+    fault = injected_fault(task["client_id"], task["round_idx"])
+    if fault == "raise":
+        raise InjectedFault(f"client {task['client_id']}: injected failure (UBSMOE_FAULTS)")
+    if fault == "timeout":
+        time.sleep(cfg.fl.round_timeout_s + float(os.environ.get("UBSMOE_FAULT_LATE_S", "10")))
     runtime = _runtime(cfg)
     setup_s = time.time() - start
     update = runtime.train_round(**task)
     update.metrics.update({"setup_s": setup_s, "work_start": start, "work_end": time.time(),
                            "pid": os.getpid(), "runtime_builds": _BUILDS})
-    return Message(update_to_content(update, task["global_adapters"]), reply_to=msg)
+    content = update_to_content(update, task["global_adapters"])
+    if fault not in (None, "timeout"):
+        content = _corrupt(fault, content, task["global_adapters"])
+    return Message(content, reply_to=msg)

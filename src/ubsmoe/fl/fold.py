@@ -4,12 +4,47 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from ubsmoe.methods import ClientUpdate
 from ubsmoe.methods.base import Aggregator
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A participant left out of a round: it failed, timed out or its reply was rejected.
+
+    Attributes:
+        client_id: the participant.
+        reason: one line naming what went wrong (e.g. ``timeout after 30 s``).
+    """
+
+    client_id: int
+    reason: str
+
+    def record(self) -> dict[str, Any]:
+        """``{"client": id, "reason": ...}`` as logged in a round's ``failed`` list."""
+        return {"client": self.client_id, "reason": self.reason}
+
+
+class RoundIncomplete(RuntimeError):
+    """Too few good replies for a round to complete; nothing of the try was committed.
+
+    Attributes:
+        round_idx: the round.
+        replies: good replies received.
+        needed: good replies required (``fl.min_replies`` / ``fl.min_reply_fraction``).
+        failed: the participants left out.
+    """
+
+    def __init__(self, round_idx: int, replies: int, needed: int, failed: Sequence[LeftOut]) -> None:
+        self.round_idx, self.replies, self.needed, self.failed = round_idx, replies, needed, list(failed)
+        causes = "; ".join(f"client {f.client_id}: {f.reason}" for f in self.failed)
+        super().__init__(f"round {round_idx}: {replies} good replies, {needed} needed"
+                         f"{f' ({causes})' if causes else ''}")
 
 
 class OrderedFold:
@@ -24,8 +59,14 @@ class OrderedFold:
         aggregator: the method's aggregator for this round.
         client_ids: the round's participants.
 
+    A participant left out of the round (failed or rejected reply) is
+    :meth:`skip`-ped: the fold moves past its id as if its reply had been folded,
+    so the order stays deterministic and the result is the aggregate of the other
+    replies alone (every aggregator normalizes its weights over what it was given).
+
     Attributes:
         folded: the folded updates in id order, adapters dropped.
+        skipped: ids of the participants left out.
         max_buffered: the most replies ever waiting for a predecessor.
         fold_s: seconds spent inside the aggregator.
         intervals: ``(start, end)`` epoch seconds of every fold call.
@@ -37,6 +78,7 @@ class OrderedFold:
         self.position = 0
         self.pending: dict[int, ClientUpdate] = {}
         self.folded: list[ClientUpdate] = []
+        self.skipped: set[int] = set()
         self.max_buffered = 0
         self.fold_s = 0.0
         self.intervals: list[tuple[float, float]] = []
@@ -47,15 +89,35 @@ class OrderedFold:
         Raises:
             ValueError: a client that is not a participant, or a second reply from one.
         """
-        cid = update.client_id
-        if cid not in self.expected or cid in self.pending or cid in self.expected[:self.position]:
-            raise ValueError(f"unexpected reply from client {cid} (participants: {self.expected})")
+        cid = self._check(update.client_id)
         self.pending[cid] = update
         self.max_buffered = max(self.max_buffered, len(self.pending) - 1)
-        while self.position < len(self.expected) and self.expected[self.position] in self.pending:
-            nxt = self.pending.pop(self.expected[self.position])
-            self._timed(self.aggregator.add, nxt)
-            self.folded.append(replace(nxt, adapters={}))
+        self._advance()
+
+    def skip(self, client_id: int) -> None:
+        """Leave participant ``client_id`` out of the round and fold what now comes next.
+
+        Raises:
+            ValueError: a client that is not a participant, or one already in or skipped.
+        """
+        self.skipped.add(self._check(client_id))
+        self._advance()
+
+    def _check(self, cid: int) -> int:
+        if (cid not in self.expected or cid in self.pending or cid in self.skipped
+                or cid in self.expected[:self.position]):
+            raise ValueError(f"unexpected reply from client {cid} (participants: {self.expected})")
+        return cid
+
+    def _advance(self) -> None:
+        while self.position < len(self.expected):
+            cid = self.expected[self.position]
+            if cid in self.pending:
+                nxt = self.pending.pop(cid)
+                self._timed(self.aggregator.add, nxt)
+                self.folded.append(replace(nxt, adapters={}))
+            elif cid not in self.skipped:
+                break
             self.position += 1
 
     def result(self) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ The Flower ServerApp (:mod:`ubsmoe.fl.server_app`) only moves messages and calls
 from __future__ import annotations
 
 import functools
+import math
+import statistics
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 
 from ubsmoe.config import RunConfig, save_config
 from ubsmoe.fl.export import export_adapters
-from ubsmoe.fl.fold import OrderedFold, union_seconds
+from ubsmoe.fl.fold import LeftOut, OrderedFold, RoundIncomplete, union_seconds
 from ubsmoe.fl.run_dir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -31,6 +33,7 @@ from ubsmoe.fl.run_dir import (
     prune_checkpoints,
 )
 from ubsmoe.fl.train import SharedSetup, client_seed, sync_base_merges
+from ubsmoe.fl.validate import norm_outliers
 from ubsmoe.io import append_jsonl, atomic_torch_save, atomic_write_json
 from ubsmoe.methods import ClientUpdate, get_method_class
 from ubsmoe.methods.base import (
@@ -64,12 +67,15 @@ class Server:
         self.method = get_method_class(cfg.method)(cfg.method_config)
         self.model, self.tokenizer = build_model(cfg.model, setup.tokenizer, seed=cfg.train.seed)
         self.method.prepare_model(self.model)
+        self.method.set_robust(cfg.fl.aggregation, cfg.fl.trim_fraction)
         self.model.eval()
         # The global adapters' (rank, alpha): the model's, or e.g. max(ranks) for HetLoRA.
         self.global_lora = self.method.global_lora(cfg.model.lora_rank, cfg.model.lora_alpha)
         set_lora_rank(self.model, *self.global_lora, seed=cfg.train.seed + 1)
         self._merged: list[str] = []  # ids of the method's base merges applied to self.model
         self.k_max = smoe_layers(self.model)[0].max_top_k
+        # (L, E): the shape of a client's expert_counts (checked on every reply).
+        self.counts_shape = (len(smoe_layers(self.model)), smoe_layers(self.model)[0].num_experts)
         self.budgets = assign_budgets(cfg.fl.num_clients, cfg.fl.budgets, cfg.fl.budget_pattern,
                                       cfg.train.seed)
         self.top_k = [self.level_top_k()[b] for b in self.budgets]
@@ -123,18 +129,40 @@ class Server:
         gen = torch.Generator().manual_seed(client_seed(self.cfg.train.seed, -1, round_idx))
         return sorted(torch.randperm(n, generator=gen)[:m].tolist())
 
-    def end_round(self, round_idx: int, updates: Iterable[ClientUpdate],
+    def required_replies(self, sampled: int) -> int:
+        """Good replies a round of ``sampled`` clients needs to complete.
+
+        ``max(fl.min_replies, ceil(fl.min_reply_fraction x sampled))``, at most ``sampled``.
+        """
+        fl = self.cfg.fl
+        return min(sampled, max(fl.min_replies, math.ceil(fl.min_reply_fraction * sampled - 1e-9)))
+
+    @property
+    def buffers_replies(self) -> bool:
+        """True when a round's replies are held together (norm check or robust aggregation on)."""
+        return self.cfg.fl.reject_norm_multiple > 0 or self.cfg.fl.aggregation != "mean"
+
+    def end_round(self, round_idx: int, updates: Iterable[ClientUpdate | LeftOut],
                   timings: dict[str, float] | None = None, clients: Sequence[int] | None = None,
-                  round_start: float | None = None) -> dict[str, Any]:
+                  round_start: float | None = None, attempt: int = 1) -> dict[str, Any]:
         """Aggregate the round's updates, log, evaluate when due, checkpoint.
 
         Updates are folded in client-id order as they come (``updates`` may be a
         generator yielding replies as they arrive); each one's adapters are dropped
-        once folded.
+        once folded. A :class:`~ubsmoe.fl.fold.LeftOut` item leaves its client out
+        (logged under the record's ``failed``), and the result is the aggregate of
+        the other replies alone. The round is committed (global adapters, method
+        state, metrics, checkpoint) only once every participant is accounted for
+        and at least :meth:`required_replies` replies are good; otherwise nothing
+        changes but a ``round_incomplete`` metrics record.
+
+        With ``fl.reject_norm_multiple`` > 0 or a robust ``fl.aggregation`` the
+        replies are held until all are in (:attr:`buffers_replies`); a reply whose
+        ``update_norm`` metric exceeds the multiple of the round's median is left out.
 
         Args:
             round_idx: 1-based round just trained.
-            updates: replies in any order.
+            updates: replies (or :class:`~ubsmoe.fl.fold.LeftOut` markers) in any order.
             timings: optional extra wall-clock seconds to record.
             clients: the round's participants (default: the ids in ``updates``,
                 which are then read all at once).
@@ -147,7 +175,8 @@ class Server:
             The round's train metrics record.
 
         Raises:
-            ValueError: no updates, a missing or unexpected reply.
+            ValueError: no updates, an unexpected reply.
+            RoundIncomplete: fewer good replies than :meth:`required_replies`.
         """
         if clients is None:
             updates = list(updates)
@@ -155,8 +184,35 @@ class Server:
         if not clients:
             raise ValueError(f"round {round_idx}: no client replied")
         fold = OrderedFold(self.method.aggregator(self.state.adapters), clients)
+        failed: list[LeftOut] = []
+        held = 0
+        if self.buffers_replies:
+            items = list(updates)
+            good = [u for u in items if isinstance(u, ClientUpdate)]
+            held = len(good)
+            norms = [u.metrics.get("update_norm", 0.0) for u in good]
+            outliers = set(norm_outliers(norms, self.cfg.fl.reject_norm_multiple))
+            if outliers:
+                median = statistics.median(norms)
+                items = [LeftOut(u.client_id, f"update norm {norms[i]:.4g} > {self.cfg.fl.reject_norm_multiple:g}"
+                                              f" x the round's median {median:.4g}") if i in outliers else u
+                         for i, u in enumerate(good)] + [u for u in items if isinstance(u, LeftOut)]
+            updates = sorted(items, key=lambda u: u.client_id)
         for update in updates:
-            fold.add(update)
+            if isinstance(update, LeftOut):
+                failed.append(update)
+                fold.skip(update.client_id)
+            else:
+                fold.add(update)
+        for cid in [c for c in fold.expected[fold.position:] if c not in fold.pending]:
+            failed.append(LeftOut(cid, "no reply"))
+            fold.skip(cid)
+        needed = self.required_replies(len(clients))
+        if len(fold.folded) < needed:
+            append_jsonl(self.run_dir / METRICS_FILE, {
+                "type": "round_incomplete", "round": round_idx, "try": attempt,
+                "replies": len(fold.folded), "needed": needed, "failed": [f.record() for f in failed]})
+            raise RoundIncomplete(round_idx, len(fold.folded), needed, failed)
         self.state.adapters = fold.result()
         self.state.method_state = self.method.state_dict()
         round_end = time.time()
@@ -174,8 +230,10 @@ class Server:
                  **u.metrics}
                 for u in folded
             ],
+            "failed": sorted((f.record() for f in failed), key=lambda f: f["client"]),
+            "try": attempt,
             "aggregate_s": fold.fold_s,
-            "max_buffered_replies": fold.max_buffered,
+            "max_buffered_replies": max(fold.max_buffered, held),
             **(timings or {}),
         }
         if round_start is not None:

@@ -24,6 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from ubsmoe.config import RunConfig, load_config
+from ubsmoe.fl.fold import LeftOut, RoundIncomplete
 from ubsmoe.fl.messages import (
     METRIC_BYTES_DOWN,
     METRIC_CLIENT_ID,
@@ -32,8 +33,10 @@ from ubsmoe.fl.messages import (
     update_from_content,
 )
 from ubsmoe.fl.payload import payload_nbytes
+from ubsmoe.fl.run_dir import latest_checkpoint
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.train import SharedSetup, shared_setup
+from ubsmoe.fl.validate import RejectedUpdate, check_update, check_upload, update_norm
 from ubsmoe.methods import ClientUpdate
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
@@ -44,15 +47,32 @@ def _noop(event: str, info: dict[str, Any]) -> None:
     pass
 
 
-def _replies(grid: Grid, messages: list[Message]) -> Iterator[Message]:
-    """Push ``messages`` and yield replies as they arrive; raise on a client error."""
-    pending = set(grid.push_messages(messages))
+def _replies(grid: Grid, messages: list[Message], timeout_s: float = 0.0
+             ) -> Iterator[tuple[int, Message | None, str | None]]:
+    """Push ``messages`` and yield ``(index, reply, None)`` or ``(index, None, reason)`` as they come.
+
+    ``index`` is the message's position in ``messages``. A reply carrying an error
+    (the client raised, or Flower reports its node offline) yields its reason; once
+    ``timeout_s`` (> 0) has passed, every message still unanswered yields
+    ``timeout after <t> s`` and the generator ends. Only replies to these messages'
+    ids are taken: a late reply to an earlier push (a retried round) is discarded.
+    """
+    ids = list(grid.push_messages(messages))
+    pending = {mid: i for i, mid in enumerate(ids)}
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
     while pending:
         for reply in grid.pull_messages(list(pending)):
-            pending.discard(reply.metadata.reply_to_message_id)
+            i = pending.pop(reply.metadata.reply_to_message_id, None)
+            if i is None:
+                continue  # not a reply to this push (e.g. late, to an earlier try)
             if reply.has_error():
-                raise RuntimeError(f"a client failed: {reply.error.reason}")
-            yield reply
+                yield i, None, f"error: {reply.error.reason}".replace("\n", "; ")
+            else:
+                yield i, reply, None
+        if pending and deadline is not None and time.monotonic() >= deadline:
+            for i in sorted(pending.values()):
+                yield i, None, f"timeout after {timeout_s:g} s"
+            return
         if pending:
             time.sleep(POLL_S)
 
@@ -69,7 +89,9 @@ def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
     queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
                        message_type=MessageType.QUERY) for n in node_ids]
     mapping: dict[int, int] = {}
-    for reply in _replies(grid, queries):
+    for _, reply, error in _replies(grid, queries):
+        if reply is None:
+            raise RuntimeError(f"a node failed to tell its partition: {error}")
         pid = int(reply.content["metrics"][METRIC_PARTITION_ID])
         if pid in mapping:
             raise RuntimeError(f"two nodes hold partition {pid}")
@@ -80,38 +102,100 @@ def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
     return mapping
 
 
+def _unpack(reply: Message, sent: dict[str, Any], server: Server, want_norm: bool) -> ClientUpdate:
+    """A reply as a validated :class:`ClientUpdate` (dtypes cast to what was sent).
+
+    Raises:
+        RejectedUpdate: the reply fails a check of :mod:`ubsmoe.fl.validate`.
+    """
+    try:
+        check_upload(reply.content["adapters"].to_torch_state_dict(), sent["global_adapters"])
+        update = update_from_content(reply.content, sent["global_adapters"])
+    except RejectedUpdate:
+        raise
+    except (KeyError, ValueError, TypeError) as e:
+        raise RejectedUpdate(f"malformed reply: {e}".replace("\n", "; ")) from None
+    update = check_update(update, sent["global_adapters"], sent["top_k"], server.counts_shape)
+    update.metrics[METRIC_BYTES_DOWN] = float(
+        payload_nbytes(sent["global_adapters"])
+        + sum(payload_nbytes(factors) for _, factors in sent["base_merges"]))
+    if want_norm:
+        update.metrics["update_norm"] = update_norm(update.adapters, sent["global_adapters"])
+    return update
+
+
 def serve(grid: Grid, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume: bool = False,
           progress: ProgressFn = _noop) -> dict[str, Any]:
-    """Run every remaining round of a federated run over ``grid``; return the summary."""
+    """Run every remaining round of a federated run over ``grid``; return the summary.
+
+    Each round is tried up to ``1 + fl.round_retries`` times with the same clients
+    and seeds: a client that fails, times out (``fl.round_timeout_s``) or sends a
+    reply that :mod:`ubsmoe.fl.validate` rejects is left out (a ``client_failed``
+    progress event and the round record's ``failed``), and a try with fewer good
+    replies than :meth:`Server.required_replies` commits nothing.
+
+    Raises:
+        RoundFailed: a round stayed incomplete after every retry (the run directory
+            holds the last complete round's checkpoint).
+    """
     server = Server(cfg, run_dir, setup, resume=resume)
     node_of = discover_partitions(grid, cfg.fl.num_clients)
+    want_norm = cfg.fl.reject_norm_multiple > 0
     for r in range(server.state.round + 1, cfg.fl.rounds + 1):
         clients = server.sample_clients(r)
-        progress("round_start", {"round": r, "clients": len(clients)})
-        tasks = {c: server.client_task(c, r) for c in clients}
-        messages = [Message(train_content(cfg, **tasks[c]), dst_node_id=node_of[c],
-                            message_type=MessageType.TRAIN) for c in clients]
-        round_start = time.time()
+        for attempt in range(1, cfg.fl.round_retries + 2):
+            progress("round_start", {"round": r, "clients": len(clients), "try": attempt})
+            tasks = {c: server.client_task(c, r) for c in clients}
+            messages = [Message(train_content(cfg, **tasks[c]), dst_node_id=node_of[c],
+                                message_type=MessageType.TRAIN) for c in clients]
+            round_start = time.time()
 
-        def updates(r: int = r, messages: list[Message] = messages,
-                    tasks: dict[int, dict[str, Any]] = tasks) -> Iterator[ClientUpdate]:
-            """Replies as they arrive, unpacked against the adapters each client was sent."""
-            for reply in _replies(grid, messages):
-                progress("client_done", {"round": r})
-                cid = int(reply.content["metrics"][METRIC_CLIENT_ID])
-                sent = tasks.pop(cid)  # drop the reference once the reply is in
-                update = update_from_content(reply.content, sent["global_adapters"])
-                update.metrics[METRIC_BYTES_DOWN] = float(
-                    payload_nbytes(sent["global_adapters"])
-                    + sum(payload_nbytes(factors) for _, factors in sent["base_merges"]))
-                yield update
-            progress("aggregate", {"round": r})
+            def updates(r: int = r, messages: list[Message] = messages, attempt: int = attempt,
+                        tasks: dict[int, dict[str, Any]] = tasks, clients: list[int] = clients) -> Iterator[ClientUpdate | LeftOut]:
+                """Replies as they arrive, unpacked against the adapters each client was sent."""
+                for i, reply, error in _replies(grid, messages, cfg.fl.round_timeout_s):
+                    cid = clients[i]
+                    sent = tasks.pop(cid)  # drop the reference once the reply is in
+                    if reply is not None:
+                        try:
+                            if int(reply.content["metrics"][METRIC_CLIENT_ID]) != cid:
+                                raise RejectedUpdate(f"reply names client "
+                                                     f"{reply.content['metrics'][METRIC_CLIENT_ID]}")
+                            update = _unpack(reply, sent, server, want_norm)
+                        except RejectedUpdate as e:
+                            error = f"rejected: {e}"
+                    if error is not None:
+                        progress("client_failed", {"round": r, "try": attempt, "client": cid, "reason": error})
+                        yield LeftOut(cid, error)
+                        continue
+                    progress("client_done", {"round": r})
+                    yield update
+                progress("aggregate", {"round": r})
 
-        record = server.end_round(r, updates(), clients=clients, round_start=round_start)
+            try:
+                record = server.end_round(r, updates(), clients=clients, round_start=round_start,
+                                          attempt=attempt)
+                break
+            except RoundIncomplete as e:
+                incomplete = e
+                progress("round_retry" if attempt <= cfg.fl.round_retries else "round_failed",
+                         {"round": r, "try": attempt, "message": str(e)})
+        else:
+            last = latest_checkpoint(server.run_dir)
+            raise RoundFailed(f"{incomplete} after {cfg.fl.round_retries + 1} tries "
+                              f"(fl.min_replies={cfg.fl.min_replies}, "
+                              f"fl.min_reply_fraction={cfg.fl.min_reply_fraction:g}, "
+                              f"fl.round_retries={cfg.fl.round_retries}); the run stopped, its last "
+                              f"complete round is {server.state.round}"
+                              f"{f' ({last.name}, resume with --resume)' if last else ''}")
         progress("round_end", {"round": r, "record": record, "eval": server.last_eval})
     if not server.last_eval:  # resumed after the last round: evaluate once more
         server.last_eval = server.evaluate(server.state.round)
     return server.finish()
+
+
+class RoundFailed(RuntimeError):
+    """A round stayed below ``fl.min_replies`` / ``fl.min_reply_fraction`` after every retry."""
 
 
 app = ServerApp()

@@ -137,15 +137,17 @@ class A3SMoEAggregator(Aggregator):
             an expert no participant used is kept).
         gamma: exponent >= 0.
         weighting: ``flame`` or ``literal`` (:func:`a3smoe_expert_scores`).
+        robust: None (weighted mean) or ``(rule, trim_fraction)`` for the non-expert
+            tensors (``fl.aggregation``, see :class:`FedAvgAggregator`).
     """
 
     def __init__(self, global_adapters: dict[str, torch.Tensor], gamma: float,
-                 weighting: str = "flame") -> None:
+                 weighting: str = "flame", robust: tuple[str, float] | None = None) -> None:
         self.global_adapters = global_adapters
         self.gamma = gamma
         self.weighting = weighting
         self.layer_of = expert_layer_of(list(global_adapters))
-        self.others = FedAvgAggregator([n for n in global_adapters if n not in self.layer_of])
+        self.others = FedAvgAggregator([n for n in global_adapters if n not in self.layer_of], robust)
         self.sums: dict[str, torch.Tensor] = {}
         self.score_total: torch.Tensor | None = None  # [L, E]
         self.used: torch.Tensor | None = None  # [L, E]
@@ -191,4 +193,4 @@ class A3SMoE(Method):
 
     def aggregator(self, global_adapters: dict[str, torch.Tensor]) -> Aggregator:
         """An incremental :class:`A3SMoEAggregator` (see the module docstring)."""
-        return A3SMoEAggregator(global_adapters, self.config.gamma, self.config.weighting)
+        return A3SMoEAggregator(global_adapters, self.config.gamma, self.config.weighting, self.robust)

@@ -189,12 +189,20 @@ class FedAvgAggregator(Aggregator):
     divides once at the end, casting back to each tensor's dtype; memory is one
     float64 copy of the named tensors.
 
+    With ``robust=(rule, trim_fraction)`` (``fl.aggregation``: ``median`` or
+    ``trimmed_mean``, :mod:`ubsmoe.methods.robust`) it instead keeps every reply's
+    tensors and returns their unweighted coordinate-wise median / trimmed mean:
+    memory then grows with the number of clients.
+
     Args:
         names: the tensors to average (the global adapter names).
+        robust: None (weighted mean) or ``(rule, trim_fraction)``.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], robust: tuple[str, float] | None = None) -> None:
         self.names = list(names)
+        self.robust = robust
+        self.kept: dict[str, list[torch.Tensor]] = {}
         self.sums: dict[str, torch.Tensor] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self.total = 0.0
@@ -216,6 +224,9 @@ class FedAvgAggregator(Aggregator):
             if k not in self.sums:
                 self.sums[k] = torch.zeros_like(x, dtype=torch.float64)
                 self.dtypes[k] = x.dtype
+            if self.robust is not None:
+                self.kept.setdefault(k, []).append(x)
+                continue
             self.sums[k].add_(x, alpha=n)  # promotes to float64 without a copy of x
         self.total += n
         self.count += 1
@@ -228,6 +239,12 @@ class FedAvgAggregator(Aggregator):
         """
         if not self.count:
             raise ValueError("aggregate: no client updates")
+        if self.robust is not None:
+            from ubsmoe.methods.robust import robust_aggregate
+
+            rule, trim = self.robust
+            return {k: robust_aggregate(torch.stack(xs).to(torch.float64), rule, trim).to(self.dtypes[k])
+                    for k, xs in self.kept.items()}
         if self.total <= 0:
             raise ValueError("aggregate: every client reported 0 training examples")
         return {k: (v / self.total).to(self.dtypes[k]) for k, v in self.sums.items()}
@@ -309,6 +326,30 @@ class Method:
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()
+        # fl.aggregation: None (the weighted mean) or (rule, trim_fraction), see set_robust.
+        self.robust: tuple[str, float] | None = None
+
+    def set_robust(self, rule: str, trim_fraction: float = 0.1) -> None:
+        """Use a robust rule (``fl.aggregation``) for the tensors the method averages with p_c.
+
+        ``mean`` restores the weighted mean. Applies to every tensor of FedAvg /
+        FedIT / SMoE / SMoE-LLB, to the non-expert tensors of A3SMoE (its experts keep
+        their activation weights) and to everything UB-SMoE averages before its
+        server phi update; not to the rank methods, whose aggregation stacks or
+        factorizes the clients' LoRA factors.
+
+        Raises:
+            ConfigError: a robust rule for a method that aggregates all at once.
+        """
+        from ubsmoe.config import ConfigError
+
+        if rule == "mean":
+            self.robust = None
+            return
+        if type(self).aggregate is not Method.aggregate:
+            raise ConfigError(f"fl.aggregation: got {rule!r}, method {self.name} supports only mean "
+                              "(it stacks or factorizes the clients' LoRA factors)")
+        self.robust = (rule, float(trim_fraction))
 
     # ----- client side -------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
@@ -465,7 +506,7 @@ class Method:
         """
         if type(self).aggregate is not Method.aggregate:
             return BufferedAggregator(lambda updates: self.aggregate(global_adapters, updates))
-        return FedAvgAggregator(list(global_adapters))
+        return FedAvgAggregator(list(global_adapters), self.robust)
 
     def aggregate(self, global_adapters: dict[str, torch.Tensor],
                   updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:

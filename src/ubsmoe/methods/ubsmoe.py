@@ -226,7 +226,7 @@ class UBSMoE(Method):
 
     def aggregator(self, global_adapters: dict[str, torch.Tensor]) -> Aggregator:
         """An incremental :class:`UBSMoEAggregator` (FedAvg, then the phi update)."""
-        return UBSMoEAggregator(global_adapters, self.config.dmr)
+        return UBSMoEAggregator(global_adapters, self.config.dmr, self.robust)
 
 
 class UBSMoEAggregator(Aggregator):
@@ -238,11 +238,14 @@ class UBSMoEAggregator(Aggregator):
     Args:
         global_adapters: the adapters sent this round.
         dmr: DMR settings (``server_update``, ``momentum``).
+        robust: None (weighted mean) or ``(rule, trim_fraction)`` for the averaged
+            tensors (``fl.aggregation``, see :class:`FedAvgAggregator`).
     """
 
-    def __init__(self, global_adapters: dict[str, torch.Tensor], dmr: DMRConfig) -> None:
+    def __init__(self, global_adapters: dict[str, torch.Tensor], dmr: DMRConfig,
+                 robust: tuple[str, float] | None = None) -> None:
         self.dmr = dmr
-        self.fedavg = FedAvgAggregator(list(global_adapters))
+        self.fedavg = FedAvgAggregator(list(global_adapters), robust)
         self.stats: list[ClientUpdate] = []
 
     def add(self, update: ClientUpdate) -> None:

@@ -45,7 +45,7 @@ TRAIN_TOP_K = ("auto", "budget", "native")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_INITS = ("auto", "random", "pretrained")
 # Random-weight OLMoE-architecture presets (sizes in ubsmoe.models.loading.PRESETS).
-MODEL_PRESETS = ("tiny", "medium")
+MODEL_PRESETS = ("tiny", "medium", "tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-dense")
 
 
 class ConfigError(ValueError):
@@ -84,8 +84,13 @@ class ModelConfig:
 
     Attributes:
         name: a random-weight preset (``tiny``: the CPU default; ``medium``: hidden
-            512, 4 layers, 64 experts, top-8, vocabulary 4096), else a hub name or
-            local path of an OLMoE checkpoint (e.g. ``allenai/OLMoE-1B-7B-0924``).
+            512, 4 layers, 64 experts, top-8, vocabulary 4096; ``tiny-mixtral``,
+            ``tiny-qwen2-moe``, ``tiny-qwen3-moe``: the ``tiny`` sizes in that MoE
+            family's architecture; ``tiny-dense``: a dense OLMo of the ``tiny``
+            width, depth and MLP size ``4 * intermediate_size``), else a hub name or
+            local path of a supported checkpoint (OLMoE, Mixtral, Qwen2-MoE,
+            Qwen3-MoE; dense OLMo, Llama, Mistral; e.g. ``allenai/OLMoE-1B-7B-0924``,
+            ``allenai/OLMo-1B-hf``; see ``ubsmoe.models.families``).
         lora_rank: LoRA rank r of every expert projection and attention projection.
         lora_alpha: LoRA alpha; the scale is alpha / r.
         attention_lora: also put LoRA on q/k/v/o attention projections.

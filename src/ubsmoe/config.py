@@ -428,7 +428,9 @@ def _check_method_against_run(run: RunConfig) -> None:
     """Cross-check the method against the rest of the run.
 
     ``train.top_k`` must be one of the method's :attr:`Method.train_top_k_modes`
-    (an SMoE method cannot train at the native top-k). A method config may also
+    (an SMoE method cannot train at the native top-k), and an SMoE method
+    (:attr:`Method.needs_moe`) is refused on a dense backbone whose type is known
+    offline (preset, shipped or local config). A method config may also
     define ``check_run(run)`` (e.g. one LoRA rank per budget level).
 
     Raises:
@@ -436,7 +438,14 @@ def _check_method_against_run(run: RunConfig) -> None:
     """
     from ubsmoe.methods import get_method_class
 
-    modes = get_method_class(run.method).train_top_k_modes
+    method_cls = get_method_class(run.method)
+    if method_cls.needs_moe:
+        from ubsmoe.models.families import dense_refusal, is_dense
+        from ubsmoe.models.loading import known_model_type
+
+        if is_dense(known_model_type(run.model) or ""):
+            raise ConfigError(dense_refusal(run.method, run.model.name))
+    modes = method_cls.train_top_k_modes
     if run.train.top_k not in modes:
         raise ConfigError(_bad("train.top_k", run.train.top_k,
                                f"one of {', '.join(modes)} for method '{run.method}'"))

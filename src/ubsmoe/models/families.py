@@ -173,3 +173,9 @@ def moe_family_of(model: nn.Module) -> MoEFamily | None:
     """The MoE family of a (possibly PEFT-wrapped) model from its config, None if dense/unknown."""
     config = getattr(model, "config", None)
     return MOE_FAMILIES.get(getattr(config, "model_type", None))
+
+
+def dense_refusal(method: str, model_name: str) -> str:
+    """The one-line refusal of an SMoE method on a dense backbone."""
+    return (f"method {method} needs a sparse-MoE model; model {model_name} is dense "
+            "(methods that run on a dense model: fedit, hetlora, flexlora, flora, florist)")

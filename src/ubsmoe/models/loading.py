@@ -207,6 +207,29 @@ def model_type_of(cfg: ModelConfig) -> str:
     return architecture_config(cfg)["model_type"]
 
 
+def known_model_type(cfg: ModelConfig) -> str | None:
+    """``model_type`` of a preset, shipped config or local ``config.json``; None otherwise.
+
+    Never touches the network (a hub name gives None: its type is known once loaded).
+    """
+    import json
+
+    from ubsmoe.metrics.flops import SHIPPED_CONFIGS, shipped_config
+
+    if cfg.name in PRESET_MODEL_TYPES:
+        return PRESET_MODEL_TYPES[cfg.name]
+    if cfg.name in SHIPPED_CONFIGS:
+        return shipped_config(cfg.name).get("model_type")
+    path = Path(cfg.name)
+    path = path / "config.json" if path.is_dir() else path
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("model_type")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+    return None
+
+
 def architecture_config(cfg: ModelConfig) -> dict:
     """The Hugging Face ``config.json`` dict of a non-preset ``model.name``, read offline.
 

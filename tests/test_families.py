@@ -13,9 +13,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ubsmoe.config import ModelConfig
-from ubsmoe.metrics.flops import register_grouped_mm_flops
 from ubsmoe.methods.smoe_llb import load_balancing_loss
-from ubsmoe.models import set_top_k, smoe_layers
+from ubsmoe.metrics.flops import register_grouped_mm_flops
+from ubsmoe.models import set_top_k
 from ubsmoe.models.families import MOE_FAMILIES, family, moe_family_of
 from ubsmoe.models.loading import PRESET_MODEL_TYPES, lora_targets, patch_smoe, tiny_olmoe
 

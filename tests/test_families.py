@@ -128,3 +128,20 @@ def test_shared_expert_gets_peft_lora_only_in_qwen2_moe(model_type, preset, tiny
     model = _hf(preset, tiny_tokenizer)
     targets = lora_targets(model, attention_lora=False)
     assert bool(targets) == family(model_type).shared_expert
+
+
+@pytest.mark.parametrize("preset", [p for _, p in FAMILY_PRESETS] + ["tiny-dense"])
+def test_flops_shape_counts_every_parameter_and_routed_flops_scale_with_k(preset, tiny_tokenizer):
+    from ubsmoe.metrics.flops import model_shape_from_config, param_counts, training_flops_per_token
+
+    model = _hf(preset, tiny_tokenizer)
+    shape = model_shape_from_config(model.config.to_dict(), preset)
+    assert param_counts(shape)["total"] == sum(p.numel() for p in model.parameters())
+    if not shape.is_moe:
+        assert preset == "tiny-dense"
+        return
+    assert shape.top_k == model.config.num_experts_per_tok
+    mlp = {k: training_flops_per_token(shape, k, 4, 16)["mlp"] for k in (1, shape.top_k)}
+    per_expert = 4 * shape.num_layers * 3 * shape.hidden_size * shape.intermediate_size
+    assert mlp[shape.top_k] - mlp[1] == (shape.top_k - 1) * per_expert
+    assert (mlp[1] > per_expert) == (shape.shared_expert_size > 0)  # the shared expert always runs

@@ -6,6 +6,7 @@ library functions; nothing parses argv at import time.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import warnings
@@ -370,6 +371,7 @@ class _SweepDisplay:
 
         self.title, self.slots, self.start = title, slots, time.monotonic()
         self.live = Live(console=console, refresh_per_second=1, transient=False)
+        self._seen: set[tuple[str, str]] = set()
 
     def render(self, items) -> Any:
         """A rich Table of the items."""
@@ -392,7 +394,24 @@ class _SweepDisplay:
         return table
 
     def __call__(self, items) -> None:
-        self.live.update(self.render(items), refresh=True)
+        if console.is_terminal:
+            self.live.update(self.render(items), refresh=True)
+            return
+        # Not a terminal (a log file): one plain line per state change.
+        from ubsmoe.experiments.sweep import sweep_eta
+
+        state = [(i.run_dir.name, i.state) for i in items]
+        if state != getattr(self, "_last", None):
+            self._last = state
+            eta = sweep_eta(items, self.slots)
+            for i in items:
+                if i.state in ("running", "done", "failed") and (i.run_dir.name, i.state) not in self._seen:
+                    self._seen.add((i.run_dir.name, i.state))
+                    console.print(f"{time.strftime('%H:%M:%S')} {i.run_dir.name}: {i.state}"
+                                  f"{f' ({i.seconds / 60:.1f} min)' if i.seconds else ''}"
+                                  f"{f' {i.message}' if i.message else ''}"
+                                  f"{'' if eta is None else f'; sweep ETA {eta / 60:.1f} min'}",
+                                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -434,8 +453,10 @@ def sweep(
     if dry_run:
         console.print(display.render(items))
         return
+    if not console.is_terminal:
+        console.print(display.render(items))
     try:
-        with display.live:
+        with display.live if console.is_terminal else contextlib.nullcontext():
             run_sweep(items, devices=devices, on_change=display)
     except KeyboardInterrupt:
         _fail(f"interrupted; run the same command again to resume ({out_dir})", code=130)

@@ -360,7 +360,8 @@ def configs() -> None:
         exp = load_experiment(name)
         cells = len(exp.cells("tiny"))
         needs = f" [needs {exp.requires['capability']}]" if exp.requires else ""
-        console.print(f"{name:14s} {cells:3d} runs  {exp.description}{needs}", highlight=False, soft_wrap=True)
+        console.print(f"{name:14s} {cells:3d} runs  {exp.description}{needs}", highlight=False,
+                      soft_wrap=True, markup=False)
 
 
 class _SweepDisplay:
@@ -455,11 +456,20 @@ def sweep(
         return
     if not console.is_terminal:
         console.print(display.render(items))
+    import signal
+
+    def on_sigterm(signum, frame) -> None:
+        """SIGTERM stops the sweep like Ctrl-C: the running `ubsmoe run` is stopped too."""
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with display.live if console.is_terminal else contextlib.nullcontext():
             run_sweep(items, devices=devices, on_change=display)
     except KeyboardInterrupt:
         _fail(f"interrupted; run the same command again to resume ({out_dir})", code=130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     failed = [i for i in items if i.state == "failed"]
     for i in failed:
         err_console.print(f"[red]failed:[/] {i.run_dir} ({i.message}); log: {i.run_dir / 'sweep.log'}",

@@ -42,7 +42,14 @@ from typing import Any
 
 import yaml
 
-from ubsmoe.config import ConfigError, RunConfig, config_from_dict, default_config_dict, flatten, unflatten
+from ubsmoe.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    default_config_dict,
+    flatten,
+    unflatten,
+)
 
 SCALES = ("tiny", "paper")
 _TOP_KEYS = ("description", "paper", "requires", "base", "grid", "scales")

@@ -207,7 +207,7 @@ def run_sweep(items: Sequence[SweepItem], runner: Runner = subprocess_runner,
             start = time.monotonic()
             try:
                 code, last = runner(item)
-            except BaseException as e:  # KeyboardInterrupt in the runner: stop everything
+            except BaseException as e:  # noqa: BLE001 (KeyboardInterrupt in the runner: stop everything, re-raised below)
                 item.state = "queued"
                 interrupted.append(e)
                 changed()

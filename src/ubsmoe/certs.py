@@ -121,7 +121,7 @@ def make_certs(out: Path, nodes: int = 3, hosts: tuple[str, ...] | list[str] = D
         _validate_host(host)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=valid_days)
 
     ca_key = ec.generate_private_key(ec.SECP384R1())

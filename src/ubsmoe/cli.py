@@ -478,6 +478,26 @@ def sweep(
         raise typer.Exit(1)
 
 
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Argument(help="folder for the CA, server certificate and node keys")],
+    nodes: Annotated[int, typer.Option("--nodes", help="number of SuperNode key pairs")] = 3,
+    host: Annotated[list[str] | None, typer.Option(
+        "--host", help="SuperLink host name or IP for the certificate (repeatable; "
+                       "default 127.0.0.1 and localhost)")] = None,
+) -> None:
+    """A local CA, a SuperLink TLS certificate and SuperNode key pairs for a Flower deployment."""
+    from ubsmoe.certs import DEFAULT_HOSTS, make_certs
+
+    try:
+        files = make_certs(out, nodes=nodes, hosts=host or list(DEFAULT_HOSTS))
+    except ValueError as e:
+        _fail(str(e))
+    for path in (files.ca_cert, files.ca_key, files.server_cert, files.server_key,
+                 *[p for pair in files.node_keys for p in pair]):
+        console.print(str(path), highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="ubsmoe")

@@ -69,7 +69,7 @@ def test_olmo_1b_shipped_config_flops_and_params_grow_with_rank():
     assert 1.0e9 < params["total"] < 1.3e9
 
 
-@pytest.mark.parametrize("method", ["ubsmoe", "smoe", "smoe_llb", "a3smoe"])
+@pytest.mark.parametrize("method", ["ubsmoe", "smoe", "smoe_llb", "a3smoe", "a3smoe_flexlora"])
 def test_smoe_methods_are_refused_on_a_dense_model(method):
     with pytest.raises(ConfigError, match=f"method {method} needs a sparse-MoE model; "
                                           "model tiny-dense is dense"):
@@ -123,3 +123,12 @@ def test_flexlora_runs_a_dense_model_end_to_end_via_cli(tmp_path):
         (0.125, 12, 1), (0.25, 16, 1), (0.5, 24, 1), (1.0, 40, 1)]
     train = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"]
     assert len(train[0]["clients"]) == 2 and all(c["top_k"] == 1 for c in train[0]["clients"])
+
+
+def test_table2_tiny_cells_resolve_dense_lora_methods_to_tiny_dense():
+    from ubsmoe.experiments import load_experiment, resolve_cell
+
+    exp = load_experiment("table2")
+    models = {c.method: resolve_cell(exp, c).model.name for c in exp.cells("tiny")}
+    assert models == {"fedit": "tiny-dense", "hetlora": "tiny-dense", "flexlora": "tiny-dense",
+                      "flora": "tiny-dense", "florist": "tiny-dense", "ubsmoe": "tiny"}

@@ -132,3 +132,21 @@ def test_table2_tiny_cells_resolve_dense_lora_methods_to_tiny_dense():
     models = {c.method: resolve_cell(exp, c).model.name for c in exp.cells("tiny")}
     assert models == {"fedit": "tiny-dense", "hetlora": "tiny-dense", "flexlora": "tiny-dense",
                       "flora": "tiny-dense", "florist": "tiny-dense", "ubsmoe": "tiny"}
+
+
+@pytest.mark.parametrize("model_type", ["olmo", "llama", "mistral"])
+def test_every_dense_family_gets_lora_on_attention_and_mlp_and_trains(model_type):
+    from ubsmoe.models.families import DENSE_FAMILIES
+    from ubsmoe.models.loading import prepare_model
+
+    fam = DENSE_FAMILIES[model_type]
+    config = fam.config_cls()(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = prepare_model(fam.model_cls()(config), ModelConfig(attention_lora=True, lora_rank=4))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    model(torch.randint(0, 128, (2, 7))).logits.pow(2).mean().backward()
+    # LoRA B starts at zero, so only the B factors get a gradient on the first step.
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)

@@ -60,6 +60,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from ubsmoe.models.families import DENSE_FAMILIES, MOE_FAMILIES
+
 _REGISTERED: set[str] = set()
 
 # --------------------------------------------------------------------------- counting
@@ -116,12 +118,9 @@ def register_flop_formulas() -> None:
 
 # --------------------------------------------------------------------------- calculator
 
-SUPPORTED_MODEL_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "olmo", "llama", "mistral")
-# config key of the expert count and of the expert width per sparse-MoE family.
-_MOE_KEYS = {"olmoe": ("num_experts", "intermediate_size"),
-             "mixtral": ("num_local_experts", "intermediate_size"),
-             "qwen2_moe": ("num_experts", "moe_intermediate_size"),
-             "qwen3_moe": ("num_experts", "moe_intermediate_size")}
+SUPPORTED_MODEL_TYPES = (*MOE_FAMILIES, *DENSE_FAMILIES)
+# config key of the expert count and of the expert width per sparse-MoE family (the registry's).
+_MOE_KEYS = {t: (f.num_experts_key, f.expert_size_key) for t, f in MOE_FAMILIES.items()}
 LORA_TARGETS = ("all", "attention", "mlp")
 # LoRA ranks of budget levels beta_1..beta_4 in the LoRA-rank baselines (DESIGN.md section 6).
 PAPER_LORA_RANKS = (12, 16, 24, 40)

@@ -29,8 +29,7 @@ from ubsmoe.experiments import (
 from ubsmoe.experiments.sweep import CELL_FILE, plan_sweep, run_sweep, sweep_devices, sweep_eta
 from ubsmoe.methods import ClientUpdate, get_method_class
 
-REQUIRES = {"table2": "table2 needs dense-backbone support (issue 13)",
-            "table4": "table4 needs generative tasks (instruction data with BERTScore, issue 13)"}
+REQUIRES = {"table4": "table4 needs generative tasks (instruction data with BERTScore, issue 13)"}
 SHIPPED = ("table1", "table2", "table3", "table4", "table5", "table6", "a3smoe_table1", "a3smoe_fig3",
            "a3smoe_fig4", "dynamics")
 
@@ -55,10 +54,12 @@ def test_every_shipped_config_validates_at_both_scales(name, scale):
     cfgs = [resolve_cell(exp, c) for c in cells]
     for cell, cfg in zip(cells, cfgs, strict=True):
         assert cfg.method == cell.method and cfg.train.seed == cell.seed
+        dense = name == "table2" and cell.method != "ubsmoe"  # Table 2: dense OLMo-1B for the LoRA methods
         if scale == "paper":
-            assert cfg.model.name == "allenai/OLMoE-1B-7B-0924" and cfg.data.train_examples == 15000
+            assert cfg.model.name == ("allenai/OLMo-1B-hf" if dense else "allenai/OLMoE-1B-7B-0924")
+            assert cfg.data.train_examples == 15000
         else:
-            assert cfg.model.name == "tiny"
+            assert cfg.model.name == ("tiny-dense" if dense else "tiny")
 
 
 def test_paper_scale_has_three_seeds_and_tiny_one():
@@ -161,7 +162,7 @@ def test_requires_check_passes_once_the_config_validates():
     with pytest.raises(RequirementError, match="^needs x$"):
         resolve_cell(bad, bad.cells("tiny")[0])
     plain = parse_experiment(_minimal(base={"model": {"name": "allenai/OLMo-1B-hf"}}), "mine")
-    with pytest.raises(ConfigError, match="dense backbones are not supported"):
+    with pytest.raises(ConfigError, match="method ubsmoe needs a sparse-MoE model; model allenai/OLMo-1B-hf is dense"):
         resolve_cell(plain, plain.cells("tiny")[0])
 
 
@@ -184,13 +185,14 @@ def test_cli_configs_lists_one_line_each():
     assert result.exit_code == 0
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert [ln.split()[0] for ln in lines] == available_experiments()
-    assert "[needs dense-backbone]" in next(ln for ln in lines if ln.startswith("table2"))
+    assert "[needs generative-tasks]" in next(ln for ln in lines if ln.startswith("table4"))
+    assert "[needs" not in next(ln for ln in lines if ln.startswith("table2"))
 
 
 def test_cli_sweep_stops_with_the_requires_line(tmp_path):
-    result = CliRunner().invoke(app, ["sweep", "-c", "table2", "--out", str(tmp_path)], terminal_width=400)
+    result = CliRunner().invoke(app, ["sweep", "-c", "table4", "--out", str(tmp_path)], terminal_width=400)
     assert result.exit_code == 2
-    assert "table2 needs dense-backbone support (issue 13)" in result.output
+    assert "table4 needs generative tasks (instruction data with BERTScore, issue 13)" in result.output
     assert "Traceback" not in result.output and not any(tmp_path.iterdir())
 
 

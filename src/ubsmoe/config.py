@@ -45,7 +45,7 @@ TRAIN_TOP_K = ("auto", "budget", "native")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_INITS = ("auto", "random", "pretrained")
 # Random-weight OLMoE-architecture presets (sizes in ubsmoe.models.loading.PRESETS).
-MODEL_PRESETS = ("tiny", "medium")
+MODEL_PRESETS = ("tiny", "medium", "tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-dense")
 
 
 class ConfigError(ValueError):
@@ -84,8 +84,13 @@ class ModelConfig:
 
     Attributes:
         name: a random-weight preset (``tiny``: the CPU default; ``medium``: hidden
-            512, 4 layers, 64 experts, top-8, vocabulary 4096), else a hub name or
-            local path of an OLMoE checkpoint (e.g. ``allenai/OLMoE-1B-7B-0924``).
+            512, 4 layers, 64 experts, top-8, vocabulary 4096; ``tiny-mixtral``,
+            ``tiny-qwen2-moe``, ``tiny-qwen3-moe``: the ``tiny`` sizes in that MoE
+            family's architecture; ``tiny-dense``: a dense OLMo of the ``tiny``
+            width, depth and MLP size ``4 * intermediate_size``), else a hub name or
+            local path of a supported checkpoint (OLMoE, Mixtral, Qwen2-MoE,
+            Qwen3-MoE; dense OLMo, Llama, Mistral; e.g. ``allenai/OLMoE-1B-7B-0924``,
+            ``allenai/OLMo-1B-hf``; see ``ubsmoe.models.families``).
         lora_rank: LoRA rank r of every expert projection and attention projection.
         lora_alpha: LoRA alpha; the scale is alpha / r.
         attention_lora: also put LoRA on q/k/v/o attention projections.
@@ -423,7 +428,9 @@ def _check_method_against_run(run: RunConfig) -> None:
     """Cross-check the method against the rest of the run.
 
     ``train.top_k`` must be one of the method's :attr:`Method.train_top_k_modes`
-    (an SMoE method cannot train at the native top-k). A method config may also
+    (an SMoE method cannot train at the native top-k), and an SMoE method
+    (:attr:`Method.needs_moe`) is refused on a dense backbone whose type is known
+    offline (preset, shipped or local config). A method config may also
     define ``check_run(run)`` (e.g. one LoRA rank per budget level).
 
     Raises:
@@ -431,7 +438,14 @@ def _check_method_against_run(run: RunConfig) -> None:
     """
     from ubsmoe.methods import get_method_class
 
-    modes = get_method_class(run.method).train_top_k_modes
+    method_cls = get_method_class(run.method)
+    if method_cls.needs_moe:
+        from ubsmoe.models.families import dense_refusal, is_dense
+        from ubsmoe.models.loading import known_model_type
+
+        if is_dense(known_model_type(run.model) or ""):
+            raise ConfigError(dense_refusal(run.method, run.model.name))
+    modes = method_cls.train_top_k_modes
     if run.train.top_k not in modes:
         raise ConfigError(_bad("train.top_k", run.train.top_k,
                                f"one of {', '.join(modes)} for method '{run.method}'"))

@@ -69,7 +69,9 @@ class Server:
         self.global_lora = self.method.global_lora(cfg.model.lora_rank, cfg.model.lora_alpha)
         set_lora_rank(self.model, *self.global_lora, seed=cfg.train.seed + 1)
         self._merged: list[str] = []  # ids of the method's base merges applied to self.model
-        self.k_max = smoe_layers(self.model)[0].max_top_k
+        layers = smoe_layers(self.model)
+        # A dense backbone has no experts: one MLP per token, so every level runs at K = 1.
+        self.k_max = layers[0].max_top_k if layers else 1
         self.budgets = assign_budgets(cfg.fl.num_clients, cfg.fl.budgets, cfg.fl.budget_pattern,
                                       cfg.train.seed)
         self.top_k = [self.level_top_k()[b] for b in self.budgets]
@@ -310,8 +312,9 @@ class Server:
 
         utilization = round_utilization(updates)  # [L, E]
         phi = self.global_phi()  # [L, E] or None
+        # A dense backbone has no experts ([0, 0]): no utilization statistics.
         record: dict[str, Any] = {"type": "diagnostics", "round": round_idx,
-                                  **utilization_summary(utilization, phi),
+                                  **(utilization_summary(utilization, phi) if utilization.numel() else {}),
                                   "utilization": utilization.tolist()}
         if phi is not None:
             record["phi"] = {"min": float(phi.min()), "max": float(phi.max()),

@@ -462,8 +462,11 @@ class ClientRuntime:
             client_id=client_id,
             num_examples=trained,
             adapters=adapter_state(self.model),
-            expert_counts=torch.stack([m.expert_counts.cpu() for m in layers]),  # [L, E]
-            token_counts=torch.stack([m.token_count.cpu() for m in layers]),  # [L]
+            # [L, E] and [L]; a dense backbone has no SMoE layer: [0, 0] and [0].
+            expert_counts=torch.stack([m.expert_counts.cpu() for m in layers]) if layers
+            else torch.zeros(0, 0, dtype=torch.float64),
+            token_counts=torch.stack([m.token_count.cpu() for m in layers]) if layers
+            else torch.zeros(0, dtype=torch.float64),
             top_k=top_k,
             loss=stats["loss"],
             metrics={"steps": float(stats["steps"]), "tokens": float(stats["tokens"]),

@@ -59,6 +59,7 @@ class A3SMoEFlexLoRA(FlexLoRA):
     config_class = A3SMoEFlexLoRAConfig
     own_train_top_k: ClassVar[str] = "budget"  # K_j, as A3SMoE (FlexLoRA alone trains native)
     train_top_k_modes: ClassVar[tuple[str, ...]] = ("auto", "budget")
+    needs_moe: ClassVar[bool] = True  # K_j per client: a sparse-MoE model (FlexLoRA alone runs dense)
 
     def module_weights(self, pair: LoRAPair, updates: Sequence[ClientUpdate],
                        p: torch.Tensor) -> torch.Tensor:

@@ -153,11 +153,12 @@ def build_report(dirs: list[str | Path], out: str | Path, command: str = "") -> 
            "average over tasks at that level (Table 3 shape). `K / rank` is what each row ran at.",
            "",
            "Published numbers (`paper_tables.csv`, shipped with ubsmoe; `source` column kept in "
-           "accuracy_long.csv) sit beside ours where the setting matches: metric accuracy; the run's "
-           "model is OLMoE-1B-7B (Tables 1 and 3) or the dense OLMo-1B (Table 2); the method has a "
-           "published column (fedit=Homo-LoRA, hetlora=HetLoRA, flexlora=FlexLoRA, flora=FLoRA, "
-           "florist=FLoRIST, smoe_llb=SMoE-LLB, a3smoe=A3SMoE, ubsmoe=UB-SMoE; naive smoe has none); "
-           "a task row matches by task name (or `average`), a budget row beta_j by the level's "
+           "accuracy_long.csv) sit beside ours where the setting matches: metric accuracy, from the "
+           "UB-SMoE paper; the run's model is OLMoE-1B-7B (Tables 1 and 3) or the dense OLMo-1B "
+           "(Table 2); the method has a published column (fedit=Homo-LoRA, hetlora=HetLoRA, "
+           "flexlora=FlexLoRA, flora=FLoRA, florist=FLoRIST, smoe_llb=SMoE-LLB, a3smoe=A3SMoE, "
+           "ubsmoe=UB-SMoE; naive smoe has none); a task row matches Table 1/2 by task name (or "
+           "`average`), a budget row matches Table 3's beta_j by the level's "
            "position j among the run's 4 levels. Otherwise the cell says `no match`.", ""]
     for gi, group in enumerate(groups, 1):
         md += [f"## Group g{gi}: {group.label}", "",

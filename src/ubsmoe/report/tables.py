@@ -21,13 +21,14 @@ when all hold:
    ``OLMo-1B`` but not ``OLMoE``) for Table 2;
 2. the method maps to the paper's name (:data:`PAPER_METHOD`; naive ``smoe`` has
    no published row);
-3. the row matches: a task row by task name (``average`` for the average) in
-   Table 1 (OLMoE) or Table 2 (OLMo-1B); a budget row beta_j, j the 1-based
-   position of the level among the run's 4 levels (lowest first; other level
-   counts match no budget row), in Table 3 and in Table 1's ``beta_j (...)`` rows.
+3. the row matches: a task row by task name (``average`` for the average) in the
+   UB-SMoE paper's Table 1 (OLMoE, Commonsense-15K) or Table 2 (OLMo-1B); a budget
+   row beta_j, j the 1-based position of the level among the run's 4 levels
+   (lowest first; other level counts match no budget row), in its Table 3.
 
-Everything else (Dolly / TeleQuAD settings, Table 5 ablations, Table 6 client
-counts, the tiny presets) has no matching published number and says so.
+Everything else (the A3SMoE paper's Dolly ROUGE-L tables, TeleQuAD, Table 5
+ablations, Table 6 client counts, the tiny presets) has no matching published
+number and says so.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def paper_matches(paper: list[dict[str, str]], model: str, method: str, kind: st
         return []
     out = []
     for p in paper:
-        if p["metric"] != "accuracy" or p["method"] != name:
+        if p["metric"] != "accuracy" or p["method"] != name or not p["source"].startswith("UB-SMoE"):
             continue
         if kind == "tasks":
             table = "1" if family == "olmoe" else "2"
@@ -136,9 +137,7 @@ def paper_matches(paper: list[dict[str, str]], model: str, method: str, kind: st
                     (table != "1" or "Commonsense" in p["setting"]):
                 out.append(p)
         elif family == "olmoe" and num_levels == 4 and level is not None:
-            tag = f"beta_{level + 1}"
-            if (p["table"] == "3" and p["row"] == tag) or \
-                    (p["table"] == "1" and p["row"].startswith(tag + " ")):
+            if p["table"] == "3" and p["row"] == f"beta_{level + 1}":
                 out.append(p)
     return out
 

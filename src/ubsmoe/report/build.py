@@ -133,8 +133,8 @@ def build_report(dirs: list[str | Path], out: str | Path, command: str = "") -> 
     md = ["# UB-SMoE cross-run report", ""]
     if command:
         md += [f"Command: `{command}`", ""]
-    md += [f"Runs found: {len(runs)} ({len(runs) - len(report.incomplete)} complete, "
-           f"{len(report.incomplete)} incomplete), in {len(groups)} setting group(s).", "",
+    md += [(f"Runs found: {len(runs)} ({len(runs) - len(report.incomplete)} complete, "
+           f"{len(report.incomplete)} incomplete), in {len(groups)} setting group(s)."), "",
            "## Runs", "", _run_table(runs, labels), ""]
     if report.incomplete:
         md += ["Incomplete runs (no summary.json; not in the tables or figures):", ""]
@@ -146,26 +146,26 @@ def build_report(dirs: list[str | Path], out: str | Path, command: str = "") -> 
     md += ["## Provenance", ""]
     md += [f"- {r.path}: {provenance_text(r)}" for r in runs if r.complete]
     md += ["", "## How to read the tables", "",
-           "Cells are `mean ± std (n=seeds)` over the runs of a method in the group: mean and sample "
+           ("Cells are `mean ± std (n=seeds)` over the runs of a method in the group: mean and sample "
            "standard deviation (n - 1 in the denominator; `-` for one seed) of the final-round "
            "accuracy (fraction correct). Tasks tables: a run's value for a task is its accuracy "
            "averaged over the budget levels (the papers' Table 1 shape); budgets tables: a run's "
-           "average over tasks at that level (Table 3 shape). `K / rank` is what each row ran at.",
+           "average over tasks at that level (Table 3 shape). `K / rank` is what each row ran at."),
            "",
-           "Published numbers (`paper_tables.csv`, shipped with ubsmoe; `source` column kept in "
+           ("Published numbers (`paper_tables.csv`, shipped with ubsmoe; `source` column kept in "
            "accuracy_long.csv) sit beside ours where the setting matches: metric accuracy, from the "
            "UB-SMoE paper; the run's model is OLMoE-1B-7B (Tables 1 and 3) or the dense OLMo-1B "
            "(Table 2); the method has a published column (fedit=Homo-LoRA, hetlora=HetLoRA, "
            "flexlora=FlexLoRA, flora=FLoRA, florist=FLoRIST, smoe_llb=SMoE-LLB, a3smoe=A3SMoE, "
            "ubsmoe=UB-SMoE; naive smoe has none); a task row matches Table 1/2 by task name (or "
            "`average`), a budget row matches Table 3's beta_j by the level's "
-           "position j among the run's 4 levels. Otherwise the cell says `no match`.", ""]
+           "position j among the run's 4 levels. Otherwise the cell says `no match`."), ""]
     for gi, group in enumerate(groups, 1):
         md += [f"## Group g{gi}: {group.label}", "",
-               f"Methods: {', '.join(f'{m} ({len(group.by_method(m))} seed(s))' for m in group.methods)}. "
+               (f"Methods: {', '.join(f'{m} ({len(group.by_method(m))} seed(s))' for m in group.methods)}. "
                f"Model: {group.runs[0].summary.get('model')}, "
                f"{len(group.runs[0].summary.get('clients', []))} clients, "
-               f"{group.runs[0].summary.get('rounds_completed')} rounds.", ""]
+               f"{group.runs[0].summary.get('rounds_completed')} rounds."), ""]
         tables = accuracy_tables(group, paper)
         report.tables += tables
         for t in tables:
@@ -173,8 +173,8 @@ def build_report(dirs: list[str | Path], out: str | Path, command: str = "") -> 
             report.csvs.append(csv_path)
             matched = sum(1 for row in t.rows for c in row["cells"].values() if c["paper"])
             md += [f"### {t.kind}: protocol {t.protocol}, K from {t.mode}", "",
-                   f"Evaluation protocol: {PROTOCOL_TEXT.get(t.protocol, t.protocol)}; "
-                   f"{MODE_TEXT.get(t.mode, t.mode)}.", "",
+                   (f"Evaluation protocol: {PROTOCOL_TEXT.get(t.protocol, t.protocol)}; "
+                   f"{MODE_TEXT.get(t.mode, t.mode)}."), "",
                    markdown_table(table_to_grid(t)), "",
                    f"CSV: [{csv_path.name}]({csv_path.name}). "
                    + (f"{matched} cell(s) with a published number beside them."
@@ -197,18 +197,23 @@ def build_report(dirs: list[str | Path], out: str | Path, command: str = "") -> 
                 grid += [[method, f"{r['beta']:g}", str(r["top_k"]), str(r["lora_rank"]),
                           f"{r['activated_params'] / 1e6:.3f}", f"{r['train_flops_per_token'] / 1e9:.4f}"]
                          for r in rows]
-            md += ["Compute per budget level (ubsmoe.metrics.flops, analytic, per token; "
-                   "sequence length data.max_length):", "", markdown_table(grid), ""]
+            md += [("Compute per budget level (ubsmoe.metrics.flops, analytic, per token; "
+                   "sequence length data.max_length):"), "", markdown_table(grid), ""]
     long_csv = write_long_csv(report.tables, out / "accuracy_long.csv")
     report.csvs.append(long_csv)
-    md += ["## Files", "", f"- [{long_csv.name}]({long_csv.name}): every cell as numbers (mean, std, n, "
-           "seeds) with the matched published number, its table, row and source.", ""]
+    md += ["## Files", "", (f"- [{long_csv.name}]({long_csv.name}): every cell as numbers (mean, std, n, "
+           "seeds) with the matched published number, its table, row and source."), ""]
     atomic_write_text(report.markdown, "\n".join(md) + "\n")
     return report
 
 
 def group_rich_tables(report: Report) -> list[Any]:
-    """Rich tables of each group's budgets-shaped accuracy (the terminal summary of ``ubsmoe report``)."""
+    """Rich tables of each group's budgets-shaped accuracy (the terminal summary of ``ubsmoe report``).
+
+    Paper columns with no matching published number in any row are left out of the
+    terminal table (the caption says so; the CSV keeps them as ``no match``), so
+    several methods still fit an 80-column terminal.
+    """
     from rich.table import Table
 
     out = []
@@ -216,10 +221,14 @@ def group_rich_tables(report: Report) -> list[Any]:
         if t.kind != "budgets":
             continue
         grid = table_to_grid(t)
-        table = Table(title=t.title)
-        for col in grid[0]:
-            table.add_column(col, overflow="fold")
+        keep = [j for j, col in enumerate(grid[0])
+                if "(paper " not in col or any(row[j] != "no match" for row in grid[1:])]
+        dropped = len(grid[0]) - len(keep)
+        table = Table(title=t.title, caption=(f"{dropped} paper column(s) without a matching published "
+                                              "number left out (see the CSV)") if dropped else None)
+        for j in keep:
+            table.add_column(grid[0][j], overflow="fold")
         for row in grid[1:]:
-            table.add_row(*row)
+            table.add_row(*(row[j] for j in keep))
         out.append(table)
     return out

@@ -121,18 +121,24 @@ def _per_round(group: RunGroup, kind: str, value: Callable[[dict[str, Any]], flo
 
 def _round_figure(group: RunGroup, path: Path, name: str, title: str, ylabel: str,
                   panels: list[tuple[str, dict[str, list[dict[int, float]]]]], missing: str,
-                  hline: tuple[float, str] | None = None) -> FigureResult:
-    """Per-round line figure with one axis per non-empty panel; skipped when all are empty."""
-    panels = [(t, d) for t, d in panels if d]
-    if not panels:
+                  hline: tuple[float, str] | None = None,
+                  hlines: list[tuple[float, str] | None] | None = None) -> FigureResult:
+    """Per-round line figure with one axis per non-empty panel; skipped when all are empty.
+
+    ``hline`` (value, label) is a dashed reference line on every panel; ``hlines``
+    (one entry per panel of ``panels``, None for none) overrides it per panel.
+    """
+    refs = hlines if hlines is not None else [hline] * len(panels)
+    kept = [(t, d, h) for (t, d), h in zip(panels, refs) if d]
+    if not kept:
         return FigureResult(name, title, None, missing)
-    fig, axes = _new(len(panels))
-    for ax, (sub, data) in zip(axes, panels):
+    fig, axes = _new(len(kept))
+    for ax, (sub, data, ref) in zip(axes, kept):
         for i, (method, series) in enumerate(data.items()):
             xs, m, s = _mean_band(series)
             _plot_series(ax, xs, m, s, f"{method} {_seeds(series)}", **_style(i))
-        if hline is not None:
-            ax.axhline(hline[0], color="gray", linestyle="--", linewidth=1, label=hline[1])
+        if ref is not None:
+            ax.axhline(ref[0], color="gray", linestyle="--", linewidth=1, label=ref[1])
         ax.set_xlabel("federated round")
         ax.set_ylabel(ylabel)
         ax.set_title(sub, fontsize=10)
@@ -180,18 +186,23 @@ def fig_entropy_per_round(group: RunGroup, path: Path) -> FigureResult:
     layer-expert pairs); without them that panel is left out and the note says so.
     """
     name, title = "entropy_per_round", "Expert-utilization entropy per round"
-    extra = sorted({k for run in group.runs for r in run.records("diagnostics")
-                    for k, v in r.get("entropy", {}).items()
-                    if k not in ENTROPY_SCALARS and isinstance(v, (int, float))})
+    logged = {k: v for run in group.runs for r in run.records("diagnostics")
+              for k, v in r.get("entropy", {}).items() if isinstance(v, (int, float))}
+    # A key `<k>_max` is the uniform-utilization maximum of entropy `<k>` (a constant), drawn as
+    # that panel's reference line rather than as a series of its own.
+    extra = sorted(k for k in logged if k not in ENTROPY_SCALARS and not k.endswith("_max"))
     mean = _per_round(group, "diagnostics", lambda r: r.get("entropy", {}).get("mean"))
-    maxes = [r["entropy"]["max"] for run in group.runs for r in run.records("diagnostics")
-             if "max" in r.get("entropy", {})]
     panels = [("mean over layers of the per-layer entropy", mean)]
-    panels += [(f"entropy '{k}'", _per_round(group, "diagnostics", lambda r, k=k: r["entropy"].get(k)))
-               for k in extra]
+    refs: list[tuple[float, str] | None] = [
+        (logged["max"], f"uniform over experts, ln M = {logged['max']:.2f}") if "max" in logged else None]
+    for k in extra:
+        sub = ("over all layer-expert pairs (entropy 'global')" if k == "global" else f"entropy '{k}'")
+        panels.append((sub, _per_round(group, "diagnostics", lambda r, k=k: r["entropy"].get(k))))
+        top = logged.get(f"{k}_max")
+        refs.append((top, f"uniform over all pairs, ln(L·M) = {top:.2f}" if k == "global"
+                     else f"maximum of '{k}' = {top:.2f}") if top is not None else None)
     res = _round_figure(group, path, name, title, "entropy (nats)", panels,
-                        "no diagnostics records with utilization entropy",
-                        (maxes[0], f"uniform over experts, ln M = {maxes[0]:.2f}") if maxes else None)
+                        "no diagnostics records with utilization entropy", hlines=refs)
     if res.path is not None and not extra:
         res.note = "entropy over all layer-expert pairs: not logged by these runs (panel left out)"
     return res

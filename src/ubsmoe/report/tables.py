@@ -136,9 +136,9 @@ def paper_matches(paper: list[dict[str, str]], model: str, method: str, kind: st
             if p["table"] == table and p["row"].lower() == row.lower() and \
                     (table != "1" or "Commonsense" in p["setting"]):
                 out.append(p)
-        elif family == "olmoe" and num_levels == 4 and level is not None:
-            if p["table"] == "3" and p["row"] == f"beta_{level + 1}":
-                out.append(p)
+        elif (family == "olmoe" and num_levels == 4 and level is not None
+              and p["table"] == "3" and p["row"] == f"beta_{level + 1}"):
+            out.append(p)
     return out
 
 

@@ -146,6 +146,13 @@ def test_every_figure_is_a_png_of_reasonable_size(report):
         assert width >= 600 and height >= 400, (name, width, height)
         assert 10_000 < len(data) < 2_000_000, (name, len(data))
         assert f"]({path.name})" in report.markdown.read_text()
+    # Two entropy panels (per-layer mean, over all layer-expert pairs); 'global_max' is the
+    # second panel's reference line, not a third panel: 2 x 6.4 in x 120 dpi wide.
+    diag = next(r for r in report.groups[0].runs[0].records("diagnostics"))
+    assert {"global", "global_max"} <= set(diag["entropy"])
+    png = (report.out / "g1_entropy_per_round.png").read_bytes()
+    assert struct.unpack(">I", png[16:20])[0] == 2 * 768
+    assert "not logged" not in report.markdown.read_text()
 
 
 def test_paper_numbers_sit_beside_ours_for_a_matching_setting(runs_root, tmp_path):

@@ -188,15 +188,39 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="a finished run directory")]) -> None:
-    """Print the per-budget accuracy tables of a finished run."""
+def report(
+    dirs: Annotated[list[Path], typer.Argument(
+        help="run directories, or folders searched recursively for run directories")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="report folder (default: DIR/report for one DIR; required for several)")]
+        = None,
+) -> None:
+    """Cross-run report: report.md, paper-shaped CSV tables and PNG figures (one run: also its tables)."""
     from ubsmoe.report import load_summary
+    from ubsmoe.report.build import build_report, group_rich_tables
+    from ubsmoe.report.runs import SUMMARY_FILE
 
+    if out is None:
+        if len(dirs) > 1:
+            _fail(f"--out: required with several DIRs (got {len(dirs)}); give the report folder")
+        out = dirs[0] / "report"
+    single = len(dirs) == 1 and (dirs[0] / SUMMARY_FILE).is_file()
+    if single:
+        _print_summary(load_summary(dirs[0]), dirs[0])
+    command = " ".join(["ubsmoe report", *map(str, dirs), f"--out {out}"])
     try:
-        summary = load_summary(run_dir)
-    except FileNotFoundError as e:
+        result = build_report(dirs, out, command=command)
+    except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    _print_summary(summary, run_dir)
+    if not single:
+        for table in group_rich_tables(result):
+            console.print(table)
+    for run in result.incomplete:
+        console.print(f"incomplete (no summary.json): {run.path}", highlight=False)
+    skipped = [f for f in result.figures if f.path is None]
+    console.print(f"report: {result.markdown} ({len(result.runs)} runs, {len(result.groups)} group(s), "
+                  f"{len(result.csvs)} CSV, {len(result.figures) - len(skipped)} figures"
+                  + (f", {len(skipped)} skipped: see report.md" if skipped else "") + ")", highlight=False)
 
 
 @app.command()

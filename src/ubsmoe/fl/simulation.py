@@ -18,7 +18,7 @@
    workers, the ServerApp and simulation processes), on success, failure, Ctrl-C or
    SIGTERM, and deletes the private home.
 
-Flower's log stream goes to ``<run dir>/flower.log`` (to the terminal with ``verbose``),
+Flower's log stream goes to ``<run dir>/ubsmoe.log`` (to the terminal with ``verbose``),
 the SuperLink's log to ``<run dir>/superlink.log``, a ServerApp traceback to
 ``<run dir>/server_error.log``.
 """
@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ubsmoe.config import RunConfig, save_config
+from ubsmoe.logs import LOG_FILE
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 CONNECTION = "ubsmoe"
@@ -223,7 +224,7 @@ class _EventReader:
 
 
 def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: ProgressFn = _noop,
-                  verbose: bool = False) -> dict[str, Any]:
+                  verbose: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run the federated job on a private local SuperLink (Flower's simulation runtime).
 
     ``cfg.fl.num_clients`` simulated SuperNodes, ``fl.client_cpus`` CPUs and
@@ -237,7 +238,9 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
         progress: callback ``(event, info)``: ``round_start`` {round, clients},
             ``client_done`` {round}, ``aggregate`` {round}, ``round_end`` {round, loss}.
         verbose: Flower's log stream (and Ray's logs) to the terminal instead of
-            ``run_dir/flower.log``.
+            ``run_dir/ubsmoe.log``.
+        command: the invoking command line, passed in the run config (``command``)
+            to the ServerApp for the run's provenance.
 
     Returns:
         The run summary (``run_dir/summary.json``).
@@ -264,7 +267,8 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
             (home / "run_config.toml").write_text(
                 f"config-file = {_toml_str(str(cfg_file))}\noverrides = \"\"\n"
                 f"out = {_toml_str(str(run_dir))}\nresume = {'true' if resume else 'false'}\n"
-                f"progress-file = {_toml_str(str(events_file))}\n", encoding="utf-8")
+                f"progress-file = {_toml_str(str(events_file))}\n"
+                f"command = {_toml_str(command or '')}\n", encoding="utf-8")
             env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1",
                        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
             # The SuperLink's ServerApp/ClientApp processes import this very ubsmoe.
@@ -280,7 +284,7 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
                 stderr=subprocess.DEVNULL, start_new_session=True))
             _wait_healthy(port, procs[0], superlink_log)
             federation = federation_config(cfg, verbose)
-            flower_log = run_dir / "flower.log"
+            flower_log = run_dir / LOG_FILE
             log_file = None if verbose else open(flower_log, "ab")  # noqa: SIM115 (closed in finally)
             procs.append(subprocess.Popen(
                 [executable("flwr"), "run", str(app_dir()), CONNECTION, "--stream",

@@ -51,6 +51,7 @@ CONNECTION = "ubsmoe"
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.2
+STREAM_FLUSH_S = 20.0  # wait for `flwr run --stream` to print the run's logs
 
 
 def _noop(event: str, info: dict[str, Any]) -> None:
@@ -190,13 +191,22 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
-def _wait_healthy(port: int, superlink: subprocess.Popen, log: Path) -> None:
+def _wait_healthy(port: int, superlink: subprocess.Popen, log: Path, cafile: Path | None = None) -> None:
+    """Wait until the SuperLink answers ``/health`` (over TLS verified by ``cafile`` if given).
+
+    Raises:
+        RunFailed: it exited or did not answer within ``STARTUP_TIMEOUT_S``.
+    """
+    import ssl
+
+    scheme = "https" if cafile is not None else "http"
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if superlink.poll() is not None:
             raise RunFailed(f"flower-superlink exited with code {superlink.returncode}; see {log}")
-        with suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/health",
-                                                        timeout=0.5) as r:
+        with suppress(OSError), urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health",
+                                                        timeout=0.5, context=context) as r:
             if r.status == 200:
                 return
         time.sleep(POLL_S)
@@ -276,16 +286,19 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
             superlink_log = run_dir / "superlink.log"
+            flower_log = run_dir / LOG_FILE
+            log_file = None if verbose else open(flower_log, "ab")  # noqa: SIM115 (closed in finally)
+            # The SuperLink's console output is that of the simulation process it starts (Flower's
+            # simulation banners, Ray's tips, the ServerApp's and ClientApps' warnings): into the
+            # run's log (the terminal with --verbose).
             procs.append(subprocess.Popen(
                 [executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                  "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
                  "--log-file", str(superlink_log)],
-                env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, start_new_session=True))
+                env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=log_file,
+                stderr=subprocess.STDOUT if log_file else None, start_new_session=True))
             _wait_healthy(port, procs[0], superlink_log)
             federation = federation_config(cfg, verbose)
-            flower_log = run_dir / LOG_FILE
-            log_file = None if verbose else open(flower_log, "ab")  # noqa: SIM115 (closed in finally)
             procs.append(subprocess.Popen(
                 [executable("flwr"), "run", str(app_dir()), CONNECTION, "--stream",
                  "--run-config", str(home / "run_config.toml"), "--federation-config", federation],
@@ -310,6 +323,10 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
                 drain()
                 time.sleep(POLL_S)
             drain()
+            # `flwr run --stream` prints the run's log stream (the simulation's banners, Ray's
+            # tips, the apps' warnings) when the run ends: give it STREAM_FLUSH_S to do so.
+            with suppress(subprocess.TimeoutExpired):
+                procs[1].wait(timeout=STREAM_FLUSH_S)
             if "error" in result:
                 with open(run_dir / "server_error.log", "w", encoding="utf-8") as f:
                     f.write(result["error"].get("traceback", ""))

@@ -27,12 +27,56 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def eta_seconds(round_seconds: list[float], rounds_done: int, total_rounds: int) -> float | None:
+    """Estimated seconds until the run's last round ends, from the rounds timed so far.
+
+    The mean duration of the timed rounds times the rounds left; the first timed
+    round is left out once a later one is timed (it carries the workers' start-up
+    and model building).
+
+    Args:
+        round_seconds: wall seconds of each round this process has seen end, in order.
+        rounds_done: rounds completed (including those before a resume).
+        total_rounds: the run's ``fl.rounds``.
+
+    Returns:
+        Seconds (0.0 when every round is done), or None before any round is timed.
+
+    Raises:
+        ValueError: a negative round time or count.
+    """
+    if rounds_done < 0 or total_rounds < 0 or any(t < 0 for t in round_seconds):
+        raise ValueError(f"eta_seconds: got round_seconds={round_seconds}, rounds_done={rounds_done}, "
+                         f"total_rounds={total_rounds}; expected values >= 0")
+    left = max(total_rounds - rounds_done, 0)
+    if left == 0:
+        return 0.0
+    if not round_seconds:
+        return None
+    timed = round_seconds[1:] if len(round_seconds) > 1 else round_seconds
+    return sum(timed) / len(timed) * left
+
+
+def format_duration(seconds: float | None) -> str:
+    """``"1h02m"``, ``"3m05s"``, ``"42s"``; ``"?"`` for None."""
+    if seconds is None:
+        return "?"
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
 class _Display:
-    """Live progress of a run (rounds, client replies, evaluation) with rich.
+    """Live progress of a run (rounds, client replies, loss, ETA) with rich.
 
     Called with the ServerApp's progress events as :func:`ubsmoe.fl.simulation.run_federated`
     reads them: ``round_start`` {round, clients}, ``client_done``, ``aggregate``,
-    ``round_end`` {round, loss}.
+    ``round_end`` {round, loss}. The rounds line shows the last train loss and the
+    run's ETA (:func:`eta_seconds` over the rounds timed so far); the clients line
+    shows the round's clients done out of those sampled.
     """
 
     def __init__(self, rounds: int) -> None:
@@ -46,20 +90,40 @@ class _Display:
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=console, transient=False)
+        self.total = rounds
+        self.done = 0
+        self.loss: float | None = None
+        self.round_seconds: list[float] = []
+        self._round_start: float | None = None
         self.rounds = self.progress.add_task("rounds", total=rounds)
         self.clients = self.progress.add_task("clients", total=1, visible=False)
+
+    def resumed_at(self, rounds_done: int) -> None:
+        """Mark ``rounds_done`` rounds as done before this process started (``--resume``)."""
+        self.done = rounds_done
+        self.progress.update(self.rounds, completed=rounds_done, description=self.rounds_text())
+
+    def rounds_text(self) -> str:
+        """The rounds line: ``rounds | loss 6.5533 | ETA 1m05s``."""
+        loss = f" | loss {self.loss:.4f}" if self.loss is not None else ""
+        return f"rounds{loss} | ETA {format_duration(eta_seconds(self.round_seconds, self.done, self.total))}"
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         p = self.progress
         if event == "round_start":
+            self._round_start = time.monotonic()
             p.reset(self.clients, total=info["clients"], visible=True,
-                    description=f"round {info['round']}: local training")
+                    description=f"round {info['round']}: clients done")
         elif event == "client_done":
             p.advance(self.clients)
         elif event == "aggregate":
             p.update(self.clients, description=f"round {info['round']}: aggregate + evaluate")
         elif event == "round_end":
-            p.advance(self.rounds)
+            if self._round_start is not None:
+                self.round_seconds.append(time.monotonic() - self._round_start)
+            self.done = int(info["round"])
+            self.loss = float(info["loss"])
+            p.update(self.rounds, completed=self.done, description=self.rounds_text())
             p.console.print(f"round {info['round']}: train loss {info['loss']:.4f}", highlight=False)
 
 
@@ -75,7 +139,9 @@ def run(
     scale: Annotated[str, typer.Option(help="an experiment's scale: tiny or paper")] = "tiny",
     resume: Annotated[Path | None, typer.Option(
         "--resume", help="continue the run in this directory from its latest checkpoint")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", help="show Flower's and Ray's logs")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="show Flower's, Ray's and the libraries' logs and warnings on the console "
+                          "(default: only in RUN_DIR/ubsmoe.log)")] = False,
     force: Annotated[bool, typer.Option(
         "--force", help="start even when `ubsmoe plan` says the run does not fit its device")] = False,
 ) -> None:
@@ -83,10 +149,21 @@ def run(
 
     Exit codes: 0 done, 2 bad config, 1 the run failed, 130 interrupted (Ctrl-C or
     SIGTERM; every process started is stopped, and ``--resume DIR`` continues).
+    Third-party logs and warnings and Flower's log stream go to ``RUN_DIR/ubsmoe.log``
+    (the console with ``--verbose``); a failure prints one line ending with that path.
     """
+    import logging
+    import shlex
+    from contextlib import ExitStack
+
     from ubsmoe.config import ConfigError, load_config
     from ubsmoe.fl.train import shared_setup
+    from ubsmoe.logs import LOG_FILE, log_warning, route_logs
 
+    command = shlex.join(sys.argv)
+    logs = ExitStack()
+    log_path = None
+    made_dir = False
     try:
         if resume is not None:
             if overrides or config:
@@ -108,40 +185,95 @@ def run(
                 atomic_write_json(run_dir / "cell.json", cell_record(cell, cfg))
         if not force:
             _preflight(cfg)
+        log_path = Path(run_dir).expanduser().resolve() / LOG_FILE
+        made_dir = not log_path.parent.exists()  # bad input removes what route_logs made
+        # Third-party logs and warnings go to the run's log from here on (console with --verbose).
+        logs.enter_context(route_logs(log_path, verbose=verbose))
+        logging.getLogger("ubsmoe").info("%s", command)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             setup = shared_setup(cfg)
         for w in caught:
             if "ubsmoe" in str(w.filename) or "config section" in str(w.message):
                 err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+            else:
+                log_warning(w)
     except ConfigError as e:
+        logs.close()
+        _discard_log(log_path, made_dir)
         _fail(str(e).replace("\n", "; "))
     except (FileNotFoundError, OSError) as e:
+        logs.close()
+        _discard_log(log_path, made_dir)
         _fail(str(e))
+    except typer.Exit:
+        logs.close()
+        raise
+    except Exception as e:  # e.g. building the data or tokenizer failed: traceback to the log
+        if log_path is None:
+            raise
+        logging.getLogger("ubsmoe").exception("the run failed before it started")
+        logs.close()
+        message = f"{type(e).__name__}: {e}".replace("\n", "; ")
+        _fail(f"the run failed: {message}; log: {log_path}", code=1)
+    with logs:
+        _run_and_report(cfg, run_dir, resume is not None, setup, verbose, command, log_path)
+
+
+def _discard_log(log_path: Path | None, made_dir: bool) -> None:
+    """After bad input: delete the run's log and its (then empty) folder if this run created it.
+
+    Bad input leaves nothing behind; the one-line error says what was wrong.
+    """
+    if log_path is None or not made_dir:  # an existing folder's log keeps its history
+        return
+    log_path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: something else is there; keep it
+        log_path.parent.rmdir()
+
+
+def _run_and_report(cfg, run_dir: Path, resume: bool, setup, verbose: bool, command: str,
+                    log_path: Path) -> None:
+    """Run the federated job with the live display; a failure is one line naming the log.
+
+    Exit codes: 1 the run failed (RunFailed or any other exception, whose traceback
+    goes to ``log_path``), 130 interrupted.
+    """
+    import logging
+
     console.print(f"ubsmoe run: method={cfg.method} model={cfg.model.name} clients={cfg.fl.num_clients} "
-                  f"rounds={cfg.fl.rounds} -> {run_dir}", highlight=False)
+                  f"rounds={cfg.fl.rounds} -> {run_dir} (log: {log_path})", highlight=False)
     skipped = setup.data.skipped
     if skipped:
         console.print(f"skipped tasks: {', '.join(f'{t} ({why})' for t, why in skipped.items())}", highlight=False)
     from ubsmoe.fl.simulation import RunFailed, run_federated
 
+    logger = logging.getLogger("ubsmoe")
     display = _Display(cfg.fl.rounds)
     try:
         with display.progress:
-            if resume is not None:
+            if resume:
                 from ubsmoe.fl.run_dir import latest_checkpoint
 
                 ckpt = latest_checkpoint(run_dir)
                 if ckpt is None:
                     _fail(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-                display.progress.update(display.rounds, completed=int(ckpt.stem.split("_")[1]))
-            summary = run_federated(cfg, run_dir, resume=resume is not None, progress=display,
-                                    verbose=verbose)
+                display.resumed_at(int(ckpt.stem.split("_")[1]))
+            summary = run_federated(cfg, run_dir, resume=resume, progress=display,
+                                    verbose=verbose, command=command)
+    except typer.Exit:
+        raise
     except RunFailed as e:
-        _fail(str(e), code=1)
+        logger.error("the run failed: %s", e)
+        _fail(f"{e}; log: {log_path}", code=1)
     except KeyboardInterrupt:
+        logger.error("interrupted")
         _fail(f"interrupted; every process of the run was stopped. Continue with: "
               f"ubsmoe run --resume {run_dir}", code=130)
+    except Exception as e:  # anything else: the traceback to the log, one line here
+        logger.exception("the run failed")
+        message = f"{type(e).__name__}: {e}".replace("\n", "; ")
+        _fail(f"the run failed: {message}; log: {log_path}", code=1)
     _print_summary(summary, run_dir)
 
 
@@ -183,7 +315,8 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
     for protocol in sorted({r["protocol"] for r in summary.get("accuracy", [])}):
         console.print(accuracy_table(summary, protocol))
-    console.print(f"run directory: {run_dir} (summary.json, metrics.jsonl, config.yaml, checkpoints/)",
+    console.print(f"run directory: {run_dir} (summary.json, metrics.jsonl, config.yaml, ubsmoe.log, "
+                  "tensorboard/, checkpoints/)",
                   highlight=False)
 
 

@@ -385,6 +385,34 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where a run's per-round scalars go besides ``metrics.jsonl`` (see :mod:`ubsmoe.tracking`).
+
+    Attributes:
+        tensorboard: write TensorBoard event files to ``run_dir/tensorboard/``.
+        wandb: also log the same scalars to Weights & Biases (needs ``pip install wandb``).
+        wandb_project: the W&B project name.
+
+    Raises:
+        ConfigError: ``wandb`` true without the ``wandb`` package, or an empty project.
+    """
+
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "ubsmoe"
+
+    def __post_init__(self) -> None:
+        import importlib.util
+
+        errors = []
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            errors.append("log.wandb=true needs `pip install wandb`")
+        if not self.wandb_project.strip():
+            errors.append(_bad("log.wandb_project", self.wandb_project, "a non-empty W&B project name"))
+        _raise(errors)
+
+
+@dataclass
 class RunConfig:
     """One federated run: model, data, local training, federation, evaluation, method.
 
@@ -398,6 +426,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fl: FLConfig = field(default_factory=FLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     method_config: Any = None
 
     def __post_init__(self) -> None:

@@ -25,6 +25,7 @@ from ubsmoe.fl.run_dir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
+    PROVENANCE_FILE,
     SUMMARY_FILE,
     ServerState,
     latest_checkpoint,
@@ -40,6 +41,8 @@ from ubsmoe.methods.base import (
 )
 from ubsmoe.models import adapter_state, build_model, load_adapter_state, set_top_k, smoe_layers
 from ubsmoe.models.loading import set_lora_rank
+from ubsmoe.provenance import provenance
+from ubsmoe.tracking import RunTracker
 
 
 class Server:
@@ -50,12 +53,15 @@ class Server:
         run_dir: the run directory (created).
         setup: data, tokenizer and partitions shared with the clients.
         resume: continue from the latest checkpoint in ``run_dir``.
+        command: the invoking command line, for the run's provenance
+            (``run_dir/provenance.json``, ``summary["provenance"]``); None: unknown.
 
     Raises:
         FileNotFoundError: ``resume`` without a checkpoint in ``run_dir``.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume: bool = False,
+                 command: str | None = None) -> None:
         from ubsmoe.data.partition import assign_budgets
 
         self.cfg = cfg
@@ -89,10 +95,21 @@ class Server:
             save_config(cfg, self.run_dir / CONFIG_FILE)
         self.last_eval: list[dict[str, Any]] = []
         self.last_diagnostics: dict[str, Any] = {}
+        self.provenance = provenance(command, next(self.model.parameters()).device)
+        atomic_write_json(self.run_dir / PROVENANCE_FILE, self.provenance)
+        self.tracker = RunTracker(self.run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                                  wandb_project=cfg.log.wandb_project, config=cfg.to_dict(),
+                                  start_round=self.state.round + 1)
+
         # client id -> what its node declared (deployment; empty: the config decides).
         self.declared: dict[int, dict[str, Any]] = {}
         self._tokenizer_files: dict[str, str] | None = None
         self._local_data: set[int] = set()  # clients training on their node's own data
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Append a metrics record to ``metrics.jsonl`` and its scalars to TensorBoard/W&B."""
+        append_jsonl(self.run_dir / METRICS_FILE, record)
+        self.tracker.log(record)
 
     def declare_nodes(self, declarations: dict[int, Any],
                       node_ids: dict[int, int] | None = None) -> dict[int, dict[str, Any]]:
@@ -254,17 +271,16 @@ class Server:
             busy = union_seconds(work + fold.intervals)
             record.update({"round_wall_s": wall, "overhead_s": max(wall - busy, 0.0),
                            "overhead_share": max(wall - busy, 0.0) / wall if wall > 0 else 0.0})
-        append_jsonl(self.run_dir / METRICS_FILE, record)
+        self.record(record)
         self.last_diagnostics = self.diagnostics(round_idx, folded)
-        append_jsonl(self.run_dir / METRICS_FILE, self.last_diagnostics)
+        self.record(self.last_diagnostics)
         self.state.round = round_idx
         self.state.train_loss.append({"round": round_idx, "loss": loss})
         every = self.cfg.eval.every_rounds
         if round_idx == self.cfg.fl.rounds or (every and round_idx % every == 0):
             start = time.time()
             self.last_eval = self.evaluate(round_idx)
-            append_jsonl(self.run_dir / METRICS_FILE,
-                         {"type": "timing", "round": round_idx, "eval_s": time.time() - start})
+            self.record({"type": "timing", "round": round_idx, "eval_s": time.time() - start})
         self.checkpoint()
         return record
 
@@ -429,7 +445,7 @@ class Server:
                     })
         rows = [row for mode in modes for row in by_mode[mode]]  # mode by mode, levels in order
         for row in rows:
-            append_jsonl(self.run_dir / METRICS_FILE, row)
+            self.record(row)
         return rows
 
     # ----- persistence -----------------------------------------------------------
@@ -484,6 +500,7 @@ class Server:
                                      "per_task", "average")}
                 for row in self.last_eval
             ],
+            "provenance": self.provenance,
         }
 
     def finish(self) -> dict[str, Any]:
@@ -491,4 +508,5 @@ class Server:
         self.save_adapters()
         summary = self.summary()
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
+        self.tracker.close()
         return summary

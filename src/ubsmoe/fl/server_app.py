@@ -4,8 +4,9 @@ Both ``ubsmoe run`` (through the app shipped in ``ubsmoe/flwr_app``, see
 :mod:`ubsmoe.fl.simulation`) and ``flwr run .`` run the module-level ``app``. It
 reads the run config keys ``config-file`` (a ubsmoe YAML, optional), ``overrides``
 (space-separated ``key=value``), ``out`` (run directory), ``resume`` (continue from
-the run directory's latest checkpoint) and ``progress-file`` (a JSON-lines file of
-progress events for a live display; empty: none) from ``[tool.flwr.app.config]``
+the run directory's latest checkpoint), ``progress-file`` (a JSON-lines file of
+progress events for a live display; empty: none) and ``command`` (the invoking
+command line, kept in the run's provenance; empty: unknown) from ``[tool.flwr.app.config]``
 (:func:`config_from_run_config`) and logs its progress through Flower's logger.
 """
 
@@ -96,9 +97,12 @@ def discover_partitions(grid: Grid, num_clients: int,
 
 
 def serve(grid: Grid, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume: bool = False,
-          progress: ProgressFn = _noop) -> dict[str, Any]:
-    """Run every remaining round of a federated run over ``grid``; return the summary."""
-    server = Server(cfg, run_dir, setup, resume=resume)
+          progress: ProgressFn = _noop, command: str | None = None) -> dict[str, Any]:
+    """Run every remaining round of a federated run over ``grid``; return the summary.
+
+    ``command`` (the invoking command line) goes into the run's provenance.
+    """
+    server = Server(cfg, run_dir, setup, resume=resume, command=command)
     declared: dict[int, NodeDeclaration] = {}
     node_of = discover_partitions(grid, cfg.fl.num_clients, declared)
     budgets = server.declare_nodes(declared, node_of)
@@ -214,7 +218,8 @@ def main(grid: Grid, context: Context) -> None:
         resume = _truthy(run_config.get("resume", False))
         log(INFO, "ubsmoe: method %s, %d clients, %d rounds; run directory %s%s",
             cfg.method, cfg.fl.num_clients, cfg.fl.rounds, run_dir, " (resumed)" if resume else "")
-        summary = serve(grid, cfg, run_dir, shared_setup(cfg), resume=resume, progress=progress)
+        summary = serve(grid, cfg, run_dir, shared_setup(cfg), resume=resume, progress=progress,
+                        command=str(run_config.get("command", "")) or None)
     except BaseException as e:
         message = f"{type(e).__name__}: {e}".replace("\n", "; ")
         progress.emit("error", message=message, traceback=traceback.format_exc())

@@ -216,9 +216,10 @@ def load_instruction(cfg: DataConfig, seed: int) -> CommonsenseData:
                     per_task.setdefault(folder.name, {})[split] = read_instruction_file(file, folder.name)
         combined = root / COMBINED_FILE
         if combined.is_file():
-            records = read_instruction_file(combined, root.name, cfg.task_field)
-            carries_task = any(cfg.task_field in r for r in records) or bool(per_task)
+            records = read_instruction_file(combined, "", cfg.task_field)
+            carries_task = any(r["task"] for r in records) or bool(per_task)
             for r in records:
+                r["task"] = r["task"] or root.name
                 per_task.setdefault(r["task"], {}).setdefault("train", []).append(r)
         if not per_task:
             raise ConfigError(f"data.path: {source!r} holds no task folder with train.json or "

@@ -24,8 +24,7 @@ from ubsmoe.eval.instruction import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "ubsmoe" / "configs"
-WORDS = ("the a cat sat on mat dog ran fast answer is blue sky red green tree river stone "
-         "water fire light dark bird fish sun moon").split()
+WORDS = ["the", "a", "cat", "sat", "on", "mat", "dog", "ran", "fast", "answer", "is", "blue", "sky", "red", "green", "tree", "river", "stone", "water", "fire", "light", "dark", "bird", "fish", "sun", "moon"]
 
 
 # ----- hand-made data ---------------------------------------------------------------------

@@ -17,6 +17,7 @@ Each task gets an answer type (``label``, ``letter``, ``numeric``, ``text``), fr
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def parse_number(text: str) -> float | None:
         value = float(text.strip().replace(",", ""))
     except ValueError:
         return None
-    return value if value == value else None  # NaN is not an answer
+    return None if math.isnan(value) else value  # NaN is not an answer
 
 
 def gold_answer(record: dict[str, Any]) -> str:
@@ -143,7 +144,7 @@ def _load_hf(cfg: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], bool]:
         import datasets
 
         dataset = datasets.load_dataset(cfg.hf_dataset, split=cfg.hf_split)
-    except Exception as e:  # noqa: BLE001 - any failure of the hub or the files is one config error
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"data.hf_dataset: cannot load {cfg.hf_dataset!r} split {cfg.hf_split!r} with "

@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from ubsmoe.data.instruction import LABEL_PATTERN, LETTER_PATTERN, gold_answer, parse_number
+from ubsmoe.data.instruction import LETTER_PATTERN, gold_answer, parse_number
 from ubsmoe.eval.commonsense import (
     ANSWER_PATTERNS,
     PROTOCOLS,
@@ -253,13 +253,13 @@ def evaluate_instruction_task(model: nn.Module, tokenizer, task: str, answer_typ
     if answer_type == "label":
         if task in ANSWER_PATTERNS:
             choices = [answer_choices(task, r) for r in records]
-            extract = lambda text: extract_answer(task, text)  # noqa: E731
+            extract = lambda text: extract_answer(task, text)
         else:
             labels = label_choices(task, golds)
             choices = [labels] * len(records)
-            extract = lambda text: _first_label(labels, text)  # noqa: E731
+            extract = lambda text: _first_label(labels, text)
         prefix_free = not any(a != b and b.startswith(a) for a in choices[0] for b in choices[0])
-        stop = (lambda text: extract(text) is not None) if prefix_free else None  # noqa: E731
+        stop = (lambda text: extract(text) is not None) if prefix_free else None
     elif answer_type == "letter":
         golds = [normalise_letter(a) for a in golds]
         top = max(golds)

@@ -37,6 +37,14 @@ COMMONSENSE_TASKS = (
 )
 BUDGET_PATTERNS = ("uniform", "long_tail", "reverse_long_tail")
 PARTITIONS = ("iid", "dirichlet")
+# Data sources (``data.name``): the LLM-Adapters commonsense suite, or any instruction data.
+DATA_NAMES = ("commonsense", "instruction")
+# Answer types of instruction tasks (``data.answer_types``), each with its own metric.
+ANSWER_TYPES = ("label", "letter", "numeric", "text")
+# Record fields an HF dataset's columns map onto (``data.columns``).
+RECORD_FIELDS = ("instruction", "input", "output", "answer", "task", "category")
+# Metric reported as a free-text task's value (``eval.text_metric``).
+TEXT_METRICS = ("rouge_l", "bertscore_f1")
 EVAL_PROTOCOLS = ("generation", "loglik")
 # K a budget level is evaluated at: its own K_j (``budget``) or the model's native top-k.
 EVAL_TOP_K = ("budget", "native")
@@ -167,14 +175,30 @@ def _valid_device_name(name: str) -> bool:
 
 @dataclass
 class DataConfig:
-    """Commonsense instruction data, its splits and how it is spread over clients.
+    """Instruction data (commonsense or the user's own), its splits and how it is spread over clients.
 
     Attributes:
-        path: folder of the LLM-Adapters commonsense data (one sub-folder per task
-            with train.json / test.json). Empty: ``$UBSMOE_DATA`` (its
+        name: ``commonsense`` (the LLM-Adapters suite, the default) or
+            ``instruction`` (any folder of tasks in that format, or an HF dataset;
+            README, "Your own data").
+        path: folder of the data (one sub-folder per task with train.json /
+            test.json). Empty (commonsense only): ``$UBSMOE_DATA`` (its
             ``commonsense`` sub-folder if present), then ``../shared/data/commonsense``
             next to the working directory or the package checkout, then download.
         tasks: task names; a task absent from the data is reported as skipped.
+            Empty: every task (commonsense: the eight; instruction: all found).
+        task_field: record field naming the task of a record in a top-level
+            combined ``train.json`` (instruction data).
+        hf_dataset: a Hugging Face dataset (hub name or local dataset folder) read
+            with ``datasets.load_dataset`` instead of ``path`` (instruction data).
+        hf_split: the split of ``hf_dataset`` to read.
+        columns: record field -> dataset column for ``hf_dataset`` (fields:
+            instruction, input, output, answer, task, category; instruction and
+            output required).
+        answer_types: task -> ``label`` | ``letter`` | ``numeric`` | ``text``;
+            tasks not listed are detected (see ``ubsmoe.eval.instruction``).
+        partition_field: record field whose values the Dirichlet partition is
+            drawn over (empty: the task).
         train_examples: total training examples sampled over all tasks, seeded
             (Commonsense-15K: 15000). 0 keeps every example.
         carved_train_fraction: for tasks with only a test file, the share of it
@@ -184,8 +208,15 @@ class DataConfig:
         dirichlet_alpha: concentration of the Dirichlet partitioner.
     """
 
+    name: str = "commonsense"
     path: str = ""
-    tasks: list[str] = field(default_factory=lambda: list(COMMONSENSE_TASKS))
+    tasks: list[str] = field(default_factory=list)
+    task_field: str = "task"
+    hf_dataset: str = ""
+    hf_split: str = "train"
+    columns: dict[str, str] = field(default_factory=dict)
+    answer_types: dict[str, str] = field(default_factory=dict)
+    partition_field: str = ""
     train_examples: int = 15000
     carved_train_fraction: float = 0.5
     max_length: int = 256
@@ -194,11 +225,33 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         errors = []
-        bad = [t for t in self.tasks if t not in COMMONSENSE_TASKS]
-        if bad or not self.tasks:
-            errors.append(
-                _bad("data.tasks", self.tasks, f"a non-empty list from {', '.join(COMMONSENSE_TASKS)}")
-            )
+        if self.name not in DATA_NAMES:
+            errors.append(_bad("data.name", self.name, f"one of {', '.join(DATA_NAMES)}"))
+        if self.name == "commonsense":
+            if not self.tasks:
+                self.tasks = list(COMMONSENSE_TASKS)
+            bad = [t for t in self.tasks if t not in COMMONSENSE_TASKS]
+            if bad:
+                errors.append(
+                    _bad("data.tasks", self.tasks, f"a non-empty list from {', '.join(COMMONSENSE_TASKS)}")
+                )
+            for key in ("hf_dataset", "columns", "answer_types", "partition_field"):
+                if getattr(self, key):
+                    errors.append(_bad(f"data.{key}", getattr(self, key),
+                                       "empty with data.name=commonsense (use data.name=instruction)"))
+        if not isinstance(self.columns, dict) or any(
+                k not in RECORD_FIELDS or not isinstance(v, str) or not v for k, v in self.columns.items()):
+            errors.append(_bad("data.columns", self.columns,
+                               f"a mapping from {', '.join(RECORD_FIELDS)} to column names"))
+        elif self.hf_dataset and not {"instruction", "output"} <= set(self.columns):
+            errors.append(_bad("data.columns", self.columns,
+                               "a mapping with at least 'instruction' and 'output' when data.hf_dataset is set"))
+        if not isinstance(self.answer_types, dict) or any(
+                v not in ANSWER_TYPES for v in self.answer_types.values()):
+            errors.append(_bad("data.answer_types", self.answer_types,
+                               f"a mapping task -> one of {', '.join(ANSWER_TYPES)}"))
+        if self.hf_dataset and self.path:
+            errors.append(_bad("data.hf_dataset", self.hf_dataset, "empty when data.path is set (one source)"))
         if self.train_examples < 0:
             errors.append(_bad("data.train_examples", self.train_examples, "an integer >= 0"))
         if not 0.0 < self.carved_train_fraction < 1.0:
@@ -351,6 +404,14 @@ class EvalConfig:
             ``budget`` (level j at its own K_j, and rank methods at rank r_j: the
             papers' protocol, for every method) and/or ``native`` (every level at
             the model's top-k, still at rank r_j).
+        text_metric: the value a free-text task reports in a row's ``per_task``:
+            ``rouge_l`` (ROUGE-L F) or ``bertscore_f1``; both are in
+            ``per_task_metrics`` when computed.
+        bertscore_model: BERTScore's scoring model, a hub name or a local folder
+            (``bert_score`` ``model_type``); empty: BERTScore off (stated in the
+            summary).
+        bertscore_num_layers: the layer BERTScore reads; 0: bert-score's own
+            choice for a known ``bertscore_model`` (required for a local folder).
     """
 
     protocols: list[str] = field(default_factory=lambda: list(EVAL_PROTOCOLS))
@@ -360,9 +421,16 @@ class EvalConfig:
     batch_size: int = 16
     every_rounds: int = 0
     pg_probe_examples: int = 8
+    text_metric: str = "rouge_l"
+    bertscore_model: str = "roberta-large"
+    bertscore_num_layers: int = 0
 
     def __post_init__(self) -> None:
         errors = []
+        if self.text_metric not in TEXT_METRICS:
+            errors.append(_bad("eval.text_metric", self.text_metric, f"one of {', '.join(TEXT_METRICS)}"))
+        if self.bertscore_num_layers < 0:
+            errors.append(_bad("eval.bertscore_num_layers", self.bertscore_num_layers, "an integer >= 0"))
         if not self.protocols or any(p not in EVAL_PROTOCOLS for p in self.protocols):
             errors.append(
                 _bad("eval.protocols", self.protocols, f"a non-empty list from {', '.join(EVAL_PROTOCOLS)}")

@@ -11,6 +11,7 @@ The Flower ServerApp (:mod:`ubsmoe.fl.server_app`) only moves messages and calls
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -384,6 +385,45 @@ class Server:
         if not sync_base_merges(self.model, self._merged, self.method.base_merges()):
             raise RuntimeError("server: the method's base merges do not extend the applied ones")
 
+    @functools.cached_property
+    def bertscore(self):
+        """The BERTScore scorer (``eval.bertscore_model``), loaded once; None without text tasks.
+
+        Returns:
+            A :class:`~ubsmoe.eval.instruction.BertScore` (its ``reason`` says why
+            it is skipped when the model cannot be loaded), or None.
+        """
+        from ubsmoe.eval.instruction import BertScore
+
+        if "text" not in self.setup.data.answer_types.values():
+            return None
+        scorer = BertScore(self.cfg.eval.bertscore_model, self.cfg.eval.bertscore_num_layers)
+        if scorer.reason:
+            log = logging.getLogger("ubsmoe")
+            log.warning("BERTScore skipped: %s", scorer.reason)
+        return scorer
+
+    def evaluate_one(self, task: str, records: list[dict]) -> dict[str, Any]:
+        """Score one task with the model as it is set (K, adapters).
+
+        Commonsense data: :func:`ubsmoe.eval.commonsense.evaluate_task`; instruction
+        data: :func:`ubsmoe.eval.instruction.evaluate_instruction_task` with the
+        task's answer type.
+
+        Returns:
+            ``{protocol: value, "n": examples}`` plus, for instruction data,
+            ``metric`` (protocol -> metric name) and for text tasks ``metrics``.
+        """
+        from ubsmoe.eval import commonsense, instruction
+
+        ev = self.cfg.eval
+        if self.cfg.data.name != "instruction":
+            return commonsense.evaluate_task(self.model, self.tokenizer, task, records, ev.protocols,
+                                             ev.batch_size, ev.max_new_tokens)
+        return instruction.evaluate_instruction_task(
+            self.model, self.tokenizer, task, self.setup.data.answer_types[task], records, ev.protocols,
+            ev.batch_size, ev.max_new_tokens, ev.text_metric, self.bertscore)
+
     def evaluate(self, round_idx: int) -> list[dict[str, Any]]:
         """Score the global model at every budget level's K and LoRA rank on every task.
 
@@ -399,8 +439,11 @@ class Server:
             One row per (mode, budget level, protocol): ``budget``, ``top_k``,
             ``top_k_mode`` (``budget`` or ``native``), ``lora_rank``, ``protocol``,
             ``per_task`` accuracies, ``average`` and ``n`` (examples per task).
+            Instruction data: ``per_task`` holds each task's metric value,
+            ``per_task_metric`` its name (``accuracy``, ``rouge_l``,
+            ``bertscore_f1``), ``per_task_metrics`` every text metric computed;
+            a protocol no task supports (``loglik`` without choices) has no row.
         """
-        from ubsmoe.eval.commonsense import evaluate_task
         from ubsmoe.methods.rank import lora_pairs
 
         self.sync_base()
@@ -422,15 +465,18 @@ class Server:
                     set_lora_rank(self.model, rank, alpha, seed=self.cfg.train.seed + 1)
                     load_adapter_state(self.model, adapters)
                     set_top_k(self.model, k)
-                    by_key[key] = {
-                        task: evaluate_task(self.model, self.tokenizer, task, recs,
-                                            self.cfg.eval.protocols, self.cfg.eval.batch_size,
-                                            self.cfg.eval.max_new_tokens)
-                        for task, recs in tests.items()
-                    }
+                    by_key[key] = {task: self.evaluate_one(task, recs) for task, recs in tests.items()}
                 scores = by_key[key]
                 for protocol in self.cfg.eval.protocols:
-                    per_task = {t: s[protocol] for t, s in scores.items()}
+                    per_task = {t: s[protocol] for t, s in scores.items() if protocol in s}
+                    if not per_task:  # e.g. loglik when no task has choices
+                        continue
+                    extra: dict[str, Any] = {}
+                    if self.cfg.data.name == "instruction":
+                        extra["per_task_metric"] = {t: scores[t]["metric"][protocol] for t in per_task}
+                        text = {t: scores[t]["metrics"] for t in per_task if "metrics" in scores[t]}
+                        if protocol == "generation" and text:
+                            extra["per_task_metrics"] = text
                     by_mode[mode].append({
                         "type": "eval",
                         "round": round_idx,
@@ -441,7 +487,8 @@ class Server:
                         "protocol": protocol,
                         "per_task": per_task,
                         "average": sum(per_task.values()) / max(len(per_task), 1),
-                        "n": {t: int(s["n"]) for t, s in scores.items()},
+                        "n": {t: int(scores[t]["n"]) for t in per_task},
+                        **extra,
                     })
         rows = [row for mode in modes for row in by_mode[mode]]  # mode by mode, levels in order
         for row in rows:
@@ -492,16 +539,41 @@ class Server:
                 "train_carved_from_test": data.carved,
                 "duplicates_dropped": data.duplicates,
                 "test_examples_scored": {t: len(r) for t, r in tests.items()},
+                **self._data_summary(),
             },
             "train_loss": self.state.train_loss,
             "diagnostics": {k: v for k, v in self.last_diagnostics.items() if k != "type"},
             "accuracy": [
                 {k: row[k] for k in ("round", "budget", "top_k", "top_k_mode", "lora_rank", "protocol",
-                                     "per_task", "average")}
+                                     "per_task", "average", "per_task_metric", "per_task_metrics")
+                 if k in row}
                 for row in self.last_eval
             ],
             "provenance": self.provenance,
         }
+
+    def _data_summary(self) -> dict[str, Any]:
+        """Instruction data's summary keys: source name, answer types, metrics, partition, BERTScore."""
+        if self.cfg.data.name != "instruction":
+            return {}
+        from ubsmoe.eval.instruction import task_metric
+
+        data = self.setup.data
+        types = dict(data.answer_types)
+        out: dict[str, Any] = {
+            "name": "instruction",
+            "answer_types": types,
+            "task_metric": {t: task_metric(a, self.cfg.eval.text_metric) for t, a in types.items()},
+            "partition_by": data.partition_by,
+        }
+        scorer = self.bertscore
+        if scorer is not None:
+            out["bertscore"] = {"model": scorer.model, "num_layers": scorer.num_layers,
+                                **({"skipped": scorer.reason} if scorer.reason else {})}
+            if scorer.reason:
+                out["task_metric"] = {t: ("rouge_l" if m == "bertscore_f1" else m)
+                                      for t, m in out["task_metric"].items()}
+        return out
 
     def finish(self) -> dict[str, Any]:
         """Save the final adapters and write summary.json; return the summary."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ubsmoe.config import RunConfig, TrainConfig
+from ubsmoe.config import ConfigError, RunConfig, TrainConfig
 from ubsmoe.methods import ClientUpdate, Method, get_method_class
 from ubsmoe.models import (
     adapter_state,
@@ -265,11 +265,12 @@ def shared_setup(cfg: RunConfig) -> SharedSetup:
         ConfigError: the data cannot be resolved or is too small for the clients.
         ValueError: ``model.name`` has no readable OLMoE config (``random``).
     """
-    from ubsmoe.data.commonsense import format_prompt, load_commonsense
-    from ubsmoe.data.partition import partition_clients
+    from ubsmoe.data.commonsense import format_prompt
+    from ubsmoe.data.instruction import load_data
+    from ubsmoe.data.partition import partition_clients, partition_labels
     from ubsmoe.models.loading import cache_dir, tokenizer_vocab_size, train_tokenizer
 
-    data = load_commonsense(cfg.data, cfg.train.seed)
+    data = load_data(cfg.data, cfg.train.seed)
     if cfg.model.resolved_init == "random":
         # Offline: a BPE tokenizer trained on the run's text to the preset's or the
         # architecture's vocabulary size (cached by text and size).
@@ -281,8 +282,13 @@ def shared_setup(cfg: RunConfig) -> SharedSetup:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.name)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-    labels = [r["task"] for r in data.train]
-    partitions = partition_clients(labels, cfg.fl.num_clients, cfg.data.partition,
+    try:
+        labels, data.partition_by = partition_labels(data.train, cfg.data.partition_field,
+                                                     data.partition_by)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    partition = "iid" if data.partition_by == "iid" else cfg.data.partition
+    partitions = partition_clients(labels, cfg.fl.num_clients, partition,
                                    cfg.data.dirichlet_alpha, cfg.train.seed)
     return SharedSetup(data=data, tokenizer=tokenizer, partitions=partitions)
 

@@ -136,7 +136,7 @@ def test_stack_terms_sums_the_scaled_updates_and_pads():
 
 
 def test_lora_terms_names_the_transformers_targets(random_adapter_model):
-    cfg, model, tok, state = random_adapter_model
+    cfg, _, _, state = random_adapter_model
     terms = lora_terms(state, cfg.lora_alpha / cfg.lora_rank)
     assert "model.layers.0.self_attn.q_proj" in terms
     assert "model.layers.1.mlp.experts.gate_up_proj" in terms and "model.layers.1.mlp.experts.down_proj" in terms
@@ -154,7 +154,7 @@ def finished_run(tmp_path_factory):
     server = Server(cfg, tmp / "run", setup)
     runtime = ClientRuntime(cfg, setup)
     for r in range(1, cfg.fl.rounds + 1):
-        server.end_round(r, [runtime.train_round(c, r, server.top_k[c], server.state.adapters)
+        server.end_round(r, [runtime.train_round(**server.client_task(c, r))
                              for c in server.sample_clients(r)])
     summary = server.finish()
     return tmp / "run", summary, server
@@ -174,7 +174,7 @@ def test_ubsmoe_eval_reproduces_the_runs_summary(finished_run):
 def test_ubsmoe_eval_cli_selects_budget_tasks_and_examples(finished_run):
     from ubsmoe.cli import app
 
-    run_dir, summary, _ = finished_run
+    run_dir, _, _ = finished_run
     before = set(run_dir.glob("eval_*.json"))
     res = CliRunner().invoke(app, ["eval", str(run_dir), "--budget", "0.125", "--tasks", "boolq,piqa",
                                    "--examples-per-task", "2", "--protocol", "loglik"])
@@ -208,7 +208,7 @@ def test_load_run_sets_the_budget_levels_k(finished_run):
 def test_exported_run_loads_in_plain_peft_with_the_card(finished_run, tmp_path):
     import ubsmoe
 
-    run_dir, summary, server = finished_run
+    run_dir, summary, _ = finished_run
     adapter = run_dir / "checkpoints" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "tiny"
@@ -223,3 +223,33 @@ def test_exported_run_loads_in_plain_peft_with_the_card(finished_run, tmp_path):
               padding=True)["input_ids"]
     ours, theirs = _logits(model, ids), _logits(loaded, ids)
     assert torch.allclose(ours, theirs, atol=1e-5), float((ours - theirs).abs().max())
+
+
+@pytest.mark.parametrize("method", ["flora", "florist", "a3smoe"])
+def test_finished_run_export_loads_in_plain_peft(method, tmp_path):
+    """Through the whole server path: FLoRA's stacked merges; a3smoe's trained router at native K."""
+    import ubsmoe
+    from ubsmoe.fl.server import Server
+    from ubsmoe.fl.train import ClientRuntime, shared_setup
+
+    cfg = load_config(overrides=[*SMALL, f"model.tokenizer_cache={tmp_path / 'cache'}", f"method={method}",
+                                 "fl.num_clients=2", "eval.examples_per_task=1"])
+    setup = shared_setup(cfg)
+    server = Server(cfg, tmp_path / "run", setup)
+    runtime = ClientRuntime(cfg, setup)
+    for r in range(1, cfg.fl.rounds + 1):
+        server.end_round(r, [runtime.train_round(**server.client_task(c, r))
+                             for c in server.sample_clients(r)])
+    server.finish()
+    adapter = tmp_path / "run" / "checkpoints" / "adapter"
+    info = json.loads((adapter / "ubsmoe_export.json").read_text())
+    assert info["stacked"] == (method in ("flora", "florist"))
+    assert method in (adapter / "README.md").read_text()
+    loaded = _peft_load(ubsmoe.save_base_model(tmp_path / "run", tmp_path / "base"), adapter)
+    model, tok = ubsmoe.load_run(tmp_path / "run")
+    ids = tok(["Question: is the sky blue? Answer"], return_tensors="pt")["input_ids"]
+    ours, theirs = _logits(model, ids), _logits(loaded, ids)
+    assert torch.allclose(ours, theirs, atol=1e-5), float((ours - theirs).abs().max())
+    base = _peft_load(tmp_path / "base", adapter)
+    base.base_model.disable_adapter_layers()
+    assert (_logits(base, ids) - ours).abs().max() > 1e-4

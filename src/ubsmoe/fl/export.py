@@ -79,7 +79,7 @@ class RunInfo:
 
 def _hf_name(name: str) -> str:
     """Our model's name of a module/parameter -> the unpatched transformers model's."""
-    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    return name.removeprefix(PEFT_PREFIX)
 
 
 def lora_terms(adapters: dict[str, torch.Tensor], scale: float,
@@ -309,8 +309,8 @@ def model_card(run: RunInfo, info: dict[str, Any]) -> str:
     levels = "\n".join(f"| {lv['budget']:g} | {lv['top_k']} | {lv['lora_rank']} |" for lv in run.levels)
     what = [
         "- attention LoRA (`q_proj k_proj v_proj o_proj`, PEFT `target_modules`),",
-        "- per-expert LoRA on OLMoE's fused expert weights (`mlp.experts.gate_up_proj`, "
-        "`mlp.experts.down_proj`, PEFT `target_parameters`),",
+        ("- per-expert LoRA on OLMoE's fused expert weights (`mlp.experts.gate_up_proj`, "
+         "`mlp.experts.down_proj`, PEFT `target_parameters`),"),
     ]
     if info.get("router"):
         what.append("- the trained router of every layer (`mlp.gate`, PEFT `modules_to_save`),")

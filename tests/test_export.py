@@ -188,6 +188,9 @@ def test_ubsmoe_eval_cli_selects_budget_tasks_and_examples(finished_run):
     assert len(bad.output.strip().splitlines()) == 1
     bad = CliRunner().invoke(app, ["eval", str(run_dir), "--protocol", "rouge"])
     assert bad.exit_code == 2 and "eval.protocols" in bad.output
+    bad = CliRunner().invoke(app, ["eval", str(run_dir), "--tasks", "boolq,nope"])
+    assert bad.exit_code == 2 and "tasks: got ['nope'], expected a subset of" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
 
 
 def test_load_run_sets_the_budget_levels_k(finished_run):

@@ -323,11 +323,11 @@ def model_card(run: RunInfo, info: dict[str, Any]) -> str:
            if run.phi else
            "Routing at K below the native top-k (the budget levels) is not expressible in PEFT: "
            "use `ubsmoe.load_run(RUN_DIR, budget=beta)` for it.")
+    tags = "\n".join(f"- {t}" for t in dict.fromkeys(["ubsmoe", run.method]))
     return f"""---
 {yaml_base}library_name: peft
 tags:
-- ubsmoe
-- {run.method}
+{tags}
 - olmoe
 - lora
 ---
@@ -335,7 +335,7 @@ tags:
 # {run.method} adapters (ubsmoe)
 
 Federated fine-tuning with ubsmoe (UB-SMoE, ICML 2026, arXiv 2605.16690), method
-**{run.method}**: {run.rounds} rounds, {run.clients} clients ({run.fraction:g} sampled per round).
+**{run.method}**: {run.rounds} rounds, {run.clients} clients (a share {run.fraction:g} of them sampled per round).
 
 {base_note}
 ## Budget levels

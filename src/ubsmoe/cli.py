@@ -6,6 +6,7 @@ library functions; nothing parses argv at import time.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import warnings
@@ -67,9 +68,11 @@ def run(
     overrides: Annotated[list[str] | None, typer.Argument(
         help="key=value overrides, e.g. method=a3smoe fl.rounds=2")] = None,
     config: Annotated[Path | None, typer.Option(
-        "--config", "-c", help="YAML config (on top of the embedded default)")] = None,
+        "--config", "-c", help="YAML config (on top of the embedded default), or an experiment "
+                               "(file or shipped name, `ubsmoe configs`) with method=M picking its cell")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="run directory (default runs/<timestamp>-<method>)")] = None,
+    scale: Annotated[str, typer.Option(help="an experiment's scale: tiny or paper")] = "tiny",
     resume: Annotated[Path | None, typer.Option(
         "--resume", help="continue the run in this directory from its latest checkpoint")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="show Flower's and Ray's logs")] = False,
@@ -95,8 +98,14 @@ def run(
             cfg = load_config(cfg_path)
             run_dir = resume
         else:
-            cfg = load_config(config, list(overrides or []))
+            cfg, cell = _load_run_config(config, list(overrides or []), scale)
             run_dir = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
+            if cell is not None:
+                from ubsmoe.experiments import cell_record
+                from ubsmoe.io import atomic_write_json
+
+                run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(run_dir / "cell.json", cell_record(cell, cfg))
         if not force:
             _preflight(cfg)
         with warnings.catch_warnings(record=True) as caught:
@@ -134,6 +143,29 @@ def run(
         _fail(f"interrupted; every process of the run was stopped. Continue with: "
               f"ubsmoe run --resume {run_dir}", code=130)
     _print_summary(summary, run_dir)
+
+
+def _load_run_config(config: Path | None, overrides: list[str], scale: str = "tiny"):
+    """``-c``: a run config file as today, else an experiment (file or shipped name).
+
+    For an experiment, ``method=M`` (and ``SETTING=VALUE`` / ``seed=N``) pick one cell
+    of its grid at ``scale``; the other overrides apply on top.
+
+    Returns:
+        ``(RunConfig, Cell or None)``.
+
+    Raises:
+        ConfigError: an invalid config, an unknown experiment or cell;
+            RequirementError (a ConfigError) for an experiment with ``requires``.
+    """
+    from ubsmoe.config import load_config
+    from ubsmoe.experiments import find_cell, is_experiment_file, load_experiment, resolve_cell
+
+    if config is None or (config.is_file() and not is_experiment_file(config)):
+        return load_config(config, overrides), None
+    experiment = load_experiment(config)
+    cell, rest = find_cell(experiment, scale, overrides)
+    return resolve_cell(experiment, cell, rest), cell
 
 
 def _preflight(cfg) -> None:
@@ -325,17 +357,18 @@ def plan(
     overrides: Annotated[list[str] | None, typer.Argument(
         help="key=value overrides, as for `ubsmoe run`")] = None,
     config: Annotated[Path | None, typer.Option(
-        "--config", "-c", help="YAML config (on top of the embedded default)")] = None,
+        "--config", "-c", help="YAML config, or an experiment name/file with method=M (as for `run`)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+    scale: Annotated[str, typer.Option(help="an experiment's scale: tiny or paper")] = "tiny",
 ) -> None:
     """Parameters, memory per process, processes, FLOPs per round and disk of a run (meta device)."""
     import json
 
-    from ubsmoe.config import ConfigError, load_config
+    from ubsmoe.config import ConfigError
     from ubsmoe.metrics.plan import plan as make_plan
 
     try:
-        cfg = load_config(config, list(overrides or []))
+        cfg, _ = _load_run_config(config, list(overrides or []), scale)
         result = make_plan(cfg)
     except ConfigError as e:
         _fail(str(e).replace("\n", "; "))
@@ -348,6 +381,153 @@ def plan(
 
     for t in plan_tables(result):
         console.print(t)
+
+
+@app.command()
+def configs() -> None:
+    """List the shipped experiments (`-c NAME` of run / plan / sweep), one line each."""
+    from ubsmoe.experiments import available_experiments, load_experiment
+
+    for name in available_experiments():
+        exp = load_experiment(name)
+        cells = len(exp.cells("tiny"))
+        needs = f" [needs {exp.requires['capability']}]" if exp.requires else ""
+        console.print(f"{name:14s} {cells:3d} runs  {exp.description}{needs}", highlight=False,
+                      soft_wrap=True, markup=False)
+
+
+class _SweepDisplay:
+    """Live table of a sweep (rich): each cell's state, device and time, counts and ETA."""
+
+    def __init__(self, title: str, slots: int) -> None:
+        from rich.live import Live
+
+        self.title, self.slots, self.start = title, slots, time.monotonic()
+        self.live = Live(console=console, refresh_per_second=1, transient=False)
+        self._seen: set[tuple[str, str]] = set()
+
+    def render(self, items) -> Any:
+        """A rich Table of the items."""
+        from rich.table import Table
+
+        from ubsmoe.experiments.sweep import sweep_eta
+
+        counts = {s: sum(1 for i in items if i.state == s) for s in ("skipped", "done", "running", "queued",
+                                                                      "failed")}
+        eta = sweep_eta(items, self.slots)
+        eta_text = "ETA --" if eta is None else f"ETA {eta / 60:.1f} min"
+        head = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+        table = Table(title=f"{self.title}: {head}; {eta_text}", title_justify="left")
+        for col in ("run", "state", "device", "minutes"):
+            table.add_column(col)
+        style = {"done": "green", "skipped": "dim", "running": "bold yellow", "failed": "red"}
+        for i in items:
+            table.add_row(i.run_dir.name, f"[{style.get(i.state, '')}]{i.state}[/]" if i.state in style
+                          else i.state, i.device or "", f"{i.seconds / 60:.1f}" if i.seconds else "")
+        return table
+
+    def __call__(self, items) -> None:
+        if console.is_terminal:
+            self.live.update(self.render(items), refresh=True)
+            return
+        # Not a terminal (a log file): one plain line per state change.
+        from ubsmoe.experiments.sweep import sweep_eta
+
+        state = [(i.run_dir.name, i.state) for i in items]
+        if state != getattr(self, "_last", None):
+            self._last = state
+            eta = sweep_eta(items, self.slots)
+            for i in items:
+                if i.state in ("running", "done", "failed") and (i.run_dir.name, i.state) not in self._seen:
+                    self._seen.add((i.run_dir.name, i.state))
+                    console.print(f"{time.strftime('%H:%M:%S')} {i.run_dir.name}: {i.state}"
+                                  f"{f' ({i.seconds / 60:.1f} min)' if i.seconds else ''}"
+                                  f"{f' {i.message}' if i.message else ''}"
+                                  f"{'' if eta is None else f'; sweep ETA {eta / 60:.1f} min'}",
+                                  highlight=False, soft_wrap=True)
+
+
+@app.command()
+def sweep(
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="key=value overrides applied to every cell")] = None,
+    config: Annotated[str, typer.Option(
+        "--config", "-c", help="experiment: a file or a shipped name (`ubsmoe configs`)")] = ...,
+    scale: Annotated[str, typer.Option(help="tiny (CPU minutes per run) or paper")] = "tiny",
+    seeds: Annotated[int | None, typer.Option(help="run seeds 0..N-1 (default: the scale's)")] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated subset of the grid's methods")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="sweep directory (default runs/<experiment>-<scale>)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells and their states; run nothing")]
+        = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Flower's and Ray's logs into each sweep.log")]
+        = False,
+) -> None:
+    """Run every cell of an experiment's grid: one run directory each, done ones skipped, partial ones resumed.
+
+    Exit codes: 0 every cell done, 1 some cell failed, 2 bad config (or a missing
+    capability named by the experiment's `requires`), 130 interrupted.
+    """
+    from ubsmoe.config import ConfigError
+    from ubsmoe.experiments import load_experiment
+    from ubsmoe.experiments.sweep import plan_sweep, run_sweep, sweep_devices
+
+    try:
+        experiment = load_experiment(config)
+        method_list = _parse_list("--methods", methods, str) if methods is not None else None
+        out_dir = out or Path("runs") / f"{experiment.name}-{scale}"
+        items = plan_sweep(experiment, out_dir, scale, method_list, seeds, list(overrides or []))
+    except ConfigError as e:
+        _fail(str(e).replace("\n", "; "))
+    import torch
+
+    devices = sweep_devices(items[0].cfg, torch.cuda.device_count())
+    display = _SweepDisplay(f"{experiment.name} ({scale}) -> {out_dir}", len(devices))
+    if dry_run:
+        console.print(display.render(items))
+        return
+    if not console.is_terminal:
+        console.print(display.render(items))
+    import signal
+
+    def on_sigterm(signum, frame) -> None:
+        """SIGTERM stops the sweep like Ctrl-C: the running `ubsmoe run` is stopped too."""
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with display.live if console.is_terminal else contextlib.nullcontext():
+            run_sweep(items, devices=devices, on_change=display)
+    except KeyboardInterrupt:
+        _fail(f"interrupted; run the same command again to resume ({out_dir})", code=130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    failed = [i for i in items if i.state == "failed"]
+    for i in failed:
+        err_console.print(f"[red]failed:[/] {i.run_dir} ({i.message}); log: {i.run_dir / 'sweep.log'}",
+                          highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Argument(help="folder for the CA, server certificate and node keys")],
+    nodes: Annotated[int, typer.Option("--nodes", help="number of SuperNode key pairs")] = 3,
+    host: Annotated[list[str] | None, typer.Option(
+        "--host", help="SuperLink host name or IP for the certificate (repeatable; "
+                       "default 127.0.0.1 and localhost)")] = None,
+) -> None:
+    """A local CA, a SuperLink TLS certificate and SuperNode key pairs for a Flower deployment."""
+    from ubsmoe.certs import DEFAULT_HOSTS, make_certs
+
+    try:
+        files = make_certs(out, nodes=nodes, hosts=host or list(DEFAULT_HOSTS))
+    except ValueError as e:
+        _fail(str(e))
+    for path in (files.ca_cert, files.ca_key, files.server_cert, files.server_key,
+                 *[p for pair in files.node_keys for p in pair]):
+        console.print(str(path), highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -87,6 +87,63 @@ class Server:
             save_config(cfg, self.run_dir / CONFIG_FILE)
         self.last_eval: list[dict[str, Any]] = []
         self.last_diagnostics: dict[str, Any] = {}
+        # client id -> what its node declared (deployment; empty: the config decides).
+        self.declared: dict[int, dict[str, Any]] = {}
+        self._tokenizer_files: dict[str, str] | None = None
+        self._local_data: set[int] = set()  # clients training on their node's own data
+
+    def declare_nodes(self, declarations: dict[int, Any],
+                      node_ids: dict[int, int] | None = None) -> dict[int, dict[str, Any]]:
+        """Use what each client's node declared (:mod:`ubsmoe.budgets`) instead of the config.
+
+        A node's budget declaration (``budget=``, ``top-k=``, ``lora-rank=``) replaces
+        the level ``fl.budget_pattern`` gave its client (K_c and LoRA rank follow
+        the level); a node without one keeps it. Clients whose node has its own
+        data are sent the server's tokenizer. With at least one declaration a
+        ``{"type": "nodes", "clients": [...]}`` record (client -> node, declared key
+        and value, level, budget, K, rank, data, device) is appended to
+        metrics.jsonl and kept for the summary. Call before the first round.
+
+        Args:
+            declarations: client id -> :class:`~ubsmoe.budgets.NodeDeclaration`.
+            node_ids: client id -> Flower node id (names the node in errors and the log).
+
+        Returns:
+            client id -> the logged entry, for the clients whose node declared a budget.
+
+        Raises:
+            DeclarationError: a declaration the run cannot use (one line naming the
+                node, the key and the allowed values).
+        """
+        from ubsmoe.budgets import declared_level
+
+        budgets = list(self.cfg.fl.budgets)
+        level_k = [self.level_top_k()[b] for b in budgets]
+        ranks = getattr(self.method.config, "ranks", None)
+        ranks = list(ranks) if ranks is not None and len(ranks) == len(budgets) else None
+        rows = []
+        for client, decl in sorted(declarations.items()):
+            node = (node_ids or {}).get(client)
+            label = f"{node} (client {client})" if node is not None else f"of client {client}"
+            level = declared_level(decl, label, self.cfg.method, budgets, level_k, ranks)
+            if decl.data_path is not None:
+                self._local_data.add(client)
+            if level is not None:
+                beta = budgets[level]
+                self.budgets[client] = beta
+                self.top_k[client] = level_k[level]
+                self.lora[client] = self.level_lora(level)
+                self.declared[client] = {"declared": decl.budget_key, "value": decl.budget_value,
+                                         "level": level, **({"node": node} if node is not None else {})}
+            if level is not None or decl.data_path is not None or decl.device is not None:
+                rows.append({"id": client, **self.declared.get(client, {}),
+                             "budget": self.budgets[client], "top_k": self.top_k[client],
+                             "lora_rank": self.lora[client][0],
+                             **({"data_path": decl.data_path} if decl.data_path else {}),
+                             **({"device": decl.device} if decl.device else {})})
+        if rows:
+            append_jsonl(self.run_dir / METRICS_FILE, {"type": "nodes", "clients": rows})
+        return {c: self.declared[c] for c in self.declared}
 
     # ----- round protocol ------------------------------------------------------
     def level_lora(self, level: int) -> tuple[int, float]:
@@ -112,7 +169,16 @@ class Server:
             "lora_rank": rank,
             "lora_alpha": alpha,
             "base_merges": self.method.base_merges(),
+            **({"tokenizer_files": self.tokenizer_files()} if client_id in self._local_data else {}),
         }
+
+    def tokenizer_files(self) -> dict[str, str]:
+        """The server's tokenizer as files (cached), for nodes with their own data."""
+        from ubsmoe.fl.train import tokenizer_to_files
+
+        if self._tokenizer_files is None:
+            self._tokenizer_files = tokenizer_to_files(self.tokenizer)
+        return self._tokenizer_files
 
     def sample_clients(self, round_idx: int) -> list[int]:
         """Client ids participating in ``round_idx`` (seeded; all when fraction = 1)."""
@@ -170,7 +236,10 @@ class Server:
             "round": round_idx,
             "loss": loss,
             "clients": [
-                {"id": u.client_id, "top_k": u.top_k, "loss": u.loss, "examples": u.num_examples,
+                {"id": u.client_id, "top_k": u.top_k, "budget": self.budgets[u.client_id],
+                 "lora_rank": self.lora[u.client_id][0], "loss": u.loss, "examples": u.num_examples,
+                 **({"declared": self.declared[u.client_id]["declared"]}
+                    if u.client_id in self.declared else {}),
                  **u.metrics}
                 for u in folded
             ],
@@ -466,7 +535,8 @@ class Server:
             "wall_time_s": time.time() - self.start_time,
             "clients": [
                 {"id": c, "budget": b, "top_k": k, "lora_rank": r,
-                 "train_examples": len(self.setup.partitions[c])}
+                 "train_examples": len(self.setup.partitions[c]),
+                 **({"declared": self.declared[c]} if c in self.declared else {})}
                 for c, (b, k, (r, _)) in enumerate(zip(self.budgets, self.top_k, self.lora))
             ],
             "data": {

@@ -23,6 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from ubsmoe.budgets import DeclarationError, NodeDeclaration, assign_clients
 from ubsmoe.config import RunConfig, load_config
 from ubsmoe.fl.messages import (
     METRIC_BYTES_DOWN,
@@ -57,26 +58,40 @@ def _replies(grid: Grid, messages: list[Message]) -> Iterator[Message]:
             time.sleep(POLL_S)
 
 
-def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
-    """Ask every node for its partition id; return partition id -> node id.
+def discover_partitions(grid: Grid, num_clients: int,
+                        declarations: dict[int, NodeDeclaration] | None = None) -> dict[int, int]:
+    """Ask every node what it declares (:mod:`ubsmoe.budgets`); return client id -> node id.
+
+    A node holding ``partition-id=K`` serves client K; a node with its own data
+    (``data-path``) gets the lowest client id left (nodes in node-id order).
+
+    Args:
+        grid: the Flower grid.
+        num_clients: ``fl.num_clients``.
+        declarations: filled with client id -> the node's declaration, if given.
 
     Raises:
-        RuntimeError: fewer nodes than ``num_clients`` or duplicate partitions.
+        RuntimeError: fewer nodes than ``num_clients``.
+        DeclarationError: a node config that does not parse, duplicate or out-of-range
+            partitions, or too few usable nodes (one line naming the node).
     """
     node_ids = sorted(grid.get_node_ids())
     if len(node_ids) < num_clients:
         raise RuntimeError(f"fl.num_clients={num_clients} but only {len(node_ids)} nodes are connected")
     queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
                        message_type=MessageType.QUERY) for n in node_ids]
-    mapping: dict[int, int] = {}
+    declared: dict[int, NodeDeclaration] = {}
     for reply in _replies(grid, queries):
-        pid = int(reply.content["metrics"][METRIC_PARTITION_ID])
-        if pid in mapping:
-            raise RuntimeError(f"two nodes hold partition {pid}")
-        mapping[pid] = reply.metadata.src_node_id
-    missing = [c for c in range(num_clients) if c not in mapping]
-    if missing:
-        raise RuntimeError(f"no node holds partitions {missing}")
+        node = reply.metadata.src_node_id
+        info = dict(reply.content["node"]) if "node" in reply.content else {}
+        if "error" in info:
+            raise DeclarationError(str(info["error"]))
+        if not info:  # a ClientApp that only reports its partition
+            info = {"partition_id": int(reply.content["metrics"][METRIC_PARTITION_ID])}
+        declared[node] = NodeDeclaration.from_dict(info)
+    mapping = assign_clients(declared, num_clients)
+    if declarations is not None:
+        declarations.update({c: declared[n] for c, n in mapping.items()})
     return mapping
 
 
@@ -84,7 +99,14 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume:
           progress: ProgressFn = _noop) -> dict[str, Any]:
     """Run every remaining round of a federated run over ``grid``; return the summary."""
     server = Server(cfg, run_dir, setup, resume=resume)
-    node_of = discover_partitions(grid, cfg.fl.num_clients)
+    declared: dict[int, NodeDeclaration] = {}
+    node_of = discover_partitions(grid, cfg.fl.num_clients, declared)
+    budgets = server.declare_nodes(declared, node_of)
+    if budgets:
+        log(INFO, "ubsmoe: budgets declared by nodes: %s", "; ".join(
+            f"client {c} (node {d.get('node')}): {d['declared']}={d['value']} -> level "
+            f"{server.budgets[c]:g}, K={server.top_k[c]}, rank {server.lora[c][0]}"
+            for c, d in budgets.items()))
     for r in range(server.state.round + 1, cfg.fl.rounds + 1):
         clients = server.sample_clients(r)
         progress("round_start", {"round": r, "clients": len(clients)})

@@ -189,13 +189,22 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
-def _wait_healthy(port: int, superlink: subprocess.Popen, log: Path) -> None:
+def _wait_healthy(port: int, superlink: subprocess.Popen, log: Path, cafile: Path | None = None) -> None:
+    """Wait until the SuperLink answers ``/health`` (over TLS verified by ``cafile`` if given).
+
+    Raises:
+        RunFailed: it exited or did not answer within ``STARTUP_TIMEOUT_S``.
+    """
+    import ssl
+
+    scheme = "https" if cafile is not None else "http"
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if superlink.poll() is not None:
             raise RunFailed(f"flower-superlink exited with code {superlink.returncode}; see {log}")
-        with suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/health",
-                                                        timeout=0.5) as r:
+        with suppress(OSError), urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health",
+                                                        timeout=0.5, context=context) as r:
             if r.status == 200:
                 return
         time.sleep(POLL_S)

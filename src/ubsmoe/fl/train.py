@@ -287,6 +287,89 @@ def shared_setup(cfg: RunConfig) -> SharedSetup:
     return SharedSetup(data=data, tokenizer=tokenizer, partitions=partitions)
 
 
+TOKENIZER_FILE_LIMIT = 64 * 2**20  # bytes of tokenizer files a message may carry
+
+
+def tokenizer_to_files(tokenizer) -> dict[str, str]:
+    """The tokenizer's ``save_pretrained`` files as ``{file name: text}``, to send to a node.
+
+    Raises:
+        ValueError: a file is not UTF-8 text or the files exceed 64 MiB together.
+    """
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="ubsmoe-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {}
+        for path in sorted(Path(tmp).iterdir()):
+            if path.is_file():
+                try:
+                    files[path.name] = path.read_text(encoding="utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"tokenizer file {path.name} is not UTF-8 text; "
+                                     "it cannot be sent to a node") from e
+    if sum(len(t.encode()) for t in files.values()) > TOKENIZER_FILE_LIMIT:
+        raise ValueError(f"the tokenizer's files exceed {TOKENIZER_FILE_LIMIT >> 20} MiB")
+    return files
+
+
+def tokenizer_from_files(files: dict[str, str]):
+    """Inverse of :func:`tokenizer_to_files`: the tokenizer, loaded with ``AutoTokenizer``.
+
+    Raises:
+        ValueError: no files, or a file name with a path separator.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    if not files:
+        raise ValueError("no tokenizer files were sent")
+    with tempfile.TemporaryDirectory(prefix="ubsmoe-tok-") as tmp:
+        for name, text in files.items():
+            if Path(name).name != name or name in (".", ".."):
+                raise ValueError(f"tokenizer file name {name!r} is not a plain file name")
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        # Everything is read now; the backend tokenizer does not keep the files open.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def node_setup(cfg: RunConfig, client_id: int, data_path: str, tokenizer) -> SharedSetup:
+    """The setup of a node that trains on its own data (``data-path=`` in its node config).
+
+    The node's folder is read like ``data.path`` (same layout and settings: tasks,
+    carving, ``data.train_examples`` cap, seed) and all of its training records are
+    client ``client_id``'s partition; the tokenizer is the one the server sent (a node
+    never trains its own).
+
+    Args:
+        cfg: the run config.
+        client_id: the client id the server gave the node.
+        data_path: the node's data folder.
+        tokenizer: the server's tokenizer (:func:`tokenizer_from_files`).
+
+    Raises:
+        ConfigError: the folder cannot be read (names ``data.path``), or holds no
+            training record.
+    """
+    from dataclasses import replace
+
+    from ubsmoe.config import ConfigError
+    from ubsmoe.data.commonsense import load_commonsense
+
+    data = load_commonsense(replace(cfg.data, path=data_path), cfg.train.seed)
+    if not data.train:
+        raise ConfigError(f"data-path: {data_path!r} holds no training records for data.tasks")
+    partitions: list[list[int]] = [[] for _ in range(cfg.fl.num_clients)]
+    partitions[client_id] = list(range(len(data.train)))
+    return SharedSetup(data=data, tokenizer=tokenizer, partitions=partitions)
+
+
 class ClientRuntime:
     """What a client process keeps between rounds: model, tokenizer, tokenized partitions.
 

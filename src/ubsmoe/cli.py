@@ -356,6 +356,38 @@ def report(
                   + (f", {len(skipped)} skipped: see report.md" if skipped else "") + ")", highlight=False)
 
 
+@app.command("eval")
+def eval_run(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    budget: Annotated[float | None, typer.Option(
+        "--budget", help="score only this budget level (one of the run's fl.budgets)")] = None,
+    tasks: Annotated[str | None, typer.Option(
+        "--tasks", help="comma-separated tasks (default: the run's)")] = None,
+    protocol: Annotated[str | None, typer.Option(
+        "--protocol", help="generation or loglik (default: the run's eval.protocols)")] = None,
+    examples_per_task: Annotated[int | None, typer.Option(
+        "--examples-per-task", help="test examples per task, 0 = all (default: the run's)")] = None,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="model.device override (cpu, cuda, cuda:N, auto)")] = None,
+) -> None:
+    """Evaluate a finished run again (the Server's evaluation); writes RUN_DIR/eval_<timestamp>.json."""
+    from ubsmoe.config import ConfigError
+    from ubsmoe.load import evaluate_run
+
+    task_list = _parse_list("--tasks", tasks, str) if tasks is not None else None
+    try:
+        result = evaluate_run(run_dir, budget=budget, tasks=task_list, protocol=protocol,
+                              examples_per_task=examples_per_task, device=device)
+    except ConfigError as e:
+        _fail(str(e).replace("\n", "; "))
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    _print_summary({"method": result["method"], "accuracy": result["accuracy"],
+                    "data": {"test_examples_scored": result["accuracy"][0]["n"] if result["accuracy"] else {}}},
+                   run_dir)
+    console.print(f"written: {result['path']}", highlight=False)
+
+
 @app.command()
 def methods() -> None:
     """List the registered methods."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ubsmoe.config import RunConfig, save_config
-from ubsmoe.fl.export import export_adapters
+from ubsmoe.fl.export import RunInfo, export_adapters
 from ubsmoe.fl.fold import OrderedFold, union_seconds
 from ubsmoe.fl.run_dir import (
     CHECKPOINT_DIR,
@@ -425,6 +425,47 @@ class Server:
             ev.batch_size, ev.max_new_tokens, ev.text_metric, self.bertscore)
 
     def evaluate(self, round_idx: int) -> list[dict[str, Any]]:
+        """Score the global model at every budget level (:meth:`score_levels`) and log the rows.
+
+        Returns:
+            The rows of :meth:`score_levels`, each also appended to ``metrics.jsonl``.
+        """
+        rows = self.score_levels(round_idx)
+        for row in rows:
+            self.record(row)
+        return rows
+
+    def set_level(self, level: int, round_idx: int, mode: str = "budget") -> tuple[float, int, int]:
+        """Put the server model in the state a client of budget level ``level`` evaluates in.
+
+        Merged base weights (:meth:`sync_base`), the level's LoRA rank r_j (and alpha),
+        the adapters :meth:`Method.client_adapters` gives that rank (seeded by the
+        evaluation seed of ``round_idx``, as :meth:`score_levels`) and K_j of ``mode``.
+
+        Args:
+            level: 0-based index into ``fl.budgets``.
+            round_idx: the round whose evaluation seed draws the rank-r_j adapters.
+            mode: ``budget`` (K_j) or ``native`` (the model's top-k).
+
+        Returns:
+            ``(beta, K, rank)`` of the level.
+
+        Raises:
+            IndexError: ``level`` outside the budget levels.
+        """
+        if not 0 <= level < len(self.cfg.fl.budgets):
+            raise IndexError(f"budget level {level}: the run has {len(self.cfg.fl.budgets)} levels")
+        self.sync_base()
+        rank, alpha = self.level_lora(level)
+        seed = client_seed(self.cfg.train.seed + 1, -2, round_idx)
+        set_lora_rank(self.model, rank, alpha, seed=self.cfg.train.seed + 1)
+        load_adapter_state(self.model, self.method.client_adapters(self.state.adapters, rank, seed))
+        beta, k = list(self.level_top_k(mode).items())[level]
+        set_top_k(self.model, k)
+        return beta, k, rank
+
+    def score_levels(self, round_idx: int, levels: Sequence[int] | None = None,
+                     tasks: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Score the global model at every budget level's K and LoRA rank on every task.
 
         For each ``eval.top_k`` mode, level j runs at K_j (``budget``, DESIGN.md
@@ -435,6 +476,11 @@ class Server:
         modes, and so do rows whose adapters all have B = 0 (a zero update at any
         rank).
 
+        Args:
+            round_idx: the round scored (seeds the rank-r_j adapters; in the rows).
+            levels: 0-based budget levels to score (None: all).
+            tasks: tasks to score, a subset of :attr:`test_sets` (None: all).
+
         Returns:
             One row per (mode, budget level, protocol): ``budget``, ``top_k``,
             ``top_k_mode`` (``budget`` or ``native``), ``lora_rank``, ``protocol``,
@@ -443,17 +489,26 @@ class Server:
             ``per_task_metric`` its name (``accuracy``, ``rouge_l``,
             ``bertscore_f1``), ``per_task_metrics`` every text metric computed;
             a protocol no task supports (``loglik`` without choices) has no row.
+            Nothing is written (:meth:`evaluate` logs them).
+
+        Raises:
+            ValueError: a task not among the run's test sets.
         """
         from ubsmoe.methods.rank import lora_pairs
 
         self.sync_base()
         tests = self.test_sets
+        if tasks is not None:
+            unknown = sorted(set(tasks) - set(tests))
+            if unknown:
+                raise ValueError(f"tasks: got {unknown}, expected a subset of {', '.join(sorted(tests))}")
+            tests = {t: recs for t, recs in tests.items() if t in set(tasks)}
         by_key: dict[tuple, dict[str, dict[str, float]]] = {}
         seed = client_seed(self.cfg.train.seed + 1, -2, round_idx)
         modes = self.cfg.eval.top_k
         level_k = {mode: list(self.level_top_k(mode).items()) for mode in modes}
         by_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
-        for level in range(len(self.cfg.fl.budgets)):
+        for level in (range(len(self.cfg.fl.budgets)) if levels is None else levels):
             rank, alpha = self.level_lora(level)
             adapters = self.method.client_adapters(self.state.adapters, rank, seed)
             pairs, _ = lora_pairs(list(adapters))
@@ -490,10 +545,7 @@ class Server:
                         "n": {t: int(scores[t]["n"]) for t in per_task},
                         **extra,
                     })
-        rows = [row for mode in modes for row in by_mode[mode]]  # mode by mode, levels in order
-        for row in rows:
-            self.record(row)
-        return rows
+        return [row for mode in modes for row in by_mode[mode]]  # mode by mode, levels in order
 
     # ----- persistence -----------------------------------------------------------
     def checkpoint(self) -> Path:
@@ -507,13 +559,35 @@ class Server:
         prune_checkpoints(self.run_dir, self.cfg.fl.keep_checkpoints)
         return path
 
-    def save_adapters(self) -> Path:
-        """Save the final global adapters under ``checkpoints/adapter`` (see :func:`export_adapters`)."""
+    def run_info(self, accuracy: Sequence[dict[str, Any]] = ()) -> RunInfo:
+        """The model card's facts: base model, method, budget levels (K_j, r_j), rounds, clients.
+
+        Args:
+            accuracy: the summary's accuracy rows for the card's table.
+        """
+        levels = [{"budget": beta, "top_k": k, "lora_rank": self.level_lora(j)[0]}
+                  for j, (beta, k) in enumerate(self.level_top_k().items())]
+        return RunInfo(base_model=self.cfg.model.name, random_base=self.cfg.model.resolved_init == "random",
+                       method=self.cfg.method, levels=levels, rounds=self.state.round,
+                       clients=self.cfg.fl.num_clients, fraction=self.cfg.fl.fraction,
+                       seed=self.cfg.train.seed, accuracy=list(accuracy),
+                       phi=self.global_phi() is not None)
+
+    def save_adapters(self, accuracy: Sequence[dict[str, Any]] = ()) -> Path:
+        """Save the final global adapters under ``checkpoints/adapter`` (see :func:`export_adapters`).
+
+        The merged base and the global rank are restored first, so the exported
+        adapter (plus, for FLoRA / FLoRIST, the stacked merges) is the global model.
+
+        Args:
+            accuracy: the summary's accuracy rows, for the model card.
+        """
         self.sync_base()
         set_lora_rank(self.model, *self.global_lora, seed=self.cfg.train.seed + 1)
         load_adapter_state(self.model, self.state.adapters)
+        set_top_k(self.model, self.k_max)
         return export_adapters(self.model, self.state.adapters, self.method.base_merges(),
-                               self.run_dir / CHECKPOINT_DIR / "adapter")
+                               self.run_dir / CHECKPOINT_DIR / "adapter", self.run_info(accuracy))
 
     def summary(self) -> dict[str, Any]:
         """The run's summary (also written to summary.json by :meth:`finish`)."""
@@ -576,9 +650,9 @@ class Server:
         return out
 
     def finish(self) -> dict[str, Any]:
-        """Save the final adapters and write summary.json; return the summary."""
-        self.save_adapters()
+        """Save the final adapters (model card with the summary's accuracy) and write summary.json."""
         summary = self.summary()
+        self.save_adapters(summary["accuracy"])
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
         self.tracker.close()
         return summary

@@ -584,6 +584,31 @@ def build_model(cfg: ModelConfig, tokenizer=None, seed: int = 0, device: torch.d
         ConfigError: ``model.device`` names no visible device.
         ValueError: ``random`` without a tokenizer, or an unsupported architecture.
     """
+    model, tokenizer = base_model(cfg, tokenizer, seed, device)
+    return prepare_model(model, cfg, seed), tokenizer
+
+
+def base_model(cfg: ModelConfig, tokenizer=None, seed: int = 0, device: torch.device | str | None = None):
+    """The unpatched ``OlmoeForCausalLM`` :func:`build_model` starts from, and its tokenizer.
+
+    The same weights :func:`build_model` patches (a ``random`` model from ``seed`` and
+    the tokenizer's vocabulary, or the ``pretrained`` checkpoint), without the SMoE
+    patch or LoRA: the base a plain transformers + PEFT user loads the exported
+    adapters onto (``save_pretrained`` it for a random preset).
+
+    Args:
+        cfg: model config (``init``, ``device``, ``dtype``).
+        tokenizer: required for ``model.init=random``; ignored for ``pretrained``.
+        seed: initialisation seed of random weights.
+        device: override of ``cfg.device``.
+
+    Returns:
+        ``(model, tokenizer)``: the unpatched, unfrozen model on its device.
+
+    Raises:
+        ConfigError: ``model.device`` names no visible device.
+        ValueError: ``random`` without a tokenizer, or a non-OLMoE architecture.
+    """
     device = resolve_device(cfg.device) if device is None else torch.device(device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.resolved_init == "random":
@@ -597,7 +622,7 @@ def build_model(cfg: ModelConfig, tokenizer=None, seed: int = 0, device: torch.d
                              device, dtype)
     else:
         model, tokenizer = load_hf_model(cfg, device, dtype)
-    return prepare_model(model, cfg, seed), tokenizer
+    return model, tokenizer
 
 
 def lora_targets(model: nn.Module, attention_lora: bool) -> list[str]:

@@ -47,6 +47,7 @@ def git_commit(path: Path | None = None) -> str | None:
     where = Path(path) if path is not None else Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:
+        """stdout of ``git -C where ARGS`` stripped, or None when git fails or is absent."""
         try:
             done = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True,
                                   timeout=GIT_TIMEOUT_S, check=False)

@@ -192,10 +192,12 @@ def run_sweep(items: Sequence[SweepItem], runner: Runner = subprocess_runner,
     interrupted: list[BaseException] = []
 
     def changed() -> None:
+        """Report the items' states to ``on_change`` (one caller at a time)."""
         with lock:
             on_change(items)
 
     def work(device: str | None) -> None:
+        """Run queued cells on ``device`` (None: the run's own) until the queue is empty or interrupted."""
         while not interrupted:
             try:
                 item = todo.get_nowait()

@@ -105,6 +105,7 @@ def lora_terms(adapters: dict[str, torch.Tensor], scale: float,
     from ubsmoe.methods.rank import lora_pairs
 
     def target(module: str) -> str:
+        """PEFT's target name of one of our LoRA modules (fused expert parameters for experts)."""
         parent, _, child = _hf_name(module).rpartition(".")
         return f"{parent}.experts.{EXPERT_TARGET[child]}" if child in EXPERT_TARGET else f"{parent}.{child}"
 

@@ -313,6 +313,7 @@ def write_long_csv(tables: list[AccuracyTable], path: str | Path) -> Path:
 def markdown_table(grid: list[list[str]]) -> str:
     """A GitHub-flavoured markdown table of a header + rows grid (``|`` escaped)."""
     def esc(s: str) -> str:
+        """The cell text with ``|`` escaped."""
         return str(s).replace("|", "\\|")
 
     lines = ["| " + " | ".join(esc(c) for c in grid[0]) + " |",

@@ -140,10 +140,14 @@ def test_full_size_random_build_on_meta_device(tiny_tokenizer):
     assert layer.router_weight.dtype == torch.float32 and layer.router_weight.requires_grad
 
 
-def test_dense_backbone_random_is_refused(tiny_tokenizer):
-    cfg = ModelConfig(name="allenai/OLMo-1B-hf", init="random")
-    with pytest.raises(ValueError, match="dense backbones are not supported yet"):
-        build_model(cfg, tiny_tokenizer, device="meta")
+def test_dense_backbone_random_builds_with_lora_on_attention_and_mlp(tiny_tokenizer):
+    cfg = ModelConfig(name="allenai/OLMo-1B-hf", init="random", attention_lora=True, lora_rank=8)
+    model, _ = build_model(cfg, tiny_tokenizer, device="meta")
+    assert model.config.model_type == "olmo" and smoe_layers(model) == []
+    trainable = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters()
+                 if p.requires_grad}
+    assert trainable == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert sum(p.numel() for p in model.parameters() if not p.requires_grad) == 1_176_764_416
 
 
 def test_shared_setup_trains_the_tokenizer_to_the_preset_vocabulary(tmp_path, monkeypatch):

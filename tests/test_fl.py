@@ -176,7 +176,7 @@ def test_flower_end_to_end_run_via_cli(tmp_path):
     assert "hellaswag" not in summary["data"]["tasks_scored"]
     assert "accuracy (loglik)" in result.output and "round 2: train loss" in result.output
     # It went through a local SuperLink and `flwr run` (their logs are in the run directory).
-    assert "Successfully started run" in (out / "flower.log").read_text()
+    assert "Successfully started run" in (out / "ubsmoe.log").read_text()
     # One model per ClientApp worker process, reused for every client and round it served.
     clients, builds = _worker_builds(out)
     assert len(clients) == 8 and set(builds.values()) == {1} and len(builds) < len(clients)

@@ -39,7 +39,7 @@ def test_packaged_app_is_the_repository_app():
 def test_default_run_config_is_the_embedded_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_config = get_fused_config_from_dir(REPO, {})
-    assert set(run_config) == {"config-file", "overrides", "out", "resume", "progress-file"}
+    assert set(run_config) == {"config-file", "overrides", "out", "resume", "progress-file", "command"}
     assert run_config["resume"] is False and run_config["progress-file"] == ""
     cfg, run_dir = config_from_run_config(run_config)
     assert cfg.fl.num_clients == 8 and cfg.model.name == "tiny"

@@ -30,7 +30,7 @@ ROUTERS = [n for n in NAMES if n.endswith(".mlp.router_weight")]
 # Methods whose aggregate returns new factors of the aggregated update (an SVD, or a
 # merge into the base weights) rather than a mean of the clients' factors: the
 # contract holds for the effective update s*B@A (+ base merges), not the raw tensors.
-EFFECTIVE_ONLY = {"flexlora", "flora", "florist"}
+EFFECTIVE_ONLY = {"flexlora", "flora", "florist", "a3smoe_flexlora"}
 # Contract settings: FLoRIST at tau = 1 keeps every singular value (exact, like FLoRA);
 # its default tau = 0.9 is lossy by design (tests/test_rank_methods.py).
 CONTRACT_CONFIG = {"florist": {"tau": 1.0}}
@@ -157,7 +157,7 @@ def test_fedit_runs_native_top_k_and_smoe_runs_k_c():
     assert {name: get_method_class(name).own_train_top_k for name in available_methods()} == {
         "fedit": "native", "hetlora": "native", "flexlora": "native", "flora": "native",
         "florist": "native", "smoe": "budget", "smoe_llb": "budget", "a3smoe": "budget",
-        "ubsmoe": "budget"}
+        "ubsmoe": "budget", "a3smoe_flexlora": "budget"}
 
 
 def test_fedavg_weights_by_examples():

@@ -2,3 +2,18 @@
 federated fine-tuning of sparse Mixture-of-Experts foundation models."""
 
 __version__ = "0.1.0"
+
+_LAZY = {"load_run": "ubsmoe.load", "save_base_model": "ubsmoe.load", "evaluate_run": "ubsmoe.load"}
+
+
+def __getattr__(name: str):
+    """``ubsmoe.load_run`` / ``save_base_model`` / ``evaluate_run`` (:mod:`ubsmoe.load`), imported on first use.
+
+    Raises:
+        AttributeError: any other name.
+    """
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ubsmoe' has no attribute {name!r}")

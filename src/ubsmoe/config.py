@@ -37,6 +37,14 @@ COMMONSENSE_TASKS = (
 )
 BUDGET_PATTERNS = ("uniform", "long_tail", "reverse_long_tail")
 PARTITIONS = ("iid", "dirichlet")
+# Data sources (``data.name``): the LLM-Adapters commonsense suite, or any instruction data.
+DATA_NAMES = ("commonsense", "instruction")
+# Answer types of instruction tasks (``data.answer_types``), each with its own metric.
+ANSWER_TYPES = ("label", "letter", "numeric", "text")
+# Record fields an HF dataset's columns map onto (``data.columns``).
+RECORD_FIELDS = ("instruction", "input", "output", "answer", "task", "category")
+# Metric reported as a free-text task's value (``eval.text_metric``).
+TEXT_METRICS = ("rouge_l", "bertscore_f1")
 EVAL_PROTOCOLS = ("generation", "loglik")
 # K a budget level is evaluated at: its own K_j (``budget``) or the model's native top-k.
 EVAL_TOP_K = ("budget", "native")
@@ -45,7 +53,7 @@ TRAIN_TOP_K = ("auto", "budget", "native")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_INITS = ("auto", "random", "pretrained")
 # Random-weight OLMoE-architecture presets (sizes in ubsmoe.models.loading.PRESETS).
-MODEL_PRESETS = ("tiny", "medium")
+MODEL_PRESETS = ("tiny", "medium", "tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-dense")
 
 
 class ConfigError(ValueError):
@@ -84,8 +92,13 @@ class ModelConfig:
 
     Attributes:
         name: a random-weight preset (``tiny``: the CPU default; ``medium``: hidden
-            512, 4 layers, 64 experts, top-8, vocabulary 4096), else a hub name or
-            local path of an OLMoE checkpoint (e.g. ``allenai/OLMoE-1B-7B-0924``).
+            512, 4 layers, 64 experts, top-8, vocabulary 4096; ``tiny-mixtral``,
+            ``tiny-qwen2-moe``, ``tiny-qwen3-moe``: the ``tiny`` sizes in that MoE
+            family's architecture; ``tiny-dense``: a dense OLMo of the ``tiny``
+            width, depth and MLP size ``4 * intermediate_size``), else a hub name or
+            local path of a supported checkpoint (OLMoE, Mixtral, Qwen2-MoE,
+            Qwen3-MoE; dense OLMo, Llama, Mistral; e.g. ``allenai/OLMoE-1B-7B-0924``,
+            ``allenai/OLMo-1B-hf``; see ``ubsmoe.models.families``).
         lora_rank: LoRA rank r of every expert projection and attention projection.
         lora_alpha: LoRA alpha; the scale is alpha / r.
         attention_lora: also put LoRA on q/k/v/o attention projections.
@@ -162,14 +175,30 @@ def _valid_device_name(name: str) -> bool:
 
 @dataclass
 class DataConfig:
-    """Commonsense instruction data, its splits and how it is spread over clients.
+    """Instruction data (commonsense or the user's own), its splits and how it is spread over clients.
 
     Attributes:
-        path: folder of the LLM-Adapters commonsense data (one sub-folder per task
-            with train.json / test.json). Empty: ``$UBSMOE_DATA`` (its
+        name: ``commonsense`` (the LLM-Adapters suite, the default) or
+            ``instruction`` (any folder of tasks in that format, or an HF dataset;
+            README, "Your own data").
+        path: folder of the data (one sub-folder per task with train.json /
+            test.json). Empty (commonsense only): ``$UBSMOE_DATA`` (its
             ``commonsense`` sub-folder if present), then ``../shared/data/commonsense``
             next to the working directory or the package checkout, then download.
         tasks: task names; a task absent from the data is reported as skipped.
+            Empty: every task (commonsense: the eight; instruction: all found).
+        task_field: record field naming the task of a record in a top-level
+            combined ``train.json`` (instruction data).
+        hf_dataset: a Hugging Face dataset (hub name or local dataset folder) read
+            with ``datasets.load_dataset`` instead of ``path`` (instruction data).
+        hf_split: the split of ``hf_dataset`` to read.
+        columns: record field -> dataset column for ``hf_dataset`` (fields:
+            instruction, input, output, answer, task, category; instruction and
+            output required).
+        answer_types: task -> ``label`` | ``letter`` | ``numeric`` | ``text``;
+            tasks not listed are detected (see ``ubsmoe.eval.instruction``).
+        partition_field: record field whose values the Dirichlet partition is
+            drawn over (empty: the task).
         train_examples: total training examples sampled over all tasks, seeded
             (Commonsense-15K: 15000). 0 keeps every example.
         carved_train_fraction: for tasks with only a test file, the share of it
@@ -179,8 +208,15 @@ class DataConfig:
         dirichlet_alpha: concentration of the Dirichlet partitioner.
     """
 
+    name: str = "commonsense"
     path: str = ""
-    tasks: list[str] = field(default_factory=lambda: list(COMMONSENSE_TASKS))
+    tasks: list[str] = field(default_factory=list)
+    task_field: str = "task"
+    hf_dataset: str = ""
+    hf_split: str = "train"
+    columns: dict[str, str] = field(default_factory=dict)
+    answer_types: dict[str, str] = field(default_factory=dict)
+    partition_field: str = ""
     train_examples: int = 15000
     carved_train_fraction: float = 0.5
     max_length: int = 256
@@ -189,11 +225,33 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         errors = []
-        bad = [t for t in self.tasks if t not in COMMONSENSE_TASKS]
-        if bad or not self.tasks:
-            errors.append(
-                _bad("data.tasks", self.tasks, f"a non-empty list from {', '.join(COMMONSENSE_TASKS)}")
-            )
+        if self.name not in DATA_NAMES:
+            errors.append(_bad("data.name", self.name, f"one of {', '.join(DATA_NAMES)}"))
+        if self.name == "commonsense":
+            if not self.tasks:
+                self.tasks = list(COMMONSENSE_TASKS)
+            bad = [t for t in self.tasks if t not in COMMONSENSE_TASKS]
+            if bad:
+                errors.append(
+                    _bad("data.tasks", self.tasks, f"a non-empty list from {', '.join(COMMONSENSE_TASKS)}")
+                )
+            for key in ("hf_dataset", "columns", "answer_types", "partition_field"):
+                if getattr(self, key):
+                    errors.append(_bad(f"data.{key}", getattr(self, key),
+                                       "empty with data.name=commonsense (use data.name=instruction)"))
+        if not isinstance(self.columns, dict) or any(
+                k not in RECORD_FIELDS or not isinstance(v, str) or not v for k, v in self.columns.items()):
+            errors.append(_bad("data.columns", self.columns,
+                               f"a mapping from {', '.join(RECORD_FIELDS)} to column names"))
+        elif self.hf_dataset and not {"instruction", "output"} <= set(self.columns):
+            errors.append(_bad("data.columns", self.columns,
+                               "a mapping with at least 'instruction' and 'output' when data.hf_dataset is set"))
+        if not isinstance(self.answer_types, dict) or any(
+                v not in ANSWER_TYPES for v in self.answer_types.values()):
+            errors.append(_bad("data.answer_types", self.answer_types,
+                               f"a mapping task -> one of {', '.join(ANSWER_TYPES)}"))
+        if self.hf_dataset and self.path:
+            errors.append(_bad("data.hf_dataset", self.hf_dataset, "empty when data.path is set (one source)"))
         if self.train_examples < 0:
             errors.append(_bad("data.train_examples", self.train_examples, "an integer >= 0"))
         if not 0.0 < self.carved_train_fraction < 1.0:
@@ -389,6 +447,14 @@ class EvalConfig:
             ``budget`` (level j at its own K_j, and rank methods at rank r_j: the
             papers' protocol, for every method) and/or ``native`` (every level at
             the model's top-k, still at rank r_j).
+        text_metric: the value a free-text task reports in a row's ``per_task``:
+            ``rouge_l`` (ROUGE-L F) or ``bertscore_f1``; both are in
+            ``per_task_metrics`` when computed.
+        bertscore_model: BERTScore's scoring model, a hub name or a local folder
+            (``bert_score`` ``model_type``); empty: BERTScore off (stated in the
+            summary).
+        bertscore_num_layers: the layer BERTScore reads; 0: bert-score's own
+            choice for a known ``bertscore_model`` (required for a local folder).
     """
 
     protocols: list[str] = field(default_factory=lambda: list(EVAL_PROTOCOLS))
@@ -398,9 +464,16 @@ class EvalConfig:
     batch_size: int = 16
     every_rounds: int = 0
     pg_probe_examples: int = 8
+    text_metric: str = "rouge_l"
+    bertscore_model: str = "roberta-large"
+    bertscore_num_layers: int = 0
 
     def __post_init__(self) -> None:
         errors = []
+        if self.text_metric not in TEXT_METRICS:
+            errors.append(_bad("eval.text_metric", self.text_metric, f"one of {', '.join(TEXT_METRICS)}"))
+        if self.bertscore_num_layers < 0:
+            errors.append(_bad("eval.bertscore_num_layers", self.bertscore_num_layers, "an integer >= 0"))
         if not self.protocols or any(p not in EVAL_PROTOCOLS for p in self.protocols):
             errors.append(
                 _bad("eval.protocols", self.protocols, f"a non-empty list from {', '.join(EVAL_PROTOCOLS)}")
@@ -423,6 +496,34 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where a run's per-round scalars go besides ``metrics.jsonl`` (see :mod:`ubsmoe.tracking`).
+
+    Attributes:
+        tensorboard: write TensorBoard event files to ``run_dir/tensorboard/``.
+        wandb: also log the same scalars to Weights & Biases (needs ``pip install wandb``).
+        wandb_project: the W&B project name.
+
+    Raises:
+        ConfigError: ``wandb`` true without the ``wandb`` package, or an empty project.
+    """
+
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "ubsmoe"
+
+    def __post_init__(self) -> None:
+        import importlib.util
+
+        errors = []
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            errors.append("log.wandb=true needs `pip install wandb`")
+        if not self.wandb_project.strip():
+            errors.append(_bad("log.wandb_project", self.wandb_project, "a non-empty W&B project name"))
+        _raise(errors)
+
+
+@dataclass
 class RunConfig:
     """One federated run: model, data, local training, federation, evaluation, method.
 
@@ -436,6 +537,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fl: FLConfig = field(default_factory=FLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     method_config: Any = None
 
     def __post_init__(self) -> None:
@@ -466,7 +568,9 @@ def _check_method_against_run(run: RunConfig) -> None:
     """Cross-check the method against the rest of the run.
 
     ``train.top_k`` must be one of the method's :attr:`Method.train_top_k_modes`
-    (an SMoE method cannot train at the native top-k). A method config may also
+    (an SMoE method cannot train at the native top-k), and an SMoE method
+    (:attr:`Method.needs_moe`) is refused on a dense backbone whose type is known
+    offline (preset, shipped or local config). A method config may also
     define ``check_run(run)`` (e.g. one LoRA rank per budget level).
 
     Raises:
@@ -474,7 +578,14 @@ def _check_method_against_run(run: RunConfig) -> None:
     """
     from ubsmoe.methods import get_method_class
 
-    modes = get_method_class(run.method).train_top_k_modes
+    method_cls = get_method_class(run.method)
+    if method_cls.needs_moe:
+        from ubsmoe.models.families import dense_refusal, is_dense
+        from ubsmoe.models.loading import known_model_type
+
+        if is_dense(known_model_type(run.model) or ""):
+            raise ConfigError(dense_refusal(run.method, run.model.name))
+    modes = method_cls.train_top_k_modes
     if run.train.top_k not in modes:
         raise ConfigError(_bad("train.top_k", run.train.top_k,
                                f"one of {', '.join(modes)} for method '{run.method}'"))

@@ -33,6 +33,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic(Path(path), lambda f: f.write(text.encode("utf-8")), "wb")
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, creating parent folders."""
+    _atomic(Path(path), lambda f: f.write(data), "wb")
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(Path(path), json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -91,7 +91,11 @@ class CommonsenseData:
             of the same file (``test``, ``train``) or a record of any task's test
             set (``train_in_test``); only tasks with a drop appear, only non-zero
             counts are listed.
-        data_dir: the resolved data folder.
+        data_dir: the resolved data folder (or the HF dataset's name).
+        answer_types: task -> answer type (``label``, ``letter``, ``numeric``,
+            ``text``) for instruction data; empty for commonsense (all ``label``).
+        partition_by: what the client partition is drawn over: ``task``, a record
+            field's name, or ``iid`` (one value only, so no skew to draw).
     """
 
     train: list[dict[str, Any]] = field(default_factory=list)
@@ -100,6 +104,8 @@ class CommonsenseData:
     carved: dict[str, int] = field(default_factory=dict)
     duplicates: dict[str, dict[str, int]] = field(default_factory=dict)
     data_dir: str = ""
+    answer_types: dict[str, str] = field(default_factory=dict)
+    partition_by: str = "task"
 
 
 def format_prompt(record: dict[str, Any]) -> str:
@@ -349,28 +355,76 @@ def load_commonsense(cfg: DataConfig, seed: int) -> CommonsenseData:
     for task in cfg.tasks:
         folder = data_dir / task
         train_file, test_file = folder / "train.json", folder / "test.json"
-        has_train, has_test = train_file.is_file(), test_file.is_file()
-        if not has_train and not has_test:
+        if not train_file.is_file() and not test_file.is_file():
             out.skipped[task] = f"no data files in {folder}"
             continue
-        dropped: dict[str, int] = {}
-        test = None
-        if has_test:
-            test, dropped["test"] = _drop_duplicates(_read_records(test_file, task))
-        if has_train:
-            train, dropped["train"] = _drop_duplicates(_read_records(train_file, task))
-            out.train.extend(train)
-        elif test is not None:
-            n_carve = _round_half_up(len(test) * cfg.carved_train_fraction)
-            order = _stable_rng(seed, "carve", task).permutation(len(test))
-            carved = set(order[:n_carve].tolist())
-            out.train.extend(r for i, r in enumerate(test) if i in carved)
-            test = [r for i, r in enumerate(test) if i not in carved]
-            out.carved[task] = n_carve
-        if test is not None:
-            out.test[task] = test
-        if any(dropped.values()):
-            out.duplicates[task] = {k: n for k, n in dropped.items() if n}
+        add_task(out, task,
+                 _read_records(train_file, task) if train_file.is_file() else None,
+                 _read_records(test_file, task) if test_file.is_file() else None,
+                 cfg.carved_train_fraction, seed)
+    if len(out.skipped) == len(cfg.tasks):
+        raise ConfigError(
+            f"data.tasks: none of {list(cfg.tasks)} has train.json or test.json under "
+            f"data.path {str(data_dir)!r}"
+        )
+    return finish_split(out, cfg.train_examples, seed)
+
+
+def add_task(out: CommonsenseData, task: str, train: list[dict[str, Any]] | None,
+             test: list[dict[str, Any]] | None, carved_train_fraction: float, seed: int) -> None:
+    """Add one task's records to ``out``: drop duplicates, carve a test-only task.
+
+    Each given list first loses its duplicate records (:func:`record_key`, the
+    first kept). With a ``train`` list it is the task's training data as is; with
+    only ``test``, ``round(len * carved_train_fraction)`` records (half up), chosen
+    by a permutation seeded from ``seed`` and the task name, are carved off into
+    training and the rest stay test (disjoint). Counts go to ``out.carved`` and
+    ``out.duplicates``.
+
+    Args:
+        out: the data being built (its ``train``, ``test``, ``carved`` and
+            ``duplicates`` are extended in place).
+        task: the task name (records already carry it in ``"task"``).
+        train: the task's training records, or None.
+        test: the task's test records, or None.
+        carved_train_fraction: share of a test-only task carved into training, in (0, 1).
+        seed: base seed of the carving permutation.
+    """
+    dropped: dict[str, int] = {}
+    if test is not None:
+        test, dropped["test"] = _drop_duplicates(test)
+    if train is not None:
+        train, dropped["train"] = _drop_duplicates(train)
+        out.train.extend(train)
+    elif test is not None:
+        n_carve = _round_half_up(len(test) * carved_train_fraction)
+        order = _stable_rng(seed, "carve", task).permutation(len(test))
+        carved = set(order[:n_carve].tolist())
+        out.train.extend(r for i, r in enumerate(test) if i in carved)
+        test = [r for i, r in enumerate(test) if i not in carved]
+        out.carved[task] = n_carve
+    if test is not None:
+        out.test[task] = test
+    if any(dropped.values()):
+        out.duplicates[task] = {k: n for k, n in dropped.items() if n}
+
+
+def finish_split(out: CommonsenseData, train_examples: int, seed: int) -> CommonsenseData:
+    """Drop training records that are test questions of any task, then sample the pool.
+
+    Training records whose :func:`record_key` is in any task's test set are removed
+    (counted as ``duplicates[task]["train_in_test"]``); then, if ``train_examples >
+    0`` and the pool is larger, ``train_examples`` records are drawn uniformly
+    without replacement (seeded), keeping pool order.
+
+    Args:
+        out: the data after every task was added (:func:`add_task`); changed in place.
+        train_examples: size of the training sample (0: keep all).
+        seed: base seed of the sample.
+
+    Returns:
+        ``out``.
+    """
     test_keys = {record_key(r) for records in out.test.values() for r in records}
     in_test: dict[str, int] = {}
     for r in out.train:
@@ -380,14 +434,9 @@ def load_commonsense(cfg: DataConfig, seed: int) -> CommonsenseData:
         out.train = [r for r in out.train if record_key(r) not in test_keys]
         for task, n in in_test.items():
             out.duplicates.setdefault(task, {})["train_in_test"] = n
-    if len(out.skipped) == len(cfg.tasks):
-        raise ConfigError(
-            f"data.tasks: none of {list(cfg.tasks)} has train.json or test.json under "
-            f"data.path {str(data_dir)!r}"
-        )
-    if 0 < cfg.train_examples < len(out.train):
+    if 0 < train_examples < len(out.train):
         keep = _stable_rng(seed, "train_examples").choice(
-            len(out.train), size=cfg.train_examples, replace=False
+            len(out.train), size=train_examples, replace=False
         )
         out.train = [out.train[i] for i in np.sort(keep)]
     return out

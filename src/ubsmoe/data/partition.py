@@ -189,3 +189,32 @@ def top_k_for_budget(beta: float, k_max: int, k_min: int = 1) -> int:
     if not 1 <= k_min <= k_max:
         raise ValueError(f"k_min: got {k_min}, expected an integer in [1, k_max={k_max}]")
     return max(k_min, min(k_max, math.floor(k_max * beta + 1e-9)))
+
+
+def partition_labels(records: list[dict], partition_field: str, default_by: str = "task"
+                     ) -> tuple[list[str], str]:
+    """The label of every training record that the client partition is drawn over.
+
+    Args:
+        records: the pooled training records (each with ``"task"``).
+        partition_field: a record field (``data.partition_field``, e.g. a category);
+            empty: the task.
+        default_by: what to use without ``partition_field``: ``task``, or ``iid``
+            when the records carry no task (the loader's ``partition_by``).
+
+    Returns:
+        ``(labels [num_records], by)``: ``by`` is ``partition_field``, ``task`` or
+        ``iid`` (then every label is ``""`` and the partition must be IID).
+
+    Raises:
+        ValueError: a record lacks ``partition_field`` (names the field and the count).
+    """
+    if partition_field:
+        missing = sum(r.get(partition_field) in (None, "") for r in records)
+        if missing:
+            raise ValueError(f"data.partition_field: {partition_field!r} is missing from {missing} of "
+                             f"{len(records)} training records")
+        return [str(r[partition_field]) for r in records], partition_field
+    if default_by == "iid":
+        return [""] * len(records), "iid"
+    return [str(r["task"]) for r in records], "task"

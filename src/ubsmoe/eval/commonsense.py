@@ -24,8 +24,9 @@ padding tokens are never routed to experts.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -146,20 +147,20 @@ class _AnswerStop:
     """Stopping criterion: a row is done once its response holds an answer label.
 
     Called by ``generate`` after every decoding step with the sequences so far; rows
-    already done stay done (``generate`` pads them). The check is the task's own
-    :func:`extract_answer`, so a stopped response extracts to the same label as the
-    full-length one (no label of a task contains another, so a later token cannot
-    create an earlier-starting match).
+    already done stay done (``generate`` pads them). The check is ``found`` (for a
+    commonsense task its own :func:`extract_answer`), so a stopped response extracts
+    to the same label as the full-length one (no label of a task is a prefix of
+    another, so a later token cannot create an earlier-starting match).
 
     Args:
         tokenizer: decodes the new tokens.
-        task: task name for :func:`extract_answer`.
+        found: response text -> True once it holds an answer.
         prompt_len: columns of the (left-padded) prompt; new tokens follow.
     """
 
-    def __init__(self, tokenizer, task: str, prompt_len: int) -> None:
+    def __init__(self, tokenizer, found: Callable[[str], bool], prompt_len: int) -> None:
         self.tokenizer = tokenizer
-        self.task = task
+        self.found = found
         self.prompt_len = prompt_len
         self.done: torch.Tensor | None = None
 
@@ -172,14 +173,19 @@ class _AnswerStop:
             texts = self.tokenizer.batch_decode(input_ids[todo, self.prompt_len:],
                                                 skip_special_tokens=True)
             for row, text in zip(todo, texts):
-                if extract_answer(self.task, text) is not None:
+                if self.found(text):
                     self.done[row] = True
         return self.done.clone()
 
 
+def _has_label(task: str, text: str) -> bool:
+    return extract_answer(task, text) is not None
+
+
 def generate_responses(model: nn.Module, tokenizer, prompts: Sequence[str], batch_size: int,
                        max_new_tokens: int, task: str | None = None,
-                       sort_by_length: bool = True) -> list[str]:
+                       sort_by_length: bool = True,
+                       stop: Callable[[str], bool] | None = None) -> list[str]:
     """Greedy responses to ``prompts``, decoded from the new tokens only.
 
     Prompts are tokenized without special tokens (as in :func:`loglik_accuracy`),
@@ -201,6 +207,8 @@ def generate_responses(model: nn.Module, tokenizer, prompts: Sequence[str], batc
         max_new_tokens: response length limit in tokens.
         task: stop a row at its first answer label of this task (None: no early stop).
         sort_by_length: batch prompts sorted by length (False: in the given order).
+        stop: instead of ``task``, stop a row once ``stop(response)`` is True (the
+            predicate must not change its answer as more tokens follow).
 
     Returns:
         One response string per prompt (truncated after the label with ``task``).
@@ -216,6 +224,7 @@ def generate_responses(model: nn.Module, tokenizer, prompts: Sequence[str], batc
         raise ValueError("tokenizer: needs a pad token for batched generation")
     if task is not None:
         extract_answer(task, "")  # validate the task before generating anything
+        stop = functools.partial(_has_label, task)
     from transformers import StoppingCriteriaList
 
     device = _device(model)
@@ -230,8 +239,8 @@ def generate_responses(model: nn.Module, tokenizer, prompts: Sequence[str], batc
             batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, padding=True,
                                   return_tensors="pt").to(device)
             prompt_len = batch["input_ids"].shape[1]
-            stopping = None if task is None else StoppingCriteriaList(
-                [_AnswerStop(tokenizer, task, prompt_len)])
+            stopping = None if stop is None else StoppingCriteriaList(
+                [_AnswerStop(tokenizer, stop, prompt_len)])
             # The mask covers the prefill forward only; decode steps are all real tokens.
             with routing_mask(model, batch["attention_mask"]):
                 out = model.generate(
@@ -314,10 +323,12 @@ def generation_accuracy(model: nn.Module, tokenizer, task: str, prompts: Sequenc
 
 
 def choice_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str],
-                    choices: Sequence[Sequence[str]], batch_size: int) -> list[list[float]]:
+                    choices: Sequence[Sequence[str]], batch_size: int,
+                    prefix: str = RESPONSE_PREFIX) -> list[list[float]]:
     """Log-probability of each candidate response given its prompt.
 
-    For example i and candidate c the continuation is ``"the correct answer is " + c``;
+    For example i and candidate c the continuation is ``prefix + c`` (default
+    ``"the correct answer is " + c``, the commonsense training response);
     prompt and continuation are tokenized separately without special tokens and
     concatenated, and the score is the sum over continuation tokens of
     ``log p(token | prompt, earlier continuation tokens)``, computed in float32.
@@ -331,6 +342,7 @@ def choice_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str],
         prompts: one prompt per example.
         choices: candidate labels per example (e.g. ``["answer1", ..., "answer4"]``).
         batch_size: sequences (pairs) per forward.
+        prefix: text before the candidate in the continuation.
 
     Returns:
         ``[num_examples][num_choices_i]`` summed log-probabilities (nats).
@@ -348,7 +360,7 @@ def choice_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str],
         return []
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     labels = sorted({c for cs in choices for c in cs})
-    cont_ids = dict(zip(labels, tokenizer([RESPONSE_PREFIX + c for c in labels],
+    cont_ids = dict(zip(labels, tokenizer([prefix + c for c in labels],
                                           add_special_tokens=False)["input_ids"]))
     requests: list[tuple[int, int, list[int], int]] = []  # (example, choice, ids, prompt_len)
     for i, (p_ids, cs) in enumerate(zip(prompt_ids, choices)):
@@ -402,7 +414,7 @@ def choice_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str],
 
 def loglik_accuracy(model: nn.Module, tokenizer, prompts: Sequence[str],
                     choices: Sequence[Sequence[str]], answers: Sequence[str],
-                    batch_size: int) -> float:
+                    batch_size: int, prefix: str = RESPONSE_PREFIX) -> float:
     """Accuracy of log-likelihood choice scoring (see :func:`choice_logprobs`).
 
     The prediction is the candidate with the highest summed log-probability (ties:
@@ -415,6 +427,7 @@ def loglik_accuracy(model: nn.Module, tokenizer, prompts: Sequence[str],
         choices: candidate labels per example.
         answers: gold label per example; must be one of that example's choices.
         batch_size: sequences per forward.
+        prefix: text before the candidate (see :func:`choice_logprobs`).
 
     Returns:
         Fraction of examples (in [0, 1]) predicted correctly; 0.0 for no examples.
@@ -429,7 +442,7 @@ def loglik_accuracy(model: nn.Module, tokenizer, prompts: Sequence[str],
             raise ValueError(f"answers[{i}]: {a!r} is not among the choices {list(cs)}")
     if not prompts:
         return 0.0
-    scores = choice_logprobs(model, tokenizer, prompts, choices, batch_size)
+    scores = choice_logprobs(model, tokenizer, prompts, choices, batch_size, prefix)
     correct = sum(cs[int(np.argmax(s))] == a for s, cs, a in zip(scores, choices, answers))
     return correct / len(prompts)
 

@@ -33,6 +33,8 @@ KEY_TOP_K = INSTRUCTION_PREFIX + "top_k"
 KEY_LORA_RANK = INSTRUCTION_PREFIX + "lora_rank"
 KEY_LORA_ALPHA = INSTRUCTION_PREFIX + "lora_alpha"
 KEY_MERGE_IDS = INSTRUCTION_PREFIX + "base_merge_ids"
+# The server's tokenizer files, one key per file, sent to a node with its own data.
+KEY_TOKENIZER_FILE = INSTRUCTION_PREFIX + "tokenizer_file."
 # Metric keys of a reply.
 METRIC_CLIENT_ID = "client_id"
 METRIC_NUM_EXAMPLES = "num_examples"
@@ -62,9 +64,16 @@ def config_from_record(record: ConfigRecord) -> tuple[RunConfig, dict[str, Any]]
 def train_content(cfg: RunConfig, global_adapters: dict[str, torch.Tensor], round_idx: int,
                   client_id: int, top_k: int, lora_rank: int | None = None,
                   lora_alpha: float | None = None,
-                  base_merges: Sequence[tuple[str, dict[str, torch.Tensor]]] = ()) -> RecordDict:
-    """The content of one ``train`` message (arguments as :meth:`Server.client_task`)."""
+                  base_merges: Sequence[tuple[str, dict[str, torch.Tensor]]] = (),
+                  tokenizer_files: dict[str, str] | None = None) -> RecordDict:
+    """The content of one ``train`` message (arguments as :meth:`Server.client_task`).
+
+    ``tokenizer_files`` (``{file name: text}``, :func:`ubsmoe.fl.train.tokenizer_to_files`)
+    is sent to a node that trains on its own data, so it uses the server's tokenizer.
+    """
     instruction: dict[str, Any] = {KEY_ROUND: round_idx, KEY_CLIENT_ID: client_id, KEY_TOP_K: top_k}
+    for name, text in (tokenizer_files or {}).items():
+        instruction[KEY_TOKENIZER_FILE + name] = text
     if lora_rank is not None:
         instruction[KEY_LORA_RANK] = int(lora_rank)
     if lora_alpha is not None:
@@ -79,6 +88,9 @@ def train_content(cfg: RunConfig, global_adapters: dict[str, torch.Tensor], roun
 
 def train_task_from_content(content: RecordDict) -> tuple[RunConfig, dict[str, Any]]:
     """Inverse of :func:`train_content`: ``(config, keyword arguments of ClientRuntime.train_round)``.
+
+    When the server sent its tokenizer, the task also holds ``tokenizer_files``
+    (``{file name: text}``), which the ClientApp removes before training.
 
     Raises:
         ConfigError: the record does not hold a valid config.
@@ -99,6 +111,10 @@ def train_task_from_content(content: RecordDict) -> tuple[RunConfig, dict[str, A
         "lora_alpha": float(instruction[KEY_LORA_ALPHA]) if KEY_LORA_ALPHA in instruction else None,
         "base_merges": merges,
     }
+    tokenizer_files = {k[len(KEY_TOKENIZER_FILE):]: str(v) for k, v in instruction.items()
+                       if k.startswith(KEY_TOKENIZER_FILE)}
+    if tokenizer_files:
+        task["tokenizer_files"] = tokenizer_files
     return cfg, task
 
 

@@ -1,6 +1,8 @@
 """The run directory's layout and its round checkpoints (plain PyTorch, no Flower).
 
-A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one
+A run directory holds ``config.yaml`` (the resolved config), ``provenance.json`` (versions, git commit,
+device, command; :mod:`ubsmoe.provenance`), ``tensorboard/`` (event files,
+:mod:`ubsmoe.tracking`), ``metrics.jsonl`` (one
 line per round, diagnostics and evaluation), ``summary.json`` and ``checkpoints/``:
 ``round_XXXX.pt`` (a :class:`ServerState`, enough to resume) and ``adapter/`` (the
 final adapters, :mod:`ubsmoe.fl.export`).
@@ -18,6 +20,7 @@ CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
+PROVENANCE_FILE = "provenance.json"
 
 
 @dataclass

@@ -11,6 +11,7 @@ The Flower ServerApp (:mod:`ubsmoe.fl.server_app`) only moves messages and calls
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import statistics
 import time
@@ -21,12 +22,13 @@ from typing import Any
 import torch
 
 from ubsmoe.config import RunConfig, save_config
-from ubsmoe.fl.export import export_adapters
+from ubsmoe.fl.export import RunInfo, export_adapters
 from ubsmoe.fl.fold import LeftOut, OrderedFold, RoundIncomplete, union_seconds
 from ubsmoe.fl.run_dir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
+    PROVENANCE_FILE,
     SUMMARY_FILE,
     ServerState,
     latest_checkpoint,
@@ -43,6 +45,8 @@ from ubsmoe.methods.base import (
 )
 from ubsmoe.models import adapter_state, build_model, load_adapter_state, set_top_k, smoe_layers
 from ubsmoe.models.loading import set_lora_rank
+from ubsmoe.provenance import provenance
+from ubsmoe.tracking import RunTracker
 
 
 class Server:
@@ -53,12 +57,15 @@ class Server:
         run_dir: the run directory (created).
         setup: data, tokenizer and partitions shared with the clients.
         resume: continue from the latest checkpoint in ``run_dir``.
+        command: the invoking command line, for the run's provenance
+            (``run_dir/provenance.json``, ``summary["provenance"]``); None: unknown.
 
     Raises:
         FileNotFoundError: ``resume`` without a checkpoint in ``run_dir``.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume: bool = False,
+                 command: str | None = None) -> None:
         from ubsmoe.data.partition import assign_budgets
 
         self.cfg = cfg
@@ -73,9 +80,12 @@ class Server:
         self.global_lora = self.method.global_lora(cfg.model.lora_rank, cfg.model.lora_alpha)
         set_lora_rank(self.model, *self.global_lora, seed=cfg.train.seed + 1)
         self._merged: list[str] = []  # ids of the method's base merges applied to self.model
-        self.k_max = smoe_layers(self.model)[0].max_top_k
-        # (L, E): the shape of a client's expert_counts (checked on every reply).
-        self.counts_shape = (len(smoe_layers(self.model)), smoe_layers(self.model)[0].num_experts)
+        layers = smoe_layers(self.model)
+        # A dense backbone has no experts: one MLP per token, so every level runs at K = 1.
+        self.k_max = layers[0].max_top_k if layers else 1
+        # (L, E): the shape of a client's expert_counts (checked on every reply); a dense
+        # backbone sends [0, 0].
+        self.counts_shape = (len(layers), layers[0].num_experts) if layers else (0, 0)
         self.budgets = assign_budgets(cfg.fl.num_clients, cfg.fl.budgets, cfg.fl.budget_pattern,
                                       cfg.train.seed)
         self.top_k = [self.level_top_k()[b] for b in self.budgets]
@@ -93,6 +103,74 @@ class Server:
             save_config(cfg, self.run_dir / CONFIG_FILE)
         self.last_eval: list[dict[str, Any]] = []
         self.last_diagnostics: dict[str, Any] = {}
+        self.provenance = provenance(command, next(self.model.parameters()).device)
+        atomic_write_json(self.run_dir / PROVENANCE_FILE, self.provenance)
+        self.tracker = RunTracker(self.run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                                  wandb_project=cfg.log.wandb_project, config=cfg.to_dict(),
+                                  start_round=self.state.round + 1)
+
+        # client id -> what its node declared (deployment; empty: the config decides).
+        self.declared: dict[int, dict[str, Any]] = {}
+        self._tokenizer_files: dict[str, str] | None = None
+        self._local_data: set[int] = set()  # clients training on their node's own data
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Append a metrics record to ``metrics.jsonl`` and its scalars to TensorBoard/W&B."""
+        append_jsonl(self.run_dir / METRICS_FILE, record)
+        self.tracker.log(record)
+
+    def declare_nodes(self, declarations: dict[int, Any],
+                      node_ids: dict[int, int] | None = None) -> dict[int, dict[str, Any]]:
+        """Use what each client's node declared (:mod:`ubsmoe.budgets`) instead of the config.
+
+        A node's budget declaration (``budget=``, ``top-k=``, ``lora-rank=``) replaces
+        the level ``fl.budget_pattern`` gave its client (K_c and LoRA rank follow
+        the level); a node without one keeps it. Clients whose node has its own
+        data are sent the server's tokenizer. With at least one declaration a
+        ``{"type": "nodes", "clients": [...]}`` record (client -> node, declared key
+        and value, level, budget, K, rank, data, device) is appended to
+        metrics.jsonl and kept for the summary. Call before the first round.
+
+        Args:
+            declarations: client id -> :class:`~ubsmoe.budgets.NodeDeclaration`.
+            node_ids: client id -> Flower node id (names the node in errors and the log).
+
+        Returns:
+            client id -> the logged entry, for the clients whose node declared a budget.
+
+        Raises:
+            DeclarationError: a declaration the run cannot use (one line naming the
+                node, the key and the allowed values).
+        """
+        from ubsmoe.budgets import declared_level
+
+        budgets = list(self.cfg.fl.budgets)
+        level_k = [self.level_top_k()[b] for b in budgets]
+        ranks = getattr(self.method.config, "ranks", None)
+        ranks = list(ranks) if ranks is not None and len(ranks) == len(budgets) else None
+        rows = []
+        for client, decl in sorted(declarations.items()):
+            node = (node_ids or {}).get(client)
+            label = f"{node} (client {client})" if node is not None else f"of client {client}"
+            level = declared_level(decl, label, self.cfg.method, budgets, level_k, ranks)
+            if decl.data_path is not None:
+                self._local_data.add(client)
+            if level is not None:
+                beta = budgets[level]
+                self.budgets[client] = beta
+                self.top_k[client] = level_k[level]
+                self.lora[client] = self.level_lora(level)
+                self.declared[client] = {"declared": decl.budget_key, "value": decl.budget_value,
+                                         "level": level, **({"node": node} if node is not None else {})}
+            if level is not None or decl.data_path is not None or decl.device is not None:
+                rows.append({"id": client, **self.declared.get(client, {}),
+                             "budget": self.budgets[client], "top_k": self.top_k[client],
+                             "lora_rank": self.lora[client][0],
+                             **({"data_path": decl.data_path} if decl.data_path else {}),
+                             **({"device": decl.device} if decl.device else {})})
+        if rows:
+            append_jsonl(self.run_dir / METRICS_FILE, {"type": "nodes", "clients": rows})
+        return {c: self.declared[c] for c in self.declared}
 
     # ----- round protocol ------------------------------------------------------
     def level_lora(self, level: int) -> tuple[int, float]:
@@ -118,7 +196,16 @@ class Server:
             "lora_rank": rank,
             "lora_alpha": alpha,
             "base_merges": self.method.base_merges(),
+            **({"tokenizer_files": self.tokenizer_files()} if client_id in self._local_data else {}),
         }
+
+    def tokenizer_files(self) -> dict[str, str]:
+        """The server's tokenizer as files (cached), for nodes with their own data."""
+        from ubsmoe.fl.train import tokenizer_to_files
+
+        if self._tokenizer_files is None:
+            self._tokenizer_files = tokenizer_to_files(self.tokenizer)
+        return self._tokenizer_files
 
     def sample_clients(self, round_idx: int) -> list[int]:
         """Client ids participating in ``round_idx`` (seeded; all when fraction = 1)."""
@@ -226,7 +313,10 @@ class Server:
             "round": round_idx,
             "loss": loss,
             "clients": [
-                {"id": u.client_id, "top_k": u.top_k, "loss": u.loss, "examples": u.num_examples,
+                {"id": u.client_id, "top_k": u.top_k, "budget": self.budgets[u.client_id],
+                 "lora_rank": self.lora[u.client_id][0], "loss": u.loss, "examples": u.num_examples,
+                 **({"declared": self.declared[u.client_id]["declared"]}
+                    if u.client_id in self.declared else {}),
                  **u.metrics}
                 for u in folded
             ],
@@ -241,17 +331,16 @@ class Server:
             busy = union_seconds(work + fold.intervals)
             record.update({"round_wall_s": wall, "overhead_s": max(wall - busy, 0.0),
                            "overhead_share": max(wall - busy, 0.0) / wall if wall > 0 else 0.0})
-        append_jsonl(self.run_dir / METRICS_FILE, record)
+        self.record(record)
         self.last_diagnostics = self.diagnostics(round_idx, folded)
-        append_jsonl(self.run_dir / METRICS_FILE, self.last_diagnostics)
+        self.record(self.last_diagnostics)
         self.state.round = round_idx
         self.state.train_loss.append({"round": round_idx, "loss": loss})
         every = self.cfg.eval.every_rounds
         if round_idx == self.cfg.fl.rounds or (every and round_idx % every == 0):
             start = time.time()
             self.last_eval = self.evaluate(round_idx)
-            append_jsonl(self.run_dir / METRICS_FILE,
-                         {"type": "timing", "round": round_idx, "eval_s": time.time() - start})
+            self.record({"type": "timing", "round": round_idx, "eval_s": time.time() - start})
         self.checkpoint()
         return record
 
@@ -299,8 +388,9 @@ class Server:
 
         utilization = round_utilization(updates)  # [L, E]
         phi = self.global_phi()  # [L, E] or None
+        # A dense backbone has no experts ([0, 0]): no utilization statistics.
         record: dict[str, Any] = {"type": "diagnostics", "round": round_idx,
-                                  **utilization_summary(utilization, phi),
+                                  **(utilization_summary(utilization, phi) if utilization.numel() else {}),
                                   "utilization": utilization.tolist()}
         if phi is not None:
             record["phi"] = {"min": float(phi.min()), "max": float(phi.max()),
@@ -354,7 +444,87 @@ class Server:
         if not sync_base_merges(self.model, self._merged, self.method.base_merges()):
             raise RuntimeError("server: the method's base merges do not extend the applied ones")
 
+    @functools.cached_property
+    def bertscore(self):
+        """The BERTScore scorer (``eval.bertscore_model``), loaded once; None without text tasks.
+
+        Returns:
+            A :class:`~ubsmoe.eval.instruction.BertScore` (its ``reason`` says why
+            it is skipped when the model cannot be loaded), or None.
+        """
+        from ubsmoe.eval.instruction import BertScore
+
+        if "text" not in self.setup.data.answer_types.values():
+            return None
+        scorer = BertScore(self.cfg.eval.bertscore_model, self.cfg.eval.bertscore_num_layers)
+        if scorer.reason:
+            log = logging.getLogger("ubsmoe")
+            log.warning("BERTScore skipped: %s", scorer.reason)
+        return scorer
+
+    def evaluate_one(self, task: str, records: list[dict]) -> dict[str, Any]:
+        """Score one task with the model as it is set (K, adapters).
+
+        Commonsense data: :func:`ubsmoe.eval.commonsense.evaluate_task`; instruction
+        data: :func:`ubsmoe.eval.instruction.evaluate_instruction_task` with the
+        task's answer type.
+
+        Returns:
+            ``{protocol: value, "n": examples}`` plus, for instruction data,
+            ``metric`` (protocol -> metric name) and for text tasks ``metrics``.
+        """
+        from ubsmoe.eval import commonsense, instruction
+
+        ev = self.cfg.eval
+        if self.cfg.data.name != "instruction":
+            return commonsense.evaluate_task(self.model, self.tokenizer, task, records, ev.protocols,
+                                             ev.batch_size, ev.max_new_tokens)
+        return instruction.evaluate_instruction_task(
+            self.model, self.tokenizer, task, self.setup.data.answer_types[task], records, ev.protocols,
+            ev.batch_size, ev.max_new_tokens, ev.text_metric, self.bertscore)
+
     def evaluate(self, round_idx: int) -> list[dict[str, Any]]:
+        """Score the global model at every budget level (:meth:`score_levels`) and log the rows.
+
+        Returns:
+            The rows of :meth:`score_levels`, each also appended to ``metrics.jsonl``.
+        """
+        rows = self.score_levels(round_idx)
+        for row in rows:
+            self.record(row)
+        return rows
+
+    def set_level(self, level: int, round_idx: int, mode: str = "budget") -> tuple[float, int, int]:
+        """Put the server model in the state a client of budget level ``level`` evaluates in.
+
+        Merged base weights (:meth:`sync_base`), the level's LoRA rank r_j (and alpha),
+        the adapters :meth:`Method.client_adapters` gives that rank (seeded by the
+        evaluation seed of ``round_idx``, as :meth:`score_levels`) and K_j of ``mode``.
+
+        Args:
+            level: 0-based index into ``fl.budgets``.
+            round_idx: the round whose evaluation seed draws the rank-r_j adapters.
+            mode: ``budget`` (K_j) or ``native`` (the model's top-k).
+
+        Returns:
+            ``(beta, K, rank)`` of the level.
+
+        Raises:
+            IndexError: ``level`` outside the budget levels.
+        """
+        if not 0 <= level < len(self.cfg.fl.budgets):
+            raise IndexError(f"budget level {level}: the run has {len(self.cfg.fl.budgets)} levels")
+        self.sync_base()
+        rank, alpha = self.level_lora(level)
+        seed = client_seed(self.cfg.train.seed + 1, -2, round_idx)
+        set_lora_rank(self.model, rank, alpha, seed=self.cfg.train.seed + 1)
+        load_adapter_state(self.model, self.method.client_adapters(self.state.adapters, rank, seed))
+        beta, k = list(self.level_top_k(mode).items())[level]
+        set_top_k(self.model, k)
+        return beta, k, rank
+
+    def score_levels(self, round_idx: int, levels: Sequence[int] | None = None,
+                     tasks: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Score the global model at every budget level's K and LoRA rank on every task.
 
         For each ``eval.top_k`` mode, level j runs at K_j (``budget``, DESIGN.md
@@ -365,22 +535,39 @@ class Server:
         modes, and so do rows whose adapters all have B = 0 (a zero update at any
         rank).
 
+        Args:
+            round_idx: the round scored (seeds the rank-r_j adapters; in the rows).
+            levels: 0-based budget levels to score (None: all).
+            tasks: tasks to score, a subset of :attr:`test_sets` (None: all).
+
         Returns:
             One row per (mode, budget level, protocol): ``budget``, ``top_k``,
             ``top_k_mode`` (``budget`` or ``native``), ``lora_rank``, ``protocol``,
             ``per_task`` accuracies, ``average`` and ``n`` (examples per task).
+            Instruction data: ``per_task`` holds each task's metric value,
+            ``per_task_metric`` its name (``accuracy``, ``rouge_l``,
+            ``bertscore_f1``), ``per_task_metrics`` every text metric computed;
+            a protocol no task supports (``loglik`` without choices) has no row.
+            Nothing is written (:meth:`evaluate` logs them).
+
+        Raises:
+            ValueError: a task not among the run's test sets.
         """
-        from ubsmoe.eval.commonsense import evaluate_task
         from ubsmoe.methods.rank import lora_pairs
 
         self.sync_base()
         tests = self.test_sets
+        if tasks is not None:
+            unknown = sorted(set(tasks) - set(tests))
+            if unknown:
+                raise ValueError(f"tasks: got {unknown}, expected a subset of {', '.join(sorted(tests))}")
+            tests = {t: recs for t, recs in tests.items() if t in set(tasks)}
         by_key: dict[tuple, dict[str, dict[str, float]]] = {}
         seed = client_seed(self.cfg.train.seed + 1, -2, round_idx)
         modes = self.cfg.eval.top_k
         level_k = {mode: list(self.level_top_k(mode).items()) for mode in modes}
         by_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
-        for level in range(len(self.cfg.fl.budgets)):
+        for level in (range(len(self.cfg.fl.budgets)) if levels is None else levels):
             rank, alpha = self.level_lora(level)
             adapters = self.method.client_adapters(self.state.adapters, rank, seed)
             pairs, _ = lora_pairs(list(adapters))
@@ -392,15 +579,18 @@ class Server:
                     set_lora_rank(self.model, rank, alpha, seed=self.cfg.train.seed + 1)
                     load_adapter_state(self.model, adapters)
                     set_top_k(self.model, k)
-                    by_key[key] = {
-                        task: evaluate_task(self.model, self.tokenizer, task, recs,
-                                            self.cfg.eval.protocols, self.cfg.eval.batch_size,
-                                            self.cfg.eval.max_new_tokens)
-                        for task, recs in tests.items()
-                    }
+                    by_key[key] = {task: self.evaluate_one(task, recs) for task, recs in tests.items()}
                 scores = by_key[key]
                 for protocol in self.cfg.eval.protocols:
-                    per_task = {t: s[protocol] for t, s in scores.items()}
+                    per_task = {t: s[protocol] for t, s in scores.items() if protocol in s}
+                    if not per_task:  # e.g. loglik when no task has choices
+                        continue
+                    extra: dict[str, Any] = {}
+                    if self.cfg.data.name == "instruction":
+                        extra["per_task_metric"] = {t: scores[t]["metric"][protocol] for t in per_task}
+                        text = {t: scores[t]["metrics"] for t in per_task if "metrics" in scores[t]}
+                        if protocol == "generation" and text:
+                            extra["per_task_metrics"] = text
                     by_mode[mode].append({
                         "type": "eval",
                         "round": round_idx,
@@ -411,12 +601,10 @@ class Server:
                         "protocol": protocol,
                         "per_task": per_task,
                         "average": sum(per_task.values()) / max(len(per_task), 1),
-                        "n": {t: int(s["n"]) for t, s in scores.items()},
+                        "n": {t: int(scores[t]["n"]) for t in per_task},
+                        **extra,
                     })
-        rows = [row for mode in modes for row in by_mode[mode]]  # mode by mode, levels in order
-        for row in rows:
-            append_jsonl(self.run_dir / METRICS_FILE, row)
-        return rows
+        return [row for mode in modes for row in by_mode[mode]]  # mode by mode, levels in order
 
     # ----- persistence -----------------------------------------------------------
     def checkpoint(self) -> Path:
@@ -430,13 +618,35 @@ class Server:
         prune_checkpoints(self.run_dir, self.cfg.fl.keep_checkpoints)
         return path
 
-    def save_adapters(self) -> Path:
-        """Save the final global adapters under ``checkpoints/adapter`` (see :func:`export_adapters`)."""
+    def run_info(self, accuracy: Sequence[dict[str, Any]] = ()) -> RunInfo:
+        """The model card's facts: base model, method, budget levels (K_j, r_j), rounds, clients.
+
+        Args:
+            accuracy: the summary's accuracy rows for the card's table.
+        """
+        levels = [{"budget": beta, "top_k": k, "lora_rank": self.level_lora(j)[0]}
+                  for j, (beta, k) in enumerate(self.level_top_k().items())]
+        return RunInfo(base_model=self.cfg.model.name, random_base=self.cfg.model.resolved_init == "random",
+                       method=self.cfg.method, levels=levels, rounds=self.state.round,
+                       clients=self.cfg.fl.num_clients, fraction=self.cfg.fl.fraction,
+                       seed=self.cfg.train.seed, accuracy=list(accuracy),
+                       phi=self.global_phi() is not None)
+
+    def save_adapters(self, accuracy: Sequence[dict[str, Any]] = ()) -> Path:
+        """Save the final global adapters under ``checkpoints/adapter`` (see :func:`export_adapters`).
+
+        The merged base and the global rank are restored first, so the exported
+        adapter (plus, for FLoRA / FLoRIST, the stacked merges) is the global model.
+
+        Args:
+            accuracy: the summary's accuracy rows, for the model card.
+        """
         self.sync_base()
         set_lora_rank(self.model, *self.global_lora, seed=self.cfg.train.seed + 1)
         load_adapter_state(self.model, self.state.adapters)
+        set_top_k(self.model, self.k_max)
         return export_adapters(self.model, self.state.adapters, self.method.base_merges(),
-                               self.run_dir / CHECKPOINT_DIR / "adapter")
+                               self.run_dir / CHECKPOINT_DIR / "adapter", self.run_info(accuracy))
 
     def summary(self) -> dict[str, Any]:
         """The run's summary (also written to summary.json by :meth:`finish`)."""
@@ -450,7 +660,8 @@ class Server:
             "wall_time_s": time.time() - self.start_time,
             "clients": [
                 {"id": c, "budget": b, "top_k": k, "lora_rank": r,
-                 "train_examples": len(self.setup.partitions[c])}
+                 "train_examples": len(self.setup.partitions[c]),
+                 **({"declared": self.declared[c]} if c in self.declared else {})}
                 for c, (b, k, (r, _)) in enumerate(zip(self.budgets, self.top_k, self.lora))
             ],
             "data": {
@@ -461,19 +672,46 @@ class Server:
                 "train_carved_from_test": data.carved,
                 "duplicates_dropped": data.duplicates,
                 "test_examples_scored": {t: len(r) for t, r in tests.items()},
+                **self._data_summary(),
             },
             "train_loss": self.state.train_loss,
             "diagnostics": {k: v for k, v in self.last_diagnostics.items() if k != "type"},
             "accuracy": [
                 {k: row[k] for k in ("round", "budget", "top_k", "top_k_mode", "lora_rank", "protocol",
-                                     "per_task", "average")}
+                                     "per_task", "average", "per_task_metric", "per_task_metrics")
+                 if k in row}
                 for row in self.last_eval
             ],
+            "provenance": self.provenance,
         }
 
+    def _data_summary(self) -> dict[str, Any]:
+        """Instruction data's summary keys: source name, answer types, metrics, partition, BERTScore."""
+        if self.cfg.data.name != "instruction":
+            return {}
+        from ubsmoe.eval.instruction import task_metric
+
+        data = self.setup.data
+        types = dict(data.answer_types)
+        out: dict[str, Any] = {
+            "name": "instruction",
+            "answer_types": types,
+            "task_metric": {t: task_metric(a, self.cfg.eval.text_metric) for t, a in types.items()},
+            "partition_by": data.partition_by,
+        }
+        scorer = self.bertscore
+        if scorer is not None:
+            out["bertscore"] = {"model": scorer.model, "num_layers": scorer.num_layers,
+                                **({"skipped": scorer.reason} if scorer.reason else {})}
+            if scorer.reason:
+                out["task_metric"] = {t: ("rouge_l" if m == "bertscore_f1" else m)
+                                      for t, m in out["task_metric"].items()}
+        return out
+
     def finish(self) -> dict[str, Any]:
-        """Save the final adapters and write summary.json; return the summary."""
-        self.save_adapters()
+        """Save the final adapters (model card with the summary's accuracy) and write summary.json."""
         summary = self.summary()
+        self.save_adapters(summary["accuracy"])
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
+        self.tracker.close()
         return summary

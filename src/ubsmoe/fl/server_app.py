@@ -4,8 +4,9 @@ Both ``ubsmoe run`` (through the app shipped in ``ubsmoe/flwr_app``, see
 :mod:`ubsmoe.fl.simulation`) and ``flwr run .`` run the module-level ``app``. It
 reads the run config keys ``config-file`` (a ubsmoe YAML, optional), ``overrides``
 (space-separated ``key=value``), ``out`` (run directory), ``resume`` (continue from
-the run directory's latest checkpoint) and ``progress-file`` (a JSON-lines file of
-progress events for a live display; empty: none) from ``[tool.flwr.app.config]``
+the run directory's latest checkpoint), ``progress-file`` (a JSON-lines file of
+progress events for a live display; empty: none) and ``command`` (the invoking
+command line, kept in the run's provenance; empty: unknown) from ``[tool.flwr.app.config]``
 (:func:`config_from_run_config`) and logs its progress through Flower's logger.
 """
 
@@ -23,6 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from ubsmoe.budgets import DeclarationError, NodeDeclaration, assign_clients
 from ubsmoe.config import RunConfig, load_config
 from ubsmoe.fl.fold import LeftOut, RoundIncomplete
 from ubsmoe.fl.messages import (
@@ -77,28 +79,42 @@ def _replies(grid: Grid, messages: list[Message], timeout_s: float = 0.0
             time.sleep(POLL_S)
 
 
-def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
-    """Ask every node for its partition id; return partition id -> node id.
+def discover_partitions(grid: Grid, num_clients: int,
+                        declarations: dict[int, NodeDeclaration] | None = None) -> dict[int, int]:
+    """Ask every node what it declares (:mod:`ubsmoe.budgets`); return client id -> node id.
+
+    A node holding ``partition-id=K`` serves client K; a node with its own data
+    (``data-path``) gets the lowest client id left (nodes in node-id order).
+
+    Args:
+        grid: the Flower grid.
+        num_clients: ``fl.num_clients``.
+        declarations: filled with client id -> the node's declaration, if given.
 
     Raises:
-        RuntimeError: fewer nodes than ``num_clients`` or duplicate partitions.
+        RuntimeError: fewer nodes than ``num_clients``.
+        DeclarationError: a node config that does not parse, duplicate or out-of-range
+            partitions, or too few usable nodes (one line naming the node).
     """
     node_ids = sorted(grid.get_node_ids())
     if len(node_ids) < num_clients:
         raise RuntimeError(f"fl.num_clients={num_clients} but only {len(node_ids)} nodes are connected")
     queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
                        message_type=MessageType.QUERY) for n in node_ids]
-    mapping: dict[int, int] = {}
+    declared: dict[int, NodeDeclaration] = {}
     for _, reply, error in _replies(grid, queries):
         if reply is None:
-            raise RuntimeError(f"a node failed to tell its partition: {error}")
-        pid = int(reply.content["metrics"][METRIC_PARTITION_ID])
-        if pid in mapping:
-            raise RuntimeError(f"two nodes hold partition {pid}")
-        mapping[pid] = reply.metadata.src_node_id
-    missing = [c for c in range(num_clients) if c not in mapping]
-    if missing:
-        raise RuntimeError(f"no node holds partitions {missing}")
+            raise RuntimeError(f"a node failed to tell its partition and budget: {error}")
+        node = reply.metadata.src_node_id
+        info = dict(reply.content["node"]) if "node" in reply.content else {}
+        if "error" in info:
+            raise DeclarationError(str(info["error"]))
+        if not info:  # a ClientApp that only reports its partition
+            info = {"partition_id": int(reply.content["metrics"][METRIC_PARTITION_ID])}
+        declared[node] = NodeDeclaration.from_dict(info)
+    mapping = assign_clients(declared, num_clients)
+    if declarations is not None:
+        declarations.update({c: declared[n] for c, n in mapping.items()})
     return mapping
 
 
@@ -125,21 +141,30 @@ def _unpack(reply: Message, sent: dict[str, Any], server: Server, want_norm: boo
 
 
 def serve(grid: Grid, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume: bool = False,
-          progress: ProgressFn = _noop) -> dict[str, Any]:
+          progress: ProgressFn = _noop, command: str | None = None) -> dict[str, Any]:
     """Run every remaining round of a federated run over ``grid``; return the summary.
 
-    Each round is tried up to ``1 + fl.round_retries`` times with the same clients
-    and seeds: a client that fails, times out (``fl.round_timeout_s``) or sends a
-    reply that :mod:`ubsmoe.fl.validate` rejects is left out (a ``client_failed``
-    progress event and the round record's ``failed``), and a try with fewer good
-    replies than :meth:`Server.required_replies` commits nothing.
+    ``command`` (the invoking command line) goes into the run's provenance. Each round
+    is tried up to ``1 + fl.round_retries`` times with the same clients and seeds: a
+    client that fails, times out (``fl.round_timeout_s``) or sends a reply that
+    :mod:`ubsmoe.fl.validate` rejects is left out (a ``client_failed`` progress event
+    and the round record's ``failed``), and a try with fewer good replies than
+    :meth:`Server.required_replies` commits nothing.
 
     Raises:
         RoundFailed: a round stayed incomplete after every retry (the run directory
             holds the last complete round's checkpoint).
+        DeclarationError: a node's declaration is refused.
     """
-    server = Server(cfg, run_dir, setup, resume=resume)
-    node_of = discover_partitions(grid, cfg.fl.num_clients)
+    server = Server(cfg, run_dir, setup, resume=resume, command=command)
+    declared: dict[int, NodeDeclaration] = {}
+    node_of = discover_partitions(grid, cfg.fl.num_clients, declared)
+    budgets = server.declare_nodes(declared, node_of)
+    if budgets:
+        log(INFO, "ubsmoe: budgets declared by nodes: %s", "; ".join(
+            f"client {c} (node {d.get('node')}): {d['declared']}={d['value']} -> level "
+            f"{server.budgets[c]:g}, K={server.top_k[c]}, rank {server.lora[c][0]}"
+            for c, d in budgets.items()))
     want_norm = cfg.fl.reject_norm_multiple > 0
     for r in range(server.state.round + 1, cfg.fl.rounds + 1):
         clients = server.sample_clients(r)
@@ -276,7 +301,8 @@ def main(grid: Grid, context: Context) -> None:
         resume = _truthy(run_config.get("resume", False))
         log(INFO, "ubsmoe: method %s, %d clients, %d rounds; run directory %s%s",
             cfg.method, cfg.fl.num_clients, cfg.fl.rounds, run_dir, " (resumed)" if resume else "")
-        summary = serve(grid, cfg, run_dir, shared_setup(cfg), resume=resume, progress=progress)
+        summary = serve(grid, cfg, run_dir, shared_setup(cfg), resume=resume, progress=progress,
+                        command=str(run_config.get("command", "")) or None)
     except BaseException as e:
         message = f"{type(e).__name__}: {e}".replace("\n", "; ")
         progress.emit("error", message=message, traceback=traceback.format_exc())

@@ -18,7 +18,7 @@
    workers, the ServerApp and simulation processes), on success, failure, Ctrl-C or
    SIGTERM, and deletes the private home.
 
-Flower's log stream goes to ``<run dir>/flower.log`` (to the terminal with ``verbose``),
+Flower's log stream goes to ``<run dir>/ubsmoe.log`` (to the terminal with ``verbose``),
 the SuperLink's log to ``<run dir>/superlink.log``, a ServerApp traceback to
 ``<run dir>/server_error.log``.
 """
@@ -44,12 +44,14 @@ from pathlib import Path
 from typing import Any
 
 from ubsmoe.config import RunConfig, save_config
+from ubsmoe.logs import LOG_FILE
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 CONNECTION = "ubsmoe"
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.2
+STREAM_FLUSH_S = 20.0  # wait for `flwr run --stream` to print the run's logs
 
 
 def _noop(event: str, info: dict[str, Any]) -> None:
@@ -189,13 +191,22 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
-def _wait_healthy(port: int, superlink: subprocess.Popen, log: Path) -> None:
+def _wait_healthy(port: int, superlink: subprocess.Popen, log: Path, cafile: Path | None = None) -> None:
+    """Wait until the SuperLink answers ``/health`` (over TLS verified by ``cafile`` if given).
+
+    Raises:
+        RunFailed: it exited or did not answer within ``STARTUP_TIMEOUT_S``.
+    """
+    import ssl
+
+    scheme = "https" if cafile is not None else "http"
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if superlink.poll() is not None:
             raise RunFailed(f"flower-superlink exited with code {superlink.returncode}; see {log}")
-        with suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/health",
-                                                        timeout=0.5) as r:
+        with suppress(OSError), urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health",
+                                                        timeout=0.5, context=context) as r:
             if r.status == 200:
                 return
         time.sleep(POLL_S)
@@ -223,7 +234,7 @@ class _EventReader:
 
 
 def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: ProgressFn = _noop,
-                  verbose: bool = False) -> dict[str, Any]:
+                  verbose: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run the federated job on a private local SuperLink (Flower's simulation runtime).
 
     ``cfg.fl.num_clients`` simulated SuperNodes, ``fl.client_cpus`` CPUs and
@@ -237,7 +248,9 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
         progress: callback ``(event, info)``: ``round_start`` {round, clients},
             ``client_done`` {round}, ``aggregate`` {round}, ``round_end`` {round, loss}.
         verbose: Flower's log stream (and Ray's logs) to the terminal instead of
-            ``run_dir/flower.log``.
+            ``run_dir/ubsmoe.log``.
+        command: the invoking command line, passed in the run config (``command``)
+            to the ServerApp for the run's provenance.
 
     Returns:
         The run summary (``run_dir/summary.json``).
@@ -264,7 +277,8 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
             (home / "run_config.toml").write_text(
                 f"config-file = {_toml_str(str(cfg_file))}\noverrides = \"\"\n"
                 f"out = {_toml_str(str(run_dir))}\nresume = {'true' if resume else 'false'}\n"
-                f"progress-file = {_toml_str(str(events_file))}\n", encoding="utf-8")
+                f"progress-file = {_toml_str(str(events_file))}\n"
+                f"command = {_toml_str(command or '')}\n", encoding="utf-8")
             env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1",
                        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
             # The SuperLink's ServerApp/ClientApp processes import this very ubsmoe.
@@ -272,16 +286,19 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
             superlink_log = run_dir / "superlink.log"
+            flower_log = run_dir / LOG_FILE
+            log_file = None if verbose else open(flower_log, "ab")  # noqa: SIM115 (closed in finally)
+            # The SuperLink's console output is that of the simulation process it starts (Flower's
+            # simulation banners, Ray's tips, the ServerApp's and ClientApps' warnings): into the
+            # run's log (the terminal with --verbose).
             procs.append(subprocess.Popen(
                 [executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                  "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
                  "--log-file", str(superlink_log)],
-                env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, start_new_session=True))
+                env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=log_file,
+                stderr=subprocess.STDOUT if log_file else None, start_new_session=True))
             _wait_healthy(port, procs[0], superlink_log)
             federation = federation_config(cfg, verbose)
-            flower_log = run_dir / "flower.log"
-            log_file = None if verbose else open(flower_log, "ab")  # noqa: SIM115 (closed in finally)
             procs.append(subprocess.Popen(
                 [executable("flwr"), "run", str(app_dir()), CONNECTION, "--stream",
                  "--run-config", str(home / "run_config.toml"), "--federation-config", federation],
@@ -306,6 +323,10 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
                 drain()
                 time.sleep(POLL_S)
             drain()
+            # `flwr run --stream` prints the run's log stream (the simulation's banners, Ray's
+            # tips, the apps' warnings) when the run ends: give it STREAM_FLUSH_S to do so.
+            with suppress(subprocess.TimeoutExpired):
+                procs[1].wait(timeout=STREAM_FLUSH_S)
             if "error" in result:
                 with open(run_dir / "server_error.log", "w", encoding="utf-8") as f:
                     f.write(result["error"].get("traceback", ""))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ubsmoe.config import RunConfig, TrainConfig
+from ubsmoe.config import ConfigError, RunConfig, TrainConfig
 from ubsmoe.methods import ClientUpdate, Method, get_method_class
 from ubsmoe.models import (
     adapter_state,
@@ -265,11 +265,12 @@ def shared_setup(cfg: RunConfig) -> SharedSetup:
         ConfigError: the data cannot be resolved or is too small for the clients.
         ValueError: ``model.name`` has no readable OLMoE config (``random``).
     """
-    from ubsmoe.data.commonsense import format_prompt, load_commonsense
-    from ubsmoe.data.partition import partition_clients
+    from ubsmoe.data.commonsense import format_prompt
+    from ubsmoe.data.instruction import load_data
+    from ubsmoe.data.partition import partition_clients, partition_labels
     from ubsmoe.models.loading import cache_dir, tokenizer_vocab_size, train_tokenizer
 
-    data = load_commonsense(cfg.data, cfg.train.seed)
+    data = load_data(cfg.data, cfg.train.seed)
     if cfg.model.resolved_init == "random":
         # Offline: a BPE tokenizer trained on the run's text to the preset's or the
         # architecture's vocabulary size (cached by text and size).
@@ -281,9 +282,97 @@ def shared_setup(cfg: RunConfig) -> SharedSetup:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.name)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-    labels = [r["task"] for r in data.train]
-    partitions = partition_clients(labels, cfg.fl.num_clients, cfg.data.partition,
+    try:
+        labels, data.partition_by = partition_labels(data.train, cfg.data.partition_field,
+                                                     data.partition_by)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    partition = "iid" if data.partition_by == "iid" else cfg.data.partition
+    partitions = partition_clients(labels, cfg.fl.num_clients, partition,
                                    cfg.data.dirichlet_alpha, cfg.train.seed)
+    return SharedSetup(data=data, tokenizer=tokenizer, partitions=partitions)
+
+
+TOKENIZER_FILE_LIMIT = 64 * 2**20  # bytes of tokenizer files a message may carry
+
+
+def tokenizer_to_files(tokenizer) -> dict[str, str]:
+    """The tokenizer's ``save_pretrained`` files as ``{file name: text}``, to send to a node.
+
+    Raises:
+        ValueError: a file is not UTF-8 text or the files exceed 64 MiB together.
+    """
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="ubsmoe-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {}
+        for path in sorted(Path(tmp).iterdir()):
+            if path.is_file():
+                try:
+                    files[path.name] = path.read_text(encoding="utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"tokenizer file {path.name} is not UTF-8 text; "
+                                     "it cannot be sent to a node") from e
+    if sum(len(t.encode()) for t in files.values()) > TOKENIZER_FILE_LIMIT:
+        raise ValueError(f"the tokenizer's files exceed {TOKENIZER_FILE_LIMIT >> 20} MiB")
+    return files
+
+
+def tokenizer_from_files(files: dict[str, str]):
+    """Inverse of :func:`tokenizer_to_files`: the tokenizer, loaded with ``AutoTokenizer``.
+
+    Raises:
+        ValueError: no files, or a file name with a path separator.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    if not files:
+        raise ValueError("no tokenizer files were sent")
+    with tempfile.TemporaryDirectory(prefix="ubsmoe-tok-") as tmp:
+        for name, text in files.items():
+            if Path(name).name != name or name in (".", ".."):
+                raise ValueError(f"tokenizer file name {name!r} is not a plain file name")
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        # Everything is read now; the backend tokenizer does not keep the files open.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def node_setup(cfg: RunConfig, client_id: int, data_path: str, tokenizer) -> SharedSetup:
+    """The setup of a node that trains on its own data (``data-path=`` in its node config).
+
+    The node's folder is read like ``data.path`` (same layout and settings: tasks,
+    carving, ``data.train_examples`` cap, seed) and all of its training records are
+    client ``client_id``'s partition; the tokenizer is the one the server sent (a node
+    never trains its own).
+
+    Args:
+        cfg: the run config.
+        client_id: the client id the server gave the node.
+        data_path: the node's data folder.
+        tokenizer: the server's tokenizer (:func:`tokenizer_from_files`).
+
+    Raises:
+        ConfigError: the folder cannot be read (names ``data.path``), or holds no
+            training record.
+    """
+    from dataclasses import replace
+
+    from ubsmoe.config import ConfigError
+    from ubsmoe.data.commonsense import load_commonsense
+
+    data = load_commonsense(replace(cfg.data, path=data_path), cfg.train.seed)
+    if not data.train:
+        raise ConfigError(f"data-path: {data_path!r} holds no training records for data.tasks")
+    partitions: list[list[int]] = [[] for _ in range(cfg.fl.num_clients)]
+    partitions[client_id] = list(range(len(data.train)))
     return SharedSetup(data=data, tokenizer=tokenizer, partitions=partitions)
 
 
@@ -379,8 +468,11 @@ class ClientRuntime:
             client_id=client_id,
             num_examples=trained,
             adapters=adapter_state(self.model),
-            expert_counts=torch.stack([m.expert_counts.cpu() for m in layers]),  # [L, E]
-            token_counts=torch.stack([m.token_count.cpu() for m in layers]),  # [L]
+            # [L, E] and [L]; a dense backbone has no SMoE layer: [0, 0] and [0].
+            expert_counts=torch.stack([m.expert_counts.cpu() for m in layers]) if layers
+            else torch.zeros(0, 0, dtype=torch.float64),
+            token_counts=torch.stack([m.token_count.cpu() for m in layers]) if layers
+            else torch.zeros(0, dtype=torch.float64),
             top_k=top_k,
             loss=stats["loss"],
             metrics={"steps": float(stats["steps"]), "tokens": float(stats["tokens"]),

@@ -5,6 +5,7 @@ Importing this package registers every built-in method.
 
 from ubsmoe.methods import (  # noqa: F401  (registration)
     a3smoe,
+    a3smoe_flexlora,
     fedit,
     flexlora,
     flora,

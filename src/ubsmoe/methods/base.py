@@ -317,12 +317,16 @@ class Method:
             ``native`` (the model's top-k, FedIT and the rank methods).
         train_top_k_modes: the ``train.top_k`` values the method accepts; the SMoE
             methods, which exist to vary K, leave out ``native``.
+        needs_moe: the method needs a sparse-MoE model (the SMoE methods); False
+            for the LoRA-only methods (FedIT and the rank methods), which also run
+            on a dense backbone.
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = NoConfig
     own_train_top_k: ClassVar[str] = "budget"
     train_top_k_modes: ClassVar[tuple[str, ...]] = ("auto", "budget")
+    needs_moe: ClassVar[bool] = True
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()

@@ -18,3 +18,4 @@ class FedIT(Method):
 
     own_train_top_k = "native"
     train_top_k_modes = ("auto", "budget", "native")
+    needs_moe = False

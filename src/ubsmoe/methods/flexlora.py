@@ -27,7 +27,14 @@ import torch
 
 from ubsmoe.methods.base import ClientUpdate, data_weights, register_method
 from ubsmoe.methods.lowrank import flexlora_aggregate
-from ubsmoe.methods.rank import LoRARankConfig, RankMethod, client_factors, map_experts, pair_rank
+from ubsmoe.methods.rank import (
+    LoRAPair,
+    LoRARankConfig,
+    RankMethod,
+    client_factors,
+    map_experts,
+    pair_rank,
+)
 
 
 @dataclass
@@ -61,15 +68,37 @@ class FlexLoRA(RankMethod):
             r_g = pair_rank(global_adapters, pair)
             As, Bs, ranks = client_factors(updates, pair)
             scales = [self.scale(r) for r in ranks]
+            w = self.module_weights(pair, updates, p)  # [C], or [E, C] per expert
 
-            def agg(*factors, r_g=r_g, scales=scales):
+            def agg(*factors, r_g=r_g, scales=scales, w=w):
                 """One module (one expert): the clients' A's then B's -> global (A, B)."""
                 n = len(scales)
-                [(A, B)] = flexlora_aggregate(list(factors[:n]), list(factors[n:]), scales, p,
+                [(A, B)] = flexlora_aggregate(list(factors[:n]), list(factors[n:]), scales, w,
                                               [r_g], [self.scale(r_g)])
                 return A, B
 
-            A, B = map_experts(agg, *As, *Bs)
+            if w.dim() == 1:
+                A, B = map_experts(agg, *As, *Bs)
+            else:  # per-expert client weights: one FlexLoRA step per expert e with w[e]
+                parts = [agg(*(t[e] for t in (*As, *Bs)), w=w[e]) for e in range(w.shape[0])]
+                A, B = (torch.stack(x) for x in zip(*parts, strict=True))
             out[pair.a] = A.to(global_adapters[pair.a].dtype)
             out[pair.b] = B.to(global_adapters[pair.b].dtype)
         return out
+
+    def module_weights(self, pair: LoRAPair, updates: Sequence[ClientUpdate],
+                       p: torch.Tensor) -> torch.Tensor:
+        """The client weights of one LoRA module in ``sum_c w_c s_c B_c A_c``.
+
+        FlexLoRA weights every module by the data sizes p_c; a subclass may return
+        per-expert weights ``[E, C]`` for a per-expert module (``a3smoe_flexlora``).
+
+        Args:
+            pair: the module's factor names.
+            updates: the round's C client updates.
+            p: ``[C]`` data-size weights p_c (sum 1).
+
+        Returns:
+            ``[C]`` (the same weights for every expert) or ``[E, C]``.
+        """
+        return p

@@ -214,6 +214,7 @@ class RankMethod(Method):
     config_class: ClassVar[type] = LoRARankConfig
     own_train_top_k: ClassVar[str] = "native"
     train_top_k_modes: ClassVar[tuple[str, ...]] = ("auto", "budget", "native")
+    needs_moe: ClassVar[bool] = False
 
     def scale(self, rank: int) -> float:
         """LoRA scale ``s = alpha / rank``."""

@@ -3,7 +3,10 @@
 The load-balancing baseline of UB-SMoE ("Universally Balanced Sparse
 Mixture-of-Experts for Resource-Adaptive Federated Fine-Tuning of Foundation
 Models", ICML 2026, arXiv 2605.16690), DESIGN.md section 5. Each client adds the
-host model's own auxiliary loss, computed at its own top-k = K_c. For OLMoE that is
+host model's own auxiliary loss, computed at its own top-k = K_c: the
+``load_balancing_loss_func`` of the host family's transformers modeling module
+(:meth:`ubsmoe.models.families.MoEFamily.load_balancing_loss`; OLMoE, Mixtral,
+Qwen2-MoE and Qwen3-MoE all use the same definition). For OLMoE that is
 the Switch-Transformer loss (Fedus et al., 2022, eqs. 4-6) as transformers
 implements it, ``M * sum_i f_i * P_i`` over all SMoE layers' tokens (f_i: share of
 top-K_c assignments, P_i: mean router probability), with coefficient 0.01 (OLMoE's
@@ -54,8 +57,9 @@ class SMoELLBConfig:
 def load_balancing_loss(model: nn.Module, top_k: int) -> torch.Tensor:
     """The host model's load-balancing loss at top-k = ``top_k`` from the last forward.
 
-    Uses transformers' OLMoE ``load_balancing_loss_func`` on the router logits every
-    SMoE layer kept (``keep_router_logits``; real tokens only, so no attention mask
+    Uses the host family's transformers ``load_balancing_loss_func``
+    (:mod:`ubsmoe.models.families`; a model whose family is unknown falls back to
+    OLMoE's) on the router logits every SMoE layer kept (``keep_router_logits``; real tokens only, so no attention mask
     is needed: the HF function with a mask averages over the same tokens).
 
     Returns:
@@ -65,8 +69,9 @@ def load_balancing_loss(model: nn.Module, top_k: int) -> torch.Tensor:
     Raises:
         ValueError: the model has no SMoE layer or a layer kept no router logits.
     """
-    from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+    from ubsmoe.models.families import MOE_FAMILIES, moe_family_of
 
+    load_balancing_loss_func = (moe_family_of(model) or MOE_FAMILIES["olmoe"]).load_balancing_loss()
     layers = smoe_layers(model)
     logits = tuple(m.router_logits_out for m in layers)
     if not layers or any(x is None for x in logits):

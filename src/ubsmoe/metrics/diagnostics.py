@@ -151,9 +151,12 @@ def utilization_summary(utilization: torch.Tensor, phi: torch.Tensor | None = No
             or None (no DMR).
 
     Returns:
-        ``{"entropy": {"per_layer", "mean", "variance", "max"}, "gini": {"per_layer",
-        "mean"}}`` (entropy in nats; ``max = log M``; variance across layers,
-        population), plus ``"phi_utilization": {"pearson", "spearman"}`` when ``phi``
+        ``{"entropy": {"per_layer", "mean", "variance", "max", "global",
+        "global_max"}, "gini": {"per_layer", "mean"}}`` (entropy in nats; ``max =
+        log M``; variance across layers, population; ``global`` is the entropy over
+        all L x M layer-expert pairs of ``u~ / sum u~``, the paper's Fig. 2 quantity
+        (its H = 6.5 exceeds log 64, so it cannot be a per-layer entropy), with
+        ``global_max = log(L M)``), plus ``"phi_utilization": {"pearson", "spearman"}`` when ``phi``
         is given: the mean over layers of the per-layer correlations between phi and
         u~ (NaN layers, where either is constant, are left out of the mean).
 
@@ -172,6 +175,8 @@ def utilization_summary(utilization: torch.Tensor, phi: torch.Tensor | None = No
             "mean": float(h.mean()),
             "variance": float(h.var(unbiased=False)),
             "max": math.log(utilization.shape[-1]),
+            "global": float(utilization_entropy(utilization.reshape(-1))),
+            "global_max": math.log(utilization.numel()),
         },
         "gini": {"per_layer": g.tolist(), "mean": float(g.mean())},
     }

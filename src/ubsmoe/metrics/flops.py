@@ -60,6 +60,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from ubsmoe.models.families import DENSE_FAMILIES, MOE_FAMILIES
+
 _REGISTERED: set[str] = set()
 
 # --------------------------------------------------------------------------- counting
@@ -116,7 +118,9 @@ def register_flop_formulas() -> None:
 
 # --------------------------------------------------------------------------- calculator
 
-SUPPORTED_MODEL_TYPES = ("olmoe", "mixtral", "olmo", "llama", "mistral")
+SUPPORTED_MODEL_TYPES = (*MOE_FAMILIES, *DENSE_FAMILIES)
+# config key of the expert count and of the expert width per sparse-MoE family (the registry's).
+_MOE_KEYS = {t: (f.num_experts_key, f.expert_size_key) for t, f in MOE_FAMILIES.items()}
 LORA_TARGETS = ("all", "attention", "mlp")
 # LoRA ranks of budget levels beta_1..beta_4 in the LoRA-rank baselines (DESIGN.md section 6).
 PAPER_LORA_RANKS = (12, 16, 24, 40)
@@ -147,6 +151,11 @@ class ModelShape:
         qk_norm: per-layer RMSNorm on q and k (OLMoE).
         norm_weights: the layer norms carry a weight vector (RMSNorm; OLMo's
             non-parametric LayerNorm does not).
+        shared_expert_size: intermediate size of a dense shared expert every token
+            runs, with a sigmoid gate ``[1, H]`` (Qwen2-MoE); 0 when none.
+        qkv_bias: q/k/v (not o) projections have biases (Qwen2-MoE's ``qkv_bias``).
+        head_qk_norm: q/k RMSNorm over each head's ``head_dim`` (Qwen3-MoE) rather
+            than over the whole projection (OLMoE's ``qk_norm``).
     """
 
     name: str
@@ -164,6 +173,9 @@ class ModelShape:
     attention_bias: bool = False
     qk_norm: bool = False
     norm_weights: bool = True
+    shared_expert_size: int = 0
+    head_qk_norm: bool = False
+    qkv_bias: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -182,9 +194,10 @@ def model_shape_from_config(config: dict[str, Any], name: str = "") -> ModelShap
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type: got {model_type!r} in {name or 'the config'}, "
                          f"expected one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+    experts_key, expert_size_key = _MOE_KEYS.get(model_type, ("", "intermediate_size"))
     required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                "intermediate_size"]
-    if model_type in ("olmoe", "mixtral"):
+                expert_size_key]
+    if model_type in _MOE_KEYS:
         required.append("num_experts_per_tok")
     missing = [k for k in required if not isinstance(config.get(k), int) or config[k] < 1]
     if missing:
@@ -192,12 +205,9 @@ def model_shape_from_config(config: dict[str, Any], name: str = "") -> ModelShap
                          "integers")
     heads = config["num_attention_heads"]
     hidden = config["hidden_size"]
-    num_experts = 0
-    if model_type == "olmoe":
-        num_experts = int(config.get("num_experts", 0))
-    elif model_type == "mixtral":
-        num_experts = int(config.get("num_local_experts", 0))
-    if model_type in ("olmoe", "mixtral") and num_experts < 1:
+    # transformers 5 writes Qwen3-MoE's expert count as num_local_experts (attribute map).
+    num_experts = int(config.get(experts_key) or config.get("num_local_experts") or 0) if experts_key else 0
+    if model_type in _MOE_KEYS and num_experts < 1:
         raise ValueError(f"{name or 'config'}: num_experts missing or not a positive integer")
     return ModelShape(
         name=name or str(config.get("_name_or_path", "")),
@@ -210,12 +220,16 @@ def model_shape_from_config(config: dict[str, Any], name: str = "") -> ModelShap
         vocab_size=config["vocab_size"],
         # transformers' PretrainedConfig default is tied when the key is absent.
         tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
-        intermediate_size=config["intermediate_size"],
+        intermediate_size=config[expert_size_key],
         num_experts=num_experts,
         top_k=int(config["num_experts_per_tok"]) if num_experts else 0,
         attention_bias=bool(config.get("attention_bias", False)),
         qk_norm=model_type == "olmoe",
         norm_weights=model_type != "olmo",
+        shared_expert_size=int(config.get("shared_expert_intermediate_size") or 0)
+        if model_type == "qwen2_moe" else 0,
+        head_qk_norm=model_type == "qwen3_moe",
+        qkv_bias=bool(config.get("qkv_bias", model_type == "qwen2_moe")) and model_type == "qwen2_moe",
     )
 
 
@@ -279,6 +293,10 @@ def _layer_small_params(s: ModelShape) -> int:
         n += q_out + 2 * kv_out + s.hidden_size
     if s.qk_norm:
         n += q_out + kv_out
+    if s.head_qk_norm:
+        n += 2 * s.head_dim
+    if s.qkv_bias:
+        n += q_out + 2 * kv_out
     if s.norm_weights:
         n += 2 * s.hidden_size
     return n
@@ -299,7 +317,8 @@ def param_counts(s: ModelShape, top_k: int | None = None) -> dict[str, int]:
     mlp_one = 3 * h * s.intermediate_size  # SwiGLU: gate, up, down
     if s.is_moe:
         k = s.num_experts if top_k is None else top_k
-        mlp = L * k * mlp_one
+        # A shared expert (and its sigmoid gate [1, H]) runs for every token.
+        mlp = L * (k * mlp_one + (3 * h * s.shared_expert_size + h if s.shared_expert_size else 0))
         router = L * s.num_experts * h
     else:
         mlp, router = L * mlp_one, 0
@@ -335,6 +354,8 @@ def lora_params_per_token(s: ModelShape, rank: int, top_k: int, targets: str = "
     attention = L * rank * ((h + q_out) + 2 * (h + kv_out) + (q_out + h))
     if s.is_moe:
         mlp = L * top_k * rank * ((h + 2 * i) + (i + h))
+        # A shared expert gets PEFT LoRA on its gate, up and down projections.
+        mlp += L * rank * 3 * (h + s.shared_expert_size) if s.shared_expert_size else 0
     else:
         mlp = L * rank * 3 * (h + i)
     return {"attention": attention if targets in ("all", "attention") else 0,

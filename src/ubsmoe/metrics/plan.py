@@ -184,7 +184,7 @@ def plan(cfg: RunConfig) -> dict[str, Any]:
     model, method, dtype = _meta_model(cfg)
     shape = model_shape_from_config(olmoe_config(cfg.model).to_dict(), cfg.model.name)
     d = torch.finfo(dtype).bits // 8
-    k_max = shape.top_k
+    k_max = shape.top_k or 1  # a dense backbone: one MLP per token, every level at K = 1
     levels = []
     for j, beta in enumerate(cfg.fl.budgets):
         rank, alpha = method.client_lora(j, cfg.model.lora_rank, cfg.model.lora_alpha)

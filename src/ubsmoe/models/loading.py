@@ -1,11 +1,12 @@
-"""Load or build an OLMoE model on its device and patch it.
+"""Load or build a model (sparse MoE or dense, :mod:`ubsmoe.models.families`) and patch it.
 
 Two ways to get the model (``model.init``, see :class:`~ubsmoe.config.ModelConfig`):
 
-- ``random``: a randomly initialised ``OlmoeForCausalLM`` of a preset's sizes
-  (``tiny``, ``medium``: OLMoE-1B-7B's routing shape, 64 experts and top-8, at small
-  width and depth) or of a full architecture read from a shipped or local
-  ``config.json`` (e.g. OLMoE-1B-7B), built directly on the target device in the
+- ``random``: a randomly initialised causal LM of a preset's sizes (``tiny``,
+  ``medium``: OLMoE-1B-7B's routing shape, 64 experts and top-8, at small width and
+  depth; ``tiny-mixtral``, ``tiny-qwen2-moe``, ``tiny-qwen3-moe``, ``tiny-dense``:
+  the tiny sizes in another family's architecture) or of a full architecture read
+  from a shipped or local ``config.json`` (e.g. OLMoE-1B-7B, OLMo-1B), built directly on the target device in the
   target dtype (no CPU copy first), plus a byte-level BPE tokenizer trained locally
   (Hugging Face ``tokenizers``) on the run's training text to the config's
   vocabulary size and cached on disk: everything runs without the model hub.
@@ -17,9 +18,10 @@ adapter autocast, per-expert LoRA in :class:`~ubsmoe.models.smoe.ExpertLoRA`) an
 the DMR modulation phi are float32 whatever the base dtype; adapters leave the
 model (:func:`adapter_state`) as CPU tensors.
 
-:func:`build_model` then replaces every ``OlmoeSparseMoeBlock`` with
-:class:`~ubsmoe.models.smoe.SMoELayer` (reusing the frozen expert weights) and, if
-configured, puts PEFT LoRA on the attention projections.
+:func:`build_model` then replaces every host sparse-MoE block (``OlmoeSparseMoeBlock``,
+``MixtralSparseMoeBlock``, ...) with :class:`~ubsmoe.models.smoe.SMoELayer` (reusing
+the frozen expert weights) and puts PEFT LoRA on the attention projections (if
+configured), a Qwen2-MoE shared expert, or a dense backbone's MLP (:func:`lora_targets`).
 """
 
 from __future__ import annotations
@@ -155,12 +157,76 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+# Preset name -> Hugging Face model_type of its architecture (ubsmoe.models.families).
+PRESET_MODEL_TYPES = {"tiny": "olmoe", "medium": "olmoe", "tiny-mixtral": "mixtral",
+                      "tiny-qwen2-moe": "qwen2_moe", "tiny-qwen3-moe": "qwen3_moe",
+                      "tiny-dense": "olmo"}
+# A dense preset's MLP is this many times the tiny expert width (a dense MLP is wider).
+DENSE_MLP_FACTOR = 4
+
+
 def preset_sizes(name: str, cfg: ModelConfig | None = None) -> TinyModelConfig | None:
-    """The sizes of preset ``name`` (``tiny``: ``cfg.tiny``; ``medium``: :data:`MEDIUM`), else None."""
-    if name == "tiny":
-        return cfg.tiny if cfg is not None else TinyModelConfig()
+    """The sizes of preset ``name`` (``tiny*``: ``cfg.tiny``; ``medium``: :data:`MEDIUM`), else None."""
     if name == "medium":
         return MEDIUM
+    if name in PRESET_MODEL_TYPES:
+        return cfg.tiny if cfg is not None else TinyModelConfig()
+    return None
+
+
+def _read_config(cfg: ModelConfig) -> dict:
+    """The raw ``config.json`` dict of a non-preset ``model.name`` (shipped, local, hub)."""
+    import json
+
+    from ubsmoe.metrics.flops import SHIPPED_CONFIGS, shipped_config
+
+    if cfg.name in SHIPPED_CONFIGS:
+        return shipped_config(cfg.name)
+    path = Path(cfg.name)
+    path = path / "config.json" if path.is_dir() else path
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(cfg.name).to_dict()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.name: no config for {cfg.name!r} (not shipped, not a local "
+                         f"path, hub lookup failed); shipped offline: "
+                         f"{', '.join(SHIPPED_CONFIGS)}") from e
+
+
+def model_type_of(cfg: ModelConfig) -> str:
+    """The Hugging Face ``model_type`` of ``cfg.name`` (a preset's, or read from its config).
+
+    Raises:
+        ValueError: see :func:`architecture_config`.
+    """
+    if cfg.name in PRESET_MODEL_TYPES:
+        return PRESET_MODEL_TYPES[cfg.name]
+    return architecture_config(cfg)["model_type"]
+
+
+def known_model_type(cfg: ModelConfig) -> str | None:
+    """``model_type`` of a preset, shipped config or local ``config.json``; None otherwise.
+
+    Never touches the network (a hub name gives None: its type is known once loaded).
+    """
+    import json
+
+    from ubsmoe.metrics.flops import SHIPPED_CONFIGS, shipped_config
+
+    if cfg.name in PRESET_MODEL_TYPES:
+        return PRESET_MODEL_TYPES[cfg.name]
+    if cfg.name in SHIPPED_CONFIGS:
+        return shipped_config(cfg.name).get("model_type")
+    path = Path(cfg.name)
+    path = path / "config.json" if path.is_dir() else path
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("model_type")
+        except (json.JSONDecodeError, AttributeError):
+            return None
     return None
 
 
@@ -172,45 +238,33 @@ def architecture_config(cfg: ModelConfig) -> dict:
     (hub name; needs the network or the HF cache).
 
     Raises:
-        ValueError: nothing could be loaded, or the model is not an OLMoE (sparse
-            MoE) architecture (a dense backbone such as OLMo-1B has no MoE block for
-            the SMoE patch).
+        ValueError: nothing could be loaded, or the architecture is not a supported
+            family (:mod:`ubsmoe.models.families`: a sparse-MoE family or a dense
+            backbone).
     """
-    import json
+    from ubsmoe.models.families import DENSE_FAMILIES, MOE_FAMILIES
 
-    from ubsmoe.metrics.flops import SHIPPED_CONFIGS, shipped_config
-
-    if cfg.name in SHIPPED_CONFIGS:
-        config = shipped_config(cfg.name)
-    else:
-        path = Path(cfg.name)
-        path = path / "config.json" if path.is_dir() else path
-        if path.is_file():
-            config = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            try:
-                from transformers import AutoConfig
-
-                config = AutoConfig.from_pretrained(cfg.name).to_dict()
-            except (OSError, ValueError) as e:
-                raise ValueError(f"model.name: no config for {cfg.name!r} (not shipped, not a local "
-                                 f"path, hub lookup failed); shipped offline: "
-                                 f"{', '.join(SHIPPED_CONFIGS)}") from e
+    config = _read_config(cfg)
     model_type = config.get("model_type")
-    if model_type != "olmoe":
-        kind = "dense backbones are not supported yet" if model_type in ("olmo", "llama", "mistral") \
-            else "not an OLMoE architecture"
-        raise ValueError(f"model.name: {cfg.name!r} is a {model_type!r} model: {kind} "
-                         "(the SMoE patch needs an OlmoeSparseMoeBlock)")
+    if model_type not in MOE_FAMILIES and model_type not in DENSE_FAMILIES:
+        raise ValueError(f"model.name: {cfg.name!r} is a {model_type!r} model; supported: sparse MoE "
+                         f"{', '.join(MOE_FAMILIES)}; dense {', '.join(DENSE_FAMILIES)}")
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def olmoe_config(cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: int | None = None,
-                 eos_token_id: int | None = None):
-    """The ``OlmoeConfig`` a ``random`` build uses: a preset's sizes or a full architecture.
+def hf_config(cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: int | None = None,
+              eos_token_id: int | None = None):
+    """The Hugging Face config a ``random`` build uses: a preset's sizes or a full architecture.
+
+    A ``tiny*`` preset takes ``cfg.tiny``'s sizes in its family's architecture: the
+    expert width is ``intermediate_size`` (Qwen's ``moe_intermediate_size``), a
+    Qwen2-MoE shared expert is ``4 * intermediate_size`` wide (Qwen1.5-MoE's ratio),
+    ``norm_topk_prob`` follows the family's released checkpoints
+    (:attr:`~ubsmoe.models.families.MoEFamily.preset_norm_topk`), and the dense
+    ``tiny-dense`` (OLMo) has an MLP of ``4 * intermediate_size``.
 
     Args:
-        cfg: model config (``name``: a preset, or a shipped / local OLMoE config).
+        cfg: model config (``name``: a preset, or a shipped / local config).
         vocab_size: a preset's vocabulary (the trained tokenizer's size; default the
             preset's ``vocab_size``). A full architecture keeps its own vocabulary.
         pad_token_id, eos_token_id: the tokenizer's special ids (default: the config's;
@@ -219,29 +273,39 @@ def olmoe_config(cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: 
     Raises:
         ValueError: see :func:`architecture_config`.
     """
-    from transformers import OlmoeConfig
+    from ubsmoe.models.families import MOE_FAMILIES, family
 
     t = preset_sizes(cfg.name, cfg)
     special = {k: v for k, v in (("pad_token_id", pad_token_id), ("eos_token_id", eos_token_id),
                                  ("bos_token_id", eos_token_id)) if v is not None}
     if t is None:
-        return OlmoeConfig(**{**architecture_config(cfg), **special})
+        config = architecture_config(cfg)
+        return family(config["model_type"]).config_cls()(**{**config, **special})
+    fam = family(PRESET_MODEL_TYPES[cfg.name])
     # A preset's trained tokenizer puts <pad> at 0 and <|endoftext|> at 1 (SPECIAL_TOKENS).
     special = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1, **special}
-    return OlmoeConfig(
+    common = dict(
         vocab_size=vocab_size or t.vocab_size,
         hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_hidden_layers,
         num_attention_heads=t.num_attention_heads,
         num_key_value_heads=t.num_attention_heads,
-        num_experts=t.num_experts,
-        num_experts_per_tok=t.num_experts_per_tok,
         max_position_embeddings=t.max_position_embeddings,
         tie_word_embeddings=False,
         initializer_range=t.initializer_range,
         **special,
     )
+    if fam.model_type not in MOE_FAMILIES:
+        return fam.config_cls()(intermediate_size=DENSE_MLP_FACTOR * t.intermediate_size, **common)
+    moe = {fam.num_experts_key: t.num_experts, fam.expert_size_key: t.intermediate_size,
+           "num_experts_per_tok": t.num_experts_per_tok}
+    if not fam.always_norm_topk:
+        moe["norm_topk_prob"] = fam.preset_norm_topk
+    if fam.expert_size_key != "intermediate_size":  # Qwen: the dense-MLP width (unused layers)
+        moe["intermediate_size"] = DENSE_MLP_FACTOR * t.intermediate_size
+    if fam.shared_expert:
+        moe[fam.shared_expert_size_key] = DENSE_MLP_FACTOR * t.intermediate_size
+    return fam.config_cls()(**moe, **common)
 
 
 def tokenizer_vocab_size(cfg: ModelConfig) -> int:
@@ -250,10 +314,10 @@ def tokenizer_vocab_size(cfg: ModelConfig) -> int:
     return t.vocab_size if t is not None else int(architecture_config(cfg)["vocab_size"])
 
 
-def random_olmoe(cfg: ModelConfig, vocab_size: int | None, pad_token_id: int | None,
+def random_model(cfg: ModelConfig, vocab_size: int | None, pad_token_id: int | None,
                  eos_token_id: int | None, seed: int = 0, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
-    """A randomly initialised ``OlmoeForCausalLM``, built directly on ``device`` in ``dtype``.
+    """A randomly initialised causal LM of the configured family, built directly on ``device``.
 
     Construction runs under a ``torch.device(device)`` context, so every weight is
     allocated (and initialised, with the model's ``initializer_range``) on the target
@@ -261,7 +325,7 @@ def random_olmoe(cfg: ModelConfig, vocab_size: int | None, pad_token_id: int | N
     nothing (shapes only, for planning).
 
     Args:
-        cfg: model config (a preset, or a shipped / local OLMoE config).
+        cfg: model config (a preset, or a shipped / local config of a supported family).
         vocab_size: a preset's vocabulary (the trained tokenizer's size).
         pad_token_id, eos_token_id: the tokenizer's special token ids.
         seed: initialisation seed (the same on server and every client).
@@ -271,34 +335,43 @@ def random_olmoe(cfg: ModelConfig, vocab_size: int | None, pad_token_id: int | N
     Raises:
         ValueError: see :func:`architecture_config`.
     """
-    from transformers import OlmoeForCausalLM
+    from ubsmoe.models.families import family
 
     device = torch.device(device)
-    hf_cfg = olmoe_config(cfg, vocab_size, pad_token_id, eos_token_id)
+    hf_cfg = hf_config(cfg, vocab_size, pad_token_id, eos_token_id)
+    model_cls = family(hf_cfg.model_type).model_cls()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         with torch.device(device):
-            model = OlmoeForCausalLM._from_config(hf_cfg, dtype=dtype)
+            model = model_cls._from_config(hf_cfg, dtype=dtype)
     return model
+
+
+# The names the OLMoE-only code used (kept for the benchmarks and tests that import them).
+olmoe_config = hf_config
+random_olmoe = random_model
 
 
 def tiny_olmoe(cfg: ModelConfig, vocab_size: int, pad_token_id: int, eos_token_id: int,
                seed: int = 0):
-    """A randomly initialised ``OlmoeForCausalLM`` of the `tiny` preset's sizes on CPU.
+    """A randomly initialised model of a ``tiny*`` preset's sizes on CPU (default: OLMoE ``tiny``).
 
     Args:
-        cfg: model config (sizes from ``cfg.tiny``; ``cfg.dtype``, ``auto`` = float32).
+        cfg: model config (sizes from ``cfg.tiny``; a ``tiny-*`` name picks that
+            family's architecture, anything else ``tiny``; ``cfg.dtype``, ``auto`` =
+            float32).
         vocab_size: the trained tokenizer's vocabulary size.
         pad_token_id, eos_token_id: the tokenizer's special token ids.
         seed: initialisation seed (the same on server and every client).
     """
-    tiny = cfg if cfg.name == "tiny" else ModelConfig(name="tiny", tiny=cfg.tiny)
-    return random_olmoe(tiny, vocab_size, pad_token_id, eos_token_id, seed, "cpu",
+    name = cfg.name if cfg.name.startswith("tiny") and cfg.name in PRESET_MODEL_TYPES else "tiny"
+    tiny = cfg if cfg.name == name else ModelConfig(name=name, tiny=cfg.tiny)
+    return random_model(tiny, vocab_size, pad_token_id, eos_token_id, seed, "cpu",
                         resolve_dtype(cfg.dtype, torch.device("cpu")))
 
 
 def load_hf_model(cfg: ModelConfig, device: torch.device | None = None, dtype: torch.dtype | None = None):
-    """Load an OLMoE checkpoint and its tokenizer by hub name or local path.
+    """Load a checkpoint of a supported family and its tokenizer by hub name or local path.
 
     Args:
         cfg: model config.
@@ -307,7 +380,7 @@ def load_hf_model(cfg: ModelConfig, device: torch.device | None = None, dtype: t
         dtype: parameter dtype (default: :func:`resolve_dtype` of ``cfg.dtype``).
 
     Raises:
-        ValueError: the checkpoint is not an OLMoE-architecture model.
+        ValueError: the checkpoint is not a supported family (:mod:`ubsmoe.models.families`).
         OSError: the hub or path cannot be reached (re-raised with the name).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -321,10 +394,12 @@ def load_hf_model(cfg: ModelConfig, device: torch.device | None = None, dtype: t
     except OSError as e:
         raise OSError(f"model.name: could not load {cfg.name!r} ({e}); without the hub use "
                       "model.init=random or a local checkpoint path") from e
-    if model.config.model_type != "olmoe":
+    from ubsmoe.models.families import DENSE_FAMILIES, MOE_FAMILIES
+
+    if model.config.model_type not in MOE_FAMILIES and model.config.model_type not in DENSE_FAMILIES:
         raise ValueError(
-            f"model.name: {cfg.name!r} is a {model.config.model_type!r} model; "
-            "supported: a preset (tiny, medium) or an OLMoE checkpoint"
+            f"model.name: {cfg.name!r} is a {model.config.model_type!r} model; supported: sparse MoE "
+            f"{', '.join(MOE_FAMILIES)}; dense {', '.join(DENSE_FAMILIES)}"
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -332,21 +407,34 @@ def load_hf_model(cfg: ModelConfig, device: torch.device | None = None, dtype: t
 
 
 def patch_smoe(model: nn.Module, lora_rank: int, lora_alpha: float) -> list[SMoELayer]:
-    """Replace every ``OlmoeSparseMoeBlock`` in ``model`` by an :class:`SMoELayer`.
+    """Replace every host sparse-MoE block in ``model`` by an :class:`SMoELayer`.
 
-    The new layer reuses the block's router and expert tensors (frozen) and adds
-    per-expert LoRA. Returns the new layers in depth order.
+    The host family comes from ``model.config.model_type``
+    (:data:`ubsmoe.models.families.MOE_FAMILIES`). The new layer reuses the block's
+    router and expert tensors (frozen), its top-k and its top-k renormalisation
+    convention, keeps a shared expert and its gate (Qwen2-MoE) as the host modules,
+    and adds per-expert LoRA. Returns the new layers in depth order.
 
     Raises:
-        ValueError: the model has no OLMoE sparse-MoE block.
+        ValueError: the model is not a supported sparse-MoE family, has no MoE block,
+            or uses Mixtral's router jitter (``router_jitter_noise > 0``), which the
+            SMoE layer does not reproduce.
     """
-    from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+    from ubsmoe.models.families import moe_family_of
 
+    fam = moe_family_of(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if fam is None:
+        raise ValueError(f"model: {model_type!r} is not a sparse-MoE family the SMoE patch supports")
+    block_type = fam.block_type()
     layers: list[SMoELayer] = []
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, OlmoeSparseMoeBlock)]
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, block_type)]
     if not targets:
-        raise ValueError("model: no OlmoeSparseMoeBlock found to patch")
+        raise ValueError(f"model: no {fam.block_class} found to patch")
     for name, block in targets:
+        if getattr(block, "jitter_noise", 0.0):
+            raise ValueError(f"model: router_jitter_noise = {block.jitter_noise}, expected 0 "
+                             "(the SMoE layer routes without jitter)")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         # LoRA factors, phi and the routing counters are allocated on the experts' device.
@@ -357,9 +445,11 @@ def patch_smoe(model: nn.Module, lora_rank: int, lora_alpha: float) -> list[SMoE
                 down_proj=block.experts.down_proj,
                 act_fn=block.experts.act_fn,
                 top_k=block.gate.top_k,
-                norm_topk_prob=block.gate.norm_topk_prob,
+                norm_topk_prob=fam.norm_topk_prob(block),
                 lora_rank=lora_rank,
                 lora_alpha=lora_alpha,
+                shared_expert=block.shared_expert if fam.shared_expert else None,
+                shared_expert_gate=block.shared_expert_gate if fam.shared_expert else None,
             )
         setattr(parent, child, layer)
         layers.append(layer)
@@ -476,7 +566,7 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
 
 
 def build_model(cfg: ModelConfig, tokenizer=None, seed: int = 0, device: torch.device | str | None = None):
-    """Build or load the configured model on its device, patch its MoE blocks, add LoRA.
+    """Build or load the configured model on its device, patch its MoE blocks (if any), add LoRA.
 
     Args:
         cfg: model config (``init``, ``device``, ``dtype``, LoRA).
@@ -492,6 +582,31 @@ def build_model(cfg: ModelConfig, tokenizer=None, seed: int = 0, device: torch.d
 
     Raises:
         ConfigError: ``model.device`` names no visible device.
+        ValueError: ``random`` without a tokenizer, or an unsupported architecture.
+    """
+    model, tokenizer = base_model(cfg, tokenizer, seed, device)
+    return prepare_model(model, cfg, seed), tokenizer
+
+
+def base_model(cfg: ModelConfig, tokenizer=None, seed: int = 0, device: torch.device | str | None = None):
+    """The unpatched ``OlmoeForCausalLM`` :func:`build_model` starts from, and its tokenizer.
+
+    The same weights :func:`build_model` patches (a ``random`` model from ``seed`` and
+    the tokenizer's vocabulary, or the ``pretrained`` checkpoint), without the SMoE
+    patch or LoRA: the base a plain transformers + PEFT user loads the exported
+    adapters onto (``save_pretrained`` it for a random preset).
+
+    Args:
+        cfg: model config (``init``, ``device``, ``dtype``).
+        tokenizer: required for ``model.init=random``; ignored for ``pretrained``.
+        seed: initialisation seed of random weights.
+        device: override of ``cfg.device``.
+
+    Returns:
+        ``(model, tokenizer)``: the unpatched, unfrozen model on its device.
+
+    Raises:
+        ConfigError: ``model.device`` names no visible device.
         ValueError: ``random`` without a tokenizer, or a non-OLMoE architecture.
     """
     device = resolve_device(cfg.device) if device is None else torch.device(device)
@@ -503,48 +618,84 @@ def build_model(cfg: ModelConfig, tokenizer=None, seed: int = 0, device: torch.d
         if vocab is None and len(tokenizer) > tokenizer_vocab_size(cfg):
             raise ValueError(f"tokenizer: {len(tokenizer)} tokens exceed {cfg.name}'s vocabulary "
                              f"{tokenizer_vocab_size(cfg)}")
-        model = random_olmoe(cfg, vocab, tokenizer.pad_token_id, tokenizer.eos_token_id, seed,
+        model = random_model(cfg, vocab, tokenizer.pad_token_id, tokenizer.eos_token_id, seed,
                              device, dtype)
     else:
         model, tokenizer = load_hf_model(cfg, device, dtype)
-    return prepare_model(model, cfg, seed), tokenizer
+    return model, tokenizer
+
+
+def lora_targets(model: nn.Module, attention_lora: bool) -> list[str]:
+    """PEFT ``target_modules`` of a model: attention, dense MLP and shared-expert projections.
+
+    - a sparse-MoE model: q/k/v/o when ``attention_lora``; a Qwen2-MoE shared expert's
+      ``gate_proj``/``up_proj``/``down_proj`` always (the routed experts get
+      :class:`~ubsmoe.models.smoe.ExpertLoRA` from :func:`patch_smoe` instead);
+    - a dense backbone (:data:`ubsmoe.models.families.DENSE_FAMILIES`): q/k/v/o when
+      ``attention_lora`` plus the MLP's gate/up/down projections always (its only
+      MLP is the dense one; FedIT and the rank methods put LoRA on both).
+
+    Raises:
+        ValueError: the model's ``model_type`` is not a supported family.
+    """
+    from ubsmoe.models.families import DenseFamily, family
+
+    fam = family(model.config.model_type)
+    targets = list(ATTENTION_MODULES) if attention_lora else []
+    if isinstance(fam, DenseFamily):
+        return targets + list(fam.mlp_modules)
+    if fam.shared_expert:
+        targets += [f"shared_expert.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
+    return targets
+
+
+def is_dense_model(model: nn.Module) -> bool:
+    """True for a dense backbone (no SMoE layer is or will be patched in)."""
+    from ubsmoe.models.families import is_dense
+
+    return is_dense(getattr(model.config, "model_type", ""))
 
 
 def prepare_model(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Module:
-    """Freeze an OLMoE model, add attention LoRA (PEFT) if configured, patch its MoE blocks.
+    """Freeze a model, add PEFT LoRA (:func:`lora_targets`), patch its MoE blocks (if any).
 
     With ``model.router_trainable`` every SMoE layer's router ``W_r`` ``[E, H]`` is
     trainable too (float32, see :meth:`~ubsmoe.models.smoe.SMoELayer.set_router_trainable`)
-    and so part of :func:`adapter_state`.
+    and so part of :func:`adapter_state`. A dense backbone gets LoRA on its attention
+    (``attention_lora``) and MLP projections and no SMoE layer.
 
     Args:
-        model: an ``OlmoeForCausalLM`` (hub checkpoint or :func:`tiny_olmoe`).
+        model: a causal LM of a supported family (hub checkpoint or :func:`random_model`).
         cfg: LoRA rank, alpha and whether attention gets LoRA.
         seed: seed of the LoRA A factors (``seed + 1`` is used, as in :func:`build_model`).
 
     Returns:
-        The model (a PEFT wrapper when attention LoRA is on) with only LoRA (and the
-        routers, when trainable) trainable.
+        The model (a PEFT wrapper when PEFT LoRA targets exist) with only LoRA (and
+        the routers, when trainable) trainable.
 
     Raises:
-        ValueError: the model has no OLMoE sparse-MoE block.
+        ValueError: the model is not a supported family or a MoE model has no
+            sparse-MoE block.
     """
     for p in model.parameters():
         p.requires_grad_(False)
+    dense = is_dense_model(model)
+    targets = lora_targets(model, cfg.attention_lora)
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
-        if cfg.attention_lora:
+        if targets:
             from peft import LoraConfig, get_peft_model
 
             lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                              target_modules=list(ATTENTION_MODULES), bias="none")
+                              target_modules=targets, bias="none")
             with warnings.catch_warnings():
                 # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing`; the
                 # FutureWarning is about PEFT's code, not ours (only this message is hidden).
                 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                         category=FutureWarning)
                 model = get_peft_model(model, lora)
-        patch_smoe(model, cfg.lora_rank, cfg.lora_alpha)
+        if not dense:
+            patch_smoe(model, cfg.lora_rank, cfg.lora_alpha)
     for layer in smoe_layers(model):
         layer.set_router_trainable(cfg.router_trainable)
     model.config.use_cache = True

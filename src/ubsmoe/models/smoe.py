@@ -380,12 +380,15 @@ class TokenMask:
 class SMoELayer(nn.Module):
     """Sparse-MoE block with per-client top-K_c routing, per-expert LoRA and counters.
 
-    Follows the host model's conventions: SwiGLU experts ``down(act(gate(x)) * up(x))``
+    Follows the host model's conventions (:mod:`ubsmoe.models.families`): SwiGLU experts ``down(act(gate(x)) * up(x))``
     with fused ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` (the
     transformers >= 5 layout), router ``W_r`` ``[E, H]`` (frozen unless
     :meth:`set_router_trainable`), softmax in float32, gate
     weights = raw softmax probabilities (OLMoE) or renormalised over the selected
-    experts (``norm_topk_prob``, Mixtral/Qwen).
+    experts (``norm_topk_prob``: Mixtral always, Qwen per config). A Qwen2-MoE
+    shared expert ``shared_expert`` (a host dense MLP, ``[N, H] -> [N, H]``) runs on
+    every token and is added as ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``
+    (gate ``[1, H]``), exactly as the host block does.
 
     Attributes:
         top_k: K_c, experts activated per token (set per client with :meth:`set_top_k`).
@@ -430,8 +433,12 @@ class SMoELayer(nn.Module):
 
     def __init__(self, router_weight: torch.Tensor, gate_up_proj: torch.Tensor,
                  down_proj: torch.Tensor, act_fn: nn.Module, top_k: int,
-                 norm_topk_prob: bool, lora_rank: int, lora_alpha: float) -> None:
+                 norm_topk_prob: bool, lora_rank: int, lora_alpha: float,
+                 shared_expert: nn.Module | None = None,
+                 shared_expert_gate: nn.Module | None = None) -> None:
         super().__init__()
+        if (shared_expert is None) != (shared_expert_gate is None):
+            raise ValueError("shared_expert and shared_expert_gate: give both or neither")
         num_experts, hidden = router_weight.shape
         if gate_up_proj.shape[0] != num_experts or down_proj.shape[0] != num_experts:
             raise ValueError(
@@ -450,6 +457,10 @@ class SMoELayer(nn.Module):
         self.gate_up_proj = nn.Parameter(gate_up_proj.detach(), requires_grad=False)
         self.down_proj = nn.Parameter(down_proj.detach(), requires_grad=False)
         self.act_fn = act_fn
+        # Qwen2-MoE's shared expert (a dense MLP every token runs, PEFT LoRA on its
+        # projections) and its sigmoid gate [1, H], both the host's modules.
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
         # LoRA factors stay float32 under a bfloat16/float16 base (Adam updates of ~lr
         # would round away in 8 mantissa bits); cast to the activations' dtype per call.
         dtype = torch.promote_types(gate_up_proj.dtype, torch.float32)
@@ -606,6 +617,8 @@ class SMoELayer(nn.Module):
             y = y.index_copy(0, keep, self._route_and_run(x.index_select(0, keep)))
         else:
             y = self._route_and_run(x)
+        if self.shared_expert is not None:  # Qwen2-MoE: + sigmoid(g(x)) * shared(x), every token
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.reshape(shape)
 
     def _route_and_run(self, x: torch.Tensor) -> torch.Tensor:

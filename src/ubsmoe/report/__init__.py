@@ -30,13 +30,15 @@ def accuracy_table(summary: dict[str, Any], protocol: str) -> Table:
     ranks = any("lora_rank" in r for r in rows)
     if ranks:
         table.add_column("rank", justify="right")
-    for t in tasks:
-        table.add_column(f"{t}\n(n={n.get(t, '?')})", justify="right")
+    metric = {t: m for r in rows for t, m in r.get("per_task_metric", {}).items()}
+    for t in tasks:  # instruction data: the task's metric under its name (accuracy, rouge_l, ...)
+        table.add_column(f"{t}\n(n={n.get(t, '?')}" + (f", {metric[t]})" if t in metric else ")"),
+                         justify="right")
     table.add_column("average", justify="right")
     for r in rows:
         rank = [str(r.get("lora_rank", "-"))] if ranks else []
         table.add_row(f"{r['budget']:g}", str(r["top_k"]), r.get("top_k_mode", "-"), *rank,
-                      *[f"{r['per_task'][t]:.3f}" for t in tasks], f"{r['average']:.3f}")
+                      *[f"{r['per_task'][t]:.3f}" if t in r["per_task"] else "-" for t in tasks], f"{r['average']:.3f}")
     return table
 
 

@@ -1,0 +1,253 @@
+"""What a SuperNode declares about itself, and the budget level it maps to (no Flower).
+
+In a deployment each SuperNode is started with ``--node-config`` (Flower's
+space-separated ``key=value`` pairs, values typed by TOML rules). ubsmoe reads:
+
+- ``partition-id=K``: the node trains client K's partition of the run's data; or
+  ``data-path=/path``: the node trains on its own data file/folder (its client id
+  is then assigned by the server: the lowest id no partition-holding node took,
+  nodes in node-id order);
+- ``device=auto|cpu|cuda|cuda:N``: where the node trains (default: the run's
+  ``model.device``);
+- at most one budget declaration (none: the run's ``fl.budget_pattern`` decides):
+  ``budget=B`` (one of the run's ``fl.budgets``), ``top-k=K`` (the level whose
+  training K_j equals K; only for a run whose levels differ in K) or
+  ``lora-rank=R`` (the level whose rank in ``<method>.ranks`` is R; only for the
+  heterogeneous-rank methods).
+
+``num-partitions`` (set by Flower's simulation) is accepted and ignored. Every error
+is one line naming the node, the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+BUDGET_KEYS = ("budget", "top-k", "lora-rank")
+NODE_KEYS = ("partition-id", "data-path", "device", *BUDGET_KEYS, "num-partitions")
+
+
+class DeclarationError(ValueError):
+    """A node's declaration is invalid or unusable by the run; the message is one line."""
+
+
+@dataclass(frozen=True)
+class NodeDeclaration:
+    """A node's parsed ``--node-config``.
+
+    Attributes:
+        partition_id: client id whose partition of the run's data the node holds, or None.
+        data_path: the node's own data (a path on the node), or None.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; None: the run's ``model.device``.
+        budget: declared budget level beta (``budget=``), or None.
+        top_k: declared experts per token (``top-k=``), or None.
+        lora_rank: declared LoRA rank (``lora-rank=``), or None.
+    """
+
+    partition_id: int | None = None
+    data_path: str | None = None
+    device: str | None = None
+    budget: float | None = None
+    top_k: int | None = None
+    lora_rank: int | None = None
+
+    @property
+    def budget_key(self) -> str | None:
+        """The budget key the node declared (``budget``, ``top-k``, ``lora-rank``) or None."""
+        for key, value in zip(BUDGET_KEYS, (self.budget, self.top_k, self.lora_rank)):
+            if value is not None:
+                return key
+        return None
+
+    @property
+    def budget_value(self) -> float | int | None:
+        """The declared budget value (as written), or None."""
+        return next((v for v in (self.budget, self.top_k, self.lora_rank) if v is not None), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The declaration without its None fields (for a Flower ConfigRecord or JSON)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NodeDeclaration:
+        """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
+        fields = ("partition_id", "data_path", "device", "budget", "top_k", "lora_rank")
+        return cls(**{k: d[k] for k in fields if k in d})
+
+
+def _int(node: str, key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str)
+                                                                   and value.strip().isdigit())):
+        raise DeclarationError(f"node {node}: {key}={value!r} is not an integer >= {minimum}")
+    n = int(value)
+    if n < minimum:
+        raise DeclarationError(f"node {node}: {key}={n} is not an integer >= {minimum}")
+    return n
+
+
+def _valid_device(name: str) -> bool:
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    head, _, index = name.partition(":")
+    return head == "cuda" and index.isdigit()
+
+
+def parse_node_config(node_config: Mapping[str, Any], node: int | str = "?") -> NodeDeclaration:
+    """Parse and check a SuperNode's node config (values as Flower parsed them).
+
+    Args:
+        node_config: ``Context.node_config`` (str/int/float/bool values).
+        node: how the node is named in errors (its node id, or a label).
+
+    Returns:
+        The declaration.
+
+    Raises:
+        DeclarationError: an unknown key (the allowed keys are listed), neither or
+            both of ``partition-id`` / ``data-path``, more than one budget key, a
+            ``budget`` outside (0, 1], a ``top-k`` / ``lora-rank`` / ``partition-id``
+            that is not a positive (non-negative for the partition) integer, or an
+            unknown device.
+    """
+    unknown = sorted(k for k in node_config if k not in NODE_KEYS)
+    if unknown:
+        raise DeclarationError(f"node {node}: unknown node-config key {unknown[0]!r}; "
+                               f"allowed: {', '.join(NODE_KEYS[:-1])}")
+    has_pid, has_path = "partition-id" in node_config, "data-path" in node_config
+    if has_pid == has_path:
+        raise DeclarationError(f"node {node}: declare exactly one of partition-id=K or data-path=/path "
+                               f"(got {'both' if has_pid else 'neither'})")
+    declared = [k for k in BUDGET_KEYS if k in node_config]
+    if len(declared) > 1:
+        raise DeclarationError(f"node {node}: declares {' and '.join(declared)}; "
+                               "declare at most one of budget=, top-k=, lora-rank=")
+    pid = _int(node, "partition-id", node_config["partition-id"], 0) if has_pid else None
+    path = None
+    if has_path:
+        path = str(node_config["data-path"]).strip()
+        if not path:
+            raise DeclarationError(f"node {node}: data-path is empty; expected a path on the node")
+    device = None
+    if "device" in node_config:
+        device = str(node_config["device"]).strip()
+        if not _valid_device(device):
+            raise DeclarationError(f"node {node}: device={device!r} is not one of auto, cpu, cuda, cuda:N")
+    budget = top_k = lora_rank = None
+    if "budget" in node_config:
+        value = node_config["budget"]
+        try:
+            budget = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            budget = math.nan
+        if not 0.0 < budget <= 1.0:  # also false for NaN
+            raise DeclarationError(f"node {node}: budget={value!r} is not a number in (0, 1]")
+    if "top-k" in node_config:
+        top_k = _int(node, "top-k", node_config["top-k"], 1)
+    if "lora-rank" in node_config:
+        lora_rank = _int(node, "lora-rank", node_config["lora-rank"], 1)
+    return NodeDeclaration(partition_id=pid, data_path=path, device=device, budget=budget,
+                           top_k=top_k, lora_rank=lora_rank)
+
+
+def _fmt(values: Sequence[Any]) -> str:
+    return "[" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values) + "]"
+
+
+def declared_level(decl: NodeDeclaration, node: int | str, method: str, budgets: Sequence[float],
+                   level_top_k: Sequence[int], ranks: Sequence[int] | None) -> int | None:
+    """The 0-based ``fl.budgets`` level a node's budget declaration selects.
+
+    Args:
+        decl: the node's declaration.
+        node: how the node is named in errors.
+        method: the run's method name (for messages).
+        budgets: the run's ``fl.budgets`` (strictly increasing).
+        level_top_k: the K a client of each level trains at (``len(budgets)`` ints;
+            all equal when the run's levels do not differ in K, e.g. FedIT or a rank
+            method at ``train.top_k=native``).
+        ranks: the method's per-level LoRA ranks (``<method>.ranks``), or None for a
+            method whose levels are K budgets (no per-level rank).
+
+    Returns:
+        The level index, or None when the node declared no budget.
+
+    Raises:
+        DeclarationError: ``budget`` not in ``budgets``; ``top-k`` on a run whose levels
+            all train at one K, or matching no level or several; ``lora-rank`` on a
+            method without per-level ranks, not in ``ranks``, or matching several levels.
+    """
+    if decl.budget is not None:
+        for j, beta in enumerate(budgets):
+            if math.isclose(decl.budget, beta, rel_tol=1e-9, abs_tol=1e-12):
+                return j
+        raise DeclarationError(f"node {node}: budget={decl.budget:g} is not one of fl.budgets {_fmt(budgets)}")
+    if decl.top_k is not None:
+        if len(set(level_top_k)) <= 1:
+            raise DeclarationError(
+                f"node {node}: top-k={decl.top_k} cannot be used by method {method} (every level trains at "
+                f"K={level_top_k[0] if level_top_k else '?'}); use budget="
+                + (" or lora-rank=" if ranks is not None else ""))
+        hits = [j for j, k in enumerate(level_top_k) if k == decl.top_k]
+        if not hits:
+            raise DeclarationError(f"node {node}: top-k={decl.top_k} is not the K of any fl.budgets level "
+                                   f"(K per level: {_fmt(list(level_top_k))})")
+        if len(hits) > 1:
+            raise DeclarationError(f"node {node}: top-k={decl.top_k} is the K of several levels "
+                                   f"{_fmt([budgets[j] for j in hits])}; use budget=")
+        return hits[0]
+    if decl.lora_rank is not None:
+        if ranks is None:
+            raise DeclarationError(f"node {node}: lora-rank={decl.lora_rank} cannot be used by method "
+                                   f"{method} (K budgets); use budget= or top-k=")
+        hits = [j for j, r in enumerate(ranks) if r == decl.lora_rank]
+        if not hits:
+            raise DeclarationError(f"node {node}: lora-rank={decl.lora_rank} is not one of "
+                                   f"{method}.ranks {_fmt(list(ranks))}")
+        if len(hits) > 1:
+            raise DeclarationError(f"node {node}: lora-rank={decl.lora_rank} is the rank of several levels "
+                                   f"{_fmt([budgets[j] for j in hits])}; use budget=")
+        return hits[0]
+    return None
+
+
+def assign_clients(declarations: Mapping[int, NodeDeclaration], num_clients: int) -> dict[int, int]:
+    """Client id of every node: its ``partition-id``, else the lowest free id.
+
+    Args:
+        declarations: node id -> declaration, for every connected node.
+        num_clients: the run's ``fl.num_clients``.
+
+    Returns:
+        client id -> node id for clients ``0..num_clients-1`` (nodes left over, once
+        every client has a node, are not used).
+
+    Raises:
+        DeclarationError: a partition id outside ``[0, num_clients)``, two nodes with
+            one partition id, or fewer usable nodes than clients.
+    """
+    mapping: dict[int, int] = {}
+    for node in sorted(declarations):
+        pid = declarations[node].partition_id
+        if pid is None:
+            continue
+        if pid >= num_clients:
+            raise DeclarationError(f"node {node}: partition-id={pid} is not in 0..{num_clients - 1} "
+                                   f"(fl.num_clients={num_clients})")
+        if pid in mapping:
+            raise DeclarationError(f"node {node}: partition-id={pid} is also held by node {mapping[pid]}")
+        mapping[pid] = node
+    free = iter(c for c in range(num_clients) if c not in mapping)
+    for node in sorted(declarations):
+        if declarations[node].partition_id is None:
+            client = next(free, None)
+            if client is None:
+                break
+            mapping[client] = node
+    missing = [c for c in range(num_clients) if c not in mapping]
+    if missing:
+        raise DeclarationError(f"fl.num_clients={num_clients} but no node holds clients {missing} "
+                               f"({len(declarations)} nodes connected)")
+    return dict(sorted(mapping.items()))

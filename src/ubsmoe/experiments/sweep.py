@@ -1,0 +1,252 @@
+"""Run every cell of an experiment: one run directory per cell, skip done, resume partial.
+
+A sweep lays its cells out under ``--out`` as ``<label>-<hash>/`` (:func:`cell_dir_name`),
+writes each cell's ``cell.json`` atomically before its run starts, skips a cell whose
+directory already holds ``summary.json``, resumes one that holds a round checkpoint
+(``ubsmoe run --resume``) and starts the others fresh. Each run is its own
+``ubsmoe run`` process (its logs in ``<run_dir>/sweep.log``), so a failing run does
+not stop the sweep and several runs can share a machine: one at a time on CPU, one
+per GPU when several are visible (``model.device=cuda:i`` per cell, outside the hash).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ubsmoe.config import RunConfig, load_config, save_config
+from ubsmoe.experiments import Cell, Experiment, cell_dir_name, cell_record, resolve_cell
+from ubsmoe.fl.run_dir import CONFIG_FILE, SUMMARY_FILE, latest_checkpoint
+from ubsmoe.io import atomic_write_json
+
+CELL_FILE = "cell.json"
+LOG_FILE = "sweep.log"
+STATES = ("queued", "running", "done", "skipped", "failed")
+
+
+@dataclass
+class SweepItem:
+    """One cell of a sweep and where it stands.
+
+    Attributes:
+        cell: the grid cell.
+        cfg: its validated resolved config.
+        run_dir: ``<out>/<label>-<hash>``.
+        state: ``queued``, ``running``, ``done`` (ran now), ``skipped`` (was complete)
+            or ``failed``.
+        resume: the run continues from a checkpoint.
+        device: the device it runs on (None: the config's own).
+        seconds: wall time of its run in this sweep (s), once finished.
+        message: the failure's one line, when failed.
+    """
+
+    cell: Cell
+    cfg: RunConfig
+    run_dir: Path
+    state: str = "queued"
+    resume: bool = False
+    device: str | None = None
+    seconds: float = 0.0
+    message: str = ""
+
+
+def plan_sweep(experiment: Experiment, out: Path, scale: str = "tiny", methods: list[str] | None = None,
+               seeds: int | None = None, overrides: list[str] | None = None) -> list[SweepItem]:
+    """Validate every cell and lay out its run directory; nothing is written.
+
+    Args:
+        experiment: the experiment.
+        out: the sweep's directory.
+        scale: ``tiny`` or ``paper``.
+        methods: keep only these methods.
+        seeds: run seeds ``0..N-1`` instead of the scale's.
+        overrides: ``key=value`` config overrides applied to every cell.
+
+    Returns:
+        One item per cell; ``skipped`` where ``summary.json`` exists, ``resume`` set
+        where a round checkpoint exists.
+
+    Raises:
+        RequirementError: a cell of an experiment with ``requires`` does not validate.
+        ConfigError: any other invalid cell (the first one met).
+    """
+    items = []
+    for cell in experiment.cells(scale, methods=methods, seeds=seeds):
+        cfg = resolve_cell(experiment, cell, overrides)
+        run_dir = Path(out) / cell_dir_name(cell, cfg)
+        item = SweepItem(cell, cfg, run_dir)
+        if (run_dir / SUMMARY_FILE).is_file():
+            item.state = "skipped"
+        elif latest_checkpoint(run_dir) is not None and (run_dir / CONFIG_FILE).is_file():
+            item.resume = True
+        items.append(item)
+    return items
+
+
+def sweep_devices(cfg: RunConfig, cuda_count: int) -> list[str | None]:
+    """The device slots of a sweep: one per visible GPU, else one slot (the config's device).
+
+    Args:
+        cfg: any cell's config (its ``model.device`` decides).
+        cuda_count: number of visible CUDA devices.
+
+    Returns:
+        ``["cuda:0", ..., "cuda:{n-1}"]`` when ``model.device`` is ``auto`` or ``cuda``
+        and n > 1; else ``[None]`` (runs one after another on the config's device).
+    """
+    if cfg.model.device in ("auto", "cuda") and cuda_count > 1:
+        return [f"cuda:{i}" for i in range(cuda_count)]
+    return [None]
+
+
+def subprocess_runner(item: SweepItem, verbose: bool = False) -> tuple[int, str]:
+    """Run one cell as an ``ubsmoe run`` process, output to ``<run_dir>/sweep.log``.
+
+    Returns:
+        ``(exit code, last non-empty line of the log)``.
+
+    Raises:
+        KeyboardInterrupt: passed on after the child is stopped (it stops its own Flower
+            processes on SIGTERM).
+    """
+    args = ([sys.executable, "-m", "ubsmoe.cli", "run", "--resume", str(item.run_dir)] if item.resume else
+            [sys.executable, "-m", "ubsmoe.cli", "run", "-c", str(item.run_dir / CONFIG_FILE),
+             "--out", str(item.run_dir), "--force"])
+    if verbose:
+        args.append("--verbose")
+    env = dict(os.environ, COLUMNS="120")
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+    log = item.run_dir / LOG_FILE
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        try:
+            code = proc.wait()
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    lines = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    return code, (lines[-1].strip() if lines else "")
+
+
+def prepare_item(item: SweepItem, device: str | None) -> None:
+    """Write ``cell.json`` and the run's ``config.yaml`` (atomically) before the run starts.
+
+    A fresh run gets the resolved config; a resumed one keeps its saved config, with
+    only ``model.device`` changed when the sweep places it on another device (the
+    device is outside the config hash).
+    """
+    item.run_dir.mkdir(parents=True, exist_ok=True)
+    item.device = device
+    atomic_write_json(item.run_dir / CELL_FILE, cell_record(item.cell, item.cfg))
+    if item.resume:
+        if device is not None:
+            saved = load_config(item.run_dir / CONFIG_FILE)
+            saved.model.device = device
+            save_config(saved, item.run_dir / CONFIG_FILE)
+        return
+    if device is not None:
+        item.cfg.model.device = device
+    save_config(item.cfg, item.run_dir / CONFIG_FILE)
+
+
+Runner = Callable[[SweepItem], tuple[int, str]]
+
+
+def run_sweep(items: Sequence[SweepItem], runner: Runner = subprocess_runner,
+              devices: Sequence[str | None] = (None,),
+              on_change: Callable[[Sequence[SweepItem]], None] = lambda items: None) -> list[SweepItem]:
+    """Run the queued items, one per device slot at a time.
+
+    Args:
+        items: from :func:`plan_sweep` (``skipped`` ones are left alone).
+        runner: runs one prepared item, returns ``(exit code, last log line)``.
+        devices: device slots; one worker per slot (``[None]``: one run at a time on
+            each config's own device).
+        on_change: called (from the workers, under a lock) whenever an item changes state.
+
+    Returns:
+        The items, states updated.
+
+    Raises:
+        KeyboardInterrupt: the sweep was interrupted (or whatever the runner raised);
+            the running item goes back to ``queued`` (its run directory resumes next
+            time), the others are left as they are.
+    """
+    todo: queue.Queue[SweepItem] = queue.Queue()
+    for item in items:
+        if item.state == "queued":
+            todo.put(item)
+    lock = threading.Lock()
+    interrupted: list[BaseException] = []
+
+    def changed() -> None:
+        """Report the items' states to ``on_change`` (one caller at a time)."""
+        with lock:
+            on_change(items)
+
+    def work(device: str | None) -> None:
+        """Run queued cells on ``device`` (None: the run's own) until the queue is empty or interrupted."""
+        while not interrupted:
+            try:
+                item = todo.get_nowait()
+            except queue.Empty:
+                return
+            prepare_item(item, device)
+            item.state = "running"
+            changed()
+            start = time.monotonic()
+            try:
+                code, last = runner(item)
+            except BaseException as e:  # noqa: BLE001 (KeyboardInterrupt in the runner: stop everything, re-raised below)
+                item.state = "queued"
+                interrupted.append(e)
+                changed()
+                return
+            item.seconds = time.monotonic() - start
+            if code == 0 and (item.run_dir / SUMMARY_FILE).is_file():
+                item.state = "done"
+            else:
+                item.state, item.message = "failed", f"exit {code}: {last}"
+            changed()
+
+    changed()
+    if len(devices) == 1:
+        work(devices[0])
+    else:
+        threads = [threading.Thread(target=work, args=(d,), daemon=True) for d in devices]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                t.join()
+        except KeyboardInterrupt as e:
+            interrupted.append(e)
+            raise
+    if interrupted:
+        raise interrupted[0]
+    return list(items)
+
+
+def sweep_eta(items: Sequence[SweepItem], slots: int) -> float | None:
+    """Seconds left: mean run time of the items finished in this sweep x runs left / slots.
+
+    Returns:
+        None before any run finished.
+    """
+    times = [i.seconds for i in items if i.state in ("done", "failed") and i.seconds > 0]
+    if not times:
+        return None
+    left = sum(1 for i in items if i.state in ("queued", "running"))
+    return sum(times) / len(times) * left / max(slots, 1)

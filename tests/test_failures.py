@@ -341,8 +341,11 @@ def test_flower_run_survives_raise_timeout_nan_and_wrong_shapes(tmp_path):
         server.end_round(r, ups + [LeftOut(c, "x") for c in {0, 1, 2, 3} - set(good)], clients=[0, 1, 2, 3])
     ckpt = ServerState.from_state_dict(torch.load(latest_checkpoint(out), weights_only=True))
     assert ckpt.round == 2
+    # Worker processes and this one may order float32 reductions differently (thread
+    # counts), and Adam turns that into ~1e-6 differences after two rounds; a left-out
+    # client counted by mistake moves the average by its own 1/3-1/2 share (>> 1e-5).
     for k, v in server.state.adapters.items():
-        torch.testing.assert_close(ckpt.adapters[k], v, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ckpt.adapters[k], v, rtol=1e-4, atol=1e-5)
     assert json.loads((out / "summary.json").read_text())["rounds_completed"] == 2
 
 

@@ -75,10 +75,10 @@ class _Display:
     Called with the ServerApp's progress events as :func:`ubsmoe.fl.simulation.run_federated`
     reads them: ``round_start`` {round, clients}, ``client_done``, ``aggregate``,
     ``round_end`` {round, loss}, ``client_failed`` {round, client, reason} and
-    ``round_retry`` / ``round_failed`` {round, message}, each printed as one line. The
-    rounds line shows the last train loss and the run's ETA (:func:`eta_seconds` over
-    the rounds timed so far); the clients line shows the round's clients done out of
-    those sampled.
+    ``round_retry`` / ``round_failed`` {round, message, replies, needed}, each printed
+    as one line. The rounds line shows the last train loss and the run's ETA
+    (:func:`eta_seconds` over the rounds timed so far); the clients line shows the
+    round's clients done out of those sampled.
     """
 
     def __init__(self, rounds: int) -> None:
@@ -130,11 +130,11 @@ class _Display:
         elif event == "client_failed":  # one line per client left out of a round
             p.advance(self.clients)
             p.console.print(f"round {info['round']}: client {info['client']} left out: {info['reason']}",
-                            highlight=False)
-        elif event in ("round_retry", "round_failed"):
-            p.console.print(f"{info['message']}; "
-                            f"{'retrying the round' if event == 'round_retry' else 'no retries left'}",
-                            highlight=False)
+                            highlight=False, soft_wrap=True)
+        elif event in ("round_retry", "round_failed"):  # the clients' reasons are printed above
+            p.console.print(f"round {info['round']}: {info['replies']} good replies, {info['needed']} "
+                            f"needed; {'retrying the round' if event == 'round_retry' else 'no retries left'}",
+                            highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -13,6 +13,7 @@ command line, kept in the run's provenance; empty: unknown) from ``[tool.flwr.ap
 from __future__ import annotations
 
 import json
+import re
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -49,6 +50,27 @@ def _noop(event: str, info: dict[str, Any]) -> None:
     pass
 
 
+def short_error(reason: str, limit: int = 240) -> str:
+    """One readable line from a Flower error reason: ``ExceptionType: message``.
+
+    Flower reports a ClientApp exception as ``<class 'pkg.Type'>:<'message'>``; under
+    the simulation runtime the message is a Ray error whose text holds the whole
+    remote traceback and ends with ``Message: <the original message>``. This keeps
+    the exception's type name and the original message, on one line of at most
+    ``limit`` characters (longer ones end in ``...``; the full reason stays in the
+    Flower log).
+    """
+    text = " ".join(reason.split())
+    m = re.fullmatch(r"<class '([\w.()]+)'>:<'(.*)'>", text)
+    if m:
+        kind, text = m.group(1).rsplit(".", 1)[-1], m.group(2)
+        if "Message: " in text:  # a Ray error wrapping the ClientApp's exception
+            text = text.rsplit("Message: ", 1)[1]
+            kind = "ClientAppException"
+        text = f"{kind}: {text}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _replies(grid: Grid, messages: list[Message], timeout_s: float = 0.0
              ) -> Iterator[tuple[int, Message | None, str | None]]:
     """Push ``messages`` and yield ``(index, reply, None)`` or ``(index, None, reason)`` as they come.
@@ -68,7 +90,7 @@ def _replies(grid: Grid, messages: list[Message], timeout_s: float = 0.0
             if i is None:
                 continue  # not a reply to this push (e.g. late, to an earlier try)
             if reply.has_error():
-                yield i, None, f"error: {reply.error.reason}".replace("\n", "; ")
+                yield i, None, f"error: {short_error(reply.error.reason)}"
             else:
                 yield i, reply, None
         if pending and deadline is not None and time.monotonic() >= deadline:
@@ -204,7 +226,8 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume:
             except RoundIncomplete as e:
                 incomplete = e
                 progress("round_retry" if attempt <= cfg.fl.round_retries else "round_failed",
-                         {"round": r, "try": attempt, "message": str(e)})
+                         {"round": r, "try": attempt, "message": str(e),
+                          "replies": e.replies, "needed": e.needed})
         else:
             last = latest_checkpoint(server.run_dir)
             raise RoundFailed(f"{incomplete} after {cfg.fl.round_retries + 1} tries "

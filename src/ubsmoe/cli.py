@@ -187,19 +187,21 @@ def run(
         else:
             cfg, cell = _load_run_config(config, list(overrides or []), scale)
             run_dir = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
+            _refuse_existing_run(run_dir)
             if cell is not None:
                 from ubsmoe.experiments import cell_record
                 from ubsmoe.io import atomic_write_json
 
                 run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(run_dir / "cell.json", cell_record(cell, cfg))
-        if not force:
-            _preflight(cfg)
         log_path = Path(run_dir).expanduser().resolve() / LOG_FILE
         made_dir = not log_path.parent.exists()  # bad input removes what route_logs made
-        # Third-party logs and warnings go to the run's log from here on (console with --verbose).
+        # Third-party logs and warnings (e.g. the hub client's retries while the plan
+        # looks a model up) go to the run's log from here on (console with --verbose).
         logs.enter_context(route_logs(log_path, verbose=verbose))
         logging.getLogger("ubsmoe").info("%s", command)
+        if not force:
+            _preflight(cfg)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             setup = shared_setup(cfg)
@@ -215,9 +217,10 @@ def run(
     except (FileNotFoundError, OSError) as e:
         logs.close()
         _discard_log(log_path, made_dir)
-        _fail(str(e))
-    except typer.Exit:
+        _fail(" ".join(str(e).split()))
+    except typer.Exit:  # a one-line refusal (the plan, --resume): nothing left behind
         logs.close()
+        _discard_log(log_path, made_dir)
         raise
     except Exception as e:  # e.g. building the data or tokenizer failed: traceback to the log
         if log_path is None:
@@ -228,6 +231,27 @@ def run(
         _fail(f"the run failed: {message}; log: {log_path}", code=1)
     with logs:
         _run_and_report(cfg, run_dir, resume is not None, setup, verbose, command, log_path)
+
+
+def _refuse_existing_run(run_dir: Path) -> None:
+    """Exit with one line when a fresh run's ``--out`` already holds a run's results.
+
+    A folder with a round checkpoint or ``summary.json`` is another run's output: a
+    fresh run would overwrite its metrics and checkpoints. Anything else (an empty
+    folder, a sweep cell's ``cell.json`` / ``config.yaml``, unrelated files) is fine.
+
+    Raises:
+        typer.Exit: code 2, after printing the one line.
+    """
+    from ubsmoe.fl.run_dir import SUMMARY_FILE, latest_checkpoint
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    held = [f.name for f in (run_dir / SUMMARY_FILE, latest_checkpoint(run_dir)) if f is not None and f.is_file()]
+    if held:
+        _fail(f"--out: {str(run_dir)!r} already holds a run ({', '.join(held)}); continue it with "
+              f"`ubsmoe run --resume {run_dir}` or choose a new --out")
 
 
 def _discard_log(log_path: Path | None, made_dir: bool) -> None:

@@ -84,6 +84,9 @@ class TinyModelConfig:
     def __post_init__(self) -> None:
         if not self.initializer_range > 0:
             raise ConfigError(_bad("model.tiny.initializer_range", self.initializer_range, "a number > 0"))
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(_bad("model.tiny.num_experts_per_tok", self.num_experts_per_tok,
+                                   f"an integer in [1, model.tiny.num_experts={self.num_experts}]"))
 
 
 @dataclass

@@ -17,6 +17,8 @@ everything. The Flower processes' own output is sent to the same file by
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import warnings
 from collections.abc import Iterator
@@ -28,6 +30,19 @@ LOG_FILE = "ubsmoe.log"
 THIRD_PARTY_LOGGERS = ("transformers", "peft", "datasets", "huggingface_hub", "tokenizers", "flwr",
                        "ray", "torch", "accelerate", "urllib3", "filelock", "matplotlib")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _configure_library_loggers() -> None:
+    """Make libraries that add their console handler lazily (on first use) add it now.
+
+    huggingface_hub and transformers attach a stderr handler to their root logger the
+    first time one of their loggers is asked for; if that happened inside
+    :func:`route_logs` (e.g. the hub client's retries while a model is looked up),
+    the handler would escape the routing and print to the console.
+    """
+    for module in ("huggingface_hub.utils.logging", "transformers.utils.logging"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module).get_logger()
 
 
 @contextmanager
@@ -45,6 +60,7 @@ def route_logs(log_path: Path, verbose: bool = False, level: int = logging.INFO)
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    _configure_library_loggers()
     handler = logging.FileHandler(log_path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(level)

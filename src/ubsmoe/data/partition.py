@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from ubsmoe.config import BUDGET_PATTERNS, PARTITIONS
+from ubsmoe.config import BUDGET_PATTERNS, PARTITIONS, ConfigError
 
 LONG_TAIL_SHARE = 0.75  # share of clients at the tail level in (reverse) long-tail patterns
 
@@ -55,24 +55,24 @@ def partition_clients(
         in exactly one client and no client is empty.
 
     Raises:
-        ValueError: ``num_clients < 1``, fewer records than clients, an unknown
-            ``partition``, or ``dirichlet_alpha <= 0``.
+        ConfigError: ``num_clients < 1``, fewer records than clients, an unknown
+            ``partition``, or ``dirichlet_alpha <= 0`` (one line naming the field).
     """
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     n = len(labels)
     if num_clients < 1:
-        raise ValueError(f"fl.num_clients: got {num_clients}, expected an integer >= 1")
+        raise ConfigError(f"fl.num_clients: got {num_clients}, expected an integer >= 1")
     if n < num_clients:
-        raise ValueError(
+        raise ConfigError(
             f"fl.num_clients: {num_clients} clients but only {n} training records; "
             "lower fl.num_clients or raise data.train_examples"
         )
     if partition not in PARTITIONS:
-        raise ValueError(f"data.partition: got {partition!r}, expected one of {', '.join(PARTITIONS)}")
+        raise ConfigError(f"data.partition: got {partition!r}, expected one of {', '.join(PARTITIONS)}")
     if not dirichlet_alpha > 0:
-        raise ValueError(f"data.dirichlet_alpha: got {dirichlet_alpha}, expected a number > 0")
+        raise ConfigError(f"data.dirichlet_alpha: got {dirichlet_alpha}, expected a number > 0")
 
     dataset = Dataset.from_dict({"task": [str(x) for x in labels], "idx": list(range(n))})
     if partition == "iid":
@@ -179,15 +179,16 @@ def top_k_for_budget(beta: float, k_max: int, k_min: int = 1) -> int:
         K_c, an integer in [k_min, k_max].
 
     Raises:
-        ValueError: ``beta`` outside (0, 1] (names ``fl.budgets``), ``k_max < 1`` or
-            ``k_min`` outside [1, k_max].
+        ValueError: ``beta`` outside (0, 1] (names ``fl.budgets``) or ``k_max < 1``.
+        ConfigError: ``k_min`` outside [1, k_max] (names ``model.k_min``).
     """
     if not 0.0 < beta <= 1.0:
         raise ValueError(f"fl.budgets: got level {beta!r}, expected a number in (0, 1]")
     if k_max < 1:
         raise ValueError(f"k_max: got {k_max}, expected an integer >= 1")
     if not 1 <= k_min <= k_max:
-        raise ValueError(f"k_min: got {k_min}, expected an integer in [1, k_max={k_max}]")
+        raise ConfigError(f"model.k_min: got {k_min}, expected an integer in [1, {k_max}] "
+                          f"(the model's native top-k K_max={k_max})")
     return max(k_min, min(k_max, math.floor(k_max * beta + 1e-9)))
 
 

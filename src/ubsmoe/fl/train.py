@@ -264,6 +264,7 @@ def shared_setup(cfg: RunConfig) -> SharedSetup:
     Raises:
         ConfigError: the data cannot be resolved or is too small for the clients.
         ValueError: ``model.name`` has no readable OLMoE config (``random``).
+        OSError: the pretrained tokenizer cannot be loaded (hub unreachable, bad path).
     """
     from ubsmoe.data.commonsense import format_prompt
     from ubsmoe.data.instruction import load_data
@@ -279,7 +280,12 @@ def shared_setup(cfg: RunConfig) -> SharedSetup:
     else:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model.name)
+        except OSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OSError(f"model.name: could not load the tokenizer of {cfg.model.name!r} ({first}); "
+                          "without the hub use model.init=random or a local checkpoint path") from e
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     try:

@@ -392,7 +392,8 @@ def load_hf_model(cfg: ModelConfig, device: torch.device | None = None, dtype: t
         tokenizer = AutoTokenizer.from_pretrained(cfg.name)
         model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype, **extra)
     except OSError as e:
-        raise OSError(f"model.name: could not load {cfg.name!r} ({e}); without the hub use "
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(f"model.name: could not load {cfg.name!r} ({first}); without the hub use "
                       "model.init=random or a local checkpoint path") from e
     from ubsmoe.models.families import DENSE_FAMILIES, MOE_FAMILIES
 

@@ -303,6 +303,17 @@ def test_norm_check_and_median_buffer_the_round_and_act(small, tmp_path):
     stack = torch.stack([ups[c].adapters[name] for c in range(4)]).double()
     assert torch.equal(med.state.adapters[name], coordinate_median(stack).to(sent[name].dtype))
 
+    # fl.trim_fraction moves the trimmed mean: 0 keeps client 3 (unweighted mean, follows
+    # the blow-up), 0.25 cuts one reply at each end per coordinate (ignores it).
+    trimmed = {}
+    for trim in (0.0, 0.25):
+        t = Server(make("method=fedit", "fl.aggregation=trimmed_mean", f"fl.trim_fraction={trim}"),
+                   tmp_path / f"t{trim}", setup)
+        assert t.end_round(1, list(ups.values()), clients=[0, 1, 2, 3])["max_buffered_replies"] == 4
+        trimmed[trim] = t.state.adapters[name]
+        assert torch.equal(trimmed[trim], trimmed_mean(stack, trim).to(sent[name].dtype))
+    assert float(trimmed[0.0].abs().max()) > 100 and float(trimmed[0.25].abs().max()) < 100
+
 
 # ----- through Flower (ubsmoe run: local SuperLink, simulation runtime, ClientApp workers) --------------
 def _cli(tmp_path, out, faults, *extra):

@@ -46,6 +46,8 @@ CASES = [
     ("K above the experts", ["model.tiny.num_experts_per_tok=99"],
      "model.tiny.num_experts_per_tok: got 99, expected an integer in [1, model.tiny.num_experts=64]"),
     ("k_min above K_max", [*QUICK, "model.k_min=99"], "model.k_min: got 99, expected an integer in [1, 8]"),
+    ("robust rule for a rank method", ["method=flexlora", "fl.aggregation=median"],
+     "fl.aggregation: got 'median', method flexlora supports only mean"),
     ("rank 0", ["model.lora_rank=0"], "model.lora_rank: got 0, expected an integer >= 1"),
     ("negative rank", ["model.lora_rank=-4"], "model.lora_rank: got -4, expected an integer >= 1"),
     ("missing data folder", [*QUICK, "data.path={tmp}/nowhere"], "data.path: '{tmp}/nowhere' does not exist"),

@@ -29,7 +29,7 @@ from ubsmoe.experiments import (
 from ubsmoe.experiments.sweep import CELL_FILE, plan_sweep, run_sweep, sweep_devices, sweep_eta
 from ubsmoe.methods import ClientUpdate, get_method_class
 
-REQUIRES = {"table4": "table4 needs generative tasks (instruction data with BERTScore, issue 13)"}
+REQUIRES: dict[str, str] = {}  # shipped experiment -> its `requires` line (none left since issue 13)
 SHIPPED = ("table1", "table2", "table3", "table4", "table5", "table6", "a3smoe_table1", "a3smoe_fig3",
            "a3smoe_fig4", "dynamics")
 
@@ -57,9 +57,12 @@ def test_every_shipped_config_validates_at_both_scales(name, scale):
         dense = name == "table2" and cell.method != "ubsmoe"  # Table 2: dense OLMo-1B for the LoRA methods
         if scale == "paper":
             assert cfg.model.name == ("allenai/OLMo-1B-hf" if dense else "allenai/OLMoE-1B-7B-0924")
-            assert cfg.data.train_examples == 15000
+            assert cfg.data.train_examples == (0 if name == "table4" else 15000)  # table4: all of TeleQuAD
         else:
             assert cfg.model.name == ("tiny-dense" if dense else "tiny")
+        if name == "table4":  # generative QA scored by BERTScore F1 over the user's TeleQuAD folder
+            assert (cfg.data.name, cfg.data.path, cfg.eval.text_metric, cfg.eval.protocols) == (
+                "instruction", "data/telequad", "bertscore_f1", ["generation"])
 
 
 def test_paper_scale_has_three_seeds_and_tiny_one():
@@ -185,15 +188,26 @@ def test_cli_configs_lists_one_line_each():
     assert result.exit_code == 0
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert [ln.split()[0] for ln in lines] == available_experiments()
-    assert "[needs generative-tasks]" in next(ln for ln in lines if ln.startswith("table4"))
-    assert "[needs" not in next(ln for ln in lines if ln.startswith("table2"))
+    assert not any("[needs" in ln for ln in lines)  # every shipped experiment validates
 
 
 def test_cli_sweep_stops_with_the_requires_line(tmp_path):
-    result = CliRunner().invoke(app, ["sweep", "-c", "table4", "--out", str(tmp_path)], terminal_width=400)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump(_minimal(requires={"capability": "x", "message": "mine needs x"},
+                                            base={"model": {"name": "allenai/OLMo-1B-hf"}})))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["sweep", "-c", str(mine), "--out", str(out)], terminal_width=400)
     assert result.exit_code == 2
-    assert "table4 needs generative tasks (instruction data with BERTScore, issue 13)" in result.output
-    assert "Traceback" not in result.output and not any(tmp_path.iterdir())
+    assert "mine needs x" in result.output
+    assert "Traceback" not in result.output and not (out.exists() and any(out.iterdir()))
+
+
+def test_table4_without_its_data_is_one_line_naming_data_path(tmp_path):
+    result = CliRunner().invoke(app, ["run", "-c", "table4", "--scale", "tiny", "method=ubsmoe",
+                                      "--out", str(tmp_path / "run")], terminal_width=400)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0] == "error: data.path: 'data/telequad' does not exist or is not a folder"
 
 
 def test_cli_sweep_dry_run_lists_cells_and_bad_names(tmp_path):

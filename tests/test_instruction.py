@@ -423,3 +423,28 @@ def test_dolly_config_runs_a_round_on_local_data_in_its_format(tmp_path):
     assert summary["data"]["task_metric"] == {"colours": "rouge_l", "facts": "rouge_l"}
     assert summary["data"]["bertscore"]["skipped"] == "eval.bertscore_model is empty"
     assert [r["protocol"] for r in summary["accuracy"]] == ["generation"] * 2
+
+
+def test_a_tiny_table4_cell_runs_a_round_and_reports_bertscore_f1(tmp_path):
+    """UB-SMoE Table 4's tiny cell (shipped experiment) over a free-text folder standing in for TeleQuAD."""
+    from ubsmoe.experiments import find_cell, load_experiment, resolve_cell
+
+    root = tmp_path / "telequad"
+    _write(root / "qa" / "train.json", _text_records())
+    _write(root / "qa" / "test.json", _text_records()[:8])
+    bert = tiny_bert(tmp_path / "bert")
+    exp = load_experiment("table4")
+    cell, rest = find_cell(exp, "tiny", ["method=ubsmoe", f"data.path={root}", f"eval.bertscore_model={bert}",
+                                         "eval.bertscore_num_layers=2", "fl.num_clients=2", "fl.rounds=1",
+                                         "train.max_local_steps=2", "eval.examples_per_task=4",
+                                         "eval.max_new_tokens=6", f"model.tokenizer_cache={tmp_path / 'cache'}",
+                                         "model.tiny.vocab_size=400", "eval.pg_probe_examples=0"])
+    cfg = resolve_cell(exp, cell, rest)
+    _, summary = _round(cfg, tmp_path / "run")
+    assert summary["data"]["task_metric"] == {"qa": "bertscore_f1"}
+    rows = summary["accuracy"]
+    assert {r["protocol"] for r in rows} == {"generation"}
+    assert [r["budget"] for r in rows] == [0.125, 0.25, 0.5, 1.0]
+    for row in rows:
+        text = row["per_task_metrics"]["qa"]
+        assert row["per_task"]["qa"] == text["bertscore_f1"] and 0.0 < text["bertscore_f1"] <= 1.0 + 1e-6

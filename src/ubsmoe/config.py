@@ -573,8 +573,9 @@ def _check_method_against_run(run: RunConfig) -> None:
     ``train.top_k`` must be one of the method's :attr:`Method.train_top_k_modes`
     (an SMoE method cannot train at the native top-k), and an SMoE method
     (:attr:`Method.needs_moe`) is refused on a dense backbone whose type is known
-    offline (preset, shipped or local config). A method config may also
-    define ``check_run(run)`` (e.g. one LoRA rank per budget level).
+    offline (preset, shipped or local config). A robust ``fl.aggregation`` is
+    refused for a method that stacks or factorizes the clients' factors. A method
+    config may also define ``check_run(run)`` (e.g. one LoRA rank per budget level).
 
     Raises:
         ConfigError: one line naming the field and what is allowed.
@@ -592,6 +593,8 @@ def _check_method_against_run(run: RunConfig) -> None:
     if run.train.top_k not in modes:
         raise ConfigError(_bad("train.top_k", run.train.top_k,
                                f"one of {', '.join(modes)} for method '{run.method}'"))
+    if run.fl.aggregation != "mean":  # raises for a method that aggregates all at once
+        method_cls().set_robust(run.fl.aggregation, run.fl.trim_fraction)
     check = getattr(run.method_config, "check_run", None)
     if check is not None:
         check(run)

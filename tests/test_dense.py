@@ -110,17 +110,20 @@ def test_lora_methods_train_a_dense_model_in_process(tmp_path, method):
     assert summary["rounds_completed"] == 1 and torch.isfinite(torch.tensor(summary["train_loss"][0]["loss"]))
 
 
-def test_flexlora_runs_a_dense_model_end_to_end_via_cli(tmp_path):
+@pytest.mark.parametrize(("method", "ranks"), [("fedit", [20, 20, 20, 20]), ("flexlora", [12, 16, 24, 40])])
+def test_fedit_and_flexlora_run_a_dense_model_end_to_end_via_cli(tmp_path, method, ranks):
+    """`ubsmoe run` (Flower, local SuperLink) on tiny-dense with the default commonsense data."""
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["run", "--out", str(out), *SMALL, "method=flexlora",
+    result = CliRunner().invoke(app, ["run", "--out", str(out), *SMALL, f"method={method}",
                                       f"model.tokenizer_cache={tmp_path / 'cache'}"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds_completed"] == 1 and summary["method"] == "flexlora"
+    assert summary["rounds_completed"] == 1 and summary["method"] == method
     rows = [r for r in summary["accuracy"] if r["protocol"] == "loglik"]
-    # One LoRA rank per budget level (FlexLoRA's default ranks), every level at K = 1.
+    # FedIT: one rank for every level; FlexLoRA: one rank per level (its default ranks);
+    # a dense model has one MLP per token, so every level runs at K = 1.
     assert [(r["budget"], r["lora_rank"], r["top_k"]) for r in rows] == [
-        (0.125, 12, 1), (0.25, 16, 1), (0.5, 24, 1), (1.0, 40, 1)]
+        (b, r, 1) for b, r in zip([0.125, 0.25, 0.5, 1.0], ranks, strict=True)]
     train = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"]
     assert len(train[0]["clients"]) == 2 and all(c["top_k"] == 1 for c in train[0]["clients"])
 

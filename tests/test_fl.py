@@ -96,6 +96,12 @@ def test_rounds_are_deterministic_and_write_the_run_directory(tmp_path):
     state = ServerState.from_state_dict(torch.load(ckpt, weights_only=True))
     assert state.round == 2 and all(torch.equal(state.adapters[k], v) for k, v in a.state.adapters.items())
     assert (run / "checkpoints" / "adapter" / "adapter_config.json").is_file()
+    # Atomic writes give files the mode open() would (not mkstemp's 0600): a shared box's
+    # group can read the results.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in (run / "summary.json", run / "config.yaml", ckpt):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
 def test_client_utilization_matches_its_top_k(tmp_path):

@@ -69,8 +69,7 @@ def _pem_key(key) -> str:
 
 
 def _write_private(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-    os.chmod(path, 0o600)
+    atomic_write_text(path, text, file_mode=0o600)  # never readable by others, not even briefly
 
 
 def _validate_host(host: str) -> None:

@@ -14,7 +14,18 @@ from pathlib import Path
 from typing import Any
 
 
-def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
+def _current_umask() -> int:
+    """The process umask (read once at import; ``os.umask`` can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates its file 0600; a finished file gets the mode a plain open() would give.
+_DEFAULT_MODE = 0o666 & ~_current_umask()
+
+
+def _atomic(path: Path, write: Callable[[Any], None], mode: str, file_mode: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -22,15 +33,20 @@ def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _DEFAULT_MODE if file_mode is None else file_mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically, creating parent folders."""
-    _atomic(Path(path), lambda f: f.write(text.encode("utf-8")), "wb")
+def atomic_write_text(path: Path, text: str, file_mode: int | None = None) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, creating parent folders.
+
+    ``file_mode`` (e.g. ``0o600`` for a private key) is set before the file appears;
+    None: what ``open()`` would give under the process umask (0644 under umask 022).
+    """
+    _atomic(Path(path), lambda f: f.write(text.encode("utf-8")), "wb", file_mode)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -234,6 +234,21 @@ def test_missing_diagnostics_skip_figures_and_say_so(runs_root, tmp_path):
     assert (tmp_path / "out" / "g1_train_loss.png").is_file()
 
 
+def test_a_dense_run_beside_an_smoe_run_is_reported(runs_root, tmp_path):
+    """A dense backbone logs diagnostics with no experts (utilization [] only): no figure breaks."""
+    root = tmp_path / "mixed"
+    for name in ("smoe_s0", "ubsmoe_s0"):
+        shutil.copytree(runs_root / name, root / name, ignore=shutil.ignore_patterns("checkpoints"))
+    metrics = root / "smoe_s0" / "metrics.jsonl"
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    metrics.write_text("".join(json.dumps({"type": "diagnostics", "round": r["round"], "utilization": []}
+                                          if r["type"] == "diagnostics" else r) + "\n" for r in lines))
+    rep = build_report([root], tmp_path / "out")
+    drawn = {f.name for f in rep.figures if f.path is not None}
+    assert {"entropy_per_round", "gini_per_round", "phi_vs_utilization"} <= drawn  # from the ubsmoe run
+    assert (tmp_path / "out" / "g1_entropy_per_round.png").is_file()
+
+
 def test_cli_report_single_run_and_errors(runs_root, tmp_path):
     runner = CliRunner()
     run_dir = tmp_path / "one"

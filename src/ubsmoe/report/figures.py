@@ -197,7 +197,7 @@ def fig_entropy_per_round(group: RunGroup, path: Path) -> FigureResult:
         (logged["max"], f"uniform over experts, ln M = {logged['max']:.2f}") if "max" in logged else None]
     for k in extra:
         sub = ("over all layer-expert pairs (entropy 'global')" if k == "global" else f"entropy '{k}'")
-        panels.append((sub, _per_round(group, "diagnostics", lambda r, k=k: r["entropy"].get(k))))
+        panels.append((sub, _per_round(group, "diagnostics", lambda r, k=k: r.get("entropy", {}).get(k))))
         top = logged.get(f"{k}_max")
         refs.append((top, f"uniform over all pairs, ln(L·M) = {top:.2f}" if k == "global"
                      else f"maximum of '{k}' = {top:.2f}") if top is not None else None)

@@ -402,7 +402,14 @@ def test_report_table_says_which_k_a_row_ran_at(small_setup, tmp_path, monkeypat
     console = Console(width=200, record=True)
     console.print(accuracy_table(server.summary(), "loglik"))
     text = console.export_text()
-    assert "K from" in text and text.count("budget") >= 4 and text.count("native") == 4
+    assert text.count(" budget ") == 4 and text.count(" native ") == 4
+    assert "K=1 budget" in text and "K=8 native" in text
+    # One K mode per table (as `ubsmoe run` prints them): fits an 80-column log uncut.
+    narrow = Console(width=80, record=True)
+    narrow.print(accuracy_table(server.summary(), "loglik", "native"))
+    text = narrow.export_text()
+    assert text.count(" native ") == 4 and " budget " not in text and "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
 
 
 def test_train_top_k_budget_trains_fedit_at_k_c(small_setup, tmp_path):

@@ -347,8 +347,10 @@ def _preflight(cfg) -> None:
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     from ubsmoe.report import accuracy_table
 
-    for protocol in sorted({r["protocol"] for r in summary.get("accuracy", [])}):
-        console.print(accuracy_table(summary, protocol))
+    # One table per protocol and K mode (eval.top_k), so each stays narrow enough for a log.
+    for protocol, mode in sorted({(r["protocol"], r.get("top_k_mode")) for r in summary.get("accuracy", [])},
+                                 key=lambda pm: (pm[0], pm[1] or "")):
+        console.print(accuracy_table(summary, protocol, mode))
     console.print(f"run directory: {run_dir} (summary.json, metrics.jsonl, config.yaml, ubsmoe.log, "
                   "tensorboard/, checkpoints/)",
                   highlight=False)

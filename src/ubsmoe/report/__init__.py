@@ -9,36 +9,37 @@ from typing import Any
 from rich.table import Table
 
 
-def accuracy_table(summary: dict[str, Any], protocol: str) -> Table:
-    """Per-budget accuracy table (rows: budget levels; columns: K, K mode, LoRA rank, tasks, average).
+def accuracy_table(summary: dict[str, Any], protocol: str, mode: str | None = None) -> Table:
+    """Accuracy per task (rows) and budget level (columns) of one protocol.
 
-    The ``K from`` column says whether a row ran at the level's own K_j (``budget``)
-    or the model's native top-k (``native``), see ``eval.top_k``; summaries written
-    before that key carry no mode and show ``-``.
+    One column per evaluated row of the summary: its budget level beta, the K it ran
+    at and where that K came from (``budget``: the level's own K_j; ``native``: the
+    model's top-k, see ``eval.top_k``; ``-`` for summaries written before that key)
+    and its LoRA rank. One row per task (its test examples scored, and its metric for
+    instruction data: accuracy, rouge_l, ...), then the average. Tasks as rows keep
+    the table narrow (budget levels are few, tasks many), so no number is cut off in
+    an 80-column log.
 
     Args:
         summary: a run's summary (``summary.json``).
         protocol: ``generation`` or ``loglik``.
+        mode: only the rows of this K mode (``budget`` / ``native``); None: all.
     """
-    rows = [r for r in summary.get("accuracy", []) if r["protocol"] == protocol]
+    rows = [r for r in summary.get("accuracy", [])
+            if r["protocol"] == protocol and (mode is None or r.get("top_k_mode") == mode)]
     tasks = sorted({t for r in rows for t in r["per_task"]})
     n = summary.get("data", {}).get("test_examples_scored", {})
-    table = Table(title=f"{summary.get('method')}: accuracy ({protocol}), round {rows[0]['round'] if rows else '-'}")
-    table.add_column("budget")
-    table.add_column("K", justify="right")
-    table.add_column("K from")
-    ranks = any("lora_rank" in r for r in rows)
-    if ranks:
-        table.add_column("rank", justify="right")
     metric = {t: m for r in rows for t, m in r.get("per_task_metric", {}).items()}
-    for t in tasks:  # instruction data: the task's metric under its name (accuracy, rouge_l, ...)
-        table.add_column(f"{t}\n(n={n.get(t, '?')}" + (f", {metric[t]})" if t in metric else ")"),
-                         justify="right")
-    table.add_column("average", justify="right")
+    table = Table(title=f"{summary.get('method')}: accuracy ({protocol}), round {rows[0]['round'] if rows else '-'}")
+    table.add_column("task", no_wrap=True)
     for r in rows:
-        rank = [str(r.get("lora_rank", "-"))] if ranks else []
-        table.add_row(f"{r['budget']:g}", str(r["top_k"]), r.get("top_k_mode", "-"), *rank,
-                      *[f"{r['per_task'][t]:.3f}" if t in r["per_task"] else "-" for t in tasks], f"{r['average']:.3f}")
+        rank = f"\nr={r['lora_rank']}" if "lora_rank" in r else ""
+        table.add_column(f"β={r['budget']:g}\nK={r['top_k']} {r.get('top_k_mode', '-')}{rank}",
+                         justify="right", no_wrap=True)
+    for t in tasks:  # instruction data: the task's metric beside its name (accuracy, rouge_l, ...)
+        label = f"{t} (n={n.get(t, '?')}" + (f", {metric[t]})" if t in metric else ")")
+        table.add_row(label, *[f"{r['per_task'][t]:.3f}" if t in r["per_task"] else "-" for r in rows])
+    table.add_row("average", *[f"{r['average']:.3f}" for r in rows], style="bold")
     return table
 
 

@@ -145,7 +145,8 @@ def run(
         "--config", "-c", help="YAML config (on top of the embedded default), or an experiment "
                                "(file or shipped name, `ubsmoe configs`) with method=M picking its cell")] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="run directory (default runs/<timestamp>-<method>)")] = None,
+        "--out", "-o", help="run directory (default runs/<timestamp>-<method>); refused when it "
+                            "already holds a run (continue that one with --resume)")] = None,
     scale: Annotated[str, typer.Option(help="an experiment's scale: tiny or paper")] = "tiny",
     resume: Annotated[Path | None, typer.Option(
         "--resume", help="continue the run in this directory from its latest checkpoint")] = None,

@@ -17,6 +17,7 @@ from ubsmoe.cli import app
 from ubsmoe.config import ConfigError, ModelConfig, load_config
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.train import ClientRuntime, shared_setup
+from ubsmoe.methods import get_method_class
 from ubsmoe.metrics.flops import (
     load_model_shape,
     lora_params_per_token,
@@ -168,15 +169,18 @@ def test_one_experts_lora_changes_only_its_tokens_and_gets_gradient_only_from_th
     assert torch.equal(grad > 0, counts > 0)
 
 
-@pytest.mark.parametrize("method", ["ubsmoe", "smoe_llb"])
-def test_smoe_methods_train_a_dense_model_with_lora_experts_in_process(tmp_path, method):
+@pytest.mark.parametrize("method", ["ubsmoe", "smoe_llb", "smoe", "a3smoe", "fedit", "flexlora"])
+def test_methods_train_a_dense_model_with_lora_experts_in_process(tmp_path, method):
     cfg = load_config(overrides=[*SMALL, f"method={method}", f"model.tokenizer_cache={tmp_path / 'c'}",
                                  "eval.protocols=[loglik]", "eval.examples_per_task=2"])
     setup = shared_setup(cfg)
     server = Server(cfg, tmp_path / "run", setup)
     runtime = ClientRuntime(cfg, setup)
-    # K_c = clamp(floor(K_max beta), k_min, K_max) with K_max = model.lora_experts_top_k
-    assert server.level_top_k() == {0.125: 1, 0.25: 1, 0.5: 1, 1.0: 2}
+    # SMoE methods: K_c = clamp(floor(K_max beta), k_min, K_max), K_max = model.lora_experts_top_k;
+    # FedIT and the rank methods train every level at the native K = K_max.
+    native = get_method_class(method).own_train_top_k == "native"
+    assert server.level_top_k() == ({b: K_MAX for b in (0.125, 0.25, 0.5, 1.0)} if native
+                                    else {0.125: 1, 0.25: 1, 0.5: 1, 1.0: 2})
     before = {k: v.clone() for k, v in server.state.adapters.items()}
     updates = [runtime.train_round(**server.client_task(c, 1)) for c in server.sample_clients(1)]
     for u in updates:
@@ -195,6 +199,7 @@ def test_ubsmoe_runs_a_dense_model_with_lora_experts_end_to_end_via_cli(tmp_path
     """`ubsmoe run` (Flower, local SuperLink): summary, checkpoints and the export with its note."""
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", "--out", str(out), *SMALL, "method=ubsmoe",
+                                      "eval.protocols=[loglik]", "eval.examples_per_task=2",
                                       f"model.tokenizer_cache={tmp_path / 'cache'}"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())

@@ -254,3 +254,51 @@ def test_flops_refuses_lora_experts_on_a_moe_model_and_counts_olmo_1b_offline():
     rows = json.loads(result.output)["rows"]
     assert [r["top_k"] for r in rows] == [1, 1, 1, 2]
     assert rows[-1]["flops_per_token"]["total"] == f2["total"]
+
+
+def test_k_max_and_m_move_the_plan_through_the_config():
+    from ubsmoe.metrics.plan import plan
+
+    def run(*extra):
+        return plan(load_config(overrides=["model.name=tiny-dense", "method=ubsmoe", "model.lora_experts=4",
+                                           *extra]))
+
+    k2, k4, m8 = run(), run("model.lora_experts_top_k=4"), run("model.lora_experts=8")
+    assert [r["top_k"] for r in k2["params"]["per_budget"]] == [1, 1, 1, 2]
+    assert [r["top_k"] for r in k4["params"]["per_budget"]] == [1, 1, 2, 4]
+    top2, top4 = (p["params"]["per_budget"][-1]["flops_per_token"] for p in (k2, k4))
+    assert top4 > top2  # two more MLP passes per token
+    # M moves the trainable parameters (M-fold expert LoRA + router), not the frozen ones.
+    assert m8["params"]["trainable_per_client"] > k2["params"]["trainable_per_client"]
+    assert m8["params"]["frozen_in_model"] == k2["params"]["frozen_in_model"]  # shared MLP; routers train
+    assert k2["memory"]["client_process"]["base_weights"] == m8["memory"]["client_process"]["base_weights"]
+
+
+# PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` when loading (PEFT's code).
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("attention_lora", [True, False])
+def test_export_writes_what_peft_can_hold_and_the_experts_beside_it(tiny_tokenizer, tmp_path, attention_lora):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from ubsmoe.fl.export import export_adapters
+    from ubsmoe.models.loading import adapter_state
+
+    model, _ = build_model(_cfg(attention_lora=attention_lora), tiny_tokenizer, seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.1)
+    adapters = adapter_state(model)
+    final = export_adapters(model, adapters, [], tmp_path / "adapter")
+    info = json.loads((final / "ubsmoe_export.json").read_text())
+    assert info["peft"] is attention_lora and info["lora_experts"]["experts"] == M
+    experts = load_file(str(final / "lora_experts.safetensors"))
+    assert set(experts) == {k for k in adapters if "_lora." in k}
+    assert (final / "router.safetensors").is_file()
+    assert (final / "adapter_config.json").is_file() is attention_lora
+    if attention_lora:  # the attention LoRA loads with plain transformers + PEFT
+        dense, _ = base_model(_cfg(), tiny_tokenizer, seed=0)
+        loaded = PeftModel.from_pretrained(dense, str(final))
+        q = dict(loaded.named_parameters())["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
+        torch.testing.assert_close(q, adapters["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"])

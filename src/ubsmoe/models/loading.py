@@ -22,6 +22,8 @@ model (:func:`adapter_state`) as CPU tensors.
 ``MixtralSparseMoeBlock``, ...) with :class:`~ubsmoe.models.smoe.SMoELayer` (reusing
 the frozen expert weights) and puts PEFT LoRA on the attention projections (if
 configured), a Qwen2-MoE shared expert, or a dense backbone's MLP (:func:`lora_targets`).
+With ``model.lora_experts = M > 0`` a dense backbone's MLPs become SMoE layers of M
+LoRA experts sharing the frozen MLP weights instead (:func:`patch_lora_experts`).
 """
 
 from __future__ import annotations

@@ -169,7 +169,8 @@ def test_one_experts_lora_changes_only_its_tokens_and_gets_gradient_only_from_th
     assert torch.equal(grad > 0, counts > 0)
 
 
-@pytest.mark.parametrize("method", ["ubsmoe", "smoe_llb", "smoe", "a3smoe", "fedit", "flexlora"])
+@pytest.mark.parametrize("method", ["ubsmoe", "smoe_llb", "smoe", "a3smoe", "a3smoe_flexlora", "fedit", "hetlora",
+                                    "flexlora"])
 def test_methods_train_a_dense_model_with_lora_experts_in_process(tmp_path, method):
     cfg = load_config(overrides=[*SMALL, f"method={method}", f"model.tokenizer_cache={tmp_path / 'c'}",
                                  "eval.protocols=[loglik]", "eval.examples_per_task=2"])

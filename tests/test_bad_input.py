@@ -49,6 +49,13 @@ CASES = [
     ("robust rule for a rank method", ["method=flexlora", "fl.aggregation=median"],
      "fl.aggregation: got 'median', method flexlora supports only mean"),
     ("rank 0", ["model.lora_rank=0"], "model.lora_rank: got 0, expected an integer >= 1"),
+    ("LoRA experts on a sparse-MoE model", ["model.lora_experts=4"],
+     ("model.lora_experts: got 4, expected 0 for the sparse-MoE model tiny (olmoe); LoRA experts are for "
+     "dense backbones")),
+    ("negative LoRA experts", ["model.name=tiny-dense", "model.lora_experts=-1"],
+     "model.lora_experts: got -1, expected an integer >= 0 (0: off)"),
+    ("LoRA-expert K above M", ["model.name=tiny-dense", "model.lora_experts=4", "model.lora_experts_top_k=5"],
+     "model.lora_experts_top_k: got 5, expected an integer in [1, model.lora_experts=4]"),
     ("negative rank", ["model.lora_rank=-4"], "model.lora_rank: got -4, expected an integer >= 1"),
     ("missing data folder", [*QUICK, "data.path={tmp}/nowhere"], "data.path: '{tmp}/nowhere' does not exist"),
     ("data file not JSON", [*QUICK, "data.path={tmp}/corrupt"],

@@ -509,6 +509,10 @@ def flops(
     router_trainable: Annotated[bool, typer.Option(
         "--router-trainable/--frozen-router",
         help="count the router as trained (6 FLOPs/parameter, model.router_trainable) or frozen")] = True,
+    lora_experts: Annotated[int, typer.Option(
+        help="M LoRA experts sharing each dense MLP (model.lora_experts; dense models only, 0: off)")] = 0,
+    lora_experts_top_k: Annotated[int, typer.Option(
+        help="K_max of the LoRA experts (model.lora_experts_top_k)")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
 ) -> None:
     """Activated parameters and training FLOPs per token for each compute budget."""
@@ -524,8 +528,8 @@ def flops(
     betas = _parse_list("--budgets", budgets, float)
     rank_list = _parse_list("--ranks", ranks, int) if ranks is not None else None
     try:
-        shape = load_model_shape(model)
-        if rank_list is None and not shape.is_moe:
+        shape = load_model_shape(model, lora_experts, lora_experts_top_k)
+        if rank_list is None and not shape.routed:
             if len(betas) != len(PAPER_LORA_RANKS):
                 _fail(f"--ranks: {model} is a dense model; give one LoRA rank per budget level")
             rank_list = list(PAPER_LORA_RANKS)

@@ -125,6 +125,13 @@ class ModelConfig:
             ``dtype`` is lower precision. False keeps the host model's router frozen.
         tokenizer_cache: where the tiny preset's trained tokenizer is cached
             (empty: ``$UBSMOE_CACHE`` or ``~/.cache/ubsmoe``).
+        lora_experts: M, a mixture of LoRA experts on a dense backbone's frozen MLP
+            (beyond the papers; README, "Mixture of LoRA experts on a dense model"):
+            every decoder layer's MLP becomes an SMoE layer of M experts that share
+            the frozen MLP weights and differ by their own LoRA, with a new router.
+            0 (default): off. Dense families only.
+        lora_experts_top_k: K_max, the LoRA experts a token runs at budget 1
+            (``1 <= K_max <= M``); a level beta runs ``clamp(floor(K_max beta), k_min, K_max)``.
     """
 
     name: str = "tiny"
@@ -137,6 +144,8 @@ class ModelConfig:
     k_min: int = 1
     router_trainable: bool = True
     tokenizer_cache: str = ""
+    lora_experts: int = 0
+    lora_experts_top_k: int = 2
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def __post_init__(self) -> None:
@@ -158,6 +167,11 @@ class ModelConfig:
                                f"random or auto for the preset {self.name!r} (it has no pretrained weights)"))
         if not isinstance(self.router_trainable, bool):
             errors.append(_bad("model.router_trainable", self.router_trainable, "true or false"))
+        if self.lora_experts < 0:
+            errors.append(_bad("model.lora_experts", self.lora_experts, "an integer >= 0 (0: off)"))
+        elif self.lora_experts and not 1 <= self.lora_experts_top_k <= self.lora_experts:
+            errors.append(_bad("model.lora_experts_top_k", self.lora_experts_top_k,
+                               f"an integer in [1, model.lora_experts={self.lora_experts}]"))
         _raise(errors)
 
     @property
@@ -573,7 +587,10 @@ def _check_method_against_run(run: RunConfig) -> None:
     ``train.top_k`` must be one of the method's :attr:`Method.train_top_k_modes`
     (an SMoE method cannot train at the native top-k), and an SMoE method
     (:attr:`Method.needs_moe`) is refused on a dense backbone whose type is known
-    offline (preset, shipped or local config). A robust ``fl.aggregation`` is
+    offline (preset, shipped or local config) unless ``model.lora_experts > 0``
+    gives it LoRA experts; ``model.lora_experts > 0`` is refused on a sparse-MoE
+    model and for a method that merges LoRA into the base weights (FLoRA, FLoRIST:
+    the experts share those weights). A robust ``fl.aggregation`` is
     refused for a method that stacks or factorizes the clients' factors. A method
     config may also define ``check_run(run)`` (e.g. one LoRA rank per budget level).
 
@@ -581,14 +598,23 @@ def _check_method_against_run(run: RunConfig) -> None:
         ConfigError: one line naming the field and what is allowed.
     """
     from ubsmoe.methods import get_method_class
+    from ubsmoe.methods.base import Method
+    from ubsmoe.models.families import dense_refusal, is_dense
+    from ubsmoe.models.loading import known_model_type
 
     method_cls = get_method_class(run.method)
-    if method_cls.needs_moe:
-        from ubsmoe.models.families import dense_refusal, is_dense
-        from ubsmoe.models.loading import known_model_type
-
-        if is_dense(known_model_type(run.model) or ""):
-            raise ConfigError(dense_refusal(run.method, run.model.name))
+    model_type = known_model_type(run.model)
+    if run.model.lora_experts:  # LoRA experts: dense backbones only, base weights never merged
+        if model_type is not None and not is_dense(model_type):
+            raise ConfigError(_bad("model.lora_experts", run.model.lora_experts,
+                                   f"0 for the sparse-MoE model {run.model.name} ({model_type}); "
+                                   "LoRA experts are for dense backbones"))
+        if method_cls.base_merges is not Method.base_merges:
+            raise ConfigError(_bad("model.lora_experts", run.model.lora_experts,
+                                   f"0 for method {run.method} (it merges LoRA into the base "
+                                   "weights, which the LoRA experts share)"))
+    elif method_cls.needs_moe and is_dense(model_type or ""):
+        raise ConfigError(dense_refusal(run.method, run.model.name))
     modes = method_cls.train_top_k_modes
     if run.train.top_k not in modes:
         raise ConfigError(_bad("train.top_k", run.train.top_k,

@@ -17,6 +17,14 @@ One folder that plain transformers + PEFT load::
   LoRA of rank ``sum r_i`` with scaling 1, so the adapter on the *pretrained* base is
   exactly the merged model (:func:`stack_terms`).
 
+LoRA experts on a dense model (``model.lora_experts``, beyond the papers): PEFT has
+no way to say "M experts sharing one frozen MLP, each with its own LoRA, and a
+router", so only the attention LoRA goes into the PEFT adapter (none at all without
+``model.attention_lora``); the experts' LoRA (and, when trained, the routers) are
+written under ubsmoe's names to ``lora_experts.safetensors`` (and
+``router.safetensors``), ``ubsmoe_export.json`` and the model card say so, and
+:func:`ubsmoe.load_run` rebuilds the full model.
+
 PEFT cannot express K < native or UB-SMoE's DMR modulation phi: the plain-PEFT model
 routes at the host's native top-k without phi. ``phi.safetensors`` keeps phi, and
 :func:`ubsmoe.load_run` rebuilds the full model at any budget level. The folder also
@@ -39,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ubsmoe.methods.base import PHI_PARAM_RE, ROUTER_PARAM_RE
+from ubsmoe.methods.base import EXPERT_PARAM_RE, PHI_PARAM_RE, ROUTER_PARAM_RE
 
 PEFT_PREFIX = "base_model.model."
 # our per-expert LoRA module -> the OlmoeExperts parameter it adapts
@@ -189,7 +197,11 @@ def peft_export(model: nn.Module, adapters: dict[str, torch.Tensor],
 
     Returns:
         ``(LoraConfig, {saved key: tensor}, info)``; ``info`` has ``r``, ``lora_alpha``,
-        ``stacked`` (merges were stacked into one LoRA), ``router``, ``merges``.
+        ``stacked`` (merges were stacked into one LoRA), ``router``, ``merges``, and
+        for a model with LoRA experts ``lora_experts`` (``experts`` M, ``top_k``
+        K_max, ``note``: what PEFT leaves out). With LoRA experts and no attention
+        LoRA there is nothing PEFT can hold: ``(None, {}, info)`` with ``info["peft"]``
+        False.
 
     Raises:
         ValueError: the model's LoRA modules disagree on (rank, scale), or a tensor
@@ -200,7 +212,7 @@ def peft_export(model: nn.Module, adapters: dict[str, torch.Tensor],
     from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from ubsmoe.models.loading import lora_rank_scales
+    from ubsmoe.models.loading import is_lora_expert_model, lora_rank_scales, smoe_layers
 
     scales = lora_rank_scales(model)
     if len(scales) != 1:
@@ -217,8 +229,22 @@ def peft_export(model: nn.Module, adapters: dict[str, torch.Tensor],
         factors = {k: (t[0][0].float(), t[0][1].float()) for k, t in terms.items()}
     routers = {_hf_name(k).rpartition(".")[0] + ".gate": v for k, v in adapters.items()
                if ROUTER_PARAM_RE.search(k)}
+    experts_info = {}
+    if is_lora_expert_model(model):  # shared-MLP LoRA experts: no PEFT form (module docstring)
+        layer = smoe_layers(model)[0]
+        factors = {k: v for k, v in factors.items() if ".experts." not in k}
+        routers = {}
+        experts_info = {"lora_experts": {
+            "experts": layer.num_experts, "top_k": layer.max_top_k,
+            "note": ("PEFT cannot express LoRA experts sharing a frozen dense MLP: the PEFT adapter "
+                     "holds the attention LoRA only; the experts' LoRA is in lora_experts.safetensors"
+                     " (the routers in router.safetensors when trained, seeded from train.seed "
+                     "otherwise); rebuild the full model with ubsmoe.load_run(RUN_DIR, budget=beta)")}}
     modules = sorted({k.rpartition(".")[2] for k, f in factors.items() if ".experts." not in k})
     params = sorted({"mlp.experts." + k.rpartition(".")[2] for k in factors if ".experts." in k})
+    if experts_info and not modules:
+        return None, {}, {"r": r, "lora_alpha": alpha, "stacked": stacked, "router": False,
+                          "merges": len(base_merges), "peft": False, **experts_info}
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                         target_modules=modules or None, target_parameters=params or None,
                         modules_to_save=["mlp.gate"] if routers else None,
@@ -262,7 +288,7 @@ def peft_export(model: nn.Module, adapters: dict[str, torch.Tensor],
             raise ValueError(f"export {k}: shape {tuple(v.shape)}, PEFT expects {tuple(expected[k].shape)}")
     saved = {k: v.detach().to("cpu").contiguous() for k, v in saved.items()}
     info = {"r": r, "lora_alpha": alpha, "stacked": stacked, "router": bool(modules_to_save(config)),
-            "merges": len(base_merges)}
+            "merges": len(base_merges), "peft": True, **experts_info}
     return config, saved, info
 
 
@@ -308,17 +334,25 @@ def model_card(run: RunInfo, info: dict[str, Any]) -> str:
         base_note = f"Base model: `{base}`.\n"
         yaml_base = f"base_model: {base}\n"
     levels = "\n".join(f"| {lv['budget']:g} | {lv['top_k']} | {lv['lora_rank']} |" for lv in run.levels)
+    experts = info.get("lora_experts")
     what = [
         "- attention LoRA (`q_proj k_proj v_proj o_proj`, PEFT `target_modules`),",
         ("- per-expert LoRA on OLMoE's fused expert weights (`mlp.experts.gate_up_proj`, "
          "`mlp.experts.down_proj`, PEFT `target_parameters`),"),
     ]
+    if experts:
+        what = what[:1] if info.get("peft", True) else ["- nothing PEFT can load (no attention LoRA),"]
+        what.append(f"- **not in PEFT**: the {experts['experts']} LoRA experts (top-{experts['top_k']}) "
+                    f"on the dense MLP. {experts['note']},")
     if info.get("router"):
         what.append("- the trained router of every layer (`mlp.gate`, PEFT `modules_to_save`),")
     if info.get("stacked"):
         what.append(f"- {run.method} merged its updates into the base weights ({info['merges']} merges): "
                     f"they are stacked into this one LoRA of rank {info['r']} (scaling 1), exact; load it "
                     "on the **pretrained** base, not on merged weights,")
+    if experts:
+        what.append("- LoRA experts on a dense MLP are beyond the UB-SMoE and A3SMoE papers "
+                    "(README, \"Mixture of LoRA experts on a dense model\"),")
     phi = ("UB-SMoE's DMR modulation phi (`phi.safetensors`) and routing at K below the native "
            "top-k are not expressible in PEFT: use `ubsmoe.load_run(RUN_DIR, budget=beta)` for them."
            if run.phi else
@@ -370,7 +404,9 @@ def export_adapters(model: nn.Module, adapters: dict[str, torch.Tensor],
     """Write the final adapters as one folder plain transformers + PEFT load.
 
     Files: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT, see
-    :func:`peft_export`), ``README.md`` (:func:`model_card`, when ``run`` is given),
+    :func:`peft_export`; absent for LoRA experts without attention LoRA),
+    ``lora_experts.safetensors`` (LoRA experts on a dense model: every expert LoRA
+    factor ``<layer>.mlp.gate_up_lora.A`` ``[M, r, H]`` ...), ``README.md`` (:func:`model_card`, when ``run`` is given),
     and under ubsmoe's own names ``router.safetensors`` (``<layer>.mlp.router_weight``
     ``[E, H]`` float32, with ``model.router_trainable``), ``phi.safetensors``
     (``<layer>.mlp.phi`` ``[E]``, with DMR) and ``base_merges.safetensors``
@@ -398,8 +434,12 @@ def export_adapters(model: nn.Module, adapters: dict[str, torch.Tensor],
     tmp = final.with_name(".adapter.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config.save_pretrained(str(tmp))
-    save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    if config is not None:
+        config.save_pretrained(str(tmp))
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    if info.get("lora_experts"):  # the experts' LoRA, which PEFT cannot express
+        save_file({k: v.contiguous() for k, v in adapters.items() if EXPERT_PARAM_RE.search(k)},
+                  str(tmp / "lora_experts.safetensors"))
     routers = {k: v.contiguous() for k, v in adapters.items() if ROUTER_PARAM_RE.search(k)}
     if routers:  # model.router_trainable: the trained W_r [E, H] of every SMoE layer
         save_file(routers, str(tmp / "router.safetensors"))

@@ -6,7 +6,8 @@ Models", ICML 2026, arXiv 2605.16690), DESIGN.md section 5. Each client adds the
 host model's own auxiliary loss, computed at its own top-k = K_c: the
 ``load_balancing_loss_func`` of the host family's transformers modeling module
 (:meth:`ubsmoe.models.families.MoEFamily.load_balancing_loss`; OLMoE, Mixtral,
-Qwen2-MoE and Qwen3-MoE all use the same definition). For OLMoE that is
+Qwen2-MoE and Qwen3-MoE all use the same definition; a dense model with LoRA experts,
+``model.lora_experts``, has no family loss and uses OLMoE's). For OLMoE that is
 the Switch-Transformer loss (Fedus et al., 2022, eqs. 4-6) as transformers
 implements it, ``M * sum_i f_i * P_i`` over all SMoE layers' tokens (f_i: share of
 top-K_c assignments, P_i: mean router probability), with coefficient 0.01 (OLMoE's

@@ -42,6 +42,14 @@ experts of a layer are inactive in a step (each token uses K), so
 :func:`budget_table` reports the bound ``L (M - K) n_probe slot / tokens_per_step``
 per token.
 
+LoRA experts on a dense model (``model.lora_experts = M``, beyond the papers;
+:func:`with_lora_experts`): the M experts share the one frozen MLP, so a token
+runs that MLP once per selected expert: K MLP passes (``K * 3HI`` weights, ``4``
+or ``2`` FLOPs each), K expert LoRA pairs and the ``[M, H]`` router. Parameters
+count the MLP once (it is stored once); the activated parameters do not grow
+with K, the FLOPs do. All LoRA parameters (every expert):
+``lora_params_per_token(s, r, M)``.
+
 With ``frozen_backward=False`` the frozen model is counted forward only (its
 matmuls and attention scores; LoRA keeps its full ``6r(in+out)``): the "2N + 6P"
 shorthand some papers use. Activated parameters: every parameter except the
@@ -52,7 +60,7 @@ convention behind OLMoE-1B-7B's "1.3B active of 6.9B".
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -156,6 +164,8 @@ class ModelShape:
         qkv_bias: q/k/v (not o) projections have biases (Qwen2-MoE's ``qkv_bias``).
         head_qk_norm: q/k RMSNorm over each head's ``head_dim`` (Qwen3-MoE) rather
             than over the whole projection (OLMoE's ``qk_norm``).
+        lora_experts: M LoRA experts sharing each layer's dense MLP (0: none; a
+            dense model only, see :func:`with_lora_experts`); ``top_k`` is then K_max.
     """
 
     name: str
@@ -176,11 +186,43 @@ class ModelShape:
     shared_expert_size: int = 0
     head_qk_norm: bool = False
     qkv_bias: bool = False
+    lora_experts: int = 0
 
     @property
     def is_moe(self) -> bool:
         """True for a sparse-MoE model."""
         return self.num_experts > 0
+
+    @property
+    def routed(self) -> bool:
+        """True when tokens are routed to K of several experts (sparse MoE or LoRA experts)."""
+        return self.num_experts > 0 or self.lora_experts > 0
+
+    @property
+    def num_routed(self) -> int:
+        """Experts a router chooses among: E (sparse MoE), M (LoRA experts), 0 (dense)."""
+        return self.num_experts or self.lora_experts
+
+
+def with_lora_experts(s: ModelShape, num_experts: int, top_k: int) -> ModelShape:
+    """The shape of dense model ``s`` with M = ``num_experts`` LoRA experts per MLP, K_max = ``top_k``.
+
+    ``num_experts = 0`` returns ``s`` unchanged.
+
+    Raises:
+        ValueError: ``s`` is a sparse-MoE model, ``num_experts < 0`` or ``top_k``
+            outside ``[1, num_experts]`` (each names the field).
+    """
+    if num_experts == 0:
+        return s
+    if s.is_moe:
+        raise ValueError(f"model.lora_experts: got {num_experts}, expected 0 for the sparse-MoE model "
+                         f"{s.name} ({s.model_type}); LoRA experts are for dense backbones")
+    if num_experts < 0:
+        raise ValueError(f"model.lora_experts: got {num_experts}, expected an integer >= 0 (0: off)")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"model.lora_experts_top_k: got {top_k}, expected an integer in [1, {num_experts}]")
+    return replace(s, lora_experts=int(num_experts), top_k=int(top_k))
 
 
 def model_shape_from_config(config: dict[str, Any], name: str = "") -> ModelShape:
@@ -243,17 +285,28 @@ def shipped_config(name: str) -> dict[str, Any]:
     return json.loads(file.read_text(encoding="utf-8"))
 
 
-def load_model_shape(model: str) -> ModelShape:
+def load_model_shape(model: str, lora_experts: int = 0, lora_experts_top_k: int = 2) -> ModelShape:
     """Model sizes by shipped name, local path or (online) hub name.
 
     Resolution: a shipped config (``SHIPPED_CONFIGS``, works offline) -> a local
     ``config.json`` file or a folder holding one -> ``transformers.AutoConfig``
     (hub name; needs the network or the local HF cache).
 
+    Args:
+        model: the name or path.
+        lora_experts, lora_experts_top_k: M LoRA experts per dense MLP and K_max
+            (``model.lora_experts``; 0: none; :func:`with_lora_experts`).
+
     Raises:
         ValueError: nothing could be loaded (the message names the shipped configs),
-            the file is not JSON, or the model type is unsupported.
+            the file is not JSON, the model type is unsupported, or a bad LoRA-expert
+            setting (:func:`with_lora_experts`).
     """
+    return with_lora_experts(_load_model_shape(model), lora_experts, lora_experts_top_k)
+
+
+def _load_model_shape(model: str) -> ModelShape:
+    """:func:`load_model_shape` without LoRA experts."""
     if model in SHIPPED_CONFIGS:
         return model_shape_from_config(shipped_config(model), model)
     path = Path(model)
@@ -307,7 +360,9 @@ def param_counts(s: ModelShape, top_k: int | None = None) -> dict[str, int]:
 
     Args:
         s: model sizes.
-        top_k: experts counted per MoE layer (ignored for a dense model).
+        top_k: experts counted per MoE layer (ignored for a dense model, and for LoRA
+            experts: they share one MLP, counted once whatever K; their router
+            ``[M, H]`` is counted).
 
     Returns:
         ``{"embedding", "lm_head", "attention", "router", "mlp", "norms_and_biases",
@@ -320,8 +375,8 @@ def param_counts(s: ModelShape, top_k: int | None = None) -> dict[str, int]:
         # A shared expert (and its sigmoid gate [1, H]) runs for every token.
         mlp = L * (k * mlp_one + (3 * h * s.shared_expert_size + h if s.shared_expert_size else 0))
         router = L * s.num_experts * h
-    else:
-        mlp, router = L * mlp_one, 0
+    else:  # dense; LoRA experts share this one MLP
+        mlp, router = L * mlp_one, L * s.lora_experts * h
     counts = {
         "embedding": s.vocab_size * h,
         "lm_head": 0 if s.tie_word_embeddings else s.vocab_size * h,
@@ -340,7 +395,9 @@ def lora_params_per_token(s: ModelShape, rank: int, top_k: int, targets: str = "
     Attention: q, k, v, o (PEFT, one pair each). MLP: a MoE model's experts follow
     this package's :class:`~ubsmoe.models.smoe.ExpertLoRA` (one pair on the fused
     ``gate_up`` ``[2I, H]`` and one on ``down`` ``[H, I]``), for the ``top_k``
-    experts a token uses; a dense MLP follows PEFT (gate, up, down separately).
+    experts a token uses; a dense MLP follows PEFT (gate, up, down separately), unless
+    it has LoRA experts (``s.lora_experts``): then ``top_k`` expert pairs as for a MoE
+    model (``top_k = M``: every expert's LoRA, the trainable total).
 
     Raises:
         ValueError: ``targets`` not in ``LORA_TARGETS`` or ``rank < 1``.
@@ -352,7 +409,7 @@ def lora_params_per_token(s: ModelShape, rank: int, top_k: int, targets: str = "
     h, i, L = s.hidden_size, s.intermediate_size, s.num_layers
     q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     attention = L * rank * ((h + q_out) + 2 * (h + kv_out) + (q_out + h))
-    if s.is_moe:
+    if s.routed:
         mlp = L * top_k * rank * ((h + 2 * i) + (i + h))
         # A shared expert gets PEFT LoRA on its gate, up and down projections.
         mlp += L * rank * 3 * (h + s.shared_expert_size) if s.shared_expert_size else 0
@@ -369,7 +426,8 @@ def training_flops_per_token(s: ModelShape, top_k: int, lora_rank: int, seq_len:
 
     Args:
         s: model sizes.
-        top_k: experts per token (ignored for a dense model).
+        top_k: experts per token (ignored for a dense model). With LoRA experts
+            each of the K runs the shared frozen MLP: the ``mlp`` term is K MLP passes.
         lora_rank: r of every LoRA pair.
         seq_len: sequence length for the attention scores.
         lora_targets: ``all``, ``attention`` or ``mlp`` (experts for a MoE model).
@@ -386,8 +444,8 @@ def training_flops_per_token(s: ModelShape, top_k: int, lora_rank: int, seq_len:
         ValueError: ``top_k`` outside ``[1, num_experts]`` for a MoE model,
             ``seq_len < 1``, or a bad LoRA setting.
     """
-    if s.is_moe and not 1 <= top_k <= s.num_experts:
-        raise ValueError(f"top_k: got {top_k}, expected an integer in [1, {s.num_experts}]")
+    if s.routed and not 1 <= top_k <= s.num_routed:
+        raise ValueError(f"top_k: got {top_k}, expected an integer in [1, {s.num_routed}]")
     if seq_len < 1:
         raise ValueError(f"seq_len: got {seq_len}, expected an integer >= 1")
     frozen = 4 if frozen_backward else 2  # FLOPs per frozen weight per token
@@ -398,7 +456,7 @@ def training_flops_per_token(s: ModelShape, top_k: int, lora_rank: int, seq_len:
         "attention_proj": frozen * p["attention"],
         "attention_scores": scores_fwd * (3 if frozen_backward else 1),
         "router": (6 if router_trainable else frozen) * p["router"],
-        "mlp": frozen * p["mlp"],
+        "mlp": frozen * p["mlp"] * (top_k if s.lora_experts else 1),  # LoRA experts: K MLP passes
         "lm_head": frozen * s.vocab_size * s.hidden_size,
         "lora": 6 * (lora["attention"] + lora["mlp"]),
     }
@@ -424,8 +482,8 @@ def pg_probe_flops_per_slot(s: ModelShape, lora_rank: int) -> int:
     Raises:
         ValueError: a dense model or ``lora_rank < 1``.
     """
-    if not s.is_moe:
-        raise ValueError(f"model: {s.name} is dense; the PG probe needs an MoE model")
+    if not s.routed:
+        raise ValueError(f"model: {s.name} is dense; the PG probe needs an MoE model or LoRA experts")
     if lora_rank < 1:
         raise ValueError(f"lora_rank: got {lora_rank}, expected an integer >= 1")
     h, i, r = s.hidden_size, s.intermediate_size, lora_rank
@@ -465,7 +523,7 @@ def default_budgets(s: ModelShape, betas: list[float], ranks: list[int] | None,
     from ubsmoe.data.partition import top_k_for_budget
 
     if ranks is None:
-        if not s.is_moe:
+        if not s.routed:
             raise ValueError(f"ranks: {s.name} is a dense model; give LoRA ranks per budget level")
         return [Budget(b, top_k_for_budget(b, s.top_k), lora_rank) for b in betas]
     if len(ranks) != len(betas):
@@ -515,7 +573,7 @@ def budget_table(s: ModelShape, budgets: list[Budget], seq_len: int = 256,
         active = param_counts(s, b.top_k)["total"]
         lora = lora_params_per_token(s, b.lora_rank, b.top_k, lora_targets)
         rows.append({
-            "beta": b.beta, "top_k": b.top_k if s.is_moe else None, "lora_rank": b.lora_rank,
+            "beta": b.beta, "top_k": b.top_k if s.routed else None, "lora_rank": b.lora_rank,
             "activated_params": active,
             "lora_params_per_token": lora["attention"] + lora["mlp"],
             "flops_per_token": training_flops_per_token(s, b.top_k, b.lora_rank, seq_len,
@@ -525,7 +583,7 @@ def budget_table(s: ModelShape, budgets: list[Budget], seq_len: int = 256,
     if pg_probe_tokens:
         for b, row in zip(budgets, rows, strict=True):
             slot = pg_probe_flops_per_slot(s, b.lora_rank)
-            max_inactive = s.num_experts - b.top_k
+            max_inactive = s.num_routed - b.top_k
             extra = s.num_layers * max_inactive * pg_probe_tokens * slot / tokens_per_step
             row["pg_probe"] = {"flops_per_slot": slot, "max_inactive": max_inactive,
                                "max_flops_per_token": extra,

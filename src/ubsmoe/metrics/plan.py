@@ -109,8 +109,11 @@ def _meta_model(cfg: RunConfig):
 
 def _split(model) -> tuple[int, int, int]:
     """``(frozen params, frozen bytes, trainable params)`` of a (meta) model."""
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    from ubsmoe.models.loading import distinct_numel
+
+    # LoRA experts' shared MLP weights are stride-0 views: counted once, as stored.
+    frozen = sum(distinct_numel(p) for p in model.parameters() if not p.requires_grad)
+    frozen_bytes = sum(distinct_numel(p) * p.element_size() for p in model.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return frozen, frozen_bytes, trainable
 
@@ -148,7 +151,7 @@ def activation_bytes(shape, batch: int, seq_len: int, top_k: int, lora_rank: int
         Bytes.
     """
     h, i, L, E, V = (shape.hidden_size, shape.intermediate_size, shape.num_layers,
-                     max(shape.num_experts, 1), shape.vocab_size)
+                     max(shape.num_routed, 1), shape.vocab_size)
     per_layer = (8 * h + top_k * (2 * h + 3 * i + 2 * lora_rank)) * dtype_bytes + 4 * E
     head = V * (dtype_bytes + 8)
     tokens = batch * seq_len
@@ -177,14 +180,20 @@ def plan(cfg: RunConfig) -> dict[str, Any]:
         ValueError: the model has no readable OLMoE config.
     """
     from ubsmoe.data.partition import assign_budgets, top_k_for_budget
-    from ubsmoe.metrics.flops import model_shape_from_config, param_counts, training_flops_per_token
+    from ubsmoe.metrics.flops import (
+        model_shape_from_config,
+        param_counts,
+        training_flops_per_token,
+        with_lora_experts,
+    )
     from ubsmoe.models.loading import olmoe_config, set_lora_rank
 
     label, device = _device_name(cfg)
     model, method, dtype = _meta_model(cfg)
-    shape = model_shape_from_config(olmoe_config(cfg.model).to_dict(), cfg.model.name)
+    shape = with_lora_experts(model_shape_from_config(olmoe_config(cfg.model).to_dict(), cfg.model.name),
+                              cfg.model.lora_experts, cfg.model.lora_experts_top_k)
     d = torch.finfo(dtype).bits // 8
-    k_max = shape.top_k or 1  # a dense backbone: one MLP per token, every level at K = 1
+    k_max = shape.top_k or 1  # a dense backbone: one MLP per token, every level at K = 1 (LoRA experts: K_max)
     levels = []
     for j, beta in enumerate(cfg.fl.budgets):
         rank, alpha = method.client_lora(j, cfg.model.lora_rank, cfg.model.lora_alpha)

@@ -21,7 +21,11 @@ block by an :class:`~ubsmoe.models.smoe.SMoELayer` with the host's exact routing
 
 Dense backbones (:data:`DENSE_FAMILIES`: OLMo, Llama, Mistral) have no MoE block:
 LoRA goes on the attention and MLP projections through PEFT and only the
-LoRA-based methods (fedit and the rank methods) run on them.
+LoRA-based methods (fedit and the rank methods) run on them, unless
+``model.lora_experts = M > 0`` turns each MLP into M LoRA experts sharing its frozen
+weights (:func:`ubsmoe.models.loading.patch_lora_experts`; beyond the papers), on
+which the SMoE methods run too (SMoE-LLB then uses OLMoE's Switch-Transformer
+``load_balancing_loss_func``).
 
 Adding a family is one entry here plus one row of the test table
 (``tests/test_families.py``).
@@ -178,4 +182,5 @@ def moe_family_of(model: nn.Module) -> MoEFamily | None:
 def dense_refusal(method: str, model_name: str) -> str:
     """The one-line refusal of an SMoE method on a dense backbone."""
     return (f"method {method} needs a sparse-MoE model; model {model_name} is dense "
-            "(methods that run on a dense model: fedit, hetlora, flexlora, flora, florist)")
+            "(methods that run on a dense model: fedit, hetlora, flexlora, flora, florist; "
+            "or give it LoRA experts with model.lora_experts=M)")

@@ -22,6 +22,8 @@ model (:func:`adapter_state`) as CPU tensors.
 ``MixtralSparseMoeBlock``, ...) with :class:`~ubsmoe.models.smoe.SMoELayer` (reusing
 the frozen expert weights) and puts PEFT LoRA on the attention projections (if
 configured), a Qwen2-MoE shared expert, or a dense backbone's MLP (:func:`lora_targets`).
+With ``model.lora_experts = M > 0`` a dense backbone's MLPs become SMoE layers of M
+LoRA experts sharing the frozen MLP weights instead (:func:`patch_lora_experts`).
 """
 
 from __future__ import annotations
@@ -457,6 +459,105 @@ def patch_smoe(model: nn.Module, lora_rank: int, lora_alpha: float) -> list[SMoE
     return layers
 
 
+def patch_lora_experts(model: nn.Module, num_experts: int, top_k: int, lora_rank: int,
+                       lora_alpha: float, seed: int = 0) -> list[SMoELayer]:
+    """Replace every dense MLP by an :class:`SMoELayer` of LoRA experts sharing its frozen weights.
+
+    Beyond the papers (README, "Mixture of LoRA experts on a dense model"). Each
+    decoder layer's SwiGLU MLP (``model.layers[i].mlp``: ``gate_proj`` ``[I, H]``,
+    ``up_proj`` ``[I, H]``, ``down_proj`` ``[H, I]``, ``act_fn``) becomes an SMoE layer
+    of ``num_experts`` = M experts. Every expert's frozen weights are the MLP's:
+    ``gate_up_proj = cat([gate, up]).expand(M, 2I, H)`` and
+    ``down_proj = down.expand(M, H, I)`` are stride-0 views (one copy of the MLP,
+    not M); the experts differ only by their own :class:`~ubsmoe.models.smoe.ExpertLoRA`.
+    A new router ``W_r`` ``[M, H]`` is drawn from ``N(0, initializer_range^2)`` with a
+    CPU generator seeded by ``seed`` (the same on every device), and the top-K gate
+    weights are renormalised (``norm_topk_prob=True``): they sum to 1, so with zero
+    LoRA the layer computes ``sum_i g_i MLP(x) = MLP(x)``, the dense model, at any K.
+    Compute: a token runs the frozen MLP once per selected expert (K MLP passes plus
+    K LoRA passes plus the router, :func:`ubsmoe.metrics.flops.training_flops_per_token`).
+
+    Build the model on its target device and dtype first: the views share the MLP's
+    storage, and nothing here copies them (a later ``model.to`` to another device or
+    dtype would materialise M copies).
+
+    Args:
+        model: a dense causal LM (:data:`ubsmoe.models.families.DENSE_FAMILIES`),
+            possibly PEFT-wrapped with LoRA on its attention only.
+        num_experts: M >= 1.
+        top_k: K_max, the experts a token runs at budget 1, in ``[1, M]``.
+        lora_rank, lora_alpha: the experts' LoRA rank and alpha.
+        seed: seed of the routers (every layer's drawn in depth order).
+
+    Returns:
+        The new layers in depth order.
+
+    Raises:
+        ValueError: the model is not a dense family, has no such MLP, its MLP has
+            biases (``mlp_bias``), or M / K_max are out of range.
+    """
+    from ubsmoe.models.families import DENSE_FAMILIES
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DENSE_FAMILIES:
+        raise ValueError(f"model.lora_experts: got {num_experts}, expected 0 for the {model_type!r} model "
+                         f"(LoRA experts are for dense backbones: {', '.join(DENSE_FAMILIES)})")
+    if num_experts < 1:
+        raise ValueError(f"model.lora_experts: got {num_experts}, expected an integer >= 1")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"model.lora_experts_top_k: got {top_k}, expected an integer in [1, {num_experts}]")
+    names = DENSE_FAMILIES[model_type].mlp_modules  # gate, up, down
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if name.rpartition(".")[2] == "mlp" and all(isinstance(getattr(mod, n, None), nn.Linear)
+                                                           for n in names)]
+    if not targets:
+        raise ValueError(f"model: no dense MLP with {', '.join(names)} found to patch")
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    generator = torch.Generator().manual_seed(seed)
+    layers: list[SMoELayer] = []
+    for name, mlp in targets:
+        gate, up, down = (getattr(mlp, n) for n in names)
+        if any(p.bias is not None for p in (gate, up, down)):
+            raise ValueError("model: MLP projections with biases (mlp_bias) are not supported by LoRA experts")
+        weight = gate.weight
+        router = torch.empty(num_experts, weight.shape[1]).normal_(0.0, std, generator=generator)  # [M, H]
+        gate_up = torch.cat([gate.weight.detach(), up.weight.detach()], 0)  # [2I, H], one copy
+        parent_name, _, child = name.rpartition(".")
+        with torch.device(weight.device):
+            layer = SMoELayer(
+                router_weight=router.to(weight.device, weight.dtype),
+                gate_up_proj=gate_up.unsqueeze(0).expand(num_experts, -1, -1),  # [M, 2I, H], stride 0
+                down_proj=down.weight.detach().unsqueeze(0).expand(num_experts, -1, -1),  # [M, H, I]
+                act_fn=mlp.act_fn,
+                top_k=top_k,
+                norm_topk_prob=True,
+                lora_rank=lora_rank,
+                lora_alpha=lora_alpha,
+            )
+        setattr(model.get_submodule(parent_name), child, layer)
+        layers.append(layer)
+    return layers
+
+
+def is_lora_expert_model(model: nn.Module) -> bool:
+    """True for a dense backbone whose MLPs were replaced by LoRA experts (:func:`patch_lora_experts`)."""
+    return is_dense_model(model) and bool(smoe_layers(model))
+
+
+def distinct_numel(t: torch.Tensor) -> int:
+    """Elements a tensor really holds: a stride-0 (expanded) dimension counts once.
+
+    ``numel()`` of a LoRA-expert layer's ``gate_up_proj`` ``[M, 2I, H]`` (a stride-0
+    view of one ``[2I, H]`` weight) is M times its storage; this is ``2I * H``. Works
+    on the meta device (no storage to compare there).
+    """
+    n = 1
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if stride != 0:
+            n *= size
+    return n
+
+
 def smoe_layers(model: nn.Module) -> list[SMoELayer]:
     """The model's SMoE layers in depth order."""
     return [m for m in model.modules() if isinstance(m, SMoELayer)]
@@ -626,15 +727,17 @@ def base_model(cfg: ModelConfig, tokenizer=None, seed: int = 0, device: torch.de
     return model, tokenizer
 
 
-def lora_targets(model: nn.Module, attention_lora: bool) -> list[str]:
+def lora_targets(model: nn.Module, attention_lora: bool, lora_experts: int = 0) -> list[str]:
     """PEFT ``target_modules`` of a model: attention, dense MLP and shared-expert projections.
 
     - a sparse-MoE model: q/k/v/o when ``attention_lora``; a Qwen2-MoE shared expert's
       ``gate_proj``/``up_proj``/``down_proj`` always (the routed experts get
       :class:`~ubsmoe.models.smoe.ExpertLoRA` from :func:`patch_smoe` instead);
     - a dense backbone (:data:`ubsmoe.models.families.DENSE_FAMILIES`): q/k/v/o when
-      ``attention_lora`` plus the MLP's gate/up/down projections always (its only
-      MLP is the dense one; FedIT and the rank methods put LoRA on both).
+      ``attention_lora`` plus the MLP's gate/up/down projections unless
+      ``lora_experts > 0`` (its only MLP is the dense one; FedIT and the rank methods
+      put LoRA on both; with LoRA experts, :func:`patch_lora_experts` gives the MLP
+      its per-expert LoRA instead).
 
     Raises:
         ValueError: the model's ``model_type`` is not a supported family.
@@ -644,7 +747,7 @@ def lora_targets(model: nn.Module, attention_lora: bool) -> list[str]:
     fam = family(model.config.model_type)
     targets = list(ATTENTION_MODULES) if attention_lora else []
     if isinstance(fam, DenseFamily):
-        return targets + list(fam.mlp_modules)
+        return targets if lora_experts else targets + list(fam.mlp_modules)
     if fam.shared_expert:
         targets += [f"shared_expert.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
     return targets
@@ -663,7 +766,9 @@ def prepare_model(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Modul
     With ``model.router_trainable`` every SMoE layer's router ``W_r`` ``[E, H]`` is
     trainable too (float32, see :meth:`~ubsmoe.models.smoe.SMoELayer.set_router_trainable`)
     and so part of :func:`adapter_state`. A dense backbone gets LoRA on its attention
-    (``attention_lora``) and MLP projections and no SMoE layer.
+    (``attention_lora``) and MLP projections and no SMoE layer, or with
+    ``model.lora_experts = M > 0`` LoRA on its attention only and an SMoE layer of M
+    LoRA experts per MLP (:func:`patch_lora_experts`, router seeded from ``seed``).
 
     Args:
         model: a causal LM of a supported family (hub checkpoint or :func:`random_model`).
@@ -675,13 +780,16 @@ def prepare_model(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Modul
         the routers, when trainable) trainable.
 
     Raises:
-        ValueError: the model is not a supported family or a MoE model has no
-            sparse-MoE block.
+        ValueError: the model is not a supported family, a MoE model has no
+            sparse-MoE block, or ``model.lora_experts > 0`` on a sparse-MoE model.
     """
     for p in model.parameters():
         p.requires_grad_(False)
     dense = is_dense_model(model)
-    targets = lora_targets(model, cfg.attention_lora)
+    if cfg.lora_experts and not dense:
+        raise ValueError(f"model.lora_experts: got {cfg.lora_experts}, expected 0 for the sparse-MoE "
+                         f"model {cfg.name} ({model.config.model_type}); LoRA experts are for dense backbones")
+    targets = lora_targets(model, cfg.attention_lora, cfg.lora_experts)
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
         if targets:
@@ -697,6 +805,9 @@ def prepare_model(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Modul
                 model = get_peft_model(model, lora)
         if not dense:
             patch_smoe(model, cfg.lora_rank, cfg.lora_alpha)
+        elif cfg.lora_experts:
+            patch_lora_experts(model, cfg.lora_experts, cfg.lora_experts_top_k, cfg.lora_rank,
+                               cfg.lora_alpha, seed)
     for layer in smoe_layers(model):
         layer.set_router_trainable(cfg.router_trainable)
     model.config.use_cache = True

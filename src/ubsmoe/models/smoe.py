@@ -5,7 +5,10 @@ Federated Fine-Tuning of Foundation Models" (ICML 2026, arXiv 2605.16690).
 
 :class:`SMoELayer` replaces a host model's sparse-MoE block (OLMoE's
 ``OlmoeSparseMoeBlock`` first) and keeps its frozen expert weights and its router
-(trainable on request, :meth:`SMoELayer.set_router_trainable`).
+(trainable on request, :meth:`SMoELayer.set_router_trainable`). It also serves as
+a mixture of LoRA experts on a dense MLP (``model.lora_experts``), whose experts'
+frozen weights are stride-0 views of the one MLP
+(:func:`ubsmoe.models.loading.patch_lora_experts`); nothing here copies them.
 Per token it routes to the top-K_c experts (K_c set per client), runs each selected
 expert's frozen weights plus its own LoRA on the tokens routed to it only, and
 records expert utilization. With DMR enabled (:meth:`SMoELayer.enable_dmr`, UB-SMoE)

@@ -66,7 +66,7 @@ def flops_tables(result: dict[str, Any]) -> list[Table]:
     """
     model = result["model"]
     settings = result["settings"]
-    moe = model["num_experts"] > 0
+    moe = model["num_experts"] > 0 or model.get("lora_experts", 0) > 0
     main = Table(title=(f"{model['name']} ({result['total_params'] / 1e9:.2f}B parameters): "
                         "per token, per budget"))
     for col in ("beta", "K", "LoRA r", "activated params (B)", "ratio", "train GFLOP", "ratio"):
@@ -106,7 +106,7 @@ def flops_notes(result: dict[str, Any]) -> list[str]:
     """The lowest-vs-highest budget comparison and the counting conventions, as lines."""
     rows = result["rows"]
     low, high = rows[0], rows[-1]
-    moe = result["model"]["num_experts"] > 0
+    moe = result["model"]["num_experts"] > 0 or result["model"].get("lora_experts", 0) > 0
     label = (lambda r: f"K={r['top_k']}") if moe else (lambda r: f"r={r['lora_rank']}")
     cmp = result["lowest_vs_highest"]
     counted = result["settings"]["frozen_backward"]
@@ -115,7 +115,12 @@ def flops_notes(result: dict[str, Any]) -> list[str]:
     frozen_mats = "attention q/k/v/o, experts/MLP, LM head" if router_trained else \
         "attention q/k/v/o, router, experts/MLP, LM head"
     trained = "LoRA and the router" if router_trained else "LoRA"
-    return [
+    experts = result["model"].get("lora_experts", 0)
+    shared = ([(f"LoRA experts (M={experts}, K_max={result['model']['top_k']}): every expert shares the "
+               "one frozen dense MLP, so a token runs that MLP K times (MLP term = K dense-MLP passes) "
+               "plus K expert LoRA pairs and the [M, H] router; the MLP's parameters are counted once, "
+               "so the activated parameters do not grow with K.")] if experts else [])
+    return [*shared,
         (f"lowest vs highest budget ({label(low)} vs {label(high)}): training FLOPs ratio "
         f"{cmp['flops_ratio']:.3f} (reduction {100 * cmp['flops_reduction']:.1f}%), "
         f"activated-parameter ratio {cmp['activated_params_ratio']:.3f}"),

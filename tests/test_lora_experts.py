@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from test_dense import SMALL as DENSE_SMALL
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
@@ -32,21 +33,7 @@ from ubsmoe.models.loading import base_model, distinct_numel
 
 M, K_MAX, RANK = 4, 2, 4
 
-SMALL = [
-    "model.name=tiny-dense",
-    "model.lora_experts=4",
-    "data.tasks=[boolq,piqa]",
-    "data.train_examples=64",
-    "data.max_length=96",
-    "fl.num_clients=2",
-    "fl.rounds=1",
-    "train.batch_size=8",
-    "train.max_local_steps=2",
-    "eval.examples_per_task=4",
-    "eval.max_new_tokens=4",
-    "eval.batch_size=8",
-    "model.tiny.vocab_size=512",
-]
+SMALL = [*DENSE_SMALL, "model.lora_experts=4"]  # tests/test_dense.py's run, with M = 4 LoRA experts
 
 
 def _cfg(**kw) -> ModelConfig:

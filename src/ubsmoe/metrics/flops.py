@@ -68,7 +68,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ubsmoe.models.families import DENSE_FAMILIES, MOE_FAMILIES
+from ubsmoe.models.families import DENSE_FAMILIES, MOE_FAMILIES, check_lora_experts
 
 _REGISTERED: set[str] = set()
 
@@ -213,15 +213,9 @@ def with_lora_experts(s: ModelShape, num_experts: int, top_k: int) -> ModelShape
         ValueError: ``s`` is a sparse-MoE model, ``num_experts < 0`` or ``top_k``
             outside ``[1, num_experts]`` (each names the field).
     """
+    check_lora_experts(num_experts, top_k, not s.is_moe, f"{s.name} ({s.model_type})")
     if num_experts == 0:
         return s
-    if s.is_moe:
-        raise ValueError(f"model.lora_experts: got {num_experts}, expected 0 for the sparse-MoE model "
-                         f"{s.name} ({s.model_type}); LoRA experts are for dense backbones")
-    if num_experts < 0:
-        raise ValueError(f"model.lora_experts: got {num_experts}, expected an integer >= 0 (0: off)")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"model.lora_experts_top_k: got {top_k}, expected an integer in [1, {num_experts}]")
     return replace(s, lora_experts=int(num_experts), top_k=int(top_k))
 
 

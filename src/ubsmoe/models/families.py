@@ -179,6 +179,33 @@ def moe_family_of(model: nn.Module) -> MoEFamily | None:
     return MOE_FAMILIES.get(getattr(config, "model_type", None))
 
 
+def check_lora_experts(num_experts: int, top_k: int, dense: bool, model: str) -> None:
+    """Validate LoRA experts (``model.lora_experts`` = M, ``model.lora_experts_top_k`` = K_max).
+
+    M = 0 (off) is always valid. Shared by the FLOP calculator and the model patch,
+    which both take M and K_max directly (the config checks them first for runs).
+
+    Args:
+        num_experts: M.
+        top_k: K_max.
+        dense: the model is a dense backbone (:data:`DENSE_FAMILIES`).
+        model: the model's description in the message (e.g. ``tiny (olmoe)``).
+
+    Raises:
+        ValueError: M > 0 on a sparse-MoE model, M < 0, or K_max outside ``[1, M]``
+            (one line naming the field).
+    """
+    if num_experts == 0:
+        return
+    if not dense:
+        raise ValueError(f"model.lora_experts: got {num_experts}, expected 0 for the sparse-MoE model "
+                         f"{model}; LoRA experts are for dense backbones")
+    if num_experts < 0:
+        raise ValueError(f"model.lora_experts: got {num_experts}, expected an integer >= 0 (0: off)")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"model.lora_experts_top_k: got {top_k}, expected an integer in [1, {num_experts}]")
+
+
 def dense_refusal(method: str, model_name: str) -> str:
     """The one-line refusal of an SMoE method on a dense backbone."""
     return (f"method {method} needs a sparse-MoE model; model {model_name} is dense "

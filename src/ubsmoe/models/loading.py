@@ -484,7 +484,7 @@ def patch_lora_experts(model: nn.Module, num_experts: int, top_k: int, lora_rank
     Args:
         model: a dense causal LM (:data:`ubsmoe.models.families.DENSE_FAMILIES`),
             possibly PEFT-wrapped with LoRA on its attention only.
-        num_experts: M >= 1.
+        num_experts: M >= 0 (0: off, nothing patched).
         top_k: K_max, the experts a token runs at budget 1, in ``[1, M]``.
         lora_rank, lora_alpha: the experts' LoRA rank and alpha.
         seed: seed of the routers (every layer's drawn in depth order).
@@ -496,16 +496,12 @@ def patch_lora_experts(model: nn.Module, num_experts: int, top_k: int, lora_rank
         ValueError: the model is not a dense family, has no such MLP, its MLP has
             biases (``mlp_bias``), or M / K_max are out of range.
     """
-    from ubsmoe.models.families import DENSE_FAMILIES
+    from ubsmoe.models.families import DENSE_FAMILIES, check_lora_experts
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DENSE_FAMILIES:
-        raise ValueError(f"model.lora_experts: got {num_experts}, expected 0 for the {model_type!r} model "
-                         f"(LoRA experts are for dense backbones: {', '.join(DENSE_FAMILIES)})")
-    if num_experts < 1:
-        raise ValueError(f"model.lora_experts: got {num_experts}, expected an integer >= 1")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"model.lora_experts_top_k: got {top_k}, expected an integer in [1, {num_experts}]")
+    check_lora_experts(num_experts, top_k, model_type in DENSE_FAMILIES, repr(model_type))
+    if num_experts == 0:  # off: nothing to patch
+        return []
     names = DENSE_FAMILIES[model_type].mlp_modules  # gate, up, down
     targets = [(name, mod) for name, mod in model.named_modules()
                if name.rpartition(".")[2] == "mlp" and all(isinstance(getattr(mod, n, None), nn.Linear)

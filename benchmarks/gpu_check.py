@@ -22,6 +22,10 @@ after every part, so a timeout still leaves the finished parts:
 - ``round``: one UB-SMoE round, 4 clients x 4 local steps, through the library's
   :class:`~ubsmoe.fl.server.Server` and :class:`~ubsmoe.fl.train.ClientRuntime` in this
   process, then evaluation at every budget level under both protocols.
+- ``eval``: evaluation throughput of the full-size server model per protocol, budget
+  level and ``eval.batch_size`` (at most 128 test records per task), and the minutes
+  the paper's evaluation of one method (full test sets, four budgets, two protocols)
+  would take at those rates (target: 10).
 
 The GPU machine has no ``flwr``, ``flwr_datasets``, ``datasets`` or ``ray``, and this
 script imports none of them: the round's client partition is a seeded IID split made
@@ -246,10 +250,26 @@ def iid_setup(cfg):
     return SharedSetup(data=data, tokenizer=tokenizer, partitions=parts)
 
 
+def run_config(check: Check, sizes, tmp: str, overrides: list[str]):
+    """A one-round UB-SMoE config on ``check``'s data, device and dtype with model sizes ``sizes``.
+
+    Both protocols are evaluated, the PG diagnostic probe is off (the parts time
+    training and evaluation, not the diagnostic), the tokenizer is cached under ``tmp``;
+    ``overrides`` come last.
+    """
+    from ubsmoe.config import load_config
+
+    return load_config(overrides=[
+        "method=ubsmoe", f"data.path={check.data}", "data.train_examples=0", "fl.rounds=1",
+        "eval.protocols=[generation,loglik]", "eval.pg_probe_examples=0",
+        f"model.dtype={check.dtype}", f"model.device={check.device}", f"model.tokenizer_cache={tmp}/cache",
+        *(f"model.tiny.{k}={v}" for k, v in asdict(sizes).items()), *overrides])
+
+
 def part_round(check: Check) -> dict[str, Any]:
     """One UB-SMoE round (4 clients x 4 steps; quick: 2 x 1) and the evaluation at every budget."""
     from ubsmoe.bench.model_step import OLMOE_MEDIUM
-    from ubsmoe.config import TinyModelConfig, load_config
+    from ubsmoe.config import TinyModelConfig
     from ubsmoe.fl.server import Server
     from ubsmoe.fl.train import ClientRuntime
     from ubsmoe.io import read_jsonl
@@ -264,16 +284,11 @@ def part_round(check: Check) -> dict[str, Any]:
         clients, steps, batch, n_eval, new_tokens, max_len = 4, 4, 8, 16, 8, 256
         tasks = []
     with tempfile.TemporaryDirectory(prefix="ubsmoe-gpu-check-") as tmp:
-        cfg = load_config(overrides=[
-            "method=ubsmoe", f"data.path={check.data}", "data.train_examples=0",
-            f"data.max_length={max_len}", f"fl.num_clients={clients}", "fl.rounds=1",
+        cfg = run_config(check, sizes, tmp, [
+            f"data.max_length={max_len}", f"fl.num_clients={clients}",
             f"train.batch_size={batch}", f"train.max_local_steps={steps}",
-            f"eval.examples_per_task={n_eval}", "eval.protocols=[generation,loglik]",
-            f"eval.max_new_tokens={new_tokens}", "eval.batch_size=16",
-            "eval.pg_probe_examples=0",  # time training and evaluation, not the PG diagnostic
-            f"model.dtype={check.dtype}", f"model.device={check.device}",
-            f"model.tokenizer_cache={tmp}/cache",
-            *(f"model.tiny.{k}={v}" for k, v in asdict(sizes).items()), *tasks])
+            f"eval.examples_per_task={n_eval}", f"eval.max_new_tokens={new_tokens}",
+            "eval.batch_size=16", *tasks])
         start = time.perf_counter()
         setup = iid_setup(cfg)
         setup_s = time.perf_counter() - start
@@ -315,8 +330,112 @@ def part_round(check: Check) -> dict[str, Any]:
     }
 
 
+# LLM-Adapters' commonsense test sets (examples), the paper's full evaluation: 22,419.
+TEST_SET_SIZES = {"boolq": 3270, "piqa": 1838, "social_i_qa": 1954, "hellaswag": 10042,
+                  "winogrande": 1267, "ARC-Easy": 2376, "ARC-Challenge": 1172, "openbookqa": 500}
+
+
+def part_eval(check: Check) -> dict[str, Any]:
+    """Evaluation throughput of the full-size server model; minutes per method projected.
+
+    The server of a UB-SMoE run (random OLMoE-1B-7B, bfloat16) scores the test records
+    of ``--data`` (at most 128 per task) with :func:`ubsmoe.eval.commonsense.evaluate_task`
+    one protocol at a time, as :meth:`Server.evaluate_one` does: first every budget level
+    at ``eval.batch_size`` 64, then K = 8 at batch sizes 128 and 16, then K = 8
+    log-likelihood with one sequence per candidate (``share_prefix=False``, the earlier
+    path). A case starts only while the part has run for less than 150 s (quick: no
+    limit); later ones are listed in ``skipped``. Generation runs
+    ``eval.max_new_tokens`` = 16 (the paper-scale setting): random weights never write an
+    answer label, so no row stops early and generation is timed at its worst case.
+
+    The projection is the paper's evaluation of one method: every budget level, both
+    protocols, the full test sets (:data:`TEST_SET_SIZES`), each task at its measured
+    rate at batch size 64; a task absent from ``--data`` (HellaSwag is not shipped) at
+    the rate of all measured tasks together, named in ``rate_of_all_tasks_for``.
+    """
+    from ubsmoe.config import TinyModelConfig
+    from ubsmoe.data.commonsense import answer_choices, format_prompt
+    from ubsmoe.eval.commonsense import choice_logprobs, evaluate_task
+    from ubsmoe.fl.server import Server
+
+    if check.quick:
+        sizes, per_task, new_tokens, budget_s = replace(TinyModelConfig(), vocab_size=512), 4, 2, None
+        main_batch, other_batches, tasks = 2, (4, 1), ["data.tasks=[boolq,piqa,ARC-Easy]"]
+    else:
+        sizes, per_task, new_tokens, budget_s = olmoe_sizes(), 128, 16, 150.0
+        main_batch, other_batches, tasks = 64, (128, 16), []
+    sync = torch.cuda.synchronize if check.device.type == "cuda" else (lambda *a: None)
+    cases: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="ubsmoe-gpu-check-") as tmp:
+        cfg = run_config(check, sizes, tmp, [f"eval.examples_per_task={per_task}",
+                                             f"eval.max_new_tokens={new_tokens}", *tasks])
+        start = time.perf_counter()
+        server = Server(cfg, Path(tmp) / "run", iid_setup(cfg))
+        build_s = time.perf_counter() - start
+        tests = server.test_sets
+        model, tokenizer = server.model, server.tokenizer
+        levels = list(range(len(cfg.fl.budgets)))[::-1]  # K = 8 first
+        level_k = list(server.level_top_k().values())
+        plan = [(main_batch, level, p, True) for level in levels for p in ("generation", "loglik")]
+        plan += [(b, levels[0], p, True) for b in other_batches for p in ("generation", "loglik")]
+        plan += [(main_batch, levels[0], "loglik", False)]
+        first = next(iter(tests))  # warm-up: kernels, allocator and caches, not timed
+        evaluate_task(model, tokenizer, first, tests[first][:2], ["generation", "loglik"], 2, 2)
+        begin = time.perf_counter()
+        for batch, level, protocol, share in plan:
+            name = f"b{batch}_k{level_k[level]}_{protocol}" + ("" if share else "_separate")
+            if budget_s is not None and time.perf_counter() - begin > budget_s:
+                skipped.append(name)
+                continue
+            beta, k, rank = server.set_level(level, 1)
+            per_task_s: dict[str, float] = {}
+            for task, records in tests.items():
+                sync()
+                t0 = time.perf_counter()
+                if share:
+                    evaluate_task(model, tokenizer, task, records, [protocol], batch, new_tokens)
+                else:
+                    choice_logprobs(model, tokenizer, [format_prompt(r) for r in records],
+                                    [answer_choices(task, r) for r in records], batch,
+                                    share_prefix=False)
+                sync()
+                per_task_s[task] = time.perf_counter() - t0
+            n = {task: len(records) for task, records in tests.items()}
+            total_s = sum(per_task_s.values())
+            cases.append({"name": name, "batch_size": batch, "budget": beta, "top_k": k,
+                          "lora_rank": rank, "protocol": protocol, "share_prefix": share,
+                          "examples": n, "seconds": per_task_s, "total_s": total_s,
+                          "examples_per_s": sum(n.values()) / total_s})
+    main = [c for c in cases if c["batch_size"] == main_batch and c["share_prefix"]]
+    measured = {(c["top_k"], c["protocol"]) for c in main}
+    summary: dict[str, Any] = {
+        "examples_per_s": {c["name"]: c["examples_per_s"] for c in cases},
+        "batch_size": main_batch, "max_new_tokens": new_tokens, "skipped": skipped,
+        "generation_stops_early": False,
+    }
+    if len(measured) == 2 * len(levels):
+        minutes, absent = 0.0, sorted(set(TEST_SET_SIZES) - set(tests))
+        for c in main:
+            rate_all = c["examples_per_s"]
+            for task, size in TEST_SET_SIZES.items():
+                rate = c["examples"][task] / c["seconds"][task] if task in c["seconds"] else rate_all
+                minutes += size / rate / 60.0
+        summary.update(projected_minutes_per_method=minutes, target_minutes=10.0,
+                       target_met=minutes <= 10.0, rate_of_all_tasks_for=absent,
+                       test_examples=sum(TEST_SET_SIZES.values()))
+    ref = {c["name"]: c for c in cases}
+    shared = ref.get(f"b{main_batch}_k{level_k[levels[0]]}_loglik")
+    separate = ref.get(f"b{main_batch}_k{level_k[levels[0]]}_loglik_separate")
+    if shared and separate:
+        summary["loglik_shared_prefix_speedup"] = separate["total_s"] / shared["total_s"]
+    return {"model": {"sizes": asdict(sizes), "dtype": check.dtype, "device": str(check.device),
+                      "vocab_size": len(tokenizer)},
+            "build_s": build_s, "examples_per_task": per_task, "cases": cases, "summary": summary}
+
 PARTS: dict[str, Callable[[Check], dict[str, Any]]] = {
-    "layer": part_layer, "zero_grad": part_zero_grad, "step": part_step, "round": part_round}
+    "layer": part_layer, "zero_grad": part_zero_grad, "step": part_step, "round": part_round,
+    "eval": part_eval}
 
 
 # ----- running, report ----------------------------------------------------------------
@@ -435,8 +554,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parts = [p for p in args.parts.split(",") if p]
     bad = [p for p in parts if p not in PARTS]
-    if bad or not parts or not args.out or ("round" in parts and not args.data):
-        print(f"error: --parts from {','.join(PARTS)} (got {args.parts!r}), --out, and --data for round",
+    if bad or not parts or not args.out or ({"round", "eval"} & set(parts) and not args.data):
+        print(f"error: --parts from {','.join(PARTS)} (got {args.parts!r}), --out, and --data for "
+              "round and eval",
               file=sys.stderr)
         return 2
     if args.threads:

@@ -149,7 +149,8 @@ def test_quick_report_federated_fields(quick_report):
 def test_quick_report_eval_fields(quick_report):
     ev = quick_report["suites"]["eval"]
     assert ev["examples"] == 8 and ev["prompt_tokens"]["max"] > ev["prompt_tokens"]["min"]
-    assert set(ev["cases"]) == {"generation_before", "generation", "generation_answering", "loglik"}
+    assert set(ev["cases"]) == {"generation_before", "generation", "generation_answering",
+                                "loglik_separate", "loglik"}
     for case in ev["cases"].values():
         assert TIMING <= set(case) and case["examples_per_s"] > 0
         assert case["examples_per_s"] == pytest.approx(ev["examples"] / case["median_s"])
@@ -157,8 +158,10 @@ def test_quick_report_eval_fields(quick_report):
     assert ev["cases"]["generation_answering"]["mean_response_tokens"] < \
         ev["cases"]["generation"]["mean_response_tokens"]
     assert set(ev["summary"]) == {"generation_before_ex_per_s", "generation_ex_per_s",
-                                  "generation_answering_ex_per_s", "loglik_ex_per_s",
-                                  "generation_speedup"}
+                                  "generation_answering_ex_per_s", "loglik_separate_ex_per_s",
+                                  "loglik_ex_per_s", "generation_speedup", "loglik_speedup"}
+    assert ev["summary"]["loglik_speedup"] == pytest.approx(
+        ev["cases"]["loglik"]["examples_per_s"] / ev["cases"]["loglik_separate"]["examples_per_s"])
 
 def test_interleaved_timings_syncs_around_every_timed_call_only():
     from ubsmoe.bench import device_sync

@@ -189,6 +189,53 @@ def test_loglik_matches_unbatched_brute_force(tiny, top_k):
         set_top_k(model, 8)
 
 
+def _forward_rows(model):
+    """A forward pre-hook counting the sequences (rows) the model runs; returns (rows, handle)."""
+    rows = []
+
+    def hook(module, args, kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+
+    return rows, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_loglik_shares_one_sequence_per_group_of_candidates(tiny):
+    """Candidates differing only in their last token run as one sequence, same scores."""
+    model, tokenizer = tiny
+    prompts = [_prompt(_question(i)) for i in range(6)]
+    # Mixed label sets: some share everything up to the last token, some do not.
+    choices = [LABELS, ["answer1", "false"], ["solution1", "solution2"], LABELS[:3],
+               ["option1", "answer2", "option2"], ["true", "false"]]
+    cont = {c: tokenizer(RESPONSE_PREFIX + c, add_special_tokens=False)["input_ids"]
+            for cs in choices for c in cs}
+    groups = sum(len({tuple(cont[c][:-1]) for c in cs}) for cs in choices)
+    candidates = sum(len(cs) for cs in choices)
+    assert groups < candidates  # the tokenizer gives these labels shared prefixes
+    rows, handle = _forward_rows(model)
+    try:
+        shared = choice_logprobs(model, tokenizer, prompts, choices, batch_size=4)
+        shared_rows = sum(rows)
+        rows.clear()
+        separate = choice_logprobs(model, tokenizer, prompts, choices, batch_size=4,
+                                   share_prefix=False)
+        separate_rows = sum(rows)
+    finally:
+        handle.remove()
+    assert shared_rows == groups
+    assert separate_rows == candidates
+    reference = _brute_force_scores(model, tokenizer, prompts, choices)
+    for got, other, want in zip(shared, separate, reference):
+        assert got == pytest.approx(want, abs=1e-4)
+        assert other == pytest.approx(want, abs=1e-4)
+
+
+def test_loglik_refuses_a_candidate_without_tokens(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"choices\[0\]\[1\]"):
+        choice_logprobs(model, tokenizer, [_prompt(_question(0))], [["answer1", ""]],
+                        batch_size=2, prefix="")
+
+
 def test_loglik_restores_state_and_validates(tiny):
     model, tokenizer = tiny
     prompts = [_prompt(_question(i)) for i in range(3)]

@@ -57,7 +57,7 @@ def test_quick_run_without_flower_reports_every_part(gpu_check, subset, tmp_path
     parts = report["parts"]
     assert rc == 0, {n: p["error"] for n, p in parts.items()}
     assert report["schema"] == "ubsmoe-gpu-check/1" and report["quick"] is True
-    assert list(parts) == ["layer", "zero_grad", "step", "round"] == list(report["summary"])
+    assert list(parts) == ["layer", "zero_grad", "step", "round", "eval"] == list(report["summary"])
     env = report["environment"]
     for key in ("torch", "transformers", "peft", "cuda_version", "device_name", "device"):
         assert key in env
@@ -100,6 +100,26 @@ def test_quick_run_without_flower_reports_every_part(gpu_check, subset, tmp_path
     assert s["eval_examples"] == 4 * 3 * 2  # 4 budgets x 3 tasks x 2 examples
     assert s["eval_examples_per_s"] == pytest.approx(s["eval_examples"] / s["eval_s"])
 
+    ev = parts["eval"]
+    names = [c["name"] for c in ev["cases"]]
+    assert names == [f"b2_k{k}_{p}" for k in (8, 4, 2, 1) for p in ("generation", "loglik")] + [
+        f"b{b}_k8_{p}" for b in (4, 1) for p in ("generation", "loglik")] + ["b2_k8_loglik_separate"]
+    n = ev["cases"][0]["examples"]  # at most 4 per task (PIQA's test set is halved for training)
+    assert set(n) == {"boolq", "piqa", "ARC-Easy"} and all(1 <= v <= 4 for v in n.values())
+    for c in ev["cases"]:
+        assert c["examples"] == n and set(c["seconds"]) == set(n)
+        assert c["examples_per_s"] == pytest.approx(sum(n.values()) / c["total_s"])
+    e = report["summary"]["eval"]
+    assert e["skipped"] == [] and e["generation_stops_early"] is False
+    assert e["test_examples"] == 22419 and e["target_minutes"] == 10.0
+    # Absent tasks run at the rate of the measured ones; HellaSwag is never shipped.
+    assert "hellaswag" in e["rate_of_all_tasks_for"] and "boolq" not in e["rate_of_all_tasks_for"]
+    expected = sum(size / (n.get(t, sum(n.values())) / c["seconds"].get(t, c["total_s"])) / 60
+                   for c in ev["cases"][:8] for t, size in gpu_check.TEST_SET_SIZES.items())
+    assert e["projected_minutes_per_method"] == pytest.approx(expected)
+    assert e["loglik_shared_prefix_speedup"] == pytest.approx(
+        ev["cases"][-1]["total_s"] / ev["cases"][1]["total_s"])
+
 
 def test_failed_part_is_recorded_and_the_report_is_rewritten_after_each_part(
         gpu_check, tmp_path, monkeypatch):
@@ -127,7 +147,8 @@ def test_failed_part_is_recorded_and_the_report_is_rewritten_after_each_part(
     assert report["summary"]["zero_grad"]["ok"] is True
 
 
-@pytest.mark.parametrize("argv", [["--parts", "layer,bogus"], ["--parts", "round"], []])
+@pytest.mark.parametrize("argv", [["--parts", "layer,bogus"], ["--parts", "round"], ["--parts", "eval"],
+                                  []])
 def test_bad_usage_exits_2_and_writes_nothing(gpu_check, tmp_path, argv):
     out = tmp_path / "report.json"
     rc = gpu_check.main([*argv, "--quick", *(["--out", str(out)] if argv else [])])

@@ -14,8 +14,12 @@ synthetic ARC-style multiple-choice prompts of varied length (Alpaca template,
 - ``generation_answering``: the same on a copy of the model whose output rows of
   the label tokens are scaled x4, so that many responses hold a label early and
   the stop shows;
-- ``loglik``: batched, length-sorted choice scoring
-  (:func:`~ubsmoe.eval.commonsense.choice_logprobs`; four candidates per example).
+- ``loglik_separate``: batched, length-sorted choice scoring with one sequence per
+  (example, candidate), the earlier path (``share_prefix=False``; four candidates
+  per example);
+- ``loglik``: the current path, one sequence per example: the four candidates
+  differ only in their last token and share the forward pass of the rest
+  (:func:`~ubsmoe.eval.commonsense.choice_logprobs`).
 
 Each case reports ``examples_per_s`` (examples / median time), and the generation
 cases ``mean_response_tokens`` (tokens of the decoded responses, re-tokenized).
@@ -67,7 +71,7 @@ def _build(seed: int):
 
 @register_suite("eval")
 def run(options: BenchOptions) -> dict[str, Any]:
-    """Examples per second of generation (before/after) and log-likelihood scoring."""
+    """Examples per second of generation and log-likelihood scoring, each before/after."""
     from ubsmoe.eval.commonsense import choice_logprobs, generate_responses
 
     torch.manual_seed(options.seed)
@@ -94,6 +98,8 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "generation_before": gen("generation_before", model, sort_by_length=False),
         "generation": gen("generation", model, task="ARC-Easy"),
         "generation_answering": gen("generation_answering", answering, task="ARC-Easy"),
+        "loglik_separate": lambda: choice_logprobs(model, tokenizer, prompts, choices, batch_size,
+                                                   share_prefix=False),
         "loglik": lambda: choice_logprobs(model, tokenizer, prompts, choices, batch_size),
     }
     times = interleaved_timings(cases, options.n_repeats(3), options.n_warmup(1))
@@ -116,7 +122,9 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "generation_before_ex_per_s": c["generation_before"]["examples_per_s"],
         "generation_ex_per_s": c["generation"]["examples_per_s"],
         "generation_answering_ex_per_s": c["generation_answering"]["examples_per_s"],
+        "loglik_separate_ex_per_s": c["loglik_separate"]["examples_per_s"],
         "loglik_ex_per_s": c["loglik"]["examples_per_s"],
+        "loglik_speedup": c["loglik"]["examples_per_s"] / c["loglik_separate"]["examples_per_s"],
         "generation_speedup": c["generation"]["examples_per_s"] / c["generation_before"]["examples_per_s"],
     }
     return result

@@ -322,34 +322,81 @@ def generation_accuracy(model: nn.Module, tokenizer, task: str, prompts: Sequenc
     return correct / len(prompts)
 
 
+def _continuation_groups(prompt_ids: Sequence[Sequence[int]], choices: Sequence[Sequence[str]],
+                         cont_ids: dict[str, list[int]], share_prefix: bool
+                         ) -> list[tuple[int, list[int], list[tuple[int, int]], int]]:
+    """The sequences :func:`choice_logprobs` runs, one per group of candidates.
+
+    Candidates of one example whose continuations agree up to their last token form a
+    group: one sequence ``prompt + continuation[:-1]`` scores them all (the shared
+    tokens at their positions, each candidate's last token at the final position).
+    Without ``share_prefix`` every candidate is its own group.
+
+    Returns:
+        ``(example, ids, [(choice index, last token)], prompt_len)`` per group.
+
+    Raises:
+        ValueError: an example without choices, an empty prompt or an empty continuation.
+    """
+    groups: list[tuple[int, list[int], list[tuple[int, int]], int]] = []
+    for i, (p_ids, cs) in enumerate(zip(prompt_ids, choices)):
+        if not cs:
+            raise ValueError(f"choices[{i}]: empty; every example needs at least one candidate")
+        if not p_ids:
+            raise ValueError(f"prompts[{i}]: empty after tokenization")
+        by_prefix: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for j, c in enumerate(cs):
+            cont = cont_ids[c]
+            if not cont:
+                raise ValueError(f"choices[{i}][{j}]: {c!r} has no tokens after the prefix")
+            key = tuple(cont[:-1]) if share_prefix else (j, *cont[:-1])
+            by_prefix.setdefault(key, []).append((j, cont[-1]))
+        for key, members in by_prefix.items():
+            shared = list(key) if share_prefix else list(key[1:])
+            groups.append((i, list(p_ids) + shared, members, len(p_ids)))
+    return groups
+
+
 def choice_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str],
                     choices: Sequence[Sequence[str]], batch_size: int,
-                    prefix: str = RESPONSE_PREFIX) -> list[list[float]]:
+                    prefix: str = RESPONSE_PREFIX, share_prefix: bool = True) -> list[list[float]]:
     """Log-probability of each candidate response given its prompt.
 
     For example i and candidate c the continuation is ``prefix + c`` (default
     ``"the correct answer is " + c``, the commonsense training response);
     prompt and continuation are tokenized separately without special tokens and
     concatenated, and the score is the sum over continuation tokens of
-    ``log p(token | prompt, earlier continuation tokens)``, computed in float32.
-    All (prompt, candidate) pairs are sorted by length (longest first, to limit
-    padding), right-padded and scored ``batch_size`` sequences per forward; only the
-    logits of continuation positions are projected onto the vocabulary.
+    ``log p(token | prompt, earlier continuation tokens)``, computed in float32 and
+    summed in float64.
+
+    Candidates whose continuations differ only in their last token (the commonsense
+    labels: ``"... is answer1"`` .. ``"... is answer4"`` differ in the label's final
+    token) share one forward pass of ``prompt + continuation[:-1]``: a causal model
+    gives every candidate the same log-probabilities for the shared tokens, and the
+    last position's distribution scores each candidate's last token. A four-choice
+    task thus runs one sequence per example instead of four; the scores equal the
+    per-candidate ones up to float noise of the batch composition
+    (``share_prefix=False`` runs one sequence per candidate). Sequences are sorted by
+    length (longest first, to limit padding), right-padded and run ``batch_size`` per
+    forward; only the logits of continuation positions are projected onto the
+    vocabulary.
 
     Args:
         model: a causal LM (Hugging Face, possibly PEFT-wrapped).
         tokenizer: its tokenizer; needs a pad token.
         prompts: one prompt per example.
         choices: candidate labels per example (e.g. ``["answer1", ..., "answer4"]``).
-        batch_size: sequences (pairs) per forward.
+        batch_size: sequences per forward.
         prefix: text before the candidate in the continuation.
+        share_prefix: score candidates that differ only in their last token with one
+            sequence (False: one sequence per candidate).
 
     Returns:
         ``[num_examples][num_choices_i]`` summed log-probabilities (nats).
 
     Raises:
         ValueError: mismatched lengths, an example without choices, an empty prompt,
-            no pad token, or ``batch_size`` < 1.
+            a candidate with no continuation tokens, no pad token, or ``batch_size`` < 1.
     """
     _check_batch_size(batch_size)
     if len(prompts) != len(choices):
@@ -362,53 +409,59 @@ def choice_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str],
     labels = sorted({c for cs in choices for c in cs})
     cont_ids = dict(zip(labels, tokenizer([prefix + c for c in labels],
                                           add_special_tokens=False)["input_ids"]))
-    requests: list[tuple[int, int, list[int], int]] = []  # (example, choice, ids, prompt_len)
-    for i, (p_ids, cs) in enumerate(zip(prompt_ids, choices)):
-        if not cs:
-            raise ValueError(f"choices[{i}]: empty; every example needs at least one candidate")
-        if not p_ids:
-            raise ValueError(f"prompts[{i}]: empty after tokenization")
-        for j, c in enumerate(cs):
-            requests.append((i, j, list(p_ids) + list(cont_ids[c]), len(p_ids)))
-    requests.sort(key=lambda r: -len(r[2]))
+    groups = _continuation_groups(prompt_ids, choices, cont_ids, share_prefix)
+    groups.sort(key=lambda g: -len(g[1]))  # stable: equal lengths keep their order
 
     scores = [[0.0] * len(cs) for cs in choices]
     device = _device(model)
     with _evaluating(model, tokenizer, "right"):
-        for start in range(0, len(requests), batch_size):
-            chunk = requests[start:start + batch_size]
-            seq_len = max(len(ids) for _, _, ids, _ in chunk)
+        for start in range(0, len(groups), batch_size):
+            chunk = groups[start:start + batch_size]
+            seq_len = max(len(ids) for _, ids, _, _ in chunk)
             input_ids = torch.full((len(chunk), seq_len), tokenizer.pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(chunk), seq_len), dtype=torch.long)
-            for row, (_, _, ids, _) in enumerate(chunk):
+            for row, (_, ids, _, _) in enumerate(chunk):
                 input_ids[row, :len(ids)] = torch.tensor(ids)
                 attention_mask[row, :len(ids)] = 1
-            # Logits at position t predict token t + 1: keep only the positions that
-            # predict some continuation token, [first, last).
+            # Logits at position t predict token t + 1: keep the positions that predict a
+            # shared continuation token or a candidate's last token, [first, seq_len).
             first = min(p_len for _, _, _, p_len in chunk) - 1
-            last = max(len(ids) for _, _, ids, _ in chunk) - 1
-            rows, cols, targets = [], [], []
-            for row, (_, _, ids, p_len) in enumerate(chunk):
+            rows, cols, targets = [], [], []  # shared continuation tokens
+            last_cols, cand_rows, cand_tokens = [], [], []  # final position, candidates' last tokens
+            for row, (_, ids, members, p_len) in enumerate(chunk):
                 for t in range(p_len, len(ids)):
                     rows.append(row)
                     cols.append(t - 1 - first)
                     targets.append(ids[t])
+                last_cols.append(len(ids) - 1 - first)
+                for _, token in members:
+                    cand_rows.append(row)
+                    cand_tokens.append(token)
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             with routing_mask(model, attention_mask):
                 logits = model(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     use_cache=False,
-                    logits_to_keep=torch.arange(first, last, device=device),
-                ).logits  # [B, last - first, vocab]
-            rows_t = torch.tensor(rows, device=device)
-            picked = logits[rows_t, torch.tensor(cols, device=device)]  # [num_cont_tokens, vocab]
-            logp = torch.log_softmax(picked.float(), dim=-1)  # float32 for stable sums
-            token_logp = logp.gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+                    logits_to_keep=torch.arange(first, seq_len, device=device),
+                ).logits  # [B, seq_len - first, vocab]
             per_row = torch.zeros(len(chunk), dtype=torch.float64)
-            per_row.index_add_(0, rows_t.cpu(), token_logp.double().cpu())  # [B]
-            for row, (i, j, _, _) in enumerate(chunk):
-                scores[i][j] = float(per_row[row])
+            if rows:
+                rows_t = torch.tensor(rows, device=device)
+                picked = logits[rows_t, torch.tensor(cols, device=device)]  # [shared tokens, vocab]
+                logp = torch.log_softmax(picked.float(), dim=-1)  # float32 for stable sums
+                token_logp = logp.gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+                per_row.index_add_(0, rows_t.cpu(), token_logp.double().cpu())  # [B]
+            final = logits[torch.arange(len(chunk), device=device),
+                           torch.tensor(last_cols, device=device)]  # [B, vocab]
+            final_logp = torch.log_softmax(final.float(), dim=-1)
+            cand_logp = final_logp[torch.tensor(cand_rows, device=device),
+                                   torch.tensor(cand_tokens, device=device)].double().cpu()
+            k = 0
+            for row, (i, _, members, _) in enumerate(chunk):
+                for j, _ in members:
+                    scores[i][j] = float(per_row[row] + cand_logp[k])
+                    k += 1
     return scores
 
 

@@ -62,7 +62,21 @@ def test_model_config_validates_device_init_dtype():
     assert ModelConfig(name="allenai/OLMoE-1B-7B-0924", init="random").resolved_init == "random"
 
 
-def test_medium_preset_builds_random_and_trains_one_local_step(tiny_tokenizer):
+@pytest.fixture
+def adams(monkeypatch):
+    """The Adam optimizers local_train creates, recorded (torch.optim.Adam wrapped)."""
+    made = []
+
+    class Recorded(torch.optim.Adam):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "Adam", Recorded)
+    return made
+
+
+def test_medium_preset_builds_random_and_trains_one_local_step(tiny_tokenizer, adams):
     """model.init=random on `medium`: bench shapes, CPU, float32; one local step moves the LoRA."""
     from ubsmoe.fl.train import local_train
     from ubsmoe.methods import get_method_class
@@ -81,6 +95,7 @@ def test_medium_preset_builds_random_and_trains_one_local_step(tiny_tokenizer):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     stats = local_train(model, [batch], get_method_class("smoe")(), TrainConfig(lr=1e-3), top_k=2)
     assert stats["steps"] == 1 and stats["loss"] > 0
+    assert len(adams) == 1 and not adams[0].defaults["fused"]  # torch's default Adam on CPU
     after = adapter_state(model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
@@ -173,7 +188,7 @@ def test_shared_setup_trains_the_tokenizer_to_the_preset_vocabulary(tmp_path, mo
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_build_trains_on_the_device_and_adapters_come_back_on_cpu(tiny_tokenizer):
+def test_cuda_build_trains_on_the_device_and_adapters_come_back_on_cpu(tiny_tokenizer, adams):
     from ubsmoe.fl.train import local_train
     from ubsmoe.methods import get_method_class
 
@@ -188,6 +203,7 @@ def test_cuda_build_trains_on_the_device_and_adapters_come_back_on_cpu(tiny_toke
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     before = adapter_state(model)
     local_train(model, [batch], get_method_class("ubsmoe")(), TrainConfig(lr=1e-3), top_k=2)
+    assert len(adams) == 1 and adams[0].defaults["fused"] is True  # fused Adam on CUDA
     after = adapter_state(model)
     assert all(t.device.type == "cpu" for t in after.values())
     assert any(not torch.equal(before[n], after[n]) for n in before)

@@ -10,6 +10,21 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "commonsense"
 
+# A small run on the shared data: 3 tasks, 4 clients, 2 rounds of 2 local steps (tiny preset).
+SMALL = [
+    "data.tasks=[boolq,piqa,ARC-Easy]",
+    "data.train_examples=160",
+    "data.max_length=128",
+    "fl.num_clients=4",
+    "fl.rounds=2",
+    "train.batch_size=8",
+    "train.max_local_steps=2",
+    "eval.examples_per_task=4",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=8",
+    "model.tiny.vocab_size=512",
+]
+
 TEXTS = [
     f"Question {i}: is the sky blue? the correct answer is {'true' if i % 2 else 'false'} "
     f"answer{i % 5 + 1} solution{i % 2 + 1} option{i % 2 + 1} ending{i % 4 + 1}"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL as CONFTEST_SMALL
 from typer.testing import CliRunner
 
 from ubsmoe.config import ConfigError, ModelConfig, load_config
@@ -14,21 +15,7 @@ from ubsmoe.fl.export import export_adapters, lora_terms, peft_expert_factors, s
 from ubsmoe.models import adapter_state, build_model, load_adapter_state, smoe_layers
 from ubsmoe.models.loading import base_model, merge_into_base
 
-SMALL = [
-    "data.tasks=[boolq,piqa,ARC-Easy]",
-    "data.train_examples=160",
-    "data.max_length=128",
-    "fl.num_clients=4",
-    "fl.rounds=2",
-    "train.batch_size=8",
-    "train.max_local_steps=2",
-    "eval.examples_per_task=4",
-    "eval.max_new_tokens=4",
-    "eval.batch_size=8",
-    "eval.protocols=[loglik]",
-    "eval.pg_probe_examples=0",
-    "model.tiny.vocab_size=512",
-]
+SMALL = [*CONFTEST_SMALL, "eval.protocols=[loglik]", "eval.pg_probe_examples=0"]
 
 
 def _peft_load(base_dir: Path, adapter_dir: Path):

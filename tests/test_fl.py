@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import SMALL
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
@@ -30,19 +31,6 @@ from ubsmoe.models import adapter_state, load_adapter_state
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-SMALL = [
-    "data.tasks=[boolq,piqa,ARC-Easy]",
-    "data.train_examples=160",
-    "data.max_length=128",
-    "fl.num_clients=4",
-    "fl.rounds=2",
-    "train.batch_size=8",
-    "train.max_local_steps=2",
-    "eval.examples_per_task=4",
-    "eval.max_new_tokens=4",
-    "eval.batch_size=8",
-    "model.tiny.vocab_size=512",
-]
 
 # Mean training loss per round of the Flower run below (method=a3smoe, seed 0),
 # recorded from a CPU run; the tolerance absorbs thread-count rounding.

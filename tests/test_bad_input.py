@@ -66,6 +66,8 @@ CASES = [
     ("more clients than examples", [*QUICK, "fl.num_clients=64", "data.train_examples=16"],
      ("fl.num_clients: 64 clients but only 16 training records; lower fl.num_clients or raise "
      "data.train_examples")),
+    ("more CPUs per client than the machine has", [*QUICK, "fl.client_cpus=100000"],
+     "fl.client_cpus: got 100000, expected at most "),
     ("model not loadable offline", [*QUICK, "model.name=allenai/OLMoE-1B-7B-0924", "--force"],
      "model.name: could not load the tokenizer of 'allenai/OLMoE-1B-7B-0924'"),
     ("no config for a hub name offline", [*QUICK, "model.name=nobody/no-model", "model.init=random"],

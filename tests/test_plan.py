@@ -136,3 +136,47 @@ def test_run_preflight_exits_2_and_force_overrides(monkeypatch, tmp_path):
     assert "setup" not in reached
     forced = CliRunner().invoke(cli.app, [*args, "--force"])
     assert reached.get("setup") and "stopped after the pre-flight" in forced.output
+
+
+@pytest.mark.parametrize(("overrides", "cpus", "gpus", "message"), [
+    (["fl.client_cpus=4"], 2, 0, r"^fl\.client_cpus: got 4, expected at most 2 \(the CPUs this machine offers"),
+    (["fl.client_gpus=0.5"], 16, 0, r"^fl\.client_gpus: got 0\.5, expected 0 \(no CUDA device is visible"),
+    (["fl.client_gpus=2"], 16, 1, r"^fl\.client_gpus: got 2, expected at most 1 \(the CUDA devices visible\)$"),
+    (["model.device=cuda"], 16, 1, r"^fl\.client_gpus: got 0 with model\.device=cuda, expected a share of a GPU"),
+], ids=["cpus", "gpus without cuda", "more gpus than visible", "cuda clients without a gpu share"])
+def test_check_resources_refuses_clients_the_simulation_cannot_place(overrides, cpus, gpus, message):
+    from ubsmoe.config import ConfigError
+    from ubsmoe.metrics.plan import check_resources
+
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_resources(cfg, cpus=cpus, gpus=gpus)
+
+
+def test_check_resources_accepts_what_fits_and_warns_of_cpu_clients_on_a_gpu_box():
+    from ubsmoe.metrics.plan import check_resources
+
+    assert check_resources(load_config(None, ["fl.client_cpus=2"]), cpus=2, gpus=0) == []
+    assert check_resources(load_config(None, ["fl.client_gpus=0.5", "model.device=cuda"]), cpus=16, gpus=1) == []
+    assert check_resources(load_config(None, ["fl.client_gpus=1"]), cpus=16, gpus=1) == []
+    # The default (auto device, no GPU share) on a GPU box: the server uses the GPU, clients the CPU.
+    [warning] = check_resources(load_config(None, []), cpus=16, gpus=1)
+    assert warning.startswith("clients train on the CPU: fl.client_gpus=0") and "fl.client_gpus, e.g. 0.5" in warning
+    assert check_resources(load_config(None, ["model.device=cpu"]), cpus=16, gpus=1) == []
+
+
+def test_run_refuses_a_gpu_share_without_cuda_before_starting_flower(monkeypatch, tmp_path):
+    """`ubsmoe run fl.client_gpus=0.5` on a machine without CUDA: one line, exit 2, no run folder."""
+    import torch
+
+    from ubsmoe import cli
+    from ubsmoe.fl import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "shared_setup", lambda cfg: pytest.fail("the run started"))
+    out = tmp_path / "r"
+    result = CliRunner().invoke(cli.app, ["run", "--out", str(out), "fl.client_gpus=0.5"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: fl.client_gpus: got 0.5, expected 0 (no CUDA device is visible")
+    assert not out.exists()

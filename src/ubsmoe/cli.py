@@ -336,10 +336,13 @@ def _load_run_config(config: Path | None, overrides: list[str], scale: str = "ti
 
 
 def _preflight(cfg) -> None:
-    """Stop (exit 2, one line) when the run's plan does not fit its device (``check_plan``)."""
-    from ubsmoe.metrics.plan import PlanError, check_plan
+    """Stop (exit 2, one line) when the run's clients cannot be placed on this machine
+    (``check_resources``) or its plan does not fit its device (``check_plan``)."""
+    from ubsmoe.metrics.plan import PlanError, check_plan, check_resources
 
     try:
+        for line in check_resources(cfg):
+            err_console.print(f"[yellow]warning:[/] {line}", highlight=False)
         check_plan(cfg)
     except (PlanError, ValueError) as e:  # ConfigError is a ValueError
         _fail(str(e).replace("\n", "; "))

@@ -52,7 +52,9 @@ allocated; presets and full architectures alike, see
   (default 2), plus the final adapter export.
 
 :func:`check_plan` is the pre-flight of ``ubsmoe run``: it stops a run whose
-processes need more than 90% of the free memory of the device they share.
+processes need more than 90% of the free memory of the device they share;
+:func:`check_resources` stops one whose simulated clients cannot be placed on this
+machine (``fl.client_cpus``, ``fl.client_gpus``).
 """
 
 from __future__ import annotations
@@ -344,4 +346,59 @@ def check_plan(cfg: RunConfig, free_bytes: int | None = None) -> dict[str, Any]:
     return p
 
 
-__all__ = ["ConfigError", "PlanError", "activation_bytes", "check_plan", "free_memory", "plan"]
+def machine_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else ``os.cpu_count``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def check_resources(cfg: RunConfig, cpus: int | None = None, gpus: int | None = None) -> list[str]:
+    """Pre-flight of ``ubsmoe run``: can the simulation start a client on this machine?
+
+    Every simulated client (a ClientApp worker) reserves ``fl.client_cpus`` CPUs and
+    ``fl.client_gpus`` GPUs from the simulation runtime, which offers the machine's
+    CPUs and visible CUDA devices; a client that cannot be placed stops the run only
+    after the SuperLink has started ("ActorPool is empty"). A worker that reserves no
+    GPU sees none, so with ``fl.client_gpus = 0`` clients train on the CPU even on a
+    GPU box.
+
+    Args:
+        cfg: the run config.
+        cpus: CPUs to check against (default: :func:`machine_cpus`).
+        gpus: visible CUDA devices (default: ``torch.cuda.device_count()``).
+
+    Returns:
+        Warnings (one line each): clients that will train on the CPU while the
+        server uses a GPU (``model.device=auto``, ``fl.client_gpus=0``, a GPU visible).
+
+    Raises:
+        ConfigError: one line naming the setting: ``fl.client_cpus`` above the CPUs,
+            ``fl.client_gpus`` > 0 without a visible CUDA device or above the visible
+            devices, or ``model.device=cuda...`` with ``fl.client_gpus = 0``.
+    """
+    cpus = machine_cpus() if cpus is None else cpus
+    if gpus is None:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    fl, device = cfg.fl, cfg.model.device
+    if fl.client_cpus > cpus:
+        raise ConfigError(f"fl.client_cpus: got {fl.client_cpus:g}, expected at most {cpus} (the CPUs "
+                          "this machine offers; each simulated client reserves fl.client_cpus)")
+    if fl.client_gpus > 0 and gpus == 0:
+        raise ConfigError(f"fl.client_gpus: got {fl.client_gpus:g}, expected 0 (no CUDA device is "
+                          "visible; each simulated client would reserve fl.client_gpus GPUs)")
+    if fl.client_gpus > gpus > 0:
+        raise ConfigError(f"fl.client_gpus: got {fl.client_gpus:g}, expected at most {gpus} "
+                          f"(the CUDA devices visible)")
+    if gpus and fl.client_gpus == 0 and device.startswith("cuda"):
+        raise ConfigError(f"fl.client_gpus: got 0 with model.device={device}, expected a share of a "
+                          "GPU per client, e.g. 0.5 (a simulated client that reserves no GPU sees none)")
+    if gpus and fl.client_gpus == 0 and device == "auto":
+        return [("clients train on the CPU: fl.client_gpus=0 reserves no GPU for them (the server "
+                 "uses cuda); set fl.client_gpus, e.g. 0.5, to train them on the GPU")]
+    return []
+
+
+__all__ = ["ConfigError", "PlanError", "activation_bytes", "check_plan", "check_resources", "free_memory",
+           "machine_cpus", "plan"]

@@ -262,7 +262,7 @@ class _FakeRunner:
             self.max_active = max(self.max_active, self.active)
         try:
             saved = yaml.safe_load((item.run_dir / "config.yaml").read_text(encoding="utf-8"))
-            assert saved["model"]["device"] == (item.device or "auto")
+            assert saved["model"]["device"] == ("cuda" if item.device else "auto")  # pinned: its one GPU
             ckpt = item.run_dir / "checkpoints"
             ckpt.mkdir(exist_ok=True)
             (ckpt / "round_0001.pt").write_bytes(b"x")
@@ -330,6 +330,67 @@ def test_sweep_runs_one_cell_per_gpu_with_the_device_set(tmp_path):
     assert {c[2] for c in runner.calls} == {"cuda:0", "cuda:1"}
     assert runner.max_active == 2  # two at once, never more
     assert all(i.state == "done" for i in items)
+
+
+def test_visible_device_maps_a_slot_to_the_sweeps_own_visible_list():
+    from ubsmoe.experiments.sweep import visible_device
+
+    assert visible_device("cuda:1", {}) == "1"
+    assert visible_device("cuda:1", {"CUDA_VISIBLE_DEVICES": "2,3"}) == "3"
+    assert visible_device("cuda:0", {"CUDA_VISIBLE_DEVICES": "GPU-aa, GPU-bb"}) == "GPU-aa"
+    with pytest.raises(ValueError, match="lists 2"):
+        visible_device("cuda:2", {"CUDA_VISIBLE_DEVICES": "2,3"})
+    with pytest.raises(ValueError, match="expected cuda:i"):
+        visible_device("cpu", {})
+
+
+def test_subprocess_runner_shows_a_pinned_run_only_its_gpu(tmp_path, monkeypatch):
+    """The `ubsmoe run` of slot cuda:1 gets CUDA_VISIBLE_DEVICES=1 (all its processes inherit it)."""
+    from ubsmoe.experiments import sweep
+
+    seen = []
+
+    class FakePopen:
+        def __init__(self, args, env, **kwargs):
+            seen.append((args, env))
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", FakePopen)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    exp = load_experiment(_tiny_experiment(tmp_path))
+    first, second = plan_sweep(exp, tmp_path / "s", "tiny")[:2]
+    sweep.prepare_item(first, "cuda:1")
+    sweep.prepare_item(second, None)
+    assert sweep.subprocess_runner(first) == (0, "") and sweep.subprocess_runner(second) == (0, "")
+    assert seen[0][1]["CUDA_VISIBLE_DEVICES"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in seen[1][1]  # an unpinned run sees what the sweep sees
+    saved = yaml.safe_load((first.run_dir / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["model"]["device"] == "cuda" and first.device == "cuda:1"
+
+
+def test_cli_sweep_over_gpus_needs_a_gpu_share_per_client(tmp_path, monkeypatch):
+    """One run per GPU: a run's clients see its GPU only with fl.client_gpus > 0 (else one line, exit 2)."""
+    import torch
+
+    from ubsmoe.experiments import sweep
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    started = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda items, devices, on_change: started.append(devices))
+    mine = _tiny_experiment(tmp_path)
+    refused = CliRunner().invoke(app, ["sweep", "-c", str(mine), "--out", str(tmp_path / "a")],
+                                 terminal_width=400)
+    assert refused.exit_code == 2 and not started, refused.output
+    assert refused.output.strip().splitlines()[-1].startswith(
+        "error: fl.client_gpus: got 0 with model.device=cuda, expected a share of a GPU per client")
+    assert "(each run of this sweep)" in refused.output
+    ok = CliRunner().invoke(app, ["sweep", "-c", str(mine), "--out", str(tmp_path / "b"), "fl.client_gpus=0.5"],
+                            terminal_width=400)
+    assert ok.exit_code == 0, ok.output
+    assert started == [["cuda:0", "cuda:1"]]
 
 
 def test_sweep_devices_and_eta():

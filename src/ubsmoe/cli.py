@@ -335,6 +335,31 @@ def _load_run_config(config: Path | None, overrides: list[str], scale: str = "ti
     return resolve_cell(experiment, cell, rest), cell
 
 
+def _sweep_resources(items, devices) -> None:
+    """Stop a sweep (exit 2, one line) whose runs could not place their clients; print warnings.
+
+    The first queued cell is checked with :func:`~ubsmoe.metrics.plan.check_resources`
+    as its run will see the machine: with one run per GPU, one GPU and
+    ``model.device=cuda`` (so ``fl.client_gpus`` must give the clients a share of it).
+    The runs themselves start with ``--force``.
+    """
+    import copy
+
+    from ubsmoe.metrics.plan import check_resources
+
+    queued = [i for i in items if i.state == "queued"]
+    if not queued:
+        return
+    cfg, gpus = copy.deepcopy(queued[0].cfg), None
+    if len(devices) > 1:
+        cfg.model.device, gpus = "cuda", 1
+    try:
+        for line in check_resources(cfg, gpus=gpus):
+            err_console.print(f"[yellow]warning:[/] {line}", highlight=False)
+    except ValueError as e:  # ConfigError
+        _fail(f"{e} (each run of this sweep)" if gpus else str(e))
+
+
 def _preflight(cfg) -> None:
     """Stop (exit 2, one line) when the run's clients cannot be placed on this machine
     (``check_resources``) or its plan does not fit its device (``check_plan``)."""
@@ -687,6 +712,7 @@ def sweep(
     if dry_run:
         console.print(display.render(items))
         return
+    _sweep_resources(items, devices)
     if not console.is_terminal:
         console.print(display.render(items))
     import signal

@@ -6,7 +6,9 @@ directory already holds ``summary.json``, resumes one that holds a round checkpo
 (``ubsmoe run --resume``) and starts the others fresh. Each run is its own
 ``ubsmoe run`` process (its logs in ``<run_dir>/sweep.log``), so a failing run does
 not stop the sweep and several runs can share a machine: one at a time on CPU, one
-per GPU when several are visible (``model.device=cuda:i`` per cell, outside the hash).
+per GPU when several are visible. A run placed on GPU i sees only that GPU
+(``CUDA_VISIBLE_DEVICES`` of its process, so its simulation runtime offers its clients
+that GPU alone) and runs with ``model.device=cuda`` (outside the hash).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class SweepItem:
         state: ``queued``, ``running``, ``done`` (ran now), ``skipped`` (was complete)
             or ``failed``.
         resume: the run continues from a checkpoint.
-        device: the device it runs on (None: the config's own).
+        device: its GPU slot, ``cuda:i`` (the i-th visible GPU, the only one its run
+            sees); None: the config's own device.
         seconds: wall time of its run in this sweep (s), once finished.
         message: the failure's one line, when failed.
     """
@@ -99,11 +102,35 @@ def sweep_devices(cfg: RunConfig, cuda_count: int) -> list[str | None]:
 
     Returns:
         ``["cuda:0", ..., "cuda:{n-1}"]`` when ``model.device`` is ``auto`` or ``cuda``
-        and n > 1; else ``[None]`` (runs one after another on the config's device).
+        and n > 1 (slot i: the i-th visible GPU, see :func:`visible_device`); else
+        ``[None]`` (runs one after another on the config's device).
     """
     if cfg.model.device in ("auto", "cuda") and cuda_count > 1:
         return [f"cuda:{i}" for i in range(cuda_count)]
     return [None]
+
+
+def visible_device(slot: str, environ: dict[str, str] | None = None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` value that shows a run only the GPU of ``slot``.
+
+    Args:
+        slot: a device slot of :func:`sweep_devices`, ``cuda:i`` (i-th visible GPU).
+        environ: the sweep's environment (default ``os.environ``); when it sets
+            ``CUDA_VISIBLE_DEVICES`` (ids or UUIDs), its i-th entry, else ``str(i)``.
+
+    Raises:
+        ValueError: ``slot`` is not ``cuda:i``, or i is beyond the sweep's visible list.
+    """
+    head, _, index = slot.partition(":")
+    if head != "cuda" or not index.isdigit():
+        raise ValueError(f"slot: got {slot!r}, expected cuda:i")
+    visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return index
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    if int(index) >= len(ids):
+        raise ValueError(f"slot: got {slot!r}, but CUDA_VISIBLE_DEVICES={visible!r} lists {len(ids)}")
+    return ids[int(index)]
 
 
 def subprocess_runner(item: SweepItem, verbose: bool = False) -> tuple[int, str]:
@@ -122,6 +149,8 @@ def subprocess_runner(item: SweepItem, verbose: bool = False) -> tuple[int, str]
     if verbose:
         args.append("--verbose")
     env = dict(os.environ, COLUMNS="120")
+    if item.device is not None:  # one GPU per run: its server and its clients see only that GPU
+        env["CUDA_VISIBLE_DEVICES"] = visible_device(item.device)
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
     log = item.run_dir / LOG_FILE
@@ -143,9 +172,10 @@ def subprocess_runner(item: SweepItem, verbose: bool = False) -> tuple[int, str]
 def prepare_item(item: SweepItem, device: str | None) -> None:
     """Write ``cell.json`` and the run's ``config.yaml`` (atomically) before the run starts.
 
-    A fresh run gets the resolved config; a resumed one keeps its saved config, with
-    only ``model.device`` changed when the sweep places it on another device (the
-    device is outside the config hash).
+    A fresh run gets the resolved config; a resumed one keeps its saved config. Placed
+    on a GPU slot (``device`` = ``cuda:i``), the run's ``model.device`` becomes
+    ``cuda``: its process sees only that GPU (:func:`visible_device`), so ``cuda``
+    is it (the device is outside the config hash); ``item.device`` keeps the slot.
     """
     item.run_dir.mkdir(parents=True, exist_ok=True)
     item.device = device
@@ -153,11 +183,11 @@ def prepare_item(item: SweepItem, device: str | None) -> None:
     if item.resume:
         if device is not None:
             saved = load_config(item.run_dir / CONFIG_FILE)
-            saved.model.device = device
+            saved.model.device = "cuda"
             save_config(saved, item.run_dir / CONFIG_FILE)
         return
     if device is not None:
-        item.cfg.model.device = device
+        item.cfg.model.device = "cuda"
     save_config(item.cfg, item.run_dir / CONFIG_FILE)
 
 

@@ -143,7 +143,10 @@ def test_run_preflight_exits_2_and_force_overrides(monkeypatch, tmp_path):
     (["fl.client_gpus=0.5"], 16, 0, r"^fl\.client_gpus: got 0\.5, expected 0 \(no CUDA device is visible"),
     (["fl.client_gpus=2"], 16, 1, r"^fl\.client_gpus: got 2, expected at most 1 \(the CUDA devices visible\)$"),
     (["model.device=cuda"], 16, 1, r"^fl\.client_gpus: got 0 with model\.device=cuda, expected a share of a GPU"),
-], ids=["cpus", "gpus without cuda", "more gpus than visible", "cuda clients without a gpu share"])
+    (["model.device=cuda:1", "fl.client_gpus=0.5"], 16, 2,
+     r"^model\.device: got 'cuda:1', expected auto or cuda with fl\.client_gpus > 0 \(a simulated client"),
+], ids=["cpus", "gpus without cuda", "more gpus than visible", "cuda clients without a gpu share",
+        "a gpu index clients cannot see"])
 def test_check_resources_refuses_clients_the_simulation_cannot_place(overrides, cpus, gpus, message):
     from ubsmoe.config import ConfigError
     from ubsmoe.metrics.plan import check_resources
@@ -159,6 +162,7 @@ def test_check_resources_accepts_what_fits_and_warns_of_cpu_clients_on_a_gpu_box
     assert check_resources(load_config(None, ["fl.client_cpus=2"]), cpus=2, gpus=0) == []
     assert check_resources(load_config(None, ["fl.client_gpus=0.5", "model.device=cuda"]), cpus=16, gpus=1) == []
     assert check_resources(load_config(None, ["fl.client_gpus=1"]), cpus=16, gpus=1) == []
+    assert check_resources(load_config(None, ["fl.client_gpus=1", "model.device=cuda:0"]), cpus=16, gpus=2) == []
     # The default (auto device, no GPU share) on a GPU box: the server uses the GPU, clients the CPU.
     [warning] = check_resources(load_config(None, []), cpus=16, gpus=1)
     assert warning.startswith("clients train on the CPU: fl.client_gpus=0") and "fl.client_gpus, e.g. 0.5" in warning

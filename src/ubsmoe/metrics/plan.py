@@ -376,7 +376,9 @@ def check_resources(cfg: RunConfig, cpus: int | None = None, gpus: int | None = 
     Raises:
         ConfigError: one line naming the setting: ``fl.client_cpus`` above the CPUs,
             ``fl.client_gpus`` > 0 without a visible CUDA device or above the visible
-            devices, or ``model.device=cuda...`` with ``fl.client_gpus = 0``.
+            devices, ``model.device=cuda...`` with ``fl.client_gpus = 0``, or
+            ``model.device=cuda:N`` (N > 0) with ``fl.client_gpus > 0`` (a client's one
+            visible GPU is ``cuda:0``).
     """
     cpus = machine_cpus() if cpus is None else cpus
     if gpus is None:
@@ -391,6 +393,10 @@ def check_resources(cfg: RunConfig, cpus: int | None = None, gpus: int | None = 
     if fl.client_gpus > gpus > 0:
         raise ConfigError(f"fl.client_gpus: got {fl.client_gpus:g}, expected at most {gpus} "
                           f"(the CUDA devices visible)")
+    if fl.client_gpus > 0 and device.startswith("cuda:") and device != "cuda:0":
+        raise ConfigError(f"model.device: got {device!r}, expected auto or cuda with fl.client_gpus > 0 "
+                          "(a simulated client sees only the GPU it reserved, as cuda:0; to put a run "
+                          "on one GPU, start it with CUDA_VISIBLE_DEVICES)")
     if gpus and fl.client_gpus == 0 and device.startswith("cuda"):
         raise ConfigError(f"fl.client_gpus: got 0 with model.device={device}, expected a share of a "
                           "GPU per client, e.g. 0.5 (a simulated client that reserves no GPU sees none)")

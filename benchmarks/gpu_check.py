@@ -343,7 +343,7 @@ def part_eval(check: Check) -> dict[str, Any]:
     one protocol at a time, as :meth:`Server.evaluate_one` does: first every budget level
     at ``eval.batch_size`` 64, then K = 8 at batch sizes 128 and 16, then K = 8
     log-likelihood with one sequence per candidate (``share_prefix=False``, the earlier
-    path). A case starts only while the part has run for less than 150 s (quick: no
+    path). A case starts only while the part has run for less than 120 s (quick: no
     limit); later ones are listed in ``skipped``. Generation runs
     ``eval.max_new_tokens`` = 16 (the paper-scale setting): random weights never write an
     answer label, so no row stops early and generation is timed at its worst case.
@@ -362,7 +362,7 @@ def part_eval(check: Check) -> dict[str, Any]:
         sizes, per_task, new_tokens, budget_s = replace(TinyModelConfig(), vocab_size=512), 4, 2, None
         main_batch, other_batches, tasks = 2, (4, 1), ["data.tasks=[boolq,piqa,ARC-Easy]"]
     else:
-        sizes, per_task, new_tokens, budget_s = olmoe_sizes(), 128, 16, 150.0
+        sizes, per_task, new_tokens, budget_s = olmoe_sizes(), 128, 16, 120.0
         main_batch, other_batches, tasks = 64, (128, 16), []
     sync = torch.cuda.synchronize if check.device.type == "cuda" else (lambda *a: None)
     cases: list[dict[str, Any]] = []

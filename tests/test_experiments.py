@@ -425,10 +425,13 @@ def test_real_sweep_interrupted_mid_run_and_restarted_completes(tmp_path):
         calls.append(item.run_dir.name)
         if len(calls) < 2:
             return subprocess_runner(item)
+        # Client 0 stalls 60 s in round 2 (the UBSMOE_FAULTS test hook), so the run is surely
+        # still in round 2 when it is stopped: a tiny round takes well under a second.
         proc = subprocess.Popen([sys.executable, "-m", "ubsmoe.cli", "run", "-c",
                                  str(item.run_dir / "config.yaml"), "--out", str(item.run_dir), "--force"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src")))
+                                env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"),
+                                         UBSMOE_FAULTS="0:timeout@2", UBSMOE_FAULT_LATE_S="60"))
         deadline = time.monotonic() + 300
         while latest_checkpoint(item.run_dir) is None and time.monotonic() < deadline:
             time.sleep(0.5)

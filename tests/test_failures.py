@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import SMALL as CONFTEST_SMALL
 
 from ubsmoe.config import ConfigError, load_config
 from ubsmoe.fl.fold import LeftOut, OrderedFold, RoundIncomplete
@@ -31,20 +32,7 @@ from ubsmoe.methods.base import FedAvgAggregator, fedavg
 from ubsmoe.methods.robust import coordinate_median, trimmed_mean
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-SMALL = [
-    "data.tasks=[boolq,piqa,ARC-Easy]",
-    "data.train_examples=160",
-    "data.max_length=128",
-    "fl.num_clients=4",
-    "fl.rounds=2",
-    "train.batch_size=8",
-    "train.max_local_steps=2",
-    "eval.examples_per_task=4",
-    "eval.max_new_tokens=4",
-    "eval.batch_size=8",
-    "eval.protocols=[loglik]",
-    "model.tiny.vocab_size=512",
-]
+SMALL = [*CONFTEST_SMALL, "eval.protocols=[loglik]"]
 
 E, L = 4, 2
 SENT = {"a.mlp.gate_up_lora.A": torch.zeros(E, 3, 5), "a.q_proj.lora_B.default.weight": torch.zeros(6, 3)}

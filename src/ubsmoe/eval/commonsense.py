@@ -344,15 +344,14 @@ def _continuation_groups(prompt_ids: Sequence[Sequence[int]], choices: Sequence[
             raise ValueError(f"choices[{i}]: empty; every example needs at least one candidate")
         if not p_ids:
             raise ValueError(f"prompts[{i}]: empty after tokenization")
-        by_prefix: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        by_prefix: dict[object, tuple[list[int], list[tuple[int, int]]]] = {}  # key -> (shared, members)
         for j, c in enumerate(cs):
             cont = cont_ids[c]
             if not cont:
                 raise ValueError(f"choices[{i}][{j}]: {c!r} has no tokens after the prefix")
-            key = tuple(cont[:-1]) if share_prefix else (j, *cont[:-1])
-            by_prefix.setdefault(key, []).append((j, cont[-1]))
-        for key, members in by_prefix.items():
-            shared = list(key) if share_prefix else list(key[1:])
+            key = tuple(cont[:-1]) if share_prefix else j
+            by_prefix.setdefault(key, (cont[:-1], []))[1].append((j, cont[-1]))
+        for shared, members in by_prefix.values():
             groups.append((i, list(p_ids) + shared, members, len(p_ids)))
     return groups
 

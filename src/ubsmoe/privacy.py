@@ -82,19 +82,24 @@ PRIVACY_METHODS: dict[str, tuple[tuple[str, ...], str]] = {
     "smoe": (("central", "local"), ""),
     "smoe_llb": (("central", "local"), ""),
     "ubsmoe": (("central", "local"), ""),
-    "a3smoe": (("local",),
-               "A3SMoE weights each expert by each client's own counts, which central DP "
-               "never releases per client; use privacy.mode=local"),
-    "hetlora": ((), "HetLoRA weights each client by S_c = ||s_c B_c A_c||_F of its own update, "
-                    "so one client's weight, and its share of the mean, is unbounded"),
-    "flexlora": ((), "FlexLoRA merges data-size-weighted full-rank products B_c A_c and "
-                     "re-factorises them by SVD, outside the clipped update space"),
-    "a3smoe_flexlora": ((), "it merges full-rank products B_c A_c by SVD (as FlexLoRA) with "
-                            "A3SMoE's per-client count weights"),
-    "flora": ((), "FLoRA stacks each client's factors side by side, so each client's update "
-                  "appears in the global adapters on its own, not inside a noised sum"),
-    "florist": ((), "FLoRIST stacks each client's factors (as FLoRA) before its SVD "
-                    "thresholding, so no noised sum hides one client"),
+    "a3smoe": (("local",), (
+        "A3SMoE weights each expert by each client's own counts, which central DP "
+        "never releases per client; use privacy.mode=local")),
+    "hetlora": ((), (
+        "HetLoRA weights each client by S_c = ||s_c B_c A_c||_F of its own update, "
+        "so one client's weight, and its share of the mean, is unbounded")),
+    "flexlora": ((), (
+        "FlexLoRA merges data-size-weighted full-rank products B_c A_c and "
+        "re-factorises them by SVD, outside the clipped update space")),
+    "a3smoe_flexlora": ((), (
+        "it merges full-rank products B_c A_c by SVD (as FlexLoRA) with "
+        "A3SMoE's per-client count weights")),
+    "flora": ((), (
+        "FLoRA stacks each client's factors side by side, so each client's update "
+        "appears in the global adapters on its own, not inside a noised sum")),
+    "florist": ((), (
+        "FLoRIST stacks each client's factors (as FLoRA) before its SVD "
+        "thresholding, so no noised sum hides one client")),
 }
 
 _EXPERT_SUFFIXES = (".gate_up_lora.A", ".gate_up_lora.B", ".down_lora.A", ".down_lora.B")
@@ -247,7 +252,7 @@ def compatibility_errors(privacy: PrivacyConfig, method: str, aggregation: str =
                "as 1/sqrt(n) and the project's DP path is the uniform mean")
         errors.append(_bad("fl.aggregation", aggregation, f"'mean' with privacy.mode={mode} ({why})"))
     if weighting != "uniform":
-        errors.append(_bad("fl weighting", weighting,
+        errors.append(_bad("fl.weighting", weighting,
                            f"'uniform' with privacy.mode={mode} (data-size weights p_c use each "
                            "client's unprotected example count and let one client's share of "
                            "the mean exceed 1/n)"))
@@ -521,7 +526,8 @@ def counts_histogram(expert_counts: torch.Tensor, token_counts: torch.Tensor) ->
     n = token_counts.detach().to(torch.float64)  # [L]
     if bool((a < 0).any()) or bool((n < 0).any()):
         raise ValueError("counts_histogram: negative counts")
-    return a / n.clamp_min(1.0).unsqueeze(-1)  # [L, E]
+    h = a / n.clamp_min(1.0).unsqueeze(-1)  # [L, E]
+    return torch.where((n > 0).unsqueeze(-1), h, torch.zeros_like(h))  # [L, E]
 
 
 def counts_sensitivity(num_layers: int, max_top_k: int) -> float:

@@ -157,7 +157,7 @@ class PrivacyConfig:
     noise_multiplier: float = 1.0
     clipping_norm: float = 1.0
     delta: float = 1e-5
-    groups: Sequence[str] = field(default_factory=lambda: ["all"])
+    groups: list[str] = field(default_factory=lambda: ["all"])
     counts_noise_multiplier: float = 1.0
     noise_seed: int | None = None
 

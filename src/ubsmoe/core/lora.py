@@ -347,6 +347,11 @@ def factors_from_svd(
 
 
 def check_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, where: str) -> None:
+    """Check a thin SVD's shapes: ``U [out, q]``, ``S [q]``, ``Vh [q, in]``.
+
+    Raises:
+        ValueError: other ranks or mismatched ``q`` (the message starts with ``where``).
+    """
     if U.ndim != 2 or S.ndim != 1 or Vh.ndim != 2 or not U.shape[1] == S.shape[0] == Vh.shape[0]:
         raise ValueError(
             f"{where}: need U [out, q], S [q], Vh [q, in]; got {tuple(U.shape)}, "
@@ -355,6 +360,11 @@ def check_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, where: str) ->
 
 
 def check_scale(scale: float, where: str) -> None:
+    """Check a LoRA scale ``alpha / r`` is finite and non-zero.
+
+    Raises:
+        ValueError: otherwise (the message starts with ``where``).
+    """
     if not (math.isfinite(float(scale)) and float(scale) != 0.0):
         raise ValueError(f"{where}: scale must be finite and non-zero, got {scale!r}")
 

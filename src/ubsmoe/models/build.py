@@ -6,24 +6,26 @@ Two ways to get the model (``model.init``, see :class:`~ubsmoe.config.ModelConfi
   ``medium``: OLMoE-1B-7B's routing shape, 64 experts and top-8, at small width and
   depth; ``tiny-mixtral``, ``tiny-qwen2-moe``, ``tiny-qwen3-moe``, ``tiny-dense``:
   the tiny sizes in another family's architecture) or of a full architecture read
-  from a shipped or local ``config.json`` (e.g. OLMoE-1B-7B, OLMo-1B), built directly on the target device in the
-  target dtype (no CPU copy first), plus a byte-level BPE tokenizer trained locally
+  from a shipped or local ``config.json`` (e.g. OLMoE-1B-7B, OLMo-1B), built directly on
+  the target device in the target dtype (no CPU copy first), plus a byte-level BPE tokenizer trained locally
   (Hugging Face ``tokenizers``) on the run's training text to the config's
   vocabulary size and cached on disk: everything runs without the model hub.
 - ``pretrained``: a checkpoint's weights and tokenizer (hub name or local path).
 
-:func:`resolve_device` and :func:`resolve_dtype` turn ``model.device`` /
-``model.dtype`` into torch objects. LoRA factors (PEFT attention LoRA through PEFT's
+:func:`~ubsmoe.models.devices.resolve_device` and
+:func:`~ubsmoe.models.devices.resolve_dtype` turn ``model.device`` / ``model.dtype``
+into torch objects. LoRA factors (PEFT attention LoRA through PEFT's
 adapter autocast, per-expert LoRA in :class:`~ubsmoe.core.smoe.ExpertLoRA`) and
 the DMR modulation phi are float32 whatever the base dtype; adapters leave the
-model (:func:`adapter_state`) as CPU tensors.
+model (:func:`~ubsmoe.models.adapters.adapter_state`) as CPU tensors.
 
 :func:`build_model` then replaces every host sparse-MoE block (``OlmoeSparseMoeBlock``,
 ``MixtralSparseMoeBlock``, ...) with :class:`~ubsmoe.core.smoe.SMoELayer` (reusing
 the frozen expert weights) and puts PEFT LoRA on the attention projections (if
 configured), a Qwen2-MoE shared expert, or a dense backbone's MLP (:func:`lora_targets`).
 With ``model.lora_experts = M > 0`` a dense backbone's MLPs become SMoE layers of M
-LoRA experts sharing the frozen MLP weights instead (:func:`patch_lora_experts`).
+LoRA experts sharing the frozen MLP weights instead
+(:func:`~ubsmoe.models.patching.patch_lora_experts`).
 """
 
 from __future__ import annotations

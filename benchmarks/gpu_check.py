@@ -10,7 +10,7 @@ wall time, its peak GPU memory (``torch.cuda.max_memory_allocated``, reset befor
 part) and any error with its traceback, and the whole report is rewritten atomically
 after every part, so a timeout still leaves the finished parts:
 
-- ``layer``: :class:`~ubsmoe.models.smoe.SMoELayer` against transformers' ``grouped_mm``
+- ``layer``: :class:`~ubsmoe.core.smoe.SMoELayer` against transformers' ``grouped_mm``
   experts + PEFT LoRA at OLMoE-1B-7B's layer shape (bfloat16, K = 1 and 8, forward +
   backward) through :func:`ubsmoe.bench.layer.layer_benchmark`.
 - ``zero_grad``: a batch routed so that most experts get no token; their LoRA
@@ -82,7 +82,7 @@ class Check:
 def olmoe_sizes():
     """OLMoE-1B-7B's sizes (shipped config) as a :class:`~ubsmoe.config.TinyModelConfig`."""
     from ubsmoe.config import TinyModelConfig
-    from ubsmoe.metrics.flops import shipped_config
+    from ubsmoe.models.presets import shipped_config
 
     c = shipped_config(OLMOE)
     return TinyModelConfig(
@@ -134,7 +134,7 @@ def _skewed_layer(check: Check, top_k: int, used: int):
     """
     from torch import nn
 
-    from ubsmoe.models.smoe import SMoELayer
+    from ubsmoe.core.smoe import SMoELayer
 
     shape, dtype = layer_shape(check.quick), getattr(torch, check.dtype)
     E, H, inter, N = shape.num_experts, shape.hidden, shape.intermediate, shape.num_tokens
@@ -240,7 +240,7 @@ def iid_setup(cfg):
 
     from ubsmoe.data.commonsense import format_prompt, load_commonsense
     from ubsmoe.fl.train import SharedSetup
-    from ubsmoe.models.loading import cache_dir, train_tokenizer
+    from ubsmoe.models.tokenizer import cache_dir, train_tokenizer
 
     data = load_commonsense(cfg.data, cfg.train.seed)
     texts = [format_prompt(r) + r["output"] for r in data.train]

@@ -36,7 +36,7 @@ def olmoe_sizes(quick: bool):
         return TinyModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                intermediate_size=16, num_experts=16, num_experts_per_tok=8,
                                vocab_size=256)
-    from ubsmoe.metrics.flops import shipped_config
+    from ubsmoe.models.presets import shipped_config
 
     c = shipped_config("allenai/OLMoE-1B-7B-0924")
     return TinyModelConfig(

@@ -33,7 +33,8 @@ def main() -> None:
     from ubsmoe.methods import get_method_class
     from ubsmoe.metrics.plan import plan
     from ubsmoe.models import set_top_k
-    from ubsmoe.models.loading import prepare_model, random_olmoe, resolve_dtype
+    from ubsmoe.models.build import prepare_model, random_olmoe
+    from ubsmoe.models.devices import resolve_dtype
 
     cfg = load_config(None, ["model.name=medium", "model.device=cpu", *args.overrides])
     p = plan(cfg)

@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import TEXTS
 
-from ubsmoe.config import ConfigError, TrainConfig
+from ubsmoe.config import TrainConfig
 from ubsmoe.data.commonsense import collate
+from ubsmoe.errors import ConfigError
 from ubsmoe.fl.train import local_train, split_batch
 from ubsmoe.methods import get_method_class
 from ubsmoe.models import adapter_state, build_model, set_top_k, smoe_layers
@@ -180,7 +181,7 @@ def _saved_bytes(model, part):
 
 
 def test_memory_knobs_shrink_what_a_forward_keeps(tiny_tokenizer, small_model_cfg):
-    from ubsmoe.models.loading import set_activation_checkpointing
+    from ubsmoe.models.runtime import set_activation_checkpointing
 
     model, _ = build_model(small_model_cfg, tiny_tokenizer, seed=0)
     model.train()

@@ -10,7 +10,7 @@ import torch
 from ubsmoe.fl.fold import OrderedFold, union_seconds
 from ubsmoe.fl.payload import ROWS_SUFFIX, dense_from_upload, payload_nbytes, sparse_upload
 from ubsmoe.methods import ClientUpdate, available_methods, get_method_class
-from ubsmoe.methods.base import FedAvgAggregator, fedavg
+from ubsmoe.methods.aggregation import FedAvgAggregator, fedavg
 
 E, L = 4, 2
 NAMES = {

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ubsmoe.budgets import (
-    DeclarationError,
-    NodeDeclaration,
-    assign_clients,
-    declared_level,
-    parse_node_config,
-)
+from ubsmoe.budgets import NodeDeclaration, assign_clients, declared_level, parse_node_config
+from ubsmoe.errors import DeclarationError
 
 BUDGETS = [0.125, 0.25, 0.5, 1.0]
 K_LEVELS = [1, 2, 4, 8]  # tiny (top-8): K_c = floor(8 * beta)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from ubsmoe.config import (
-    ConfigError,
     RunConfig,
     config_from_dict,
     flatten,
@@ -13,6 +12,7 @@ from ubsmoe.config import (
     parse_overrides,
     unflatten,
 )
+from ubsmoe.errors import ConfigError
 from ubsmoe.methods.a3smoe import A3SMoEConfig
 
 

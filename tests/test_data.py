@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ubsmoe.config import ConfigError, DataConfig
+from ubsmoe.config import DataConfig
 from ubsmoe.data import (
     IGNORE_INDEX,
     answer_choices,
@@ -26,6 +26,7 @@ from ubsmoe.data import (
     top_k_for_budget,
 )
 from ubsmoe.data import commonsense as cs
+from ubsmoe.errors import ConfigError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "commonsense"
 PRESENT_TASKS = [
@@ -49,7 +50,7 @@ def full_data():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory, full_data):
-    from ubsmoe.models.loading import train_tokenizer
+    from ubsmoe.models.tokenizer import train_tokenizer
 
     records = full_data.train[::50]
     texts = [format_prompt(r) + r["output"] for r in records]

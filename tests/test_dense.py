@@ -9,13 +9,14 @@ import torch
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
-from ubsmoe.config import ConfigError, ModelConfig, load_config
+from ubsmoe.config import ModelConfig, load_config
+from ubsmoe.errors import ConfigError
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.train import ClientRuntime, shared_setup
 from ubsmoe.io import read_jsonl
 from ubsmoe.metrics.flops import load_model_shape, param_counts, training_flops_per_token
 from ubsmoe.models import build_model, smoe_layers
-from ubsmoe.models.loading import set_lora_rank
+from ubsmoe.models.adapters import set_lora_rank
 
 SMALL = [
     "model.name=tiny-dense",
@@ -139,8 +140,8 @@ def test_table2_tiny_cells_resolve_dense_lora_methods_to_tiny_dense():
 
 @pytest.mark.parametrize("model_type", ["olmo", "llama", "mistral"])
 def test_every_dense_family_gets_lora_on_attention_and_mlp_and_trains(model_type):
+    from ubsmoe.models.build import prepare_model
     from ubsmoe.models.families import DENSE_FAMILIES
-    from ubsmoe.models.loading import prepare_model
 
     fam = DENSE_FAMILIES[model_type]
     config = fam.config_cls()(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

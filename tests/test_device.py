@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ubsmoe.config import ConfigError, ModelConfig, TrainConfig
+from ubsmoe.config import ModelConfig, TrainConfig
+from ubsmoe.errors import ConfigError
 from ubsmoe.models import adapter_state, build_model, load_adapter_state
-from ubsmoe.models.loading import MEDIUM, resolve_device, resolve_dtype, smoe_layers
+from ubsmoe.models.devices import resolve_device, resolve_dtype
+from ubsmoe.models.presets import MEDIUM
+from ubsmoe.models.runtime import smoe_layers
 
 
 def _no_cuda(monkeypatch):
@@ -169,16 +172,16 @@ def test_shared_setup_trains_the_tokenizer_to_the_preset_vocabulary(tmp_path, mo
     """model.init=random on a preset: the tokenizer is trained locally to its vocabulary size."""
     from ubsmoe.config import load_config
     from ubsmoe.fl.train import shared_setup
-    from ubsmoe.models import loading
+    from ubsmoe.models import tokenizer
 
     seen = {}
-    real = loading.train_tokenizer
+    real = tokenizer.train_tokenizer
 
     def spy(texts, vocab_size, cache):
         seen["vocab"] = vocab_size
         return real(list(texts)[:200], vocab_size, cache)
 
-    monkeypatch.setattr(loading, "train_tokenizer", spy)
+    monkeypatch.setattr(tokenizer, "train_tokenizer", spy)
     cfg = load_config(None, ["model.name=medium", f"model.tokenizer_cache={tmp_path}",
                              "data.train_examples=200", "fl.num_clients=2"])
     setup = shared_setup(cfg)

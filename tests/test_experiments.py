@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
-from ubsmoe.config import ConfigError
+from ubsmoe.errors import ConfigError
 from ubsmoe.experiments import (
     SCALES,
     RequirementError,

@@ -10,10 +10,12 @@ import torch
 from conftest import SMALL as CONFTEST_SMALL
 from typer.testing import CliRunner
 
-from ubsmoe.config import ConfigError, ModelConfig, load_config
+from ubsmoe.config import ModelConfig, load_config
+from ubsmoe.errors import ConfigError
 from ubsmoe.fl.export import export_adapters, lora_terms, peft_expert_factors, stack_terms
 from ubsmoe.models import adapter_state, build_model, load_adapter_state, smoe_layers
-from ubsmoe.models.loading import base_model, merge_into_base
+from ubsmoe.models.adapters import merge_into_base
+from ubsmoe.models.build import base_model
 
 SMALL = [*CONFTEST_SMALL, "eval.protocols=[loglik]", "eval.pg_probe_examples=0"]
 
@@ -80,7 +82,7 @@ def test_plain_peft_model_has_our_logits_with_expert_lora_and_router(random_adap
 def test_stacked_merges_are_one_exact_lora(random_adapter_model, tmp_path):
     """FLoRA / FLoRIST: merges B_i A_i on the base are one stacked LoRA of rank sum r_i."""
     cfg, model, tok, state = random_adapter_model
-    from ubsmoe.methods.rank import lora_pairs
+    from ubsmoe.methods.rank_base import lora_pairs
 
     pairs, _ = lora_pairs(list(state))
     gen = torch.Generator().manual_seed(2)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import SMALL as CONFTEST_SMALL
 
-from ubsmoe.config import ConfigError, load_config
+from ubsmoe.config import load_config
+from ubsmoe.errors import ConfigError
 from ubsmoe.fl.fold import LeftOut, OrderedFold, RoundIncomplete
 from ubsmoe.fl.run_dir import ServerState, latest_checkpoint
 from ubsmoe.fl.server import Server
@@ -28,7 +29,7 @@ from ubsmoe.fl.validate import (
 )
 from ubsmoe.io import read_jsonl
 from ubsmoe.methods import ClientUpdate, get_method_class
-from ubsmoe.methods.base import FedAvgAggregator, fedavg
+from ubsmoe.methods.aggregation import FedAvgAggregator, fedavg
 from ubsmoe.methods.robust import coordinate_median, trimmed_mean
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -16,8 +16,10 @@ from ubsmoe.config import ModelConfig
 from ubsmoe.methods.smoe_llb import load_balancing_loss
 from ubsmoe.metrics.flops import register_grouped_mm_flops
 from ubsmoe.models import set_top_k
+from ubsmoe.models.build import lora_targets, tiny_olmoe
 from ubsmoe.models.families import MOE_FAMILIES, family, moe_family_of
-from ubsmoe.models.loading import PRESET_MODEL_TYPES, lora_targets, patch_smoe, tiny_olmoe
+from ubsmoe.models.patching import patch_smoe
+from ubsmoe.models.presets import PRESET_MODEL_TYPES
 
 FAMILY_PRESETS = [("olmoe", "tiny"), ("mixtral", "tiny-mixtral"), ("qwen2_moe", "tiny-qwen2-moe"),
                   ("qwen3_moe", "tiny-qwen3-moe")]

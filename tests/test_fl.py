@@ -21,7 +21,8 @@ from conftest import SMALL
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
-from ubsmoe.config import ConfigError, load_config
+from ubsmoe.config import load_config
+from ubsmoe.errors import ConfigError
 from ubsmoe.fl.run_dir import ServerState, latest_checkpoint
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.simulation import federation_config

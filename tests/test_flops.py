@@ -21,10 +21,10 @@ from ubsmoe.metrics.flops import (
     model_shape_from_config,
     param_counts,
     register_flop_formulas,
-    shipped_config,
     training_flops_per_token,
 )
 from ubsmoe.models import build_model, set_top_k
+from ubsmoe.models.presets import shipped_config
 
 OLMOE = "allenai/OLMoE-1B-7B-0924"
 OLMO = "allenai/OLMo-1B-hf"
@@ -224,8 +224,8 @@ def test_flops_cli_json_and_errors():
 def test_pg_probe_flops_match_flop_counter_on_a_layer():
     """The probe's extra FLOPs (probe on minus off, forward + backward of one SMoE layer) are
     exactly slots * pg_probe_flops_per_slot."""
+    from ubsmoe.core.smoe import SMoELayer
     from ubsmoe.metrics.flops import pg_probe_flops_per_slot
-    from ubsmoe.models.smoe import SMoELayer
 
     register_flop_formulas()
     g = torch.Generator().manual_seed(0)

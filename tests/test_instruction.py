@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from ubsmoe.config import ConfigError, DataConfig, load_config
+from ubsmoe.config import DataConfig, load_config
 from ubsmoe.data.instruction import detect_answer_type, load_instruction, parse_number
 from ubsmoe.data.partition import partition_clients, partition_labels
+from ubsmoe.errors import ConfigError
 from ubsmoe.eval.instruction import (
     BertScore,
     extract_letter,

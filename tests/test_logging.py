@@ -17,7 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app, eta_seconds, format_duration
-from ubsmoe.config import ConfigError, load_config
+from ubsmoe.config import load_config
+from ubsmoe.errors import ConfigError
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.train import ClientRuntime, shared_setup
 from ubsmoe.io import read_jsonl

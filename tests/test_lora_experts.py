@@ -15,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
-from ubsmoe.config import ConfigError, ModelConfig, load_config
+from ubsmoe.config import ModelConfig, load_config
+from ubsmoe.errors import ConfigError
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.train import ClientRuntime, shared_setup
 from ubsmoe.methods import get_method_class
@@ -29,7 +30,8 @@ from ubsmoe.metrics.flops import (
     with_lora_experts,
 )
 from ubsmoe.models import build_model, set_top_k, smoe_layers
-from ubsmoe.models.loading import base_model, distinct_numel
+from ubsmoe.models.build import base_model
+from ubsmoe.models.patching import distinct_numel
 
 M, K_MAX, RANK = 4, 2, 4
 
@@ -270,7 +272,7 @@ def test_export_writes_what_peft_can_hold_and_the_experts_beside_it(tiny_tokeniz
     from safetensors.torch import load_file
 
     from ubsmoe.fl.export import export_adapters
-    from ubsmoe.models.loading import adapter_state
+    from ubsmoe.models.adapters import adapter_state
 
     model, _ = build_model(_cfg(attention_lora=attention_lora), tiny_tokenizer, seed=0)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Tests for ubsmoe.methods.lowrank (HetLoRA, FlexLoRA, FLoRA, FLoRIST math)."""
+"""Tests for the LoRA algebra (ubsmoe.core.lora) and the HetLoRA, FlexLoRA, FLoRIST aggregation math."""
 
 from __future__ import annotations
 
@@ -7,21 +7,18 @@ import math
 import pytest
 import torch
 
-from ubsmoe.methods.lowrank import (
+from ubsmoe.core.lora import (
     energy_rank,
     factored_svd,
-    flexlora_aggregate,
-    flexlora_redistribute,
-    florist_aggregate,
-    hetlora_aggregate,
-    hetlora_regularizer,
-    hetlora_weights,
     lora_frobenius_norm,
     merge_into_weight,
     pad_lora,
     stack_lora,
     truncate_lora,
 )
+from ubsmoe.methods.flexlora import flexlora_aggregate, flexlora_redistribute
+from ubsmoe.methods.florist import florist_aggregate
+from ubsmoe.methods.hetlora import hetlora_aggregate, hetlora_regularizer, hetlora_weights
 
 F64 = torch.float64
 

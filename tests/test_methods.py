@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ubsmoe.config import ConfigError
+from ubsmoe.errors import ConfigError
 from ubsmoe.methods import ClientUpdate, available_methods, get_method_class
 from ubsmoe.methods.a3smoe import A3SMoE, A3SMoEConfig, a3smoe_expert_weights
-from ubsmoe.methods.base import expert_layer_of, fedavg
+from ubsmoe.methods.aggregation import fedavg
+from ubsmoe.methods.base import expert_layer_of
 
 E, L = 4, 2
 NAMES = {
@@ -43,7 +44,7 @@ def _method(name):
 
 def _effective(method, adapters):
     """Dense effective update per LoRA module: s*B@A plus the method's base merges."""
-    from ubsmoe.methods.rank import lora_pairs
+    from ubsmoe.methods.rank_base import lora_pairs
 
     alpha = getattr(method.config, "alpha", 16.0)
     pairs, others = lora_pairs(list(adapters))

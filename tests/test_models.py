@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ubsmoe.config import ModelConfig
+from ubsmoe.core.grouped import sort_slots
 from ubsmoe.metrics.flops import register_grouped_mm_flops
 from ubsmoe.models import (
     SMoELayer,
@@ -20,8 +21,8 @@ from ubsmoe.models import (
     set_top_k,
     smoe_layers,
 )
-from ubsmoe.models.loading import patch_smoe, tiny_olmoe
-from ubsmoe.models.smoe import sort_slots
+from ubsmoe.models.build import tiny_olmoe
+from ubsmoe.models.patching import patch_smoe
 
 
 def _hf_tiny(tokenizer, **overrides):
@@ -161,7 +162,7 @@ def _assert_empty_experts_exactly_zero(used, grads, ref_grads=None):
 def test_no_token_experts_get_exact_zero_grad_when_grouped_mm_leaves_garbage(monkeypatch):
     """CUDA's grouped_mm does not promise to write the block of an empty group: simulate
     that with NaN; the layer must still give those experts a gradient of exactly 0."""
-    import ubsmoe.models.smoe as smoe_mod
+    import ubsmoe.core.grouped as smoe_mod
 
     layer, x = _empty_expert_case()
     ref_out, ref_grads = _lora_grads(layer, x)

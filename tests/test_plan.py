@@ -148,7 +148,7 @@ def test_run_preflight_exits_2_and_force_overrides(monkeypatch, tmp_path):
 ], ids=["cpus", "gpus without cuda", "more gpus than visible", "cuda clients without a gpu share",
         "a gpu index clients cannot see"])
 def test_check_resources_refuses_clients_the_simulation_cannot_place(overrides, cpus, gpus, message):
-    from ubsmoe.config import ConfigError
+    from ubsmoe.errors import ConfigError
     from ubsmoe.metrics.plan import check_resources
 
     cfg = load_config(None, overrides)

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ubsmoe.models.smoe import ExpertLoRA
-from ubsmoe.pseudo_grad import (
+from ubsmoe.core.pseudo_grad import (
     ProbePseudoGradient,
     PseudoGradient,
     UniversalPseudoGradient,
@@ -19,6 +18,7 @@ from ubsmoe.pseudo_grad import (
     pg_scale,
     snapshot_before_step,
 )
+from ubsmoe.core.smoe import ExpertLoRA
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

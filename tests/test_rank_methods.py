@@ -15,18 +15,24 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ubsmoe.config import ConfigError, load_config
+from ubsmoe.config import load_config
+from ubsmoe.core.lora import energy_rank
+from ubsmoe.errors import ConfigError
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.train import ClientRuntime, shared_setup, sync_base_merges
 from ubsmoe.methods import ClientUpdate, get_method_class
 from ubsmoe.methods.flexlora import FlexLoRA
 from ubsmoe.methods.flora import FLoRA
 from ubsmoe.methods.florist import FLoRIST, FLoRISTConfig
-from ubsmoe.methods.hetlora import HetLoRA, HetLoRAConfig
-from ubsmoe.methods.lowrank import energy_rank, hetlora_regularizer
-from ubsmoe.methods.rank import lora_pairs
+from ubsmoe.methods.hetlora import HetLoRA, HetLoRAConfig, hetlora_regularizer
+from ubsmoe.methods.rank_base import lora_pairs
 from ubsmoe.models import adapter_state, build_model, load_adapter_state, smoe_layers
-from ubsmoe.models.loading import lora_base_weight, lora_rank_scales, merge_into_base, set_lora_rank
+from ubsmoe.models.adapters import (
+    lora_base_weight,
+    lora_rank_scales,
+    merge_into_base,
+    set_lora_rank,
+)
 
 F64 = torch.float64
 ATT = "m.layers.0.self_attn.q_proj"

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ubsmoe.models.smoe import SMoELayer
-from ubsmoe.routing import (
+from ubsmoe.core.routing import (
     DMRConfig,
     candidate_mask,
     dmr_route,
@@ -20,6 +19,7 @@ from ubsmoe.routing import (
     server_phi_update,
     target_modulation,
 )
+from ubsmoe.core.smoe import SMoELayer
 
 TANH_HALF = 0.46211715726000974  # tanh(0.5)
 TANH_ONE = 0.7615941559557649  # tanh(1)

@@ -9,9 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ubsmoe.config import ConfigError, load_config
+from ubsmoe.config import load_config
+from ubsmoe.core.pseudo_grad import ProbePseudoGradient, UniversalPseudoGradient
+from ubsmoe.core.routing import DMRConfig, phi_range_penalty, target_modulation
+from ubsmoe.errors import ConfigError
 from ubsmoe.methods import ClientUpdate, get_method_class
-from ubsmoe.methods.base import fedavg
+from ubsmoe.methods.aggregation import fedavg
 from ubsmoe.methods.smoe_llb import SMoELLB, load_balancing_loss
 from ubsmoe.methods.ubsmoe import UBSMoE, UBSMoEConfig
 from ubsmoe.metrics.diagnostics import (
@@ -23,9 +26,8 @@ from ubsmoe.metrics.diagnostics import (
     utilization_summary,
 )
 from ubsmoe.models import SMoELayer, adapter_state, build_model, set_top_k, smoe_layers
-from ubsmoe.models.loading import patch_smoe, tiny_olmoe
-from ubsmoe.pseudo_grad import ProbePseudoGradient, UniversalPseudoGradient
-from ubsmoe.routing import DMRConfig, phi_range_penalty, target_modulation
+from ubsmoe.models.build import tiny_olmoe
+from ubsmoe.models.patching import patch_smoe
 
 
 def _layer(num_experts=8, hidden=16, inter=8, top_k=2, rank=4, seed=0):

@@ -26,12 +26,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ubsmoe.errors import ConfigError, DeclarationError
+
 BUDGET_KEYS = ("budget", "top-k", "lora-rank")
 NODE_KEYS = ("partition-id", "data-path", "device", *BUDGET_KEYS, "num-partitions")
-
-
-class DeclarationError(ValueError):
-    """A node's declaration is invalid or unusable by the run; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -88,11 +86,48 @@ def _int(node: str, key: str, value: Any, minimum: int) -> int:
     return n
 
 
-def _valid_device(name: str) -> bool:
+def top_k_for_budget(beta: float, k_max: int, k_min: int = 1) -> int:
+    """Activated experts per token for budget ``beta``.
+
+    K_c = clamp(floor(K_max * beta), K_min, K_max), with a 1e-9 tolerance inside the
+    floor so that e.g. 0.125 * 8 gives exactly 1 despite float rounding
+    (UB-SMoE, arXiv 2605.16690; DESIGN.md section 2).
+
+    Args:
+        beta: the client's budget level (``fl.budgets`` entry), in (0, 1].
+        k_max: the model's native top-k (OLMoE-1B-7B: 8).
+        k_min: the smallest allowed K, 1 <= k_min <= k_max.
+
+    Returns:
+        K_c, an integer in [k_min, k_max].
+
+    Raises:
+        ValueError: ``beta`` outside (0, 1] (names ``fl.budgets``) or ``k_max < 1``.
+        ConfigError: ``k_min`` outside [1, k_max] (names ``model.k_min``).
+    """
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"fl.budgets: got level {beta!r}, expected a number in (0, 1]")
+    if k_max < 1:
+        raise ValueError(f"k_max: got {k_max}, expected an integer >= 1")
+    if not 1 <= k_min <= k_max:
+        raise ConfigError(f"model.k_min: got {k_min}, expected an integer in [1, {k_max}] "
+                          f"(the model's native top-k K_max={k_max})")
+    return max(k_min, min(k_max, math.floor(k_max * beta + 1e-9)))
+
+
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+
+
+def valid_device_name(name: str) -> bool:
+    """True for ``auto``, ``cpu``, ``cuda`` and ``cuda:N`` (N a non-negative integer).
+
+    The one device-name rule of ``model.device``, a node's ``device=`` declaration and
+    :func:`ubsmoe.models.devices.resolve_device` (which also checks the visible devices).
+    """
     if name in ("auto", "cpu", "cuda"):
         return True
-    head, _, index = name.partition(":")
-    return head == "cuda" and index.isdigit()
+    head, sep, index = name.partition(":")
+    return head == "cuda" and bool(sep) and index.isdigit()
 
 
 def parse_node_config(node_config: Mapping[str, Any], node: int | str = "?") -> NodeDeclaration:
@@ -133,7 +168,7 @@ def parse_node_config(node_config: Mapping[str, Any], node: int | str = "?") -> 
     device = None
     if "device" in node_config:
         device = str(node_config["device"]).strip()
-        if not _valid_device(device):
+        if not valid_device_name(device):
             raise DeclarationError(f"node {node}: device={device!r} is not one of auto, cpu, cuda, cuda:N")
     budget = top_k = lora_rank = None
     if "budget" in node_config:

@@ -8,22 +8,40 @@ names the dotted field, the bad value and what is allowed.
 
 Each method's own hyperparameters live in that method's config class (see
 :mod:`ubsmoe.methods`); in YAML they sit in a section named after the method.
+
+This module is the foundation layer: it imports no method and no model. Method
+sections reach it through a small table (:func:`register_method_section`): the
+method registry (:mod:`ubsmoe.methods.registry`) enters every method's config class
+and its cross-check of a whole run (:func:`register_run_check`, which checks the
+method against the model) when a method is registered. The built-in methods are
+registered by importing the package named :data:`BUILTIN_METHODS`; :func:`method_section`
+imports it by that name on first use when the table is still empty, as a plugin
+loader would, so ``load_config(...)`` works in a fresh process that imported only
+``ubsmoe.config``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
+import importlib.util
 import math
 import types
 import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ubsmoe.budgets import DEVICE_NAMES, valid_device_name
+from ubsmoe.errors import ConfigError
+from ubsmoe.errors import bad_value as _bad
+from ubsmoe.io import atomic_write_text
 
 COMMONSENSE_TASKS = (
     "boolq",
@@ -52,12 +70,8 @@ EVAL_TOP_K = ("budget", "native")
 TRAIN_TOP_K = ("auto", "budget", "native")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_INITS = ("auto", "random", "pretrained")
-# Random-weight OLMoE-architecture presets (sizes in ubsmoe.models.loading.PRESETS).
+# Random-weight OLMoE-architecture presets (sizes in ubsmoe.models.build.PRESETS).
 MODEL_PRESETS = ("tiny", "medium", "tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-dense")
-
-
-class ConfigError(ValueError):
-    """Invalid configuration. The message lists every problem, one per line."""
 
 
 @dataclass
@@ -158,8 +172,8 @@ class ModelConfig:
             errors.append(_bad("model.dtype", self.dtype, f"one of {', '.join(DTYPES)}"))
         if self.k_min < 1:
             errors.append(_bad("model.k_min", self.k_min, "an integer >= 1"))
-        if not _valid_device_name(self.device):
-            errors.append(_bad("model.device", self.device, "auto, cpu, cuda or cuda:N"))
+        if not valid_device_name(self.device):
+            errors.append(_bad("model.device", self.device, DEVICE_NAMES))
         if self.init not in MODEL_INITS:
             errors.append(_bad("model.init", self.init, f"one of {', '.join(MODEL_INITS)}"))
         elif self.init == "pretrained" and self.name in MODEL_PRESETS:
@@ -180,14 +194,6 @@ class ModelConfig:
         if self.init != "auto":
             return self.init
         return "random" if self.name in MODEL_PRESETS else "pretrained"
-
-
-def _valid_device_name(name: str) -> bool:
-    """True for ``auto``, ``cpu``, ``cuda`` and ``cuda:N`` (N a non-negative integer)."""
-    if name in ("auto", "cpu", "cuda"):
-        return True
-    head, sep, index = name.partition(":")
-    return head == "cuda" and bool(sep) and index.isdigit()
 
 
 @dataclass
@@ -530,8 +536,6 @@ class LogConfig:
     wandb_project: str = "ubsmoe"
 
     def __post_init__(self) -> None:
-        import importlib.util
-
         errors = []
         if self.wandb and importlib.util.find_spec("wandb") is None:
             errors.append("log.wandb=true needs `pip install wandb`")
@@ -558,17 +562,16 @@ class RunConfig:
     method_config: Any = None
 
     def __post_init__(self) -> None:
-        from ubsmoe.methods import get_method_class
-
-        method_cls = get_method_class(self.method)  # raises ConfigError naming the choices
+        config_class = method_section(self.method)  # raises ConfigError naming the choices
         if self.method_config is None:
-            self.method_config = method_cls.config_class()
-        elif not isinstance(self.method_config, method_cls.config_class):
+            self.method_config = config_class()
+        elif not isinstance(self.method_config, config_class):
             raise ConfigError(
-                f"method_config: expected {method_cls.config_class.__name__} for method "
+                f"method_config: expected {config_class.__name__} for method "
                 f"'{self.method}', got {type(self.method_config).__name__}"
             )
-        _check_method_against_run(self)
+        for check in _RUN_CHECKS:
+            check(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML-able data, method section under its name."""
@@ -581,53 +584,61 @@ class RunConfig:
         return out
 
 
-def _check_method_against_run(run: RunConfig) -> None:
-    """Cross-check the method against the rest of the run.
+# Method sections (see the module docstring): method name -> its config dataclass, and
+# the cross-checks of a built run, both filled by the method registry.
+BUILTIN_METHODS = "ubsmoe.methods"
+_METHOD_SECTIONS: dict[str, type] = {}
+_RUN_CHECKS: list[Callable[[RunConfig], None]] = []
 
-    ``train.top_k`` must be one of the method's :attr:`Method.train_top_k_modes`
-    (an SMoE method cannot train at the native top-k), and an SMoE method
-    (:attr:`Method.needs_moe`) is refused on a dense backbone whose type is known
-    offline (preset, shipped or local config) unless ``model.lora_experts > 0``
-    gives it LoRA experts; ``model.lora_experts > 0`` is refused on a sparse-MoE
-    model and for a method that merges LoRA into the base weights (FLoRA, FLoRIST:
-    the experts share those weights). A robust ``fl.aggregation`` is
-    refused for a method that stacks or factorizes the clients' factors. A method
-    config may also define ``check_run(run)`` (e.g. one LoRA rank per budget level).
+
+def register_method_section(name: str, config_class: type) -> None:
+    """Enter method ``name`` and its config dataclass (its YAML section ``name:``).
+
+    Called by :func:`ubsmoe.methods.registry.register_method`.
 
     Raises:
-        ConfigError: one line naming the field and what is allowed.
+        ValueError: ``name`` is entered already with another config class.
     """
-    from ubsmoe.methods import get_method_class
-    from ubsmoe.methods.base import Method
-    from ubsmoe.models.families import dense_refusal, is_dense
-    from ubsmoe.models.loading import known_model_type
-
-    method_cls = get_method_class(run.method)
-    model_type = known_model_type(run.model)
-    if run.model.lora_experts:  # LoRA experts: dense backbones only, base weights never merged
-        if model_type is not None and not is_dense(model_type):
-            raise ConfigError(_bad("model.lora_experts", run.model.lora_experts,
-                                   f"0 for the sparse-MoE model {run.model.name} ({model_type}); "
-                                   "LoRA experts are for dense backbones"))
-        if method_cls.base_merges is not Method.base_merges:
-            raise ConfigError(_bad("model.lora_experts", run.model.lora_experts,
-                                   f"0 for method {run.method} (it merges LoRA into the base "
-                                   "weights, which the LoRA experts share)"))
-    elif method_cls.needs_moe and is_dense(model_type or ""):
-        raise ConfigError(dense_refusal(run.method, run.model.name))
-    modes = method_cls.train_top_k_modes
-    if run.train.top_k not in modes:
-        raise ConfigError(_bad("train.top_k", run.train.top_k,
-                               f"one of {', '.join(modes)} for method '{run.method}'"))
-    if run.fl.aggregation != "mean":  # raises for a method that aggregates all at once
-        method_cls().set_robust(run.fl.aggregation, run.fl.trim_fraction)
-    check = getattr(run.method_config, "check_run", None)
-    if check is not None:
-        check(run)
+    if _METHOD_SECTIONS.get(name, config_class) is not config_class:
+        raise ValueError(f"method {name!r}: config section entered twice")
+    _METHOD_SECTIONS[name] = config_class
 
 
-def _bad(name: str, value: Any, allowed: str) -> str:
-    return f"{name}: got {value!r}, expected {allowed}"
+def register_run_check(check: Callable[[RunConfig], None]) -> None:
+    """Add ``check(run)``, run at the end of every :class:`RunConfig` construction.
+
+    A check raises :class:`ConfigError` (one line naming the field and what is
+    allowed); the method registry adds the method-against-run cross-check.
+    """
+    if check not in _RUN_CHECKS:
+        _RUN_CHECKS.append(check)
+
+
+def method_sections() -> list[str]:
+    """The method names with a config section, sorted (the registered methods)."""
+    _load_builtin_methods()
+    return sorted(_METHOD_SECTIONS)
+
+
+def method_section(name: str) -> type:
+    """The config dataclass of method ``name``.
+
+    Raises:
+        ConfigError: unknown name; the message lists the available ones.
+    """
+    _load_builtin_methods()
+    try:
+        return _METHOD_SECTIONS[name]
+    except KeyError:
+        raise ConfigError(
+            f"method: got {name!r}, expected one of {', '.join(sorted(_METHOD_SECTIONS))}"
+        ) from None
+
+
+def _load_builtin_methods() -> None:
+    """Register the built-in methods (import :data:`BUILTIN_METHODS` by name) once."""
+    if not _METHOD_SECTIONS:
+        importlib.import_module(BUILTIN_METHODS)
 
 
 def _raise(errors: list[str]) -> None:
@@ -767,24 +778,22 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     Raises:
         ConfigError: unknown keys, wrong types or out-of-range values (one per line).
     """
-    from ubsmoe.methods import available_methods, get_method_class
-
     tree = dict(tree)
     errors: list[str] = []
     method = tree.pop("method", "ubsmoe")
     try:
-        method_cls = get_method_class(method)
+        config_class = method_section(method)
     except ConfigError as e:
         raise ConfigError(str(e)) from None
     method_tree = tree.pop(method, {}) or {}
-    for other in available_methods():
+    for other in method_sections():
         if other != method and other in tree:
             warnings.warn(
                 f"config section '{other}' is ignored: the selected method is '{method}'",
                 stacklevel=2,
             )
             tree.pop(other)
-    method_config = _build(method_cls.config_class, method_tree, f"{method}.", errors)
+    method_config = _build(config_class, method_tree, f"{method}.", errors)
     run = (_build(RunConfig, {**tree, "method": method}, "", errors, method_config=method_config)
            if not errors else None)
     if errors:
@@ -825,8 +834,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    from ubsmoe.io import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 

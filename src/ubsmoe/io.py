@@ -61,7 +61,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically."""
-    import torch
+    import torch  # lazy: the foundation stays torch-free for the JSON/text writers (start-up time)
 
     _atomic(Path(path), lambda f: torch.save(obj, f), "wb")
 

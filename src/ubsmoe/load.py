@@ -91,7 +91,7 @@ def load_run(run_dir: str | Path, budget: float | None = None, device: str | Non
         ConfigError: ``budget`` not among the run's budgets, or a bad ``device``.
     """
     from ubsmoe.models import load_adapter_state, set_top_k
-    from ubsmoe.models.loading import set_lora_rank
+    from ubsmoe.models.adapters import set_lora_rank
 
     cfg = _run_config(Path(run_dir), device)
     level = None if budget is None else budget_level(cfg, budget)
@@ -126,7 +126,7 @@ def save_base_model(run_dir: str | Path, out_dir: str | Path) -> Path:
         FileNotFoundError: ``run_dir`` has no ``config.yaml``.
     """
     from ubsmoe.fl.train import shared_setup
-    from ubsmoe.models.loading import base_model
+    from ubsmoe.models.build import base_model
 
     cfg = _run_config(Path(run_dir), "cpu")
     model, tokenizer = base_model(cfg.model, shared_setup(cfg).tokenizer, seed=cfg.train.seed)

@@ -39,8 +39,8 @@ from ubsmoe.bench import (
     register_suite,
     summarize,
 )
+from ubsmoe.core.smoe import SMoELayer
 from ubsmoe.metrics.flops import register_grouped_mm_flops
-from ubsmoe.models.smoe import SMoELayer
 
 TARGETS = {"speedup_k1": 2.0, "speedup_k8": 1.3, "k1_over_k8": 0.20}
 

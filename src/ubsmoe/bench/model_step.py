@@ -47,7 +47,7 @@ from ubsmoe.metrics.flops import (
     register_flop_formulas,
     training_flops_per_token,
 )
-from ubsmoe.models.loading import MEDIUM
+from ubsmoe.models.presets import MEDIUM
 
 SMOE_KS = [1, 2, 4, 8]
 LORA_RANKS = [12, 16, 24, 40]
@@ -100,7 +100,8 @@ def _build(step_cfg: StepConfig, lora_rank: int, seed: int, device: str | torch.
     Created directly on ``device`` in ``dtype`` (``model.dtype`` values) by
     :func:`~ubsmoe.models.loading.random_olmoe`: no CPU copy of a large model first.
     """
-    from ubsmoe.models.loading import prepare_model, random_olmoe, resolve_dtype
+    from ubsmoe.models.build import prepare_model, random_olmoe
+    from ubsmoe.models.devices import resolve_dtype
 
     device = torch.device(device)
     cfg = ModelConfig(name="tiny", lora_rank=lora_rank, dtype=dtype, tiny=step_cfg.sizes)

@@ -1,6 +1,7 @@
 """Instruction data (LLM-Adapters commonsense format), prompt template, tokenization,
 client partitioning and compute-budget assignment."""
 
+from ubsmoe.budgets import top_k_for_budget
 from ubsmoe.data.commonsense import (
     IGNORE_INDEX,
     PROMPT_TEMPLATE,
@@ -14,7 +15,7 @@ from ubsmoe.data.commonsense import (
     resolve_data_dir,
     tokenize_example,
 )
-from ubsmoe.data.partition import assign_budgets, partition_clients, top_k_for_budget
+from ubsmoe.data.partition import assign_budgets, partition_clients
 
 __all__ = [
     "IGNORE_INDEX",

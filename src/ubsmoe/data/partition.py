@@ -3,9 +3,9 @@
 Non-IID partitioning is the label-Dirichlet scheme of Hsu et al., "Measuring the
 Effects of Non-Identical Data Distribution for Federated Visual Classification"
 (arXiv 1909.06335), applied to the task label, through Flower Datasets'
-``DirichletPartitioner`` (https://flower.ai/docs/datasets/). Budget levels and
-K_c = clamp(floor(K_max * beta_c), K_min, K_max) follow UB-SMoE (ICML 2026,
-arXiv 2605.16690), DESIGN.md sections 2 and 6.
+``DirichletPartitioner`` (https://flower.ai/docs/datasets/). Budget levels follow
+UB-SMoE (ICML 2026, arXiv 2605.16690), DESIGN.md sections 2 and 6; the budget -> K_c
+rule is :func:`ubsmoe.budgets.top_k_for_budget`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import math
 
 import numpy as np
 
-from ubsmoe.config import BUDGET_PATTERNS, PARTITIONS, ConfigError
+from ubsmoe.config import BUDGET_PATTERNS, PARTITIONS
+from ubsmoe.errors import ConfigError
 
 LONG_TAIL_SHARE = 0.75  # share of clients at the tail level in (reverse) long-tail patterns
 
@@ -58,7 +59,10 @@ def partition_clients(
         ConfigError: ``num_clients < 1``, fewer records than clients, an unknown
             ``partition``, or ``dirichlet_alpha <= 0`` (one line naming the field).
     """
+    # lazy: datasets is heavy and only needed when data is read
     from datasets import Dataset
+
+    # lazy: flwr_datasets imports datasets (heavy); only the partitioner needs it
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     n = len(labels)
@@ -161,35 +165,6 @@ def assign_budgets(num_clients: int, budgets: list[float], pattern: str, seed: i
             assigned = [levels[-1]] * n_tail + rest
     order = np.random.default_rng(_seed(seed, "budgets")).permutation(num_clients)
     return [assigned[i] for i in order]
-
-
-def top_k_for_budget(beta: float, k_max: int, k_min: int = 1) -> int:
-    """Activated experts per token for budget ``beta``.
-
-    K_c = clamp(floor(K_max * beta), K_min, K_max), with a 1e-9 tolerance inside the
-    floor so that e.g. 0.125 * 8 gives exactly 1 despite float rounding
-    (UB-SMoE, arXiv 2605.16690; DESIGN.md section 2).
-
-    Args:
-        beta: the client's budget level (``fl.budgets`` entry), in (0, 1].
-        k_max: the model's native top-k (OLMoE-1B-7B: 8).
-        k_min: the smallest allowed K, 1 <= k_min <= k_max.
-
-    Returns:
-        K_c, an integer in [k_min, k_max].
-
-    Raises:
-        ValueError: ``beta`` outside (0, 1] (names ``fl.budgets``) or ``k_max < 1``.
-        ConfigError: ``k_min`` outside [1, k_max] (names ``model.k_min``).
-    """
-    if not 0.0 < beta <= 1.0:
-        raise ValueError(f"fl.budgets: got level {beta!r}, expected a number in (0, 1]")
-    if k_max < 1:
-        raise ValueError(f"k_max: got {k_max}, expected an integer >= 1")
-    if not 1 <= k_min <= k_max:
-        raise ConfigError(f"model.k_min: got {k_min}, expected an integer in [1, {k_max}] "
-                          f"(the model's native top-k K_max={k_max})")
-    return max(k_min, min(k_max, math.floor(k_max * beta + 1e-9)))
 
 
 def partition_labels(records: list[dict], partition_field: str, default_by: str = "task"

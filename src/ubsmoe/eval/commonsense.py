@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ubsmoe.models.loading import routing_mask, smoe_layers
+from ubsmoe.models.runtime import routing_mask, smoe_layers
 
 RESPONSE_PREFIX = "the correct answer is "
 PROTOCOLS = ("generation", "loglik")

@@ -410,7 +410,7 @@ def resolve_cell(experiment: Experiment, cell: Cell, overrides: list[str] | None
             validate: the experiment's one-line message (the capability is missing).
         ConfigError: any other invalid field.
     """
-    from ubsmoe.models.loading import olmoe_config
+    from ubsmoe.models.architecture import olmoe_config
 
     try:
         cfg = config_from_dict(cell_tree(cell, overrides))

@@ -110,7 +110,7 @@ def lora_terms(adapters: dict[str, torch.Tensor], scale: float,
         come first in order; the current adapter comes last and is left out when its
         B is all zero and there are merges (FLoRA resets B after each merge).
     """
-    from ubsmoe.methods.rank import lora_pairs
+    from ubsmoe.methods.rank_base import lora_pairs
 
     def target(module: str) -> str:
         """PEFT's target name of one of our LoRA modules (fused expert parameters for experts)."""
@@ -212,7 +212,9 @@ def peft_export(model: nn.Module, adapters: dict[str, torch.Tensor],
     from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from ubsmoe.models.loading import is_lora_expert_model, lora_rank_scales, smoe_layers
+    from ubsmoe.models.adapters import lora_rank_scales
+    from ubsmoe.models.patching import is_lora_expert_model
+    from ubsmoe.models.runtime import smoe_layers
 
     scales = lora_rank_scales(model)
     if len(scales) != 1:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ubsmoe.methods import ClientUpdate
-from ubsmoe.methods.base import Aggregator
+from ubsmoe.methods.aggregation import Aggregator
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,10 @@ from ubsmoe.fl.train import SharedSetup, client_seed, sync_base_merges
 from ubsmoe.fl.validate import norm_outliers
 from ubsmoe.io import append_jsonl, atomic_torch_save, atomic_write_json
 from ubsmoe.methods import ClientUpdate, get_method_class
-from ubsmoe.methods.base import (
-    data_weights,
-    phi_layer_of,
-    round_utilization,
-)
+from ubsmoe.methods.aggregation import data_weights, round_utilization
+from ubsmoe.methods.base import phi_layer_of
 from ubsmoe.models import adapter_state, build_model, load_adapter_state, set_top_k, smoe_layers
-from ubsmoe.models.loading import set_lora_rank
+from ubsmoe.models.adapters import set_lora_rank
 from ubsmoe.provenance import provenance
 from ubsmoe.tracking import RunTracker
 
@@ -419,7 +416,7 @@ class Server:
             mode: ``auto``, ``budget`` or ``native`` (see :meth:`Method.client_top_k`);
                 None: the training mode, ``train.top_k``.
         """
-        from ubsmoe.data.partition import top_k_for_budget
+        from ubsmoe.budgets import top_k_for_budget
 
         mode = self.cfg.train.top_k if mode is None else mode
         return {beta: self.method.client_top_k(top_k_for_budget(beta, self.k_max, self.cfg.model.k_min),
@@ -553,7 +550,7 @@ class Server:
         Raises:
             ValueError: a task not among the run's test sets.
         """
-        from ubsmoe.methods.rank import lora_pairs
+        from ubsmoe.methods.rank_base import lora_pairs
 
         self.sync_base()
         tests = self.test_sets

@@ -31,7 +31,7 @@ from ubsmoe.models import (
     smoe_layers,
     step_stats,
 )
-from ubsmoe.models.loading import merge_into_base, set_lora_rank
+from ubsmoe.models.adapters import merge_into_base, set_lora_rank
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -276,7 +276,8 @@ def shared_setup(cfg: RunConfig) -> SharedSetup:
     from ubsmoe.data.commonsense import format_prompt
     from ubsmoe.data.instruction import load_data
     from ubsmoe.data.partition import partition_clients, partition_labels
-    from ubsmoe.models.loading import cache_dir, tokenizer_vocab_size, train_tokenizer
+    from ubsmoe.models.architecture import tokenizer_vocab_size
+    from ubsmoe.models.tokenizer import cache_dir, train_tokenizer
 
     data = load_data(cfg.data, cfg.train.seed)
     if cfg.model.resolved_init == "random":

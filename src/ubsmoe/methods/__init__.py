@@ -11,16 +11,12 @@ from ubsmoe.methods import (  # noqa: F401  (registration)
     flora,
     florist,
     hetlora,
-    smoe,
+    naive_smoe,
     smoe_llb,
     ubsmoe,
 )
-from ubsmoe.methods.base import (
-    ClientUpdate,
-    Method,
-    available_methods,
-    get_method_class,
-    register_method,
-)
+from ubsmoe.methods.aggregation import ClientUpdate
+from ubsmoe.methods.base import Method
+from ubsmoe.methods.registry import available_methods, get_method_class, register_method
 
 __all__ = ["ClientUpdate", "Method", "available_methods", "get_method_class", "register_method"]

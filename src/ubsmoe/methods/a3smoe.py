@@ -25,18 +25,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ubsmoe.errors import ConfigError
+
 A3SMOE_WEIGHTINGS = ("flame", "literal")
 
 import torch
 
-from ubsmoe.methods.base import (
-    Aggregator,
-    ClientUpdate,
-    FedAvgAggregator,
-    Method,
-    expert_layer_of,
-    register_method,
-)
+from ubsmoe.methods.aggregation import Aggregator, ClientUpdate, FedAvgAggregator
+from ubsmoe.methods.base import Method, expert_layer_of
+from ubsmoe.methods.registry import register_method
 
 
 @dataclass
@@ -55,7 +52,6 @@ class A3SMoEConfig:
     weighting: str = "flame"
 
     def __post_init__(self) -> None:
-        from ubsmoe.config import ConfigError
 
         errors = []
         if not self.gamma >= 0:

@@ -23,14 +23,16 @@ from typing import ClassVar
 import torch
 
 from ubsmoe.methods.a3smoe import A3SMOE_WEIGHTINGS, a3smoe_expert_weights
-from ubsmoe.methods.base import ClientUpdate, expert_layer_of, register_method
+from ubsmoe.methods.aggregation import ClientUpdate
+from ubsmoe.methods.base import expert_layer_of
 from ubsmoe.methods.flexlora import FlexLoRA
-from ubsmoe.methods.rank import LoRAPair, LoRARankConfig
+from ubsmoe.methods.rank_base import LoRAPair, LoRARankConfig
+from ubsmoe.methods.registry import register_method
 
 
 @dataclass
 class A3SMoEFlexLoRAConfig(LoRARankConfig):
-    """Ranks and alpha (:class:`~ubsmoe.methods.rank.LoRARankConfig`) plus A3SMoE's weighting.
+    """Ranks and alpha (:class:`~ubsmoe.methods.rank_base.LoRARankConfig`) plus A3SMoE's weighting.
 
     Attributes:
         gamma: exponent on the normalised activation frequency (0: FlexLoRA's p_c).

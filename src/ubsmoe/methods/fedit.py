@@ -9,7 +9,8 @@ trains each at its K_c instead). Each budget level is evaluated at its own K_j
 
 from __future__ import annotations
 
-from ubsmoe.methods.base import Method, register_method
+from ubsmoe.methods.base import Method
+from ubsmoe.methods.registry import register_method
 
 
 @register_method("fedit")

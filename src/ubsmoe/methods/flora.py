@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from ubsmoe.methods.base import ClientUpdate, data_weights, register_method
-from ubsmoe.methods.lowrank import stack_lora
-from ubsmoe.methods.rank import (
+from ubsmoe.core.lora import stack_lora
+from ubsmoe.methods.aggregation import ClientUpdate, data_weights
+from ubsmoe.methods.rank_base import (
     LoRAPair,
     LoRARankConfig,
     RankMethod,
@@ -42,6 +42,7 @@ from ubsmoe.methods.rank import (
     lora_pairs,
     map_experts,
 )
+from ubsmoe.methods.registry import register_method
 
 
 @dataclass

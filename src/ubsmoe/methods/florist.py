@@ -24,10 +24,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ubsmoe.methods.base import ClientUpdate, register_method
+from ubsmoe.core.lora import (
+    check_scale,
+    energy_rank,
+    factored_svd,
+    factors_from_svd,
+    pad_lora,
+    stack_lora,
+)
+from ubsmoe.methods.aggregation import ClientUpdate
 from ubsmoe.methods.flora import FLoRA
-from ubsmoe.methods.lowrank import florist_aggregate, pad_lora
-from ubsmoe.methods.rank import LoRAPair, LoRARankConfig, client_factors
+from ubsmoe.methods.rank_base import LoRAPair, LoRARankConfig, client_factors
+from ubsmoe.methods.registry import register_method
 
 
 @dataclass
@@ -77,3 +85,54 @@ class FLoRIST(FLoRA):
             return None
         padded = [pad_lora(A, B, k_max) for A, B, _ in per_expert]
         return torch.stack([a for a, _ in padded]), torch.stack([b for _, b in padded])
+
+
+def florist_aggregate(
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    weights: Sequence[float] | torch.Tensor,
+    tau: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """FLoRIST server step for one module: stack, factored SVD, energy threshold.
+
+    ::
+
+        dW = sum_c p_c s_c B_c A_c = B_st @ A_st = U diag(S) Vh   (never formed)
+        k  = energy_rank(S, tau)
+        A  = Vh[:k],  B = U[:, :k] diag(S[:k]) / s     =>  s * B @ A = rank-k part of dW
+
+    Every client receives the same rank-k factors. Only ``B`` depends on ``scale``;
+    if the scale is meant to depend on k (``alpha / k``), multiply ``B`` by
+    ``scale / new_scale`` afterwards.
+
+    Zero-update guard: if ``dW = 0`` (all singular values exactly 0, e.g. every B_c
+    is still zero) the result is ``k = 0`` with zero-rank factors ``A[0, in]`` and
+    ``B[out, 0]``, whose product is the zero matrix (``merge_into_weight`` then
+    leaves W unchanged). The caller must not build a rank-0 PEFT adapter from them:
+    skip the update, or use ``pad_lora(A, B, 1)`` for rank-1 zeros.
+
+    Args:
+        As: per client, ``[r_c, in_features]``.
+        Bs: per client, ``[out_features, r_c]``.
+        scales: per client, the LoRA scale ``s_c``.
+        weights: per client, ``p_c`` (used as given, see :func:`stack_lora`).
+        tau: energy threshold in ``(0, 1]`` (FLoRIST default 0.9).
+        scale: the LoRA scale ``s`` the returned factors are meant for (e.g.
+            ``alpha / k``; finite, non-zero).
+
+    Returns:
+        ``(A[k, in_features], B[out_features, k], k)``.
+
+    Raises:
+        ValueError: invalid client lists, ``tau`` or ``scale``.
+    """
+    if not 0.0 < float(tau) <= 1.0:
+        raise ValueError(f"florist_aggregate: tau must be in (0, 1], got {tau!r}")
+    check_scale(scale, "florist_aggregate")
+    A_st, B_st = stack_lora(As, Bs, scales, weights)
+    U, S, Vh = factored_svd(B_st, A_st)
+    k = energy_rank(S, tau)
+    A, B = factors_from_svd(U, S, Vh, k, scale)
+    return A, B, k

@@ -1,7 +1,7 @@
 """Robust aggregation rules: coordinate-wise median and trimmed mean (plain PyTorch).
 
 Used in place of the p_c-weighted mean (``fl.aggregation``) for the tensors a
-method averages with data weights (:class:`~ubsmoe.methods.base.FedAvgAggregator`).
+method averages with data weights (:class:`~ubsmoe.methods.aggregation.FedAvgAggregator`).
 Both rules are unweighted across the round's good replies, as in Yin et al., 2018,
 "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates" (ICML),
 where the coordinate-wise median and the beta-trimmed mean are defined.

@@ -29,8 +29,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ubsmoe.methods.base import Method, register_method
-from ubsmoe.models.loading import smoe_layers
+from ubsmoe.errors import ConfigError
+from ubsmoe.methods.base import Method
+from ubsmoe.methods.registry import register_method
+from ubsmoe.models.families import MOE_FAMILIES, moe_family_of
+from ubsmoe.models.runtime import smoe_layers
 
 
 @dataclass
@@ -47,7 +50,6 @@ class SMoELLBConfig:
     aux_loss_coef: float = 0.01
 
     def __post_init__(self) -> None:
-        from ubsmoe.config import ConfigError
 
         if not self.aux_loss_coef >= 0:
             raise ConfigError(
@@ -70,8 +72,6 @@ def load_balancing_loss(model: nn.Module, top_k: int) -> torch.Tensor:
     Raises:
         ValueError: the model has no SMoE layer or a layer kept no router logits.
     """
-    from ubsmoe.models.families import MOE_FAMILIES, moe_family_of
-
     load_balancing_loss_func = (moe_family_of(model) or MOE_FAMILIES["olmoe"]).load_balancing_loss()
     layers = smoe_layers(model)
     logits = tuple(m.router_logits_out for m in layers)

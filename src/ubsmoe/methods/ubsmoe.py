@@ -5,19 +5,19 @@ Federated Fine-Tuning of Foundation Models" (ICML 2026, arXiv 2605.16690);
 DESIGN.md section 4.
 
 Client side, per local step: routing uses the layer's modulation phi on each
-token's N_p candidate experts (:func:`ubsmoe.routing.dmr_route`); phi is learned
-with the range penalty (:func:`ubsmoe.routing.phi_range_penalty`) added to the task
+token's N_p candidate experts (:func:`ubsmoe.core.routing.dmr_route`); phi is learned
+with the range penalty (:func:`ubsmoe.core.routing.phi_range_penalty`) added to the task
 loss; after the optimizer step, the inactive experts' LoRA parameters move by the PG
 rule applied to the step's actual parameter changes (``pg_space=update``; the
 earlier rule, pseudo-gradients written into ``.grad`` before clipping and the step,
-is ``pg_space=gradient``). Rules: :class:`ubsmoe.pseudo_grad.UniversalPseudoGradient`
-(``pg_rule=universal``) and :class:`ubsmoe.pseudo_grad.ProbePseudoGradient`
+is ``pg_space=gradient``). Rules: :class:`ubsmoe.core.pseudo_grad.UniversalPseudoGradient`
+(``pg_rule=universal``) and :class:`ubsmoe.core.pseudo_grad.ProbePseudoGradient`
 (``pg_rule=probe``).
 
 Server side, per round: expert LoRA, attention LoRA and phi are p_c-weighted means
 (section 4.3), then phi moves towards the utilization-aware target:
 ``phi <- zeta * phi_agg + (1 - zeta) * tanh(u* / (u~ + eps) - 1)``
-(:func:`ubsmoe.routing.server_phi_update`).
+(:func:`ubsmoe.core.routing.server_phi_update`).
 
 Every part has an ablation switch (paper Table 5): ``pg``, ``dmr.learn_phi``,
 ``dmr.range_penalty`` and ``dmr.server_update``; all off is naive heterogeneous SMoE.
@@ -31,18 +31,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ubsmoe.methods.base import (
-    Aggregator,
-    ClientUpdate,
-    FedAvgAggregator,
-    Method,
-    data_weights,
-    phi_layer_of,
-    register_method,
-    round_utilization,
-)
-from ubsmoe.models.loading import smoe_layers
-from ubsmoe.pseudo_grad import (
+from ubsmoe.core.pseudo_grad import (
     ProbePseudoGradient,
     PseudoGradient,
     UniversalPseudoGradient,
@@ -50,12 +39,18 @@ from ubsmoe.pseudo_grad import (
     apply_pseudo_updates,
     snapshot_before_step,
 )
-from ubsmoe.routing import (
-    DMRConfig,
-    mean_top_k,
-    phi_range_penalty,
-    server_phi_update,
+from ubsmoe.core.routing import DMRConfig, mean_top_k, phi_range_penalty, server_phi_update
+from ubsmoe.errors import ConfigError
+from ubsmoe.methods.aggregation import (
+    Aggregator,
+    ClientUpdate,
+    FedAvgAggregator,
+    data_weights,
+    round_utilization,
 )
+from ubsmoe.methods.base import Method, phi_layer_of
+from ubsmoe.methods.registry import register_method
+from ubsmoe.models.runtime import smoe_layers
 
 PG_SPACES = ("update", "gradient")
 PG_RULES = ("universal", "probe")
@@ -74,7 +69,7 @@ class UBSMoEConfig:
             "UB-SMoE: DMR and PG").
         pg_space: ``update`` (default): after the optimizer step, inactive experts
             move by the rule applied to the active experts' actual changes in that
-            step (:func:`ubsmoe.pseudo_grad.apply_pseudo_updates`), so lambda_pg
+            step (:func:`ubsmoe.core.pseudo_grad.apply_pseudo_updates`), so lambda_pg
             sets their move relative to the active experts' and PG stays out of
             gradient clipping; ``gradient``: the earlier rule, pseudo-gradients
             written into ``.grad`` before clipping and the step (Adam then erases
@@ -84,7 +79,7 @@ class UBSMoEConfig:
             gradient on its ``pg_probe_tokens`` highest-probability tokens, at the
             universal rule's norm; costs extra FLOPs).
         pg_probe_tokens: tokens per inactive expert for ``pg_rule=probe``, >= 1.
-        dmr: Dynamic Modulated Routing settings (:class:`ubsmoe.routing.DMRConfig`):
+        dmr: Dynamic Modulated Routing settings (:class:`ubsmoe.core.routing.DMRConfig`):
             ``num_candidates`` (N_p), ``momentum`` (zeta), ``phi_min``/``phi_max``/
             ``penalty_coef`` (range penalty), and the switches ``learn_phi``,
             ``range_penalty``, ``server_update``.
@@ -101,7 +96,6 @@ class UBSMoEConfig:
     dmr: DMRConfig = field(default_factory=DMRConfig)
 
     def __post_init__(self) -> None:
-        from ubsmoe.config import ConfigError
 
         errors = []
         if isinstance(self.lambda_pg, bool) or not isinstance(self.lambda_pg, (int, float)) or not (
@@ -194,7 +188,7 @@ class UBSMoE(Method):
         Per SMoE layer, the active set is the experts with >= 1 token in this batch
         (``batch_expert_counts``) and pi is the batch's router probabilities.
         ``pg_space=update``: snapshot the active experts' rows and take the
-        inactive rows out of ``.grad`` (:func:`ubsmoe.pseudo_grad.snapshot_before_step`),
+        inactive rows out of ``.grad`` (:func:`ubsmoe.core.pseudo_grad.snapshot_before_step`),
         so clipping sees only real gradients; ``gradient``: write pseudo-gradients
         into ``.grad`` (they then enter clipping and the optimizer).
         """
@@ -218,7 +212,7 @@ class UBSMoE(Method):
 
         Inactive expert i of each layer moves by the rule applied to the active
         experts' actual changes delta_j in this step, on top of the optimizer's own
-        change of i's rows (:func:`ubsmoe.pseudo_grad.apply_pseudo_updates`).
+        change of i's rows (:func:`ubsmoe.core.pseudo_grad.apply_pseudo_updates`).
         """
         for params, snapshot in self._pending:
             apply_pseudo_updates(params, snapshot, top_k, self._pg)

@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ubsmoe.models.loading import routing_mask, set_top_k, smoe_layers
-from ubsmoe.pseudo_grad import PseudoGradient, pg_cosine_alignment
+from ubsmoe.core.pseudo_grad import PseudoGradient, pg_cosine_alignment
+from ubsmoe.models.runtime import routing_mask, set_top_k, smoe_layers
 
 __all__ = ["gini", "pearson", "pg_alignment", "spearman", "utilization_entropy",
            "utilization_summary"]

@@ -56,7 +56,8 @@ from typing import Any
 
 import torch
 
-from ubsmoe.methods.lowrank import factored_svd, flexlora_redistribute, stack_lora
+from ubsmoe.core.lora import factored_svd, stack_lora
+from ubsmoe.methods.flexlora import flexlora_redistribute
 
 CLIENT_RANKS = [12, 16, 24, 40]
 NUM_CLIENTS = 8

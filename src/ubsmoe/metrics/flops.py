@@ -61,14 +61,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils.flop_counter import (
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
+from ubsmoe.budgets import top_k_for_budget
 from ubsmoe.models.families import DENSE_FAMILIES, MOE_FAMILIES, check_lora_experts
+from ubsmoe.models.presets import SHIPPED_CONFIGS, shipped_config
 
 _REGISTERED: set[str] = set()
 
@@ -95,15 +100,11 @@ def register_grouped_mm_flops() -> None:
 
 
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args,
                             out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
@@ -132,11 +133,6 @@ _MOE_KEYS = {t: (f.num_experts_key, f.expert_size_key) for t, f in MOE_FAMILIES.
 LORA_TARGETS = ("all", "attention", "mlp")
 # LoRA ranks of budget levels beta_1..beta_4 in the LoRA-rank baselines (DESIGN.md section 6).
 PAPER_LORA_RANKS = (12, 16, 24, 40)
-# Hub name -> file under ubsmoe/configs/models (public config.json values).
-SHIPPED_CONFIGS = {
-    "allenai/OLMoE-1B-7B-0924": "allenai--OLMoE-1B-7B-0924.json",
-    "allenai/OLMo-1B-hf": "allenai--OLMo-1B-hf.json",
-}
 
 
 @dataclass(frozen=True)
@@ -269,16 +265,6 @@ def model_shape_from_config(config: dict[str, Any], name: str = "") -> ModelShap
     )
 
 
-def shipped_config(name: str) -> dict[str, Any]:
-    """The shipped ``config.json`` of ``name`` (a key of ``SHIPPED_CONFIGS``).
-
-    Raises:
-        KeyError: ``name`` is not shipped.
-    """
-    file = resources.files("ubsmoe") / "configs" / "models" / SHIPPED_CONFIGS[name]
-    return json.loads(file.read_text(encoding="utf-8"))
-
-
 def load_model_shape(model: str, lora_experts: int = 0, lora_experts_top_k: int = 2) -> ModelShape:
     """Model sizes by shipped name, local path or (online) hub name.
 
@@ -313,6 +299,7 @@ def _load_model_shape(model: str) -> ModelShape:
             raise ValueError(f"model: {str(path)!r} is not a JSON config ({e})") from e
         return model_shape_from_config(config, model)
     try:
+        # lazy: transformers takes seconds to import; only this path needs it
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model).to_dict()
@@ -387,7 +374,7 @@ def lora_params_per_token(s: ModelShape, rank: int, top_k: int, targets: str = "
     """LoRA parameters a token passes through (``r(in + out)`` per adapted matrix).
 
     Attention: q, k, v, o (PEFT, one pair each). MLP: a MoE model's experts follow
-    this package's :class:`~ubsmoe.models.smoe.ExpertLoRA` (one pair on the fused
+    this package's :class:`~ubsmoe.core.smoe.ExpertLoRA` (one pair on the fused
     ``gate_up`` ``[2I, H]`` and one on ``down`` ``[H, I]``), for the ``top_k``
     experts a token uses; a dense MLP follows PEFT (gate, up, down separately), unless
     it has LoRA experts (``s.lora_experts``): then ``top_k`` expert pairs as for a MoE
@@ -514,8 +501,6 @@ def default_budgets(s: ModelShape, betas: list[float], ranks: list[int] | None,
         ValueError: a dense model without ranks, or ``ranks`` and ``betas`` of
             different lengths.
     """
-    from ubsmoe.data.partition import top_k_for_budget
-
     if ranks is None:
         if not s.routed:
             raise ValueError(f"ranks: {s.name} is a dense model; give LoRA ranks per budget level")

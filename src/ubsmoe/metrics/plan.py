@@ -85,7 +85,7 @@ def _device_name(cfg: RunConfig) -> tuple[str, torch.device]:
     ``auto`` resolves on this machine; an explicit ``cuda``/``cuda:N`` is kept even
     when no CUDA device is visible (planning a GPU run from a CPU box).
     """
-    from ubsmoe.models.loading import resolve_device
+    from ubsmoe.models.devices import resolve_device
 
     name = cfg.model.device
     if name.startswith("cuda"):
@@ -98,7 +98,8 @@ def _device_name(cfg: RunConfig) -> tuple[str, torch.device]:
 def _meta_model(cfg: RunConfig):
     """The run's patched model on the meta device and its method (shapes only)."""
     from ubsmoe.methods import get_method_class
-    from ubsmoe.models.loading import prepare_model, random_olmoe, resolve_dtype
+    from ubsmoe.models.build import prepare_model, random_olmoe
+    from ubsmoe.models.devices import resolve_dtype
 
     _, device = _device_name(cfg)
     dtype = resolve_dtype(cfg.model.dtype, device)
@@ -111,7 +112,7 @@ def _meta_model(cfg: RunConfig):
 
 def _split(model) -> tuple[int, int, int]:
     """``(frozen params, frozen bytes, trainable params)`` of a (meta) model."""
-    from ubsmoe.models.loading import distinct_numel
+    from ubsmoe.models.patching import distinct_numel
 
     # LoRA experts' shared MLP weights are stride-0 views: counted once, as stored.
     frozen = sum(distinct_numel(p) for p in model.parameters() if not p.requires_grad)
@@ -181,14 +182,16 @@ def plan(cfg: RunConfig) -> dict[str, Any]:
     Raises:
         ValueError: the model has no readable OLMoE config.
     """
-    from ubsmoe.data.partition import assign_budgets, top_k_for_budget
+    from ubsmoe.budgets import top_k_for_budget
+    from ubsmoe.data.partition import assign_budgets
     from ubsmoe.metrics.flops import (
         model_shape_from_config,
         param_counts,
         training_flops_per_token,
         with_lora_experts,
     )
-    from ubsmoe.models.loading import olmoe_config, set_lora_rank
+    from ubsmoe.models.adapters import set_lora_rank
+    from ubsmoe.models.architecture import olmoe_config
 
     label, device = _device_name(cfg)
     model, method, dtype = _meta_model(cfg)
@@ -328,7 +331,7 @@ def check_plan(cfg: RunConfig, free_bytes: int | None = None) -> dict[str, Any]:
         ConfigError: ``model.device`` names no visible device.
         PlanError: the run does not fit (one line: what, how much, which setting).
     """
-    from ubsmoe.models.loading import resolve_device
+    from ubsmoe.models.devices import resolve_device
 
     device = resolve_device(cfg.model.device)
     p = plan(cfg)

@@ -1,8 +1,8 @@
 """Model families: which Hugging Face architectures the SMoE patch and the dense path support.
 
 One registry entry per sparse-MoE family (:data:`MOE_FAMILIES`) says what
-:func:`~ubsmoe.models.loading.patch_smoe` needs to replace the host's sparse-MoE
-block by an :class:`~ubsmoe.models.smoe.SMoELayer` with the host's exact routing:
+:func:`~ubsmoe.models.patching.patch_smoe` needs to replace the host's sparse-MoE
+block by an :class:`~ubsmoe.core.smoe.SMoELayer` with the host's exact routing:
 
 - the host block class (router at ``block.gate`` with ``weight [E, H]`` and
   ``top_k``; experts at ``block.experts`` with fused ``gate_up_proj [E, 2I, H]``,
@@ -23,7 +23,7 @@ Dense backbones (:data:`DENSE_FAMILIES`: OLMo, Llama, Mistral) have no MoE block
 LoRA goes on the attention and MLP projections through PEFT and only the
 LoRA-based methods (fedit and the rank methods) run on them, unless
 ``model.lora_experts = M > 0`` turns each MLP into M LoRA experts sharing its frozen
-weights (:func:`ubsmoe.models.loading.patch_lora_experts`; beyond the papers), on
+weights (:func:`ubsmoe.models.patching.patch_lora_experts`; beyond the papers), on
 which the SMoE methods run too (SMoE-LLB then uses OLMoE's Switch-Transformer
 ``load_balancing_loss_func``).
 
@@ -87,12 +87,14 @@ class MoEFamily:
 
     def config_cls(self) -> type:
         """The family's ``PretrainedConfig`` class."""
+        # lazy: transformers takes seconds to import; only this path needs it
         import transformers
 
         return getattr(transformers, self.config_class)
 
     def model_cls(self) -> type:
         """The family's causal-LM class."""
+        # lazy: transformers takes seconds to import; only this path needs it
         import transformers
 
         return getattr(transformers, self.model_class)
@@ -134,12 +136,14 @@ class DenseFamily:
 
     def config_cls(self) -> type:
         """The family's ``PretrainedConfig`` class."""
+        # lazy: transformers takes seconds to import; only this path needs it
         import transformers
 
         return getattr(transformers, self.config_class)
 
     def model_cls(self) -> type:
         """The family's causal-LM class."""
+        # lazy: transformers takes seconds to import; only this path needs it
         import transformers
 
         return getattr(transformers, self.model_class)

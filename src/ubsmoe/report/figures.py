@@ -378,7 +378,7 @@ def budget_cost(run: RunRecord) -> list[dict[str, Any]] | None:
     """
     from ubsmoe.config import ConfigError, config_from_dict
     from ubsmoe.metrics.flops import Budget, budget_table, model_shape_from_config
-    from ubsmoe.models.loading import olmoe_config
+    from ubsmoe.models.architecture import olmoe_config
 
     if not run.config:
         return None

@@ -8,7 +8,7 @@ beta_1..beta_4) on every LoRA of the model, attention (PEFT, ``lora_A.default.we
 ``[r, in]`` / ``lora_B.default.weight`` ``[out, r]``) and per-expert
 (``gate_up_lora.A`` ``[E, r, in]`` / ``.B`` ``[E, out, r]``), all with scale
 ``s = alpha / r``. The per-module aggregation math lives in
-:mod:`ubsmoe.methods.lowrank` and works on 2-D factors; :func:`map_experts` applies it
+:mod:`ubsmoe.core.lora` and works on 2-D factors; :func:`map_experts` applies it
 to each expert of a batched per-expert LoRA.
 
 This module holds the config every rank method shares (:class:`LoRARankConfig`), the
@@ -26,7 +26,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ubsmoe.methods.base import EXPERT_PARAM_RE, ClientUpdate, Method, fedavg
+from ubsmoe.core.lora import truncate_lora
+from ubsmoe.errors import ConfigError
+from ubsmoe.methods.aggregation import ClientUpdate, fedavg
+from ubsmoe.methods.base import EXPERT_PARAM_RE, Method
 
 DEFAULT_RANKS = (12, 16, 24, 40)
 _PEFT_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)\.[^.]+\.weight$")
@@ -51,7 +54,6 @@ class LoRARankConfig:
     alpha: float = 16.0
 
     def __post_init__(self) -> None:
-        from ubsmoe.config import ConfigError
 
         errors = []
         if not self.ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1
@@ -77,8 +79,6 @@ class LoRARankConfig:
         Raises:
             ConfigError: ``len(ranks) != len(fl.budgets)``.
         """
-        from ubsmoe.config import ConfigError
-
         if len(self.ranks) != len(run.fl.budgets):
             raise ConfigError(
                 f"{self.section}.ranks: got {self.ranks!r} ({len(self.ranks)} ranks), expected one "
@@ -182,7 +182,7 @@ def fresh_factors(A_like: torch.Tensor, B_like: torch.Tensor, rank: int,
     """New LoRA factors at ``rank`` with PEFT's default init: A Kaiming-uniform, B = 0.
 
     ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` (``kaiming_uniform_(a=sqrt(5))`` per expert, as
-    PEFT and :class:`~ubsmoe.models.smoe.ExpertLoRA`), so ``s * B @ A = 0``.
+    PEFT and :class:`~ubsmoe.core.smoe.ExpertLoRA`), so ``s * B @ A = 0``.
 
     Args:
         A_like: ``[..., r', in]`` giving dtype, device, expert dimension and ``in``.
@@ -248,8 +248,6 @@ class RankMethod(Method):
         Raises:
             ValueError: ``rank`` is above the global rank or below 1.
         """
-        from ubsmoe.methods.lowrank import truncate_lora
-
         pairs, _ = lora_pairs(list(global_adapters))
         out = dict(global_adapters)
         for pair in pairs:

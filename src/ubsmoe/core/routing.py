@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ubsmoe.config import ConfigError
+from ubsmoe.errors import ConfigError
 
 __all__ = [
     "DMRConfig",
@@ -192,7 +192,7 @@ def dmr_route(logits: torch.Tensor, phi: torch.Tensor | None, top_k: int,
     Implements ``p = softmax(m)`` (float32), the top-K_c experts of p, and gate
     weights ``w = p[top]`` (OLMoE) or ``w = p[top] / sum(p[top])``
     (``norm_topk_prob``, Mixtral/Qwen). With ``phi = 0`` or ``None`` the result is
-    identical to plain top-k routing (:meth:`ubsmoe.models.smoe.SMoELayer.route`).
+    identical to plain top-k routing (:meth:`ubsmoe.core.smoe.SMoELayer.route`).
 
     Args:
         logits: ``[num_tokens, num_experts]`` raw router affinities s.

@@ -7,7 +7,8 @@ low-budget client never activates (DESIGN.md section 1).
 
 from __future__ import annotations
 
-from ubsmoe.methods.base import Method, register_method
+from ubsmoe.methods.base import Method
+from ubsmoe.methods.registry import register_method
 
 
 @register_method("smoe")

@@ -1,4 +1,4 @@
-"""Aggregation math for heterogeneous-rank LoRA baselines (pure tensor functions).
+"""The LoRA algebra shared by the heterogeneous-rank methods (pure tensor functions).
 
 Papers:
 
@@ -25,25 +25,28 @@ the SVD of a small ``R x R`` matrix (:func:`factored_svd`), R = sum of client ra
 For an OLMoE 2048 x 2048 module with eight clients (R = 184) this is far cheaper than
 a dense 2048 x 2048 SVD (see ``benchmarks/flexlora_svd.py``).
 
-No Flower imports here, and nothing modifies its inputs in place.
+Each method's own aggregation lives in that method's module
+(:mod:`ubsmoe.methods.hetlora`, :mod:`ubsmoe.methods.flexlora`,
+:mod:`ubsmoe.methods.florist`). No Flower imports here, and nothing modifies its
+inputs in place.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 __all__ = [
+    "FLOOR_EPS",
+    "check_clients",
+    "check_pair",
+    "check_scale",
+    "check_svd",
+    "factors_from_svd",
     "energy_rank",
     "factored_svd",
-    "flexlora_aggregate",
-    "flexlora_redistribute",
-    "florist_aggregate",
-    "hetlora_aggregate",
-    "hetlora_regularizer",
-    "hetlora_weights",
     "lora_frobenius_norm",
     "merge_into_weight",
     "pad_lora",
@@ -52,11 +55,11 @@ __all__ = [
 ]
 
 # Guards floor(gamma * r) against float error such as 0.29 * 100 = 28.999999999999996.
-_FLOOR_EPS = 1e-9
+FLOOR_EPS = 1e-9
 
 
 # ----- validation helpers ------------------------------------------------------------
-def _check_pair(A: torch.Tensor, B: torch.Tensor, where: str) -> None:
+def check_pair(A: torch.Tensor, B: torch.Tensor, where: str) -> None:
     """Raise ValueError unless A is [r, in] and B is [out, r] with matching r."""
     if A.ndim != 2 or B.ndim != 2:
         raise ValueError(
@@ -70,7 +73,7 @@ def _check_pair(A: torch.Tensor, B: torch.Tensor, where: str) -> None:
         )
 
 
-def _check_clients(
+def check_clients(
     As: Sequence[torch.Tensor],
     Bs: Sequence[torch.Tensor],
     scales: Sequence[float],
@@ -90,7 +93,7 @@ def _check_clients(
         raise ValueError(f"{where}: got {len(weights)} weights for {n} clients")
     in_features, out_features = As[0].shape[-1], Bs[0].shape[0]
     for c, (A, B) in enumerate(zip(As, Bs)):
-        _check_pair(A, B, f"{where} (client {c})")
+        check_pair(A, B, f"{where} (client {c})")
         if A.shape[1] != in_features or B.shape[0] != out_features:
             raise ValueError(
                 f"{where}: client {c} has module shape [{B.shape[0]}, {A.shape[1]}], "
@@ -104,7 +107,7 @@ def _as_float_list(values: Sequence[float] | torch.Tensor) -> list[float]:
     return [float(v) for v in values]
 
 
-# ----- HetLoRA: distribution ---------------------------------------------------------
+# ----- rank change: truncation and zero padding -------------------------------------
 def truncate_lora(
     A: torch.Tensor, B: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +128,7 @@ def truncate_lora(
     Raises:
         ValueError: shapes are inconsistent, or ``rank`` is outside ``[1, r_max]``.
     """
-    _check_pair(A, B, "truncate_lora")
+    check_pair(A, B, "truncate_lora")
     r_max = A.shape[0]
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
         raise ValueError(f"truncate_lora: rank must be an int in [1, {r_max}], got {rank!r}")
@@ -154,7 +157,7 @@ def pad_lora(
     Raises:
         ValueError: shapes are inconsistent, or ``rank_max < r`` or ``rank_max < 1``.
     """
-    _check_pair(A, B, "pad_lora")
+    check_pair(A, B, "pad_lora")
     r = A.shape[0]
     if (
         isinstance(rank_max, bool)
@@ -171,7 +174,7 @@ def pad_lora(
     return A_pad, B_pad
 
 
-# ----- HetLoRA: norms, weights, regulariser, aggregation -----------------------------
+# ----- norms -----------------------------------------------------------------------
 def lora_frobenius_norm(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """Frobenius norm of a LoRA update, ``||s B A||_F``, without forming ``B A``.
 
@@ -193,139 +196,13 @@ def lora_frobenius_norm(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch
     Raises:
         ValueError: shapes are inconsistent.
     """
-    _check_pair(A, B, "lora_frobenius_norm")
+    check_pair(A, B, "lora_frobenius_norm")
     out_dtype = torch.promote_types(A.dtype, B.dtype)
     A64, B64 = A.to(torch.float64), B.to(torch.float64)
     gram_b = B64.T @ B64  # [r, r]
     gram_a = A64 @ A64.T  # [r, r]
     sq = (gram_b * gram_a).sum().clamp_min(0.0)
     return (abs(float(scale)) * sq.sqrt()).to(out_dtype)
-
-
-def hetlora_weights(norms: torch.Tensor) -> torch.Tensor:
-    """HetLoRA sparsity weights ``w_c = S_c / sum_k S_k``.
-
-    Args:
-        norms: ``[num_clients]`` non-negative update norms ``S_c = ||s_c B_c A_c||_F``
-            (see :func:`lora_frobenius_norm`).
-
-    Returns:
-        ``[num_clients]`` weights summing to 1, in the dtype of ``norms`` (float64 for
-        integer input); uniform ``1 / num_clients`` if every ``S_c`` is 0.
-
-    Raises:
-        ValueError: ``norms`` is not 1-D, is empty, or holds a negative or non-finite
-            value.
-    """
-    if norms.ndim != 1 or norms.numel() == 0:
-        raise ValueError(f"hetlora_weights: norms must be a non-empty 1-D tensor, got shape "
-                         f"{tuple(norms.shape)}")
-    if not norms.is_floating_point():
-        norms = norms.to(torch.float64)
-    if not bool(torch.isfinite(norms).all()) or bool((norms < 0).any()):
-        raise ValueError(f"hetlora_weights: norms must be finite and >= 0, got {norms.tolist()}")
-    total = norms.sum()
-    if total == 0:
-        return torch.full_like(norms, 1.0 / norms.numel())
-    return norms / total
-
-
-def hetlora_regularizer(
-    A: torch.Tensor, B: torch.Tensor, gamma: float, coef: float
-) -> torch.Tensor:
-    """HetLoRA rank self-pruning penalty on the tail rank components.
-
-    With ``k = floor(gamma * r)``::
-
-        L_prune = coef * ||B[:, k:]||_F * ||A[k:, :]||_F
-
-    It pushes the trailing ``r - k`` rank components towards zero so a client can
-    drop them. ``gamma = 1`` gives an empty tail and a zero penalty. ``floor`` uses a
-    1e-9 tolerance so that e.g. ``gamma = 0.29, r = 100`` gives ``k = 29``. Call it
-    inside the training graph: it is differentiable in ``A`` and ``B`` (the tail
-    receives the gradient; the head ``[:k]`` gets exactly zero).
-
-    Args:
-        A: ``[r, in_features]`` trainable down-projection.
-        B: ``[out_features, r]`` trainable up-projection.
-        gamma: kept fraction, in ``(0, 1]``.
-        coef: penalty coefficient (lambda), ``>= 0``.
-
-    Returns:
-        0-dim tensor in the promoted dtype of ``A`` and ``B``, attached to the graph.
-
-    Raises:
-        ValueError: shapes are inconsistent, ``gamma`` is not in ``(0, 1]`` or ``coef``
-            is negative.
-    """
-    _check_pair(A, B, "hetlora_regularizer")
-    if not 0.0 < float(gamma) <= 1.0:
-        raise ValueError(f"hetlora_regularizer: gamma must be in (0, 1], got {gamma!r}")
-    if not float(coef) >= 0.0:
-        raise ValueError(f"hetlora_regularizer: coef must be >= 0, got {coef!r}")
-    r = A.shape[0]
-    k = min(r, math.floor(float(gamma) * r + _FLOOR_EPS))
-    b_tail = torch.linalg.vector_norm(B[:, k:])  # over [out, r - k]
-    a_tail = torch.linalg.vector_norm(A[k:, :])  # over [r - k, in]
-    return float(coef) * b_tail * a_tail
-
-
-def hetlora_aggregate(
-    As: Sequence[torch.Tensor],
-    Bs: Sequence[torch.Tensor],
-    scales: Sequence[float],
-    rank_max: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """HetLoRA server aggregation: zero-pad to ``rank_max`` and sparsity-weight.
-
-    For clients c with factors ``A_c [r_c, in]``, ``B_c [out, r_c]`` and scales
-    ``s_c``::
-
-        S_c = ||s_c B_c A_c||_F                 (lora_frobenius_norm, no dense matrix)
-        w_c = S_c / sum_k S_k                   (hetlora_weights; uniform if all 0)
-        A   = sum_c w_c * pad(A_c, rank_max)    (zero rows r_c..rank_max-1)
-        B   = sum_c w_c * pad(B_c, rank_max)    (zero columns r_c..rank_max-1)
-
-    A and B are averaged separately, as in the paper, so ``B @ A`` is NOT the
-    weighted mean of the clients' products (cross terms ``w_c w_k B_c A_k`` appear).
-    The scales enter only through the weights ``S_c``; the returned factors are raw
-    (unscaled), and the caller applies the global scale it uses for rank
-    ``rank_max``. Client data sizes are not part of the weight (the paper's rule);
-    the caller may fold them in by pre-scaling if desired. Accumulation is in
-    float64, the result is cast to the dtype of client 0's factors.
-
-    Args:
-        As: per client, ``[r_c, in_features]``.
-        Bs: per client, ``[out_features, r_c]``.
-        scales: per client, the LoRA scale ``s_c = alpha / r_c``.
-        rank_max: global rank, ``>= max_c r_c``.
-
-    Returns:
-        ``(A[rank_max, in_features], B[out_features, rank_max])``.
-
-    Raises:
-        ValueError: empty or mismatched lists, inconsistent shapes, or
-            ``rank_max < max_c r_c``.
-    """
-    _check_clients(As, Bs, scales, "hetlora_aggregate")
-    r_hi = max(A.shape[0] for A in As)
-    if isinstance(rank_max, bool) or not isinstance(rank_max, int) or rank_max < max(r_hi, 1):
-        raise ValueError(
-            f"hetlora_aggregate: rank_max must be an int >= the largest client rank "
-            f"{r_hi}, got {rank_max!r}"
-        )
-    norms = torch.stack(
-        [lora_frobenius_norm(A, B, s).to(torch.float64) for A, B, s in zip(As, Bs, scales)]
-    )  # [C]
-    w = hetlora_weights(norms)  # [C] float64
-    out_dtype = As[0].dtype
-    A_acc = torch.zeros(rank_max, As[0].shape[1], dtype=torch.float64, device=As[0].device)
-    B_acc = torch.zeros(Bs[0].shape[0], rank_max, dtype=torch.float64, device=Bs[0].device)
-    for wc, A, B in zip(w.tolist(), As, Bs):
-        r = A.shape[0]
-        A_acc[:r] += wc * A.to(torch.float64)
-        B_acc[:, :r] += wc * B.to(torch.float64)
-    return A_acc.to(out_dtype), B_acc.to(out_dtype)
 
 
 # ----- FLoRA: stacking and merging ---------------------------------------------------
@@ -359,7 +236,7 @@ def stack_lora(
     Raises:
         ValueError: empty or mismatched lists or inconsistent shapes.
     """
-    _check_clients(As, Bs, scales, "stack_lora", weights)
+    check_clients(As, Bs, scales, "stack_lora", weights)
     coeffs = [p * float(s) for p, s in zip(_as_float_list(weights), scales)]
     A_st = torch.cat([c * A for c, A in zip(coeffs, As)], dim=0)  # [R, in]
     B_st = torch.cat(list(Bs), dim=1)  # [out, R]
@@ -386,7 +263,7 @@ def merge_into_weight(
     Raises:
         ValueError: shapes are inconsistent.
     """
-    _check_pair(A, B, "merge_into_weight")
+    check_pair(A, B, "merge_into_weight")
     if W.ndim != 2 or W.shape != (B.shape[0], A.shape[1]):
         raise ValueError(
             f"merge_into_weight: W {tuple(W.shape)} does not match B @ A "
@@ -456,7 +333,7 @@ def factored_svd(
     return U.to(out_dtype), S.to(out_dtype), Vh.to(out_dtype)
 
 
-def _factors_from_svd(
+def factors_from_svd(
     U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``A = Vh[:rank]``, ``B = U[:, :rank] S[:rank] / scale``, zero-padded past q."""
@@ -469,7 +346,12 @@ def _factors_from_svd(
     return A.clone(), B.clone()
 
 
-def _check_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, where: str) -> None:
+def check_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, where: str) -> None:
+    """Check a thin SVD's shapes: ``U [out, q]``, ``S [q]``, ``Vh [q, in]``.
+
+    Raises:
+        ValueError: other ranks or mismatched ``q`` (the message starts with ``where``).
+    """
     if U.ndim != 2 or S.ndim != 1 or Vh.ndim != 2 or not U.shape[1] == S.shape[0] == Vh.shape[0]:
         raise ValueError(
             f"{where}: need U [out, q], S [q], Vh [q, in]; got {tuple(U.shape)}, "
@@ -477,92 +359,14 @@ def _check_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, where: str) -
         )
 
 
-def _check_scale(scale: float, where: str) -> None:
+def check_scale(scale: float, where: str) -> None:
+    """Check a LoRA scale ``alpha / r`` is finite and non-zero.
+
+    Raises:
+        ValueError: otherwise (the message starts with ``where``).
+    """
     if not (math.isfinite(float(scale)) and float(scale) != 0.0):
         raise ValueError(f"{where}: scale must be finite and non-zero, got {scale!r}")
-
-
-def flexlora_redistribute(
-    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlexLoRA: a client's rank-r factors from the SVD of the aggregated update.
-
-    ::
-
-        A = Vh[:r, :]                       (= V_r^T)
-        B = U[:, :r] diag(S[:r]) / s
-        => s * B @ A = U_r diag(S_r) V_r^T  (best rank-r approximation, Eckart-Young)
-
-    If ``r > q`` (fewer singular triplets than the requested rank) the factors are
-    zero-padded to rank ``r``; the product is then the full update.
-
-    Args:
-        U: ``[out_features, q]`` left singular vectors.
-        S: ``[q]`` singular values, descending.
-        Vh: ``[q, in_features]`` right singular vectors (transposed).
-        rank: client rank ``r >= 1``.
-        scale: the client's LoRA scale ``s = alpha / r`` (finite, non-zero).
-
-    Returns:
-        ``(A[rank, in_features], B[out_features, rank])``, new tensors in the dtype of
-        ``U``/``S``/``Vh``.
-
-    Raises:
-        ValueError: inconsistent SVD shapes, ``rank < 1`` or an invalid ``scale``.
-    """
-    _check_svd(U, S, Vh, "flexlora_redistribute")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"flexlora_redistribute: rank must be an int >= 1, got {rank!r}")
-    _check_scale(scale, "flexlora_redistribute")
-    return _factors_from_svd(U, S, Vh, rank, scale)
-
-
-def flexlora_aggregate(
-    As: Sequence[torch.Tensor],
-    Bs: Sequence[torch.Tensor],
-    scales: Sequence[float],
-    weights: Sequence[float] | torch.Tensor,
-    ranks: Sequence[int],
-    scale_for_rank: Callable[[int], float] | Sequence[float],
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """FlexLoRA server step for one module: aggregate, SVD once, redistribute.
-
-    ::
-
-        dW = sum_c p_c s_c B_c A_c = B_st @ A_st          (stack_lora, never formed)
-        dW = U diag(S) Vh                                  (factored_svd)
-        for each requested rank r with scale s_r:
-            A_r = Vh[:r],  B_r = U[:, :r] diag(S[:r]) / s_r   (flexlora_redistribute)
-
-    Args:
-        As: per client, ``[r_c, in_features]``.
-        Bs: per client, ``[out_features, r_c]``.
-        scales: per client, the LoRA scale ``s_c``.
-        weights: per client, ``p_c`` (used as given, see :func:`stack_lora`).
-        ranks: the ranks to produce (typically the distinct client ranks).
-        scale_for_rank: the LoRA scale of a rank-r adapter, either a callable
-            ``rank -> scale`` (e.g. ``lambda r: alpha / r``) or a sequence aligned
-            with ``ranks``.
-
-    Returns:
-        One ``(A[r, in_features], B[out_features, r])`` pair per entry of ``ranks``,
-        in the same order.
-
-    Raises:
-        ValueError: invalid client lists (see :func:`stack_lora`), an invalid rank or
-            scale, or a scale sequence whose length differs from ``ranks``.
-    """
-    if callable(scale_for_rank):
-        rank_scales = [float(scale_for_rank(r)) for r in ranks]
-    else:
-        rank_scales = [float(s) for s in scale_for_rank]
-        if len(rank_scales) != len(ranks):
-            raise ValueError(
-                f"flexlora_aggregate: got {len(rank_scales)} scales for {len(ranks)} ranks"
-            )
-    A_st, B_st = stack_lora(As, Bs, scales, weights)
-    U, S, Vh = factored_svd(B_st, A_st)
-    return [flexlora_redistribute(U, S, Vh, r, s) for r, s in zip(ranks, rank_scales)]
 
 
 def energy_rank(S: torch.Tensor, tau: float) -> int:
@@ -606,52 +410,3 @@ def energy_rank(S: torch.Tensor, tau: float) -> int:
     return min(k, S64.numel())
 
 
-def florist_aggregate(
-    As: Sequence[torch.Tensor],
-    Bs: Sequence[torch.Tensor],
-    scales: Sequence[float],
-    weights: Sequence[float] | torch.Tensor,
-    tau: float,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """FLoRIST server step for one module: stack, factored SVD, energy threshold.
-
-    ::
-
-        dW = sum_c p_c s_c B_c A_c = B_st @ A_st = U diag(S) Vh   (never formed)
-        k  = energy_rank(S, tau)
-        A  = Vh[:k],  B = U[:, :k] diag(S[:k]) / s     =>  s * B @ A = rank-k part of dW
-
-    Every client receives the same rank-k factors. Only ``B`` depends on ``scale``;
-    if the scale is meant to depend on k (``alpha / k``), multiply ``B`` by
-    ``scale / new_scale`` afterwards.
-
-    Zero-update guard: if ``dW = 0`` (all singular values exactly 0, e.g. every B_c
-    is still zero) the result is ``k = 0`` with zero-rank factors ``A[0, in]`` and
-    ``B[out, 0]``, whose product is the zero matrix (``merge_into_weight`` then
-    leaves W unchanged). The caller must not build a rank-0 PEFT adapter from them:
-    skip the update, or use ``pad_lora(A, B, 1)`` for rank-1 zeros.
-
-    Args:
-        As: per client, ``[r_c, in_features]``.
-        Bs: per client, ``[out_features, r_c]``.
-        scales: per client, the LoRA scale ``s_c``.
-        weights: per client, ``p_c`` (used as given, see :func:`stack_lora`).
-        tau: energy threshold in ``(0, 1]`` (FLoRIST default 0.9).
-        scale: the LoRA scale ``s`` the returned factors are meant for (e.g.
-            ``alpha / k``; finite, non-zero).
-
-    Returns:
-        ``(A[k, in_features], B[out_features, k], k)``.
-
-    Raises:
-        ValueError: invalid client lists, ``tau`` or ``scale``.
-    """
-    if not 0.0 < float(tau) <= 1.0:
-        raise ValueError(f"florist_aggregate: tau must be in (0, 1], got {tau!r}")
-    _check_scale(scale, "florist_aggregate")
-    A_st, B_st = stack_lora(As, Bs, scales, weights)
-    U, S, Vh = factored_svd(B_st, A_st)
-    k = energy_rank(S, tau)
-    A, B = _factors_from_svd(U, S, Vh, k, scale)
-    return A, B, k

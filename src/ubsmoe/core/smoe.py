@@ -8,7 +8,7 @@ Federated Fine-Tuning of Foundation Models" (ICML 2026, arXiv 2605.16690).
 (trainable on request, :meth:`SMoELayer.set_router_trainable`). It also serves as
 a mixture of LoRA experts on a dense MLP (``model.lora_experts``), whose experts'
 frozen weights are stride-0 views of the one MLP
-(:func:`ubsmoe.models.loading.patch_lora_experts`); nothing here copies them.
+(:func:`ubsmoe.models.patching.patch_lora_experts`); nothing here copies them.
 Per token it routes to the top-K_c experts (K_c set per client), runs each selected
 expert's frozen weights plus its own LoRA on the tokens routed to it only, and
 records expert utilization. With DMR enabled (:meth:`SMoELayer.enable_dmr`, UB-SMoE)
@@ -22,312 +22,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ubsmoe.routing import dmr_route
-
-
-def grouped_linear(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Per-group matmul ``x[rows of group e] @ weight_t[e]``.
-
-    Args:
-        x: ``[num_rows, in_features]``, rows sorted by group.
-        weight_t: ``[num_groups, in_features, out_features]`` (transposed weights;
-            a transposed view is fine).
-        offsets: ``[num_groups]`` int32 cumulative row counts (end of each group).
-
-    Returns:
-        ``[num_rows, out_features]`` in ``x``'s dtype. A group without rows owns no
-        output row, so an empty expert cannot put anything into the output (its
-        weight-gradient block is the one that needs care: :func:`grouped_weight_grad`).
-    """
-    return F.grouped_mm(x, weight_t, offs=offsets)
-
-
-def grouped_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, offsets: torch.Tensor,
-                        empty: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-group weight gradient ``grad_out[rows of e]^T @ inp[rows of e]``, exactly 0 for empty groups.
-
-    ``grouped_mm`` with offsets along the reduction dimension writes one
-    ``[out, in]`` block per group; a group without rows is a sum over nothing,
-    but CUDA does not promise to write its block (an uninitialised, possibly NaN,
-    block has been reported upstream) and only CPU returns zeros. The blocks of
-    groups with a count of 0 are therefore overwritten with zeros by a mask built
-    on the device from ``offsets`` (``masked_fill``, so NaN cannot survive as it
-    would a multiplication by 0): no host synchronisation.
-
-    Args:
-        grad_out: ``[num_rows, out_features]``, rows sorted by group.
-        inp: ``[num_rows, in_features]``, the same rows.
-        offsets: ``[num_groups]`` int32 cumulative row counts (end of each group).
-        empty: ``[num_groups]`` bool, groups without rows (``counts == 0``) when the
-            caller has it (one layer's projections share it); None: from ``offsets``.
-
-    Returns:
-        ``[num_groups, out_features, in_features]``; block e is
-        ``sum over rows r of group e of grad_out[r]^T inp[r]`` and 0 where group e
-        has no row.
-    """
-    grad = F.grouped_mm(grad_out.t(), inp, offs=offsets)  # [E, out, in]
-    if empty is None:
-        empty = torch.diff(offsets, prepend=offsets.new_zeros(1)) == 0  # [E] groups without rows
-    return grad.masked_fill_(empty[:, None, None], 0)
-
-
-class SlotRouting(NamedTuple):
-    """Where each (token, choice) slot goes once slots are sorted by expert.
-
-    A slot is ``t * K + j``: token ``t``'s ``j``-th selected expert. With
-    ``S = num_tokens * K`` slots:
-
-    Attributes:
-        order: ``[S]`` int64, the slot at each sorted position (sorted by expert,
-            stable, so slots of one expert keep token order).
-        token: ``[S]`` int64, the token of each sorted position (``order // K``).
-        inverse: ``[num_tokens, K]`` int64, the sorted position of each slot.
-        offsets: ``[num_experts]`` int32, end of each expert's rows among the sorted
-            positions (cumulative counts, the ``offs`` of ``grouped_mm``).
-        counts: ``[num_experts]`` int64 slots per expert (``bincount`` of the
-            selected experts, taken from ``offsets``: ``bincount`` synchronises with
-            the host on CUDA).
-    """
-
-    order: torch.Tensor
-    token: torch.Tensor
-    inverse: torch.Tensor
-    offsets: torch.Tensor
-    counts: torch.Tensor
-
-
-def sort_slots(top_index: torch.Tensor, num_experts: int) -> SlotRouting:
-    """Sort the ``num_tokens * K`` routing slots by expert.
-
-    Offsets come from ``searchsorted`` on the sorted expert ids: no histogram, no
-    host synchronisation, no float64.
-
-    Args:
-        top_index: ``[num_tokens, K]`` int64 selected experts.
-        num_experts: E, the number of groups.
-
-    Returns:
-        The :class:`SlotRouting` of the batch.
-    """
-    num_tokens, k = top_index.shape
-    flat = top_index.reshape(-1)  # [S], slot t*K + j
-    sorted_expert, order = torch.sort(flat, stable=True)  # [S], [S]
-    positions = torch.arange(order.numel(), device=order.device)  # [S]
-    inverse = torch.empty_like(order).scatter_(0, order, positions)  # [S]
-    bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=sorted_expert.dtype)  # [E]
-    offsets = torch.searchsorted(sorted_expert, bounds, out_int32=True)  # [E] #slots with expert < e+1
-    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()  # [E]
-    return SlotRouting(order, order // k, inverse.view(num_tokens, k), offsets, counts)
-
-
-class _GatherSlots(torch.autograd.Function):
-    """``xs = x[token]``: copy each token's row once per selected expert, in sorted order.
-
-    The backward sums a token's K row gradients with ``embedding_bag`` over
-    ``inverse`` (one pass, a fixed summation order per token): bitwise deterministic
-    on any thread count, unlike the scatter-add (``index_put`` with accumulation)
-    that plain indexing would use.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        """``[N, H] -> [S, H]``: row ``token[i]`` of ``x`` at sorted position i."""
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, token)  # [S, H]
-
-    @staticmethod
-    def backward(ctx, grad_xs: torch.Tensor):
-        """``[S, H] -> [N, H]``: each token's K row gradients summed."""
-        (inverse,) = ctx.saved_tensors
-        grad_x = F.embedding_bag(inverse, grad_xs.contiguous(), mode="sum")  # [N, H]
-        return grad_x, None, None
-
-
-class _CombineSlots(torch.autograd.Function):
-    """``y[t] = sum_j ys[inverse[t, j]]``: sum each token's K expert outputs.
-
-    Forward is one ``embedding_bag`` (no ``[S, H]`` intermediate, fixed order per
-    token, deterministic); backward hands each slot its token's gradient row.
-    """
-
-    @staticmethod
-    def forward(ctx, ys: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        """``[S, H] -> [N, H]``: each token's K expert outputs summed."""
-        ctx.save_for_backward(token)
-        return F.embedding_bag(inverse, ys, mode="sum")  # [N, H]
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        """``[N, H] -> [S, H]``: each sorted position gets its token's gradient row."""
-        (token,) = ctx.saved_tensors
-        return grad_y.index_select(0, token), None, None  # [S, H]
-
-
-def _pad_rank(lora_a: torch.Tensor, lora_b: torch.Tensor,
-              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cast ``A [E, r, in]``, ``B [E, out, r]`` to ``dtype`` with the rank zero-padded to 16-byte rows.
-
-    ``grouped_mm`` needs every non-unit stride to be a multiple of 16 bytes, and the
-    ``[S, r]`` LoRA activation has row stride r: rank 20 in bfloat16 (40 bytes) would
-    be rejected. The padded rows of A and columns of B are zero, so the product is
-    unchanged; the gradients are sliced back to rank r. Cast and padding are one
-    copy into a zeroed buffer (the values are those of ``F.pad(A.to(dtype))``).
-    """
-    dtype = lora_a.dtype if dtype is None else dtype
-    align = max(1, 16 // torch.empty((), dtype=dtype).element_size())
-    num_experts, rank, in_features = lora_a.shape
-    pad = -rank % align
-    if pad == 0:
-        return lora_a.to(dtype), lora_b.to(dtype)
-    a = lora_a.new_zeros((num_experts, rank + pad, in_features), dtype=dtype)
-    b = lora_b.new_zeros((num_experts, lora_b.shape[1], rank + pad), dtype=dtype)
-    a[:, :rank].copy_(lora_a)
-    b[..., :rank].copy_(lora_b)
-    return a, b
-
-
-def _unpad_grad(grad: torch.Tensor, rank: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """The rank-``rank`` part of a padded factor's gradient, contiguous, in ``dtype``."""
-    if grad.shape[dim] != rank:
-        grad = grad.narrow(dim, 0, rank)
-    return grad.to(dtype) if grad.dtype != dtype else grad.contiguous()
-
-
-class _LoRAGroupedLinear(torch.autograd.Function):
-    """``y = x W_e^T + s (x A_e^T) B_e^T`` for the rows of each expert e; ``W`` frozen.
-
-    One autograd node per projection with a hand-written backward: no gradient is
-    ever formed for the frozen ``W`` (only the input gradient ``gy W_e``), the LoRA
-    output is added in place instead of through an extra autograd add, and only
-    ``x`` and the ``[S, r]`` LoRA activation are saved. Every matmul is a
-    ``grouped_mm`` over the sorted rows, so all compute scales with the routed rows.
-    The factors come in their own (float32) dtype and are cast to ``x``'s inside
-    (with the rank padding), their gradients cast back: no extra autograd nodes.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scale: float, offsets: torch.Tensor,
-                empty: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [S, in] -> [S, out]``; saves x and the ``[S, r']`` LoRA activation."""
-        rank = lora_a.shape[1]
-        ctx.factor_dtypes = (lora_a.dtype, lora_b.dtype)
-        lora_a, lora_b = _pad_rank(lora_a, lora_b, x.dtype)  # [E, r', in], [E, out, r']
-        h = grouped_linear(x, lora_a.transpose(1, 2), offsets)  # [S, r']
-        h = h * scale  # scale the narrow [S, r'] activation, not the [S, out] output
-        y = grouped_linear(x, weight.transpose(1, 2), offsets)  # [S, out]
-        y.add_(grouped_linear(h, lora_b.transpose(1, 2), offsets))
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h, offsets, empty)
-        ctx.scale = scale
-        ctx.rank = rank
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        """Input, LoRA A and LoRA B gradients (none for the frozen weight).
-
-        An expert that got no row gets LoRA gradients of exactly 0 on every
-        backend (:func:`grouped_weight_grad`).
-        """
-        x, weight, lora_a, lora_b, h, offsets, empty = ctx.saved_tensors
-        dtype_a, dtype_b = ctx.factor_dtypes
-        need_x, _, need_a, need_b = ctx.needs_input_grad[:4]
-        rank = ctx.rank
-        grad_y = grad_y.contiguous()
-        grad_h = grouped_linear(grad_y, lora_b, offsets)  # [S, r'], gradient of scaled h
-        grad_b = None
-        if need_b:
-            grad_b = grouped_weight_grad(grad_y, h, offsets, empty)  # [E, out, r'], 0 for empty experts
-            grad_b = _unpad_grad(grad_b, rank, 2, dtype_b)
-        grad_h = grad_h * ctx.scale  # gradient of the unscaled x A^T
-        grad_a = None
-        if need_a:
-            grad_a = grouped_weight_grad(grad_h, x, offsets, empty)  # [E, r', in], 0 for empty experts
-            grad_a = _unpad_grad(grad_a, rank, 1, dtype_a)
-        grad_x = None
-        if need_x:
-            grad_x = grouped_linear(grad_y, weight, offsets)  # [S, in]
-            grad_x.add_(grouped_linear(grad_h, lora_a, offsets))
-        return grad_x, None, grad_a, grad_b, None, None, None
-
-
-def lora_grouped_linear(x: torch.Tensor, weight: torch.Tensor, lora: ExpertLoRA,
-                        offsets: torch.Tensor, empty: torch.Tensor | None = None) -> torch.Tensor:
-    """Frozen expert projection plus its LoRA on rows grouped by expert.
-
-    Args:
-        x: ``[S, in_features]`` rows sorted by expert.
-        weight: ``[E, out_features, in_features]`` frozen expert weights (HF layout).
-        lora: the projection's :class:`ExpertLoRA` (``A [E, r, in]``, ``B [E, out, r]``).
-        offsets: ``[E]`` int32 cumulative row counts.
-        empty: ``[E]`` bool, experts without rows (None: derived from ``offsets``).
-
-    Returns:
-        ``[S, out_features]``: ``x W_e^T + scale * (x A_e^T) B_e^T`` per row of expert e.
-        The factors (float32 parameters) are cast to ``x``'s dtype for the grouped
-        matmuls (a no-op in float32); their gradients flow back in float32.
-    """
-    return _LoRAGroupedLinear.apply(x, weight, lora.A, lora.B, lora.scale, offsets, empty)
-
-
-class _WeightedSwiGLU(torch.autograd.Function):
-    """``h = silu(gate) * up * w`` with ``[gate | up] = gate_up`` (w: gate weight per row).
-
-    Folding the router's gate weight into the ``[S, I]`` activation is exact (the
-    down projection is linear) and cheaper than weighting the ``[S, H]`` output.
-    The backward writes both halves of the gradient into one ``[S, 2I]`` buffer
-    (no concatenation); ``silu(gate)`` is saved rather than recomputed.
-    """
-
-    @staticmethod
-    def forward(ctx, gate_up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``gate_up [S, 2I], weights [S, 1] -> h [S, I]``."""
-        inter = gate_up.shape[-1] // 2
-        act = F.silu(gate_up[:, :inter])  # [S, I]
-        h = act * gate_up[:, inter:]  # [S, I]
-        h.mul_(weights)
-        ctx.save_for_backward(gate_up, weights, act)
-        return h
-
-    @staticmethod
-    def backward(ctx, grad_h: torch.Tensor):
-        """Gradients of ``gate_up`` ``[S, 2I]`` and of ``weights`` ``[S, 1]``."""
-        gate_up, weights, act = ctx.saved_tensors
-        inter = gate_up.shape[-1] // 2
-        gate, up = gate_up[:, :inter], gate_up[:, inter:]  # [S, I] each
-        grad_act = grad_h * up  # [S, I], d/d(silu(gate)) before the weight
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.linalg.vecdot(grad_act, act).unsqueeze(-1)  # [S, 1]
-        grad_act.mul_(weights)
-        grad_gate_up = torch.empty_like(gate_up)  # [S, 2I]
-        torch.ops.aten.silu_backward.grad_input(grad_act, gate, grad_input=grad_gate_up[:, :inter])
-        torch.mul(grad_h, weights, out=grad_gate_up[:, inter:]).mul_(act)
-        return grad_gate_up, grad_w
-
-
-def weighted_glu(gate_up: torch.Tensor, weights: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
-    """Gated expert activation with the gate weight folded in: ``act(gate) * up * w``.
-
-    Args:
-        gate_up: ``[S, 2I]``, the fused gate and up projections (gate first, HF layout).
-        weights: ``[S, 1]`` gate weight of each row.
-        act_fn: the activation; SiLU takes a fused path, anything else plain autograd.
-
-    Returns:
-        ``[S, I]``.
-    """
-    if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
-        return _WeightedSwiGLU.apply(gate_up, weights)
-    gate, up = gate_up.chunk(2, dim=-1)  # [S, I] each
-    return act_fn(gate) * (up * weights)
+from ubsmoe.core.grouped import (
+    CombineSlots,
+    GatherSlots,
+    SlotRouting,
+    lora_grouped_linear,
+    sort_slots,
+    weighted_glu,
+)
+from ubsmoe.core.routing import dmr_route
 
 
 class ExpertLoRA(nn.Module):
@@ -408,11 +116,11 @@ class SMoELayer(nn.Module):
             a count > 0).
         accumulate_step_stats: add each forward's ``router_prob_sum`` and
             ``batch_expert_counts`` to the previous ones instead of replacing them
-            (set by :func:`ubsmoe.models.loading.step_stats` for one optimizer step
+            (set by :func:`ubsmoe.models.runtime.step_stats` for one optimizer step
             of gradient accumulation).
         recomputing: the current forward is an activation-checkpointing
             recomputation in the backward pass (set by
-            :func:`ubsmoe.models.loading.set_activation_checkpointing`): it records
+            :func:`ubsmoe.models.runtime.set_activation_checkpointing`): it records
             no statistics and keeps no router logits, so nothing is counted twice.
         phi: ``[E]`` float32 DMR modulation (parameter; zeros and frozen unless
             :meth:`enable_dmr` was called).
@@ -565,7 +273,7 @@ class SMoELayer(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-K_c routing, DMR-modulated when enabled (DESIGN.md section 3, steps 1-3).
 
-        Delegates to :func:`ubsmoe.routing.dmr_route` with ``phi`` when DMR is on
+        Delegates to :func:`ubsmoe.core.routing.dmr_route` with ``phi`` when DMR is on
         and with no modulation otherwise (then identical to the host model's router).
 
         Args:
@@ -600,13 +308,13 @@ class SMoELayer(nn.Module):
         if routing is None:
             routing = sort_slots(top_index, self.num_experts)
         weights = top_weights.reshape(-1).index_select(0, routing.order).unsqueeze(-1)  # [S, 1]
-        xs = _GatherSlots.apply(x, routing.token, routing.inverse)  # [S, H] rows sorted by expert
+        xs = GatherSlots.apply(x, routing.token, routing.inverse)  # [S, H] rows sorted by expert
         empty = routing.counts == 0  # [E] experts without rows, shared by both projections
         gate_up = lora_grouped_linear(xs, self.gate_up_proj, self.gate_up_lora, routing.offsets,
                                       empty)  # [S, 2I]
         h = weighted_glu(gate_up, weights, self.act_fn)  # [S, I], gate weight folded in
         out = lora_grouped_linear(h, self.down_proj, self.down_lora, routing.offsets, empty)  # [S, H]
-        return _CombineSlots.apply(out, routing.token, routing.inverse).to(x.dtype)  # [N, H]
+        return CombineSlots.apply(out, routing.token, routing.inverse).to(x.dtype)  # [N, H]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[batch, seq, hidden] -> [batch, seq, hidden]``."""

@@ -428,7 +428,7 @@ def apply_pseudo_gradients(layer_params: Mapping[str, torch.nn.Parameter],
 
     Args:
         layer_params: name -> per-expert LoRA parameter of one layer, e.g.
-            ``"gate_up.A"`` -> :class:`ubsmoe.models.smoe.ExpertLoRA` ``A``
+            ``"gate_up.A"`` -> :class:`ubsmoe.core.smoe.ExpertLoRA` ``A``
             ``[num_experts, rank, in_features]``.
         router_prob: ``[num_experts]`` batch-mean router probabilities pi.
         active: ``[num_experts]`` bool, experts with >= 1 token in the batch.

@@ -238,7 +238,8 @@ def iid_setup(cfg):
     """
     import numpy as np
 
-    from ubsmoe.data.commonsense import format_prompt, load_commonsense
+    from ubsmoe.data.commonsense import load_commonsense
+    from ubsmoe.data.prompts import format_prompt
     from ubsmoe.fl.train import SharedSetup
     from ubsmoe.models.loading import cache_dir, train_tokenizer
 
@@ -354,7 +355,8 @@ def part_eval(check: Check) -> dict[str, Any]:
     the rate of all measured tasks together, named in ``rate_of_all_tasks_for``.
     """
     from ubsmoe.config import TinyModelConfig
-    from ubsmoe.data.commonsense import answer_choices, format_prompt
+    from ubsmoe.data.commonsense import answer_choices
+    from ubsmoe.data.prompts import format_prompt
     from ubsmoe.eval.commonsense import choice_logprobs, evaluate_task
     from ubsmoe.fl.server import Server
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import types
 
 import pytest
@@ -377,11 +376,13 @@ def test_generation_accuracy_scores_extracted_answer(tiny):
 
 @pytest.fixture
 def fake_data_module(monkeypatch):
-    """Stands in for ubsmoe.data.commonsense (prompt template and label sets)."""
-    module = types.ModuleType("ubsmoe.data.commonsense")
-    module.format_prompt = lambda r: _prompt(r["instruction"])
-    module.answer_choices = lambda task, r: list(LABELS)
-    monkeypatch.setitem(sys.modules, "ubsmoe.data.commonsense", module)
+    """Stands in for the data layer's prompt template and label sets, as evaluate_task sees them."""
+    import ubsmoe.eval.commonsense as ev
+
+    module = types.SimpleNamespace(format_prompt=lambda r: _prompt(r["instruction"]),
+                                   answer_choices=lambda task, r: list(LABELS))
+    monkeypatch.setattr(ev, "format_prompt", module.format_prompt)
+    monkeypatch.setattr(ev, "answer_choices", module.answer_choices)
     return module
 
 

@@ -22,9 +22,10 @@ from typer.testing import CliRunner
 
 from ubsmoe.cli import app
 from ubsmoe.config import ConfigError, load_config
-from ubsmoe.fl.run_dir import ServerState, latest_checkpoint
+from ubsmoe.fl.run_dir import latest_checkpoint
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.simulation import federation_config
+from ubsmoe.fl.state import ServerState
 from ubsmoe.fl.train import ClientRuntime, batch_indices, causal_lm_loss, client_seed, shared_setup
 from ubsmoe.io import read_jsonl
 from ubsmoe.models import adapter_state, load_adapter_state

@@ -44,7 +44,7 @@ _WORDS = ["sun", "plant", "water", "energy", "food", "rock", "cloud", "river", "
 
 def synthetic_prompts(n: int) -> list[str]:
     """``n`` deterministic ARC-style prompts (Alpaca template) of varied length."""
-    from ubsmoe.data.commonsense import format_prompt
+    from ubsmoe.data.prompts import format_prompt
 
     prompts = []
     for i in range(n):

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ubsmoe.data.commonsense import answer_choices
+from ubsmoe.data.prompts import format_prompt
 from ubsmoe.models.loading import routing_mask, smoe_layers
 
 RESPONSE_PREFIX = "the correct answer is "
@@ -521,8 +523,6 @@ def evaluate_task(model: nn.Module, tokenizer, task: str, records: Sequence[dict
     Raises:
         ValueError: unknown task or protocol.
     """
-    from ubsmoe.data.commonsense import answer_choices, format_prompt
-
     extract_answer(task, "")  # validate the task name
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:

@@ -27,7 +27,9 @@ from typing import Any
 
 from torch import nn
 
+from ubsmoe.data.commonsense import answer_choices
 from ubsmoe.data.instruction import LETTER_PATTERN, gold_answer, parse_number
+from ubsmoe.data.prompts import format_prompt
 from ubsmoe.eval.commonsense import (
     ANSWER_PATTERNS,
     PROTOCOLS,
@@ -238,8 +240,6 @@ def evaluate_instruction_task(model: nn.Module, tokenizer, task: str, answer_typ
         ValueError: unknown answer type or protocol, or a letter task whose gold
             answer is not a letter.
     """
-    from ubsmoe.data.commonsense import answer_choices, format_prompt
-
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise ValueError(f"protocols: got {unknown}, expected a subset of {', '.join(PROTOCOLS)}")

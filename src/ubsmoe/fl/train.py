@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ubsmoe.config import ConfigError, RunConfig, TrainConfig
+from ubsmoe.data.prompts import collate, format_prompt, tokenize_example
 from ubsmoe.methods import ClientUpdate, Method, get_method_class
 from ubsmoe.models import (
     adapter_state,
@@ -95,8 +96,6 @@ def make_batches(examples: list[dict], indices: list[list[int]],
     Returns:
         Batches of ``input_ids``/``attention_mask``/``labels``, each ``[batch, seq]``.
     """
-    from ubsmoe.data.commonsense import collate
-
     return [collate([examples[i] for i in idx], pad_token_id) for idx in indices]
 
 
@@ -273,7 +272,6 @@ def shared_setup(cfg: RunConfig) -> SharedSetup:
         ValueError: ``model.name`` has no readable OLMoE config (``random``).
         OSError: the pretrained tokenizer cannot be loaded (hub unreachable, bad path).
     """
-    from ubsmoe.data.commonsense import format_prompt
     from ubsmoe.data.instruction import load_data
     from ubsmoe.data.partition import partition_clients, partition_labels
     from ubsmoe.models.loading import cache_dir, tokenizer_vocab_size, train_tokenizer
@@ -423,8 +421,6 @@ class ClientRuntime:
         if not 0 <= client_id < self.cfg.fl.num_clients:
             raise ValueError(f"client_id: got {client_id}, expected 0..{self.cfg.fl.num_clients - 1}")
         if client_id not in self._examples:
-            from ubsmoe.data.commonsense import tokenize_example
-
             records = [self.setup.data.train[i] for i in self.setup.partitions[client_id]]
             self._examples[client_id] = [
                 tokenize_example(self.tokenizer, r, self.cfg.data.max_length) for r in records

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ubsmoe.bench import BenchOptions, interleaved_timings, register_suite, summarize
+from ubsmoe.bench.harness import BenchOptions, interleaved_timings, register_suite, summarize
 
 LABELS = ["answer1", "answer2", "answer3", "answer4"]
 _WORDS = ["sun", "plant", "water", "energy", "food", "rock", "cloud", "river", "animal", "heat",

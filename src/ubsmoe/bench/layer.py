@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ubsmoe.bench import (
+from ubsmoe.bench.harness import (
     BenchOptions,
     device_sync,
     interleaved_timings,

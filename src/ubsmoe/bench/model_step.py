@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ubsmoe.bench import (
+from ubsmoe.bench.harness import (
     BenchOptions,
     device_sync,
     interleaved_timings,

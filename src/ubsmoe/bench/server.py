@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ubsmoe.bench import BenchOptions, register_suite
+from ubsmoe.bench.harness import BenchOptions, register_suite
 
 # OLMoE-1B-7B: hidden, expert intermediate, experts, layers; the paper's SMoE LoRA rank.
 OLMOE_ADAPTERS = {"hidden": 2048, "expert_intermediate": 1024, "experts": 64, "layers": 16, "rank": 20}

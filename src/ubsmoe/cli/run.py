@@ -27,7 +27,6 @@ from ubsmoe.experiments import (
 )
 from ubsmoe.fl.run_dir import SUMMARY_FILE, latest_checkpoint
 from ubsmoe.io import atomic_write_json
-from ubsmoe.load import evaluate_run
 from ubsmoe.logs import LOG_FILE, log_warning, route_logs
 from ubsmoe.report import accuracy_table
 
@@ -311,6 +310,9 @@ def eval_run(
         "--device", help="model.device override (cpu, cuda, cuda:N, auto)")] = None,
 ) -> None:
     """Evaluate a finished run again (the Server's evaluation); writes RUN_DIR/eval_<timestamp>.json."""
+    # imports torch, transformers and the Server (seconds): only for this command
+    from ubsmoe.finished_run import evaluate_run
+
     task_list = parse_list("--tasks", tasks, str) if tasks is not None else None
     try:
         result = evaluate_run(run_dir, budget=budget, tasks=task_list, protocol=protocol,

@@ -81,6 +81,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def child_path(path: str) -> str:
+    """``PATH`` for the programs a run starts: this interpreter's folder first, then ``path``.
+
+    The SuperLink starts ``flower-superexec`` (and the simulation runtime its
+    Python) by name on ``PATH``; with this interpreter's folder (a virtual
+    environment's ``bin``, not resolved through its symlinks) in front, a CLI started
+    by absolute path without an activated environment (cron, systemd, a notebook
+    kernel) finds them as :func:`executable` does.
+
+    Args:
+        path: the current ``PATH`` (``os.pathsep``-separated; may be empty).
+
+    Returns:
+        The new ``PATH``.
+    """
+    return os.pathsep.join(p for p in (str(Path(sys.executable).parent), path) if p)
+
+
 def executable(name: str) -> str:
     """Path of a Flower console script: next to this Python first, then on PATH.
 
@@ -285,6 +303,7 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
             package_root = str(Path(__file__).resolve().parents[2])
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+            env["PATH"] = child_path(os.environ.get("PATH", ""))
             superlink_log = run_dir / "superlink.log"
             flower_log = run_dir / LOG_FILE
             log_file = None if verbose else open(flower_log, "ab")  # noqa: SIM115 (closed in finally)

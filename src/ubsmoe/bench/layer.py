@@ -103,6 +103,7 @@ def build_layers(shape: LayerShape, top_k: int, dtype: torch.dtype, seed: int,
         ``(ours, reference, reference_block)``: ``reference`` is the PEFT model,
         ``reference_block`` its ``OlmoeSparseMoeBlock`` (set ``.gate.top_k`` on it).
     """
+    # peft and HF's reference MoE block (seconds to import): only this suite compares against them
     from peft import LoraConfig, get_peft_model
     from transformers import OlmoeConfig
     from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock

@@ -41,13 +41,17 @@ from ubsmoe.bench.harness import (
     summarize,
 )
 from ubsmoe.config import ModelConfig, TinyModelConfig, TrainConfig
+from ubsmoe.fl.train import local_train
+from ubsmoe.methods import get_method_class
+from ubsmoe.methods.ubsmoe import UBSMoEConfig
 from ubsmoe.metrics.flops import (
     ModelShape,
     pg_probe_flops_per_slot,
     register_flop_formulas,
     training_flops_per_token,
 )
-from ubsmoe.models.loading import MEDIUM
+from ubsmoe.models import set_top_k, smoe_layers
+from ubsmoe.models.loading import MEDIUM, prepare_model, random_olmoe, resolve_dtype
 
 SMOE_KS = [1, 2, 4, 8]
 LORA_RANKS = [12, 16, 24, 40]
@@ -100,8 +104,6 @@ def _build(step_cfg: StepConfig, lora_rank: int, seed: int, device: str | torch.
     Created directly on ``device`` in ``dtype`` (``model.dtype`` values) by
     :func:`~ubsmoe.models.loading.random_olmoe`: no CPU copy of a large model first.
     """
-    from ubsmoe.models.loading import prepare_model, random_olmoe, resolve_dtype
-
     device = torch.device(device)
     cfg = ModelConfig(name="tiny", lora_rank=lora_rank, dtype=dtype, tiny=step_cfg.sizes)
     model = random_olmoe(cfg, step_cfg.sizes.vocab_size, pad_token_id=0, eos_token_id=1, seed=seed,
@@ -151,11 +153,6 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
         ``lora_rank`` (per budget: time ratio and FLOP ratio to the largest budget,
         and the saving ``1 - ratio``).
     """
-    from ubsmoe.fl.train import local_train
-    from ubsmoe.methods import get_method_class
-    from ubsmoe.methods.ubsmoe import UBSMoEConfig
-    from ubsmoe.models import set_top_k, smoe_layers
-
     ks = sorted(ks or SMOE_KS)
     ranks = sorted(ranks or LORA_RANKS)
     k_max = step_cfg.sizes.num_experts_per_tok

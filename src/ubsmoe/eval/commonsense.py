@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import StoppingCriteriaList
 
 from ubsmoe.data.commonsense import answer_choices
 from ubsmoe.data.prompts import format_prompt
@@ -227,8 +228,6 @@ def generate_responses(model: nn.Module, tokenizer, prompts: Sequence[str], batc
     if task is not None:
         extract_answer(task, "")  # validate the task before generating anything
         stop = functools.partial(_has_label, task)
-    from transformers import StoppingCriteriaList
-
     device = _device(model)
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     order = list(range(len(prompts)))

@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from rouge_score import rouge_scorer
 from torch import nn
 
 from ubsmoe.data.commonsense import answer_choices
@@ -135,8 +136,6 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float
     Raises:
         ValueError: the two lists differ in length.
     """
-    from rouge_score import rouge_scorer
-
     if len(predictions) != len(references):
         raise ValueError(f"references: got {len(references)} for {len(predictions)} predictions")
     scorer = rouge_scorer.RougeScorer(["rougeL"])
@@ -166,6 +165,7 @@ class BertScore:
             self.reason = "eval.bertscore_model is empty"
             return
         try:
+            # optional and heavy (a BERT model): only the bertscore text metric needs it
             import bert_score
 
             self.scorer = bert_score.BERTScorer(model_type=model, num_layers=num_layers or None)

@@ -31,6 +31,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,8 @@ from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from ubsmoe.config import RunConfig, save_config
 from ubsmoe.logs import LOG_FILE
@@ -129,8 +132,6 @@ def stop_process_tree(procs: list[subprocess.Popen], timeout: float = STOP_TIMEO
     Returns:
         The pids that had to be killed with SIGKILL.
     """
-    import psutil
-
     tree: dict[int, psutil.Process] = {}
     for proc in procs:
         with suppress(psutil.Error):
@@ -215,8 +216,6 @@ def _wait_healthy(port: int, superlink: subprocess.Popen, log: Path, cafile: Pat
     Raises:
         RunFailed: it exited or did not answer within ``STARTUP_TIMEOUT_S``.
     """
-    import ssl
-
     scheme = "https" if cafile is not None else "http"
     context = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
     deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoTokenizer
 
 from ubsmoe.config import ConfigError, RunConfig, TrainConfig
+from ubsmoe.data.commonsense import load_commonsense
+from ubsmoe.data.instruction import load_data
+from ubsmoe.data.partition import partition_clients, partition_labels
 from ubsmoe.data.prompts import collate, format_prompt, tokenize_example
 from ubsmoe.methods import ClientUpdate, Method, get_method_class
 from ubsmoe.models import (
@@ -32,7 +38,13 @@ from ubsmoe.models import (
     smoe_layers,
     step_stats,
 )
-from ubsmoe.models.loading import merge_into_base, set_lora_rank
+from ubsmoe.models.loading import (
+    cache_dir,
+    merge_into_base,
+    set_lora_rank,
+    tokenizer_vocab_size,
+    train_tokenizer,
+)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -272,10 +284,6 @@ def shared_setup(cfg: RunConfig) -> SharedSetup:
         ValueError: ``model.name`` has no readable OLMoE config (``random``).
         OSError: the pretrained tokenizer cannot be loaded (hub unreachable, bad path).
     """
-    from ubsmoe.data.instruction import load_data
-    from ubsmoe.data.partition import partition_clients, partition_labels
-    from ubsmoe.models.loading import cache_dir, tokenizer_vocab_size, train_tokenizer
-
     data = load_data(cfg.data, cfg.train.seed)
     if cfg.model.resolved_init == "random":
         # Offline: a BPE tokenizer trained on the run's text to the preset's or the
@@ -283,8 +291,6 @@ def shared_setup(cfg: RunConfig) -> SharedSetup:
         texts = [format_prompt(r) + r["output"] for r in data.train]
         tokenizer = train_tokenizer(texts, tokenizer_vocab_size(cfg.model), cache_dir(cfg.model))
     else:
-        from transformers import AutoTokenizer
-
         try:
             tokenizer = AutoTokenizer.from_pretrained(cfg.model.name)
         except OSError as e:
@@ -313,9 +319,6 @@ def tokenizer_to_files(tokenizer) -> dict[str, str]:
     Raises:
         ValueError: a file is not UTF-8 text or the files exceed 64 MiB together.
     """
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory(prefix="ubsmoe-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
         files = {}
@@ -337,11 +340,6 @@ def tokenizer_from_files(files: dict[str, str]):
     Raises:
         ValueError: no files, or a file name with a path separator.
     """
-    import tempfile
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
     if not files:
         raise ValueError("no tokenizer files were sent")
     with tempfile.TemporaryDirectory(prefix="ubsmoe-tok-") as tmp:
@@ -374,11 +372,6 @@ def node_setup(cfg: RunConfig, client_id: int, data_path: str, tokenizer) -> Sha
         ConfigError: the folder cannot be read (names ``data.path``), or holds no
             training record.
     """
-    from dataclasses import replace
-
-    from ubsmoe.config import ConfigError
-    from ubsmoe.data.commonsense import load_commonsense
-
     data = load_commonsense(replace(cfg.data, path=data_path), cfg.train.seed)
     if not data.train:
         raise ConfigError(f"data-path: {data_path!r} holds no training records for data.tasks")

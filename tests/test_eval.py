@@ -407,6 +407,7 @@ def test_evaluate_task_combines_protocols(tiny, fake_data_module):
 
 def test_evaluate_task_with_real_prompt_module(tiny):
     data = pytest.importorskip("ubsmoe.data.commonsense")
+    prompts_module = pytest.importorskip("ubsmoe.data.prompts")
     model, tokenizer = tiny
     records = [{"instruction": _question(i), "input": "", "answer": LABELS[(i + 1) % 4],
                 "output": RESPONSE_PREFIX + LABELS[(i + 1) % 4], "task": "ARC-Challenge"}
@@ -414,7 +415,7 @@ def test_evaluate_task_with_real_prompt_module(tiny):
     result = evaluate_task(model, tokenizer, "ARC-Challenge", records, ["loglik", "generation"],
                            batch_size=8, max_new_tokens=3)
     assert result["n"] == 3
-    prompts = [data.format_prompt(r) for r in records]
+    prompts = [prompts_module.format_prompt(r) for r in records]
     assert all(p.endswith("### Response:\n") for p in prompts)
     choices = [data.answer_choices("ARC-Challenge", r) for r in records]
     assert choices == [LABELS] * 3

@@ -156,7 +156,8 @@ def test_bad_usage_exits_2_and_writes_nothing(gpu_check, tmp_path, argv):
 
 
 @pytest.mark.parametrize(("argv", "named", "not_named"), [
-    (["--quick"], ["--out"], ["--parts", "--data"]),
+    (["--quick"], ["--out", "--data"], ["--parts"]),  # the default parts include round and eval
+    (["--quick", "--parts", "layer,step"], ["--out"], ["--parts", "--data"]),
     (["--quick", "--parts", "round,eval"], ["--out", "--data"], ["--parts"]),
     (["--quick", "--parts", "layer,bogus", "--out", "r.json"], ["--parts"], ["--out", "--data"]),
 ])

@@ -357,7 +357,8 @@ def part_eval(check: Check) -> dict[str, Any]:
     from ubsmoe.config import TinyModelConfig
     from ubsmoe.data.commonsense import answer_choices
     from ubsmoe.data.prompts import format_prompt
-    from ubsmoe.eval.commonsense import choice_logprobs, evaluate_task
+    from ubsmoe.eval.commonsense import evaluate_task
+    from ubsmoe.eval.loglik import choice_logprobs
     from ubsmoe.fl.server import Server
 
     if check.quick:

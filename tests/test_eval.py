@@ -19,7 +19,8 @@ from ubsmoe.eval import (
     loglik_accuracy,
     subsample,
 )
-from ubsmoe.eval.commonsense import ANSWER_PATTERNS, RESPONSE_PREFIX
+from ubsmoe.eval.commonsense import ANSWER_PATTERNS
+from ubsmoe.eval.loglik import RESPONSE_PREFIX
 from ubsmoe.models import build_model, set_top_k, smoe_layers, train_tokenizer
 
 LABELS = ["answer1", "answer2", "answer3", "answer4"]

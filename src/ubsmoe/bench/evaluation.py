@@ -19,7 +19,7 @@ synthetic ARC-style multiple-choice prompts of varied length (Alpaca template,
   per example);
 - ``loglik``: the current path, one sequence per example: the four candidates
   differ only in their last token and share the forward pass of the rest
-  (:func:`~ubsmoe.eval.commonsense.choice_logprobs`).
+  (:func:`~ubsmoe.eval.loglik.choice_logprobs`).
 
 Each case reports ``examples_per_s`` (examples / median time), and the generation
 cases ``mean_response_tokens`` (tokens of the decoded responses, re-tokenized).
@@ -38,7 +38,8 @@ import torch
 from ubsmoe.bench.harness import BenchOptions, interleaved_timings, register_suite, summarize
 from ubsmoe.config import ModelConfig
 from ubsmoe.data.prompts import format_prompt
-from ubsmoe.eval.commonsense import RESPONSE_PREFIX, choice_logprobs, generate_responses
+from ubsmoe.eval.commonsense import generate_responses
+from ubsmoe.eval.loglik import RESPONSE_PREFIX, choice_logprobs
 from ubsmoe.models import build_model, train_tokenizer
 
 LABELS = ["answer1", "answer2", "answer3", "answer4"]

@@ -31,13 +31,8 @@ from torch import nn
 from ubsmoe.data.commonsense import answer_choices
 from ubsmoe.data.instruction import LETTER_PATTERN, gold_answer, parse_number
 from ubsmoe.data.prompts import format_prompt
-from ubsmoe.eval.commonsense import (
-    ANSWER_PATTERNS,
-    PROTOCOLS,
-    extract_answer,
-    generate_responses,
-    loglik_accuracy,
-)
+from ubsmoe.eval.commonsense import ANSWER_PATTERNS, PROTOCOLS, extract_answer, generate_responses
+from ubsmoe.eval.loglik import loglik_accuracy
 
 NUMERIC_TOLERANCE = 1e-3  # absolute, as LLM-Adapters' evaluate.py
 _NUMBER = re.compile(r"-?\d+\.?\d*")

@@ -118,7 +118,6 @@ class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpo
         append_jsonl(self.run_dir / METRICS_FILE, record)
         self.tracker.log(record)
 
-
     # ----- round protocol ------------------------------------------------------
     def level_lora(self, level: int) -> tuple[int, float]:
         """``(rank, alpha)`` of the LoRA a client at budget level ``level`` (0-based) trains."""
@@ -145,7 +144,6 @@ class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpo
             "base_merges": self.method.base_merges(),
             **({"tokenizer_files": self.tokenizer_files()} if client_id in self._local_data else {}),
         }
-
 
     def sample_clients(self, round_idx: int) -> list[int]:
         """Client ids participating in ``round_idx`` (seeded; all when fraction = 1)."""

@@ -238,7 +238,8 @@ def iid_setup(cfg):
     """
     import numpy as np
 
-    from ubsmoe.data.commonsense import format_prompt, load_commonsense
+    from ubsmoe.data.commonsense import load_commonsense
+    from ubsmoe.data.prompts import format_prompt
     from ubsmoe.fl.train import SharedSetup
     from ubsmoe.models.tokenizer import cache_dir, train_tokenizer
 
@@ -354,8 +355,10 @@ def part_eval(check: Check) -> dict[str, Any]:
     the rate of all measured tasks together, named in ``rate_of_all_tasks_for``.
     """
     from ubsmoe.config import TinyModelConfig
-    from ubsmoe.data.commonsense import answer_choices, format_prompt
-    from ubsmoe.eval.commonsense import choice_logprobs, evaluate_task
+    from ubsmoe.data.commonsense import answer_choices
+    from ubsmoe.data.prompts import format_prompt
+    from ubsmoe.eval.commonsense import evaluate_task
+    from ubsmoe.eval.loglik import choice_logprobs
     from ubsmoe.fl.server import Server
 
     if check.quick:
@@ -543,6 +546,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def usage_errors(args: argparse.Namespace, parts: list[str]) -> list[str]:
+    """One line per missing or bad argument, each naming it (empty: the usage is fine)."""
+    errors = []
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        errors.append(f"--parts: got {args.parts!r}, expected a comma-separated subset of {','.join(PARTS)}")
+    if not args.out:
+        errors.append("--out: missing; give the report JSON path (rewritten after every part)")
+    needs_data = [p for p in ("round", "eval") if p in parts]
+    if needs_data and not args.data:
+        errors.append(f"--data: missing; the {' and '.join(needs_data)} part{'s' if len(needs_data) > 1 else ''} "
+                      "read the LLM-Adapters commonsense folder")
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected parts and write the report; 0 if every part ran, 1 if one failed, 2 on bad usage."""
     from ubsmoe.io import atomic_write_json
@@ -553,11 +571,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(info))
         return 0
     parts = [p for p in args.parts.split(",") if p]
-    bad = [p for p in parts if p not in PARTS]
-    if bad or not parts or not args.out or ({"round", "eval"} & set(parts) and not args.data):
-        print(f"error: --parts from {','.join(PARTS)} (got {args.parts!r}), --out, and --data for "
-              "round and eval",
-              file=sys.stderr)
+    errors = usage_errors(args, parts)
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    if errors:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

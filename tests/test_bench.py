@@ -186,3 +186,16 @@ def test_layer_and_step_models_are_built_on_the_requested_device_and_dtype():
     model = _build(QUICK, 4, 0, device="meta", dtype="bfloat16")
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_flexlora_svd_benchmark_runs_as_a_module_and_as_a_script():
+    """`python -m ubsmoe.bench.flexlora_svd` and benchmarks/flexlora_svd.py (moved from metrics/) answer --help."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "flexlora_svd.py"
+    for cmd in ([sys.executable, "-m", "ubsmoe.bench.flexlora_svd", "--help"], [sys.executable, str(script), "--help"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert "--out" in proc.stdout and "--repeats" in proc.stdout

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ubsmoe.config import ModelConfig, TrainConfig
 from ubsmoe.errors import ConfigError
+from ubsmoe.config import ModelConfig, TrainConfig
 from ubsmoe.models import adapter_state, build_model, load_adapter_state
-from ubsmoe.models.devices import resolve_device, resolve_dtype
 from ubsmoe.models.presets import MEDIUM
+from ubsmoe.models.devices import resolve_device, resolve_dtype
 from ubsmoe.models.runtime import smoe_layers
 
 
@@ -171,17 +171,18 @@ def test_dense_backbone_random_builds_with_lora_on_attention_and_mlp(tiny_tokeni
 def test_shared_setup_trains_the_tokenizer_to_the_preset_vocabulary(tmp_path, monkeypatch):
     """model.init=random on a preset: the tokenizer is trained locally to its vocabulary size."""
     from ubsmoe.config import load_config
+    from ubsmoe.fl import train
     from ubsmoe.fl.train import shared_setup
-    from ubsmoe.models import tokenizer
+    from ubsmoe.models import loading
 
     seen = {}
-    real = tokenizer.train_tokenizer
+    real = loading.train_tokenizer
 
     def spy(texts, vocab_size, cache):
         seen["vocab"] = vocab_size
         return real(list(texts)[:200], vocab_size, cache)
 
-    monkeypatch.setattr(tokenizer, "train_tokenizer", spy)
+    monkeypatch.setattr(train, "train_tokenizer", spy)  # as shared_setup imported it
     cfg = load_config(None, ["model.name=medium", f"model.tokenizer_cache={tmp_path}",
                              "data.train_examples=200", "fl.num_clients=2"])
     setup = shared_setup(cfg)

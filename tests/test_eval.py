@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import types
 
 import pytest
@@ -20,7 +19,8 @@ from ubsmoe.eval import (
     loglik_accuracy,
     subsample,
 )
-from ubsmoe.eval.commonsense import ANSWER_PATTERNS, RESPONSE_PREFIX
+from ubsmoe.eval.commonsense import ANSWER_PATTERNS
+from ubsmoe.eval.loglik import RESPONSE_PREFIX
 from ubsmoe.models import build_model, set_top_k, smoe_layers, train_tokenizer
 
 LABELS = ["answer1", "answer2", "answer3", "answer4"]
@@ -377,11 +377,13 @@ def test_generation_accuracy_scores_extracted_answer(tiny):
 
 @pytest.fixture
 def fake_data_module(monkeypatch):
-    """Stands in for ubsmoe.data.commonsense (prompt template and label sets)."""
-    module = types.ModuleType("ubsmoe.data.commonsense")
-    module.format_prompt = lambda r: _prompt(r["instruction"])
-    module.answer_choices = lambda task, r: list(LABELS)
-    monkeypatch.setitem(sys.modules, "ubsmoe.data.commonsense", module)
+    """Stands in for the data layer's prompt template and label sets, as evaluate_task sees them."""
+    import ubsmoe.eval.commonsense as ev
+
+    module = types.SimpleNamespace(format_prompt=lambda r: _prompt(r["instruction"]),
+                                   answer_choices=lambda task, r: list(LABELS))
+    monkeypatch.setattr(ev, "format_prompt", module.format_prompt)
+    monkeypatch.setattr(ev, "answer_choices", module.answer_choices)
     return module
 
 
@@ -406,6 +408,7 @@ def test_evaluate_task_combines_protocols(tiny, fake_data_module):
 
 def test_evaluate_task_with_real_prompt_module(tiny):
     data = pytest.importorskip("ubsmoe.data.commonsense")
+    prompts_module = pytest.importorskip("ubsmoe.data.prompts")
     model, tokenizer = tiny
     records = [{"instruction": _question(i), "input": "", "answer": LABELS[(i + 1) % 4],
                 "output": RESPONSE_PREFIX + LABELS[(i + 1) % 4], "task": "ARC-Challenge"}
@@ -413,7 +416,7 @@ def test_evaluate_task_with_real_prompt_module(tiny):
     result = evaluate_task(model, tokenizer, "ARC-Challenge", records, ["loglik", "generation"],
                            batch_size=8, max_new_tokens=3)
     assert result["n"] == 3
-    prompts = [data.format_prompt(r) for r in records]
+    prompts = [prompts_module.format_prompt(r) for r in records]
     assert all(p.endswith("### Response:\n") for p in prompts)
     choices = [data.answer_choices("ARC-Challenge", r) for r in records]
     assert choices == [LABELS] * 3

@@ -150,7 +150,7 @@ def finished_run(tmp_path_factory):
 
 
 def test_ubsmoe_eval_reproduces_the_runs_summary(finished_run):
-    from ubsmoe.load import evaluate_run
+    from ubsmoe.finished_run import evaluate_run
 
     run_dir, summary, _ = finished_run
     result = evaluate_run(run_dir)

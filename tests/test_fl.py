@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,11 +22,12 @@ from conftest import SMALL
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
-from ubsmoe.config import load_config
 from ubsmoe.errors import ConfigError
-from ubsmoe.fl.run_dir import ServerState, latest_checkpoint
+from ubsmoe.config import load_config
+from ubsmoe.fl.run_dir import latest_checkpoint
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.simulation import federation_config
+from ubsmoe.fl.state import ServerState
 from ubsmoe.fl.train import ClientRuntime, batch_indices, causal_lm_loss, client_seed, shared_setup
 from ubsmoe.io import read_jsonl
 from ubsmoe.models import adapter_state, load_adapter_state
@@ -179,6 +181,32 @@ def test_flower_end_to_end_run_via_cli(tmp_path):
     assert not any(psutil.pid_exists(pid) for pid in builds)
     assert psutil.Process().children(recursive=True) == []
     assert _port_is_free(_superlink_port(out))
+
+
+@pytest.mark.e2e
+def test_cli_by_absolute_path_runs_without_an_activated_environment(tmp_path):
+    """`/path/to/venv/bin/ubsmoe run` with a PATH lacking the environment (cron, systemd, a kernel).
+
+    The Flower programs (flower-superlink, flwr, and flower-superexec that the
+    SuperLink starts by name) are found next to the interpreter (issue 21 part 5).
+    """
+    bin_dir = Path(sys.executable).parent
+    script = bin_dir / "ubsmoe"
+    if not script.is_file():
+        pytest.skip(f"no ubsmoe console script next to {sys.executable} (not an installed environment)")
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != bin_dir.resolve())
+    found = shutil.which("flower-superexec", path=path)
+    if found is not None:
+        pytest.skip(f"flower-superexec is on PATH outside the environment ({found}); nothing to check")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PATH", "PYTHONPATH")}
+    env.update(PATH=path, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    out = tmp_path / "run"
+    proc = subprocess.run([str(script), "run", "--out", str(out), *SMALL, "fl.rounds=1",
+                           f"model.tokenizer_cache={tmp_path / 'cache'}"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((out / "summary.json").read_text())["rounds_completed"] == 1
 
 
 @pytest.mark.slow

@@ -155,6 +155,25 @@ def test_bad_usage_exits_2_and_writes_nothing(gpu_check, tmp_path, argv):
     assert rc == 2 and not out.exists()
 
 
+@pytest.mark.parametrize(("argv", "named", "not_named"), [
+    (["--quick"], ["--out", "--data"], ["--parts"]),  # the default parts include round and eval
+    (["--quick", "--parts", "layer,step"], ["--out"], ["--parts", "--data"]),
+    (["--quick", "--parts", "round,eval"], ["--out", "--data"], ["--parts"]),
+    (["--quick", "--parts", "layer,bogus", "--out", "r.json"], ["--parts"], ["--out", "--data"]),
+])
+def test_bad_usage_names_each_missing_argument(gpu_check, tmp_path, capsys, argv, named, not_named):
+    """Each error line names the argument that is missing or bad, and only those (issue 21 part 5)."""
+    monkey_out = [a if a != "r.json" else str(tmp_path / "r.json") for a in argv]
+    assert gpu_check.main(monkey_out) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == len(named) and all(line.startswith("error: ") for line in lines)
+    for arg in named:
+        assert any(line.startswith(f"error: {arg}:") for line in lines), (arg, lines)
+    for arg in not_named:
+        assert not any(line.startswith(f"error: {arg}:") for line in lines), (arg, lines)
+    assert not (tmp_path / "r.json").exists()
+
+
 @needs_data
 def test_make_data_subset_keeps_at_most_n_records_per_task_and_split(gpu_check, tmp_path):
     from ubsmoe.config import DataConfig

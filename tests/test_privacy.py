@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from ubsmoe.config import ConfigError
-from ubsmoe.methods.base import EXPERT_PARAM_RE, PHI_PARAM_RE, ROUTER_PARAM_RE, available_methods
+from ubsmoe.errors import ConfigError
+from ubsmoe.methods.base import EXPERT_PARAM_RE, PHI_PARAM_RE, ROUTER_PARAM_RE
+from ubsmoe.methods.registry import available_methods
 from ubsmoe.privacy import (
     PRIVACY_METHODS,
     PrivacyAccountant,

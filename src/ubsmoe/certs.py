@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class CertFiles:
 
 def _san(host: str):
     """A subject alternative name entry: IPAddress for an IP literal, else DNSName."""
+    # cryptography: only `ubsmoe certs` needs it, and the CLI imports this module at start-up
     from cryptography import x509
 
     try:
@@ -62,6 +64,7 @@ def _san(host: str):
 
 
 def _pem_key(key) -> str:
+    # cryptography: see _san
     from cryptography.hazmat.primitives import serialization
 
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -74,8 +77,6 @@ def _write_private(path: Path, text: str) -> None:
 
 def _validate_host(host: str) -> None:
     """Raise ValueError unless ``host`` is an IP address or a DNS name."""
-    import re
-
     try:
         ipaddress.ip_address(host)
         return
@@ -104,6 +105,7 @@ def make_certs(out: Path, nodes: int = 3, hosts: tuple[str, ...] | list[str] = D
         ValueError: ``nodes < 0``, no host, a host that is neither an IP address nor a
             DNS name, or ``valid_days < 1`` (one line naming the option).
     """
+    # cryptography: only `ubsmoe certs` needs it, and the CLI imports this module at start-up
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec

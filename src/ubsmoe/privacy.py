@@ -107,7 +107,7 @@ _EXPERT_SUFFIXES = (".gate_up_lora.A", ".gate_up_lora.B", ".down_lora.A", ".down
 
 def _config_error(message: str) -> Exception:
     """The project's ConfigError (imported lazily: config.py is being restructured)."""
-    from ubsmoe.config import ConfigError
+    from ubsmoe.errors import ConfigError
 
     return ConfigError(message)
 
@@ -506,7 +506,7 @@ def counts_histogram(expert_counts: torch.Tensor, token_counts: torch.Tensor) ->
     Each token is routed to K_c distinct experts, so ``0 <= a_{l,i} <= n_l``:
     every entry is in [0, 1] and a row sums to K_c (0 for a layer with n_l = 0). With
     uniform client weights the mean of the clients' h is DMR's global utilization
-    ``u~`` (:func:`ubsmoe.routing.global_utilization`) and h is what A3SMoE's
+    ``u~`` (:func:`ubsmoe.core.routing.global_utilization`) and h is what A3SMoE's
     frequency ``f_{c,i}`` divides by n_c.
 
     Args:
@@ -583,7 +583,7 @@ def noise_counts(histograms: torch.Tensor, noise_multiplier: float, bound: float
         generator: CPU generator.
         reduction: ``mean`` or ``sum``.
         clamp_nonnegative: clamp the noisy result at 0 (post-processing, costs no
-            privacy; DMR's :func:`ubsmoe.routing.server_phi_update` refuses negative
+            privacy; DMR's :func:`ubsmoe.core.routing.server_phi_update` refuses negative
             utilization).
 
     Returns:

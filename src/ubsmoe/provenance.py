@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+import ubsmoe
+
 PACKAGES = ("torch", "transformers", "peft", "flwr", "ubsmoe", "datasets", "numpy", "tokenizers",
             "tensorboard", "ray")
 GIT_TIMEOUT_S = 10.0
@@ -25,8 +27,6 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | No
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in packages:
         if name == "ubsmoe":  # the imported checkout, whatever is installed
-            import ubsmoe
-
             out[name] = ubsmoe.__version__
             continue
         try:

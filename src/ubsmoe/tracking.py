@@ -22,6 +22,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ubsmoe.io import atomic_write_text
+
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id.txt"
 NOT_METRICS = ("id", "pid")  # identifiers in a client's record, not measurements
@@ -132,19 +134,19 @@ class RunTracker:
         self.writer = None
         self.wandb_run = None
         if tensorboard:
+            # optional (log.tensorboard): imports tensorboard only when asked for
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR),
                                         purge_step=start_round if start_round > 1 else None)
         if wandb:
+            # optional (log.wandb): may not be installed
             import wandb as wandb_module
 
             id_file = self.run_dir / WANDB_ID_FILE
             if id_file.is_file():
                 run_id = id_file.read_text(encoding="utf-8").strip()
             else:
-                from ubsmoe.io import atomic_write_text
-
                 run_id = uuid.uuid4().hex[:12]
                 atomic_write_text(id_file, run_id + "\n")
             self.wandb_run = wandb_module.init(project=wandb_project, dir=str(self.run_dir),

@@ -19,7 +19,7 @@ synthetic ARC-style multiple-choice prompts of varied length (Alpaca template,
   per example);
 - ``loglik``: the current path, one sequence per example: the four candidates
   differ only in their last token and share the forward pass of the rest
-  (:func:`~ubsmoe.eval.commonsense.choice_logprobs`).
+  (:func:`~ubsmoe.eval.loglik.choice_logprobs`).
 
 Each case reports ``examples_per_s`` (examples / median time), and the generation
 cases ``mean_response_tokens`` (tokens of the decoded responses, re-tokenized).
@@ -35,7 +35,12 @@ from typing import Any
 
 import torch
 
-from ubsmoe.bench import BenchOptions, interleaved_timings, register_suite, summarize
+from ubsmoe.bench.harness import BenchOptions, interleaved_timings, register_suite, summarize
+from ubsmoe.config import ModelConfig
+from ubsmoe.data.prompts import format_prompt
+from ubsmoe.eval.commonsense import generate_responses
+from ubsmoe.eval.loglik import RESPONSE_PREFIX, choice_logprobs
+from ubsmoe.models import build_model, train_tokenizer
 
 LABELS = ["answer1", "answer2", "answer3", "answer4"]
 _WORDS = ["sun", "plant", "water", "energy", "food", "rock", "cloud", "river", "animal", "heat",
@@ -44,8 +49,6 @@ _WORDS = ["sun", "plant", "water", "energy", "food", "rock", "cloud", "river", "
 
 def synthetic_prompts(n: int) -> list[str]:
     """``n`` deterministic ARC-style prompts (Alpaca template) of varied length."""
-    from ubsmoe.data.commonsense import format_prompt
-
     prompts = []
     for i in range(n):
         body = " ".join(_WORDS[(i + 3 * j) % len(_WORDS)] for j in range(4 + (i * 11) % 60))
@@ -57,10 +60,6 @@ def synthetic_prompts(n: int) -> list[str]:
 
 def _build(seed: int):
     """The tiny preset (random weights) and a tokenizer trained on the synthetic prompts."""
-    from ubsmoe.config import ModelConfig
-    from ubsmoe.eval.commonsense import RESPONSE_PREFIX
-    from ubsmoe.models import build_model, train_tokenizer
-
     texts = [p + RESPONSE_PREFIX + LABELS[i % 4] for i, p in enumerate(synthetic_prompts(400))]
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = train_tokenizer(texts, 1024, Path(tmp))
@@ -72,8 +71,6 @@ def _build(seed: int):
 @register_suite("eval")
 def run(options: BenchOptions) -> dict[str, Any]:
     """Examples per second of generation and log-likelihood scoring, each before/after."""
-    from ubsmoe.eval.commonsense import choice_logprobs, generate_responses
-
     torch.manual_seed(options.seed)
     n = 8 if options.quick else 64
     batch_size, max_new_tokens = (4, 4) if options.quick else (16, 16)

@@ -5,7 +5,7 @@ implementation (``OlmoeConfig(experts_implementation="grouped_mm")``, dispatched
 ``transformers.integrations.moe``) and PEFT LoRA on the expert parameters
 (``LoraConfig(target_parameters=["experts.gate_up_proj", "experts.down_proj"])``,
 PEFT's ``ParamWrapper``, which adds ``scale * B A`` to every expert's weight on each
-forward). Ours: :class:`~ubsmoe.models.smoe.SMoELayer` with the same frozen router
+forward). Ours: :class:`~ubsmoe.core.smoe.SMoELayer` with the same frozen router
 and expert weights and the same LoRA factors (copied into PEFT's layout), so both
 compute the same function; the suite records the largest output and gradient
 differences to show it.
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ubsmoe.bench import (
+from ubsmoe.bench.harness import (
     BenchOptions,
     device_sync,
     interleaved_timings,
@@ -103,6 +103,7 @@ def build_layers(shape: LayerShape, top_k: int, dtype: torch.dtype, seed: int,
         ``(ours, reference, reference_block)``: ``reference`` is the PEFT model,
         ``reference_block`` its ``OlmoeSparseMoeBlock`` (set ``.gate.top_k`` on it).
     """
+    # peft and HF's reference MoE block (seconds to import): only this suite compares against them
     from peft import LoraConfig, get_peft_model
     from transformers import OlmoeConfig
     from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock

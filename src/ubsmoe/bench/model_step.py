@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ubsmoe.bench import (
+from ubsmoe.bench.harness import (
     BenchOptions,
     device_sync,
     interleaved_timings,
@@ -41,13 +41,19 @@ from ubsmoe.bench import (
     summarize,
 )
 from ubsmoe.config import ModelConfig, TinyModelConfig, TrainConfig
+from ubsmoe.fl.train import local_train
+from ubsmoe.methods import get_method_class
+from ubsmoe.methods.ubsmoe import UBSMoEConfig
 from ubsmoe.metrics.flops import (
     ModelShape,
     pg_probe_flops_per_slot,
     register_flop_formulas,
     training_flops_per_token,
 )
+from ubsmoe.models import set_top_k, smoe_layers
 from ubsmoe.models.presets import MEDIUM
+from ubsmoe.models.build import prepare_model, random_olmoe
+from ubsmoe.models.devices import resolve_dtype
 
 SMOE_KS = [1, 2, 4, 8]
 LORA_RANKS = [12, 16, 24, 40]
@@ -73,7 +79,7 @@ class StepConfig:
 
 
 TINY = StepConfig("tiny", TinyModelConfig())
-# The `medium` model preset (ubsmoe.models.loading.MEDIUM): OLMoE-1B-7B's routing
+# The `medium` model preset (ubsmoe.models.presets.MEDIUM): OLMoE-1B-7B's routing
 # (64 experts, top-8), expert intermediate = hidden / 2 and head width 128 as in
 # OLMoE, at hidden 512 and 4 layers; vocabulary 4096 keeps the LM head's share of the
 # training FLOPs at K = 8 (10%) near OLMoE-1B-7B's (8%). About 0.09 TFLOP per step.
@@ -98,11 +104,8 @@ def _build(step_cfg: StepConfig, lora_rank: int, seed: int, device: str | torch.
     """The patched model (attention LoRA + expert LoRA at ``lora_rank``), random weights.
 
     Created directly on ``device`` in ``dtype`` (``model.dtype`` values) by
-    :func:`~ubsmoe.models.loading.random_olmoe`: no CPU copy of a large model first.
+    :func:`~ubsmoe.models.build.random_olmoe`: no CPU copy of a large model first.
     """
-    from ubsmoe.models.build import prepare_model, random_olmoe
-    from ubsmoe.models.devices import resolve_dtype
-
     device = torch.device(device)
     cfg = ModelConfig(name="tiny", lora_rank=lora_rank, dtype=dtype, tiny=step_cfg.sizes)
     model = random_olmoe(cfg, step_cfg.sizes.vocab_size, pad_token_id=0, eos_token_id=1, seed=seed,
@@ -152,11 +155,6 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
         ``lora_rank`` (per budget: time ratio and FLOP ratio to the largest budget,
         and the saving ``1 - ratio``).
     """
-    from ubsmoe.fl.train import local_train
-    from ubsmoe.methods import get_method_class
-    from ubsmoe.methods.ubsmoe import UBSMoEConfig
-    from ubsmoe.models import set_top_k, smoe_layers
-
     ks = sorted(ks or SMOE_KS)
     ranks = sorted(ranks or LORA_RANKS)
     k_max = step_cfg.sizes.num_experts_per_tok

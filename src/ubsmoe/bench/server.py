@@ -31,7 +31,14 @@ from typing import Any
 
 import torch
 
-from ubsmoe.bench import BenchOptions, register_suite
+from ubsmoe.bench.harness import BenchOptions, register_suite
+from ubsmoe.config import load_config
+from ubsmoe.fl.fold import OrderedFold
+from ubsmoe.fl.payload import payload_nbytes, sparse_upload
+from ubsmoe.fl.train import ClientRuntime, shared_setup
+from ubsmoe.io import read_jsonl
+from ubsmoe.methods import ClientUpdate, get_method_class
+from ubsmoe.models import adapter_state
 
 # OLMoE-1B-7B: hidden, expert intermediate, experts, layers; the paper's SMoE LoRA rank.
 OLMOE_ADAPTERS = {"hidden": 2048, "expert_intermediate": 1024, "experts": 64, "layers": 16, "rank": 20}
@@ -70,9 +77,6 @@ def aggregate_synthetic(num_clients: int, sizes: dict[str, int], method: str = "
         ``num_clients``, ``peak_rss_mib`` (this process, MiB), ``adapter_mib`` (one
         update), ``max_buffered_replies`` and ``aggregate_s`` (folding, seconds).
     """
-    from ubsmoe.fl.fold import OrderedFold
-    from ubsmoe.methods import ClientUpdate, get_method_class
-
     torch.manual_seed(seed)
     shapes = adapter_shapes(**sizes)
     sent = {k: torch.randn(s) * 0.01 for k, s in shapes.items()}
@@ -131,10 +135,6 @@ def server_memory_suite(options: BenchOptions) -> dict[str, Any]:
 
 def _upload_sizes(cfg, top_ks: list[int]) -> dict[str, Any]:
     """Dense vs sparse upload of client 0's first round at each K_c (library level)."""
-    from ubsmoe.fl.payload import payload_nbytes, sparse_upload
-    from ubsmoe.fl.train import ClientRuntime, shared_setup
-    from ubsmoe.models import adapter_state
-
     runtime = ClientRuntime(cfg, shared_setup(cfg))
     sent = adapter_state(runtime.model)
     out = {}
@@ -149,10 +149,8 @@ def _upload_sizes(cfg, top_ks: list[int]) -> dict[str, Any]:
 @register_suite("federated")
 def federated_suite(options: BenchOptions) -> dict[str, Any]:
     """Flower overhead share and bytes per client per round of a simulated run."""
-    from ubsmoe.config import load_config
+    # Flower: absent on the GPU machine, where gpu_check imports this package without running this suite
     from ubsmoe.fl.simulation import run_federated
-    from ubsmoe.io import read_jsonl
-
     quick = ["fl.rounds=1", "data.train_examples=160", "data.max_length=96", "fl.num_clients=4",
              "train.max_local_steps=2", "train.batch_size=8", "eval.examples_per_task=2",
              "eval.max_new_tokens=2", "data.tasks=[boolq,ARC-Easy]", "eval.pg_probe_examples=2"]

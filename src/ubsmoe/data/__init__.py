@@ -1,21 +1,23 @@
 """Instruction data (LLM-Adapters commonsense format), prompt template, tokenization,
 client partitioning and compute-budget assignment."""
 
-from ubsmoe.budgets import top_k_for_budget
 from ubsmoe.data.commonsense import (
+    CommonsenseData,
+    answer_choices,
+    download_commonsense,
+    load_commonsense,
+    resolve_data_dir,
+)
+from ubsmoe.data.partition import assign_budgets, partition_clients
+from ubsmoe.budgets import top_k_for_budget
+from ubsmoe.data.prompts import (
     IGNORE_INDEX,
     PROMPT_TEMPLATE,
     PROMPT_TEMPLATE_NO_INPUT,
-    CommonsenseData,
-    answer_choices,
     collate,
-    download_commonsense,
     format_prompt,
-    load_commonsense,
-    resolve_data_dir,
     tokenize_example,
 )
-from ubsmoe.data.partition import assign_budgets, partition_clients
 
 __all__ = [
     "IGNORE_INDEX",

@@ -22,8 +22,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ubsmoe.config import COMMONSENSE_TASKS, ConfigError, DataConfig
-from ubsmoe.data.commonsense import CommonsenseData, add_task, finish_split
+from ubsmoe.config import COMMONSENSE_TASKS, DataConfig
+from ubsmoe.errors import ConfigError
+from ubsmoe.data.commonsense import CommonsenseData, add_task, finish_split, load_commonsense
 
 COMBINED_FILE = "train.json"
 # Gold answers of the commonsense suite ("true", "solution2", "answer3", "ending1", "option2").
@@ -141,6 +142,7 @@ def read_instruction_file(file: Path, task: str, task_field: str = "") -> list[d
 def _load_hf(cfg: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], bool]:
     """Records of ``cfg.hf_dataset`` by task, and whether they carry a task column."""
     try:
+        # optional and slow to import: only a hub data source needs it
         import datasets
 
         dataset = datasets.load_dataset(cfg.hf_dataset, split=cfg.hf_split)
@@ -251,6 +253,4 @@ def load_data(cfg: DataConfig, seed: int) -> CommonsenseData:
     """
     if cfg.name == "instruction":
         return load_instruction(cfg, seed)
-    from ubsmoe.data.commonsense import load_commonsense
-
     return load_commonsense(cfg, seed)

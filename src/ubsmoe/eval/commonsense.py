@@ -15,7 +15,9 @@
 
 The scoring functions take plain lists (``prompts``, ``choices``, ``answers``);
 :func:`evaluate_task` builds them from LLM-Adapters records with
-:mod:`ubsmoe.data.commonsense`.
+:mod:`ubsmoe.data.prompts` and :mod:`ubsmoe.data.commonsense`. The ``loglik``
+protocol is :mod:`ubsmoe.eval.loglik`; the model state both share,
+:mod:`ubsmoe.eval.context`.
 
 Evaluation has no side effects on the model: training mode, the tokenizer's
 padding side and the SMoE layers' utilization counters are restored afterwards, and
@@ -26,17 +28,20 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from transformers import StoppingCriteriaList
 
-from ubsmoe.models.runtime import routing_mask, smoe_layers
+from ubsmoe.data.commonsense import answer_choices
+from ubsmoe.data.prompts import format_prompt
+from ubsmoe.eval.context import check_batch_size, evaluating, model_device
+from ubsmoe.eval.loglik import loglik_accuracy
+from ubsmoe.models.runtime import routing_mask
 
-RESPONSE_PREFIX = "the correct answer is "
 PROTOCOLS = ("generation", "loglik")
 
 # First-match label patterns of LLM-Adapters' `extract_answer` (commonsense_evaluate.py).
@@ -103,44 +108,6 @@ def subsample(records: Sequence[Any], n: int, seed: int) -> list[Any]:
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(len(records), size=n, replace=False))
     return [records[int(i)] for i in keep]
-
-
-@contextmanager
-def _evaluating(model: nn.Module, tokenizer, padding_side: str) -> Iterator[None]:
-    """Eval mode, the given padding side and no autograd; restore everything after.
-
-    Training flags are restored module by module (a caller may keep parts in eval).
-    The SMoE layers' utilization counters (a_i, n) and last router probabilities are
-    restored too, so evaluating never leaks into a training round's statistics.
-    """
-    modes = [(m, m.training) for m in model.modules()]  # per module, restored exactly
-    old_side = tokenizer.padding_side
-    layers = smoe_layers(model)
-    saved = [(layer.expert_counts.clone(), layer.token_count.clone(), layer.router_prob_sum)
-             for layer in layers]
-    model.eval()
-    tokenizer.padding_side = padding_side
-    try:
-        # no_grad rather than inference_mode: nothing created here may later meet autograd.
-        with torch.no_grad():
-            yield
-    finally:
-        tokenizer.padding_side = old_side
-        for module, training in modes:
-            module.training = training
-        for layer, (counts, tokens, probs) in zip(layers, saved):
-            layer.expert_counts.copy_(counts)
-            layer.token_count.copy_(tokens)
-            layer.router_prob_sum = probs
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size: got {batch_size}, expected an integer >= 1")
 
 
 class _AnswerStop:
@@ -217,7 +184,7 @@ def generate_responses(model: nn.Module, tokenizer, prompts: Sequence[str], batc
         ValueError: ``batch_size`` or ``max_new_tokens`` < 1, no pad token, or an
             unknown ``task``.
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: got {max_new_tokens}, expected an integer >= 1")
     if tokenizer.pad_token_id is None:
@@ -225,15 +192,13 @@ def generate_responses(model: nn.Module, tokenizer, prompts: Sequence[str], batc
     if task is not None:
         extract_answer(task, "")  # validate the task before generating anything
         stop = functools.partial(_has_label, task)
-    from transformers import StoppingCriteriaList
-
-    device = _device(model)
+    device = model_device(model)
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     order = list(range(len(prompts)))
     if sort_by_length:
         order.sort(key=lambda i: -len(ids[i]))  # stable: equal lengths keep their order
     responses: list[str] = [""] * len(prompts)
-    with _evaluating(model, tokenizer, "left"):
+    with evaluating(model, tokenizer, "left"):
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, padding=True,
@@ -322,183 +287,6 @@ def generation_accuracy(model: nn.Module, tokenizer, task: str, prompts: Sequenc
     return correct / len(prompts)
 
 
-def _continuation_groups(prompt_ids: Sequence[Sequence[int]], choices: Sequence[Sequence[str]],
-                         cont_ids: dict[str, list[int]], share_prefix: bool
-                         ) -> list[tuple[int, list[int], list[tuple[int, int]], int]]:
-    """The sequences :func:`choice_logprobs` runs, one per group of candidates.
-
-    Candidates of one example whose continuations agree up to their last token form a
-    group: one sequence ``prompt + continuation[:-1]`` scores them all (the shared
-    tokens at their positions, each candidate's last token at the final position).
-    Without ``share_prefix`` every candidate is its own group.
-
-    Returns:
-        ``(example, ids, [(choice index, last token)], prompt_len)`` per group.
-
-    Raises:
-        ValueError: an example without choices, an empty prompt or an empty continuation.
-    """
-    groups: list[tuple[int, list[int], list[tuple[int, int]], int]] = []
-    for i, (p_ids, cs) in enumerate(zip(prompt_ids, choices)):
-        if not cs:
-            raise ValueError(f"choices[{i}]: empty; every example needs at least one candidate")
-        if not p_ids:
-            raise ValueError(f"prompts[{i}]: empty after tokenization")
-        by_prefix: dict[object, tuple[list[int], list[tuple[int, int]]]] = {}  # key -> (shared, members)
-        for j, c in enumerate(cs):
-            cont = cont_ids[c]
-            if not cont:
-                raise ValueError(f"choices[{i}][{j}]: {c!r} has no tokens after the prefix")
-            key = tuple(cont[:-1]) if share_prefix else j
-            by_prefix.setdefault(key, (cont[:-1], []))[1].append((j, cont[-1]))
-        for shared, members in by_prefix.values():
-            groups.append((i, list(p_ids) + shared, members, len(p_ids)))
-    return groups
-
-
-def choice_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str],
-                    choices: Sequence[Sequence[str]], batch_size: int,
-                    prefix: str = RESPONSE_PREFIX, share_prefix: bool = True) -> list[list[float]]:
-    """Log-probability of each candidate response given its prompt.
-
-    For example i and candidate c the continuation is ``prefix + c`` (default
-    ``"the correct answer is " + c``, the commonsense training response);
-    prompt and continuation are tokenized separately without special tokens and
-    concatenated, and the score is the sum over continuation tokens of
-    ``log p(token | prompt, earlier continuation tokens)``, computed in float32 and
-    summed in float64.
-
-    Candidates whose continuations differ only in their last token (the commonsense
-    labels: ``"... is answer1"`` .. ``"... is answer4"`` differ in the label's final
-    token) share one forward pass of ``prompt + continuation[:-1]``: a causal model
-    gives every candidate the same log-probabilities for the shared tokens, and the
-    last position's distribution scores each candidate's last token. A four-choice
-    task thus runs one sequence per example instead of four; the scores equal the
-    per-candidate ones up to float noise of the batch composition
-    (``share_prefix=False`` runs one sequence per candidate). Sequences are sorted by
-    length (longest first, to limit padding), right-padded and run ``batch_size`` per
-    forward; only the logits of continuation positions are projected onto the
-    vocabulary.
-
-    Args:
-        model: a causal LM (Hugging Face, possibly PEFT-wrapped).
-        tokenizer: its tokenizer; needs a pad token.
-        prompts: one prompt per example.
-        choices: candidate labels per example (e.g. ``["answer1", ..., "answer4"]``).
-        batch_size: sequences per forward.
-        prefix: text before the candidate in the continuation.
-        share_prefix: score candidates that differ only in their last token with one
-            sequence (False: one sequence per candidate).
-
-    Returns:
-        ``[num_examples][num_choices_i]`` summed log-probabilities (nats).
-
-    Raises:
-        ValueError: mismatched lengths, an example without choices, an empty prompt,
-            a candidate with no continuation tokens, no pad token, or ``batch_size`` < 1.
-    """
-    _check_batch_size(batch_size)
-    if len(prompts) != len(choices):
-        raise ValueError(f"choices: got {len(choices)} lists for {len(prompts)} prompts")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer: needs a pad token for batched scoring")
-    if not prompts:
-        return []
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    labels = sorted({c for cs in choices for c in cs})
-    cont_ids = dict(zip(labels, tokenizer([prefix + c for c in labels],
-                                          add_special_tokens=False)["input_ids"]))
-    groups = _continuation_groups(prompt_ids, choices, cont_ids, share_prefix)
-    groups.sort(key=lambda g: -len(g[1]))  # stable: equal lengths keep their order
-
-    scores = [[0.0] * len(cs) for cs in choices]
-    device = _device(model)
-    with _evaluating(model, tokenizer, "right"):
-        for start in range(0, len(groups), batch_size):
-            chunk = groups[start:start + batch_size]
-            seq_len = max(len(ids) for _, ids, _, _ in chunk)
-            input_ids = torch.full((len(chunk), seq_len), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), seq_len), dtype=torch.long)
-            for row, (_, ids, _, _) in enumerate(chunk):
-                input_ids[row, :len(ids)] = torch.tensor(ids)
-                attention_mask[row, :len(ids)] = 1
-            # Logits at position t predict token t + 1: keep the positions that predict a
-            # shared continuation token or a candidate's last token, [first, seq_len).
-            first = min(p_len for _, _, _, p_len in chunk) - 1
-            rows, cols, targets = [], [], []  # shared continuation tokens
-            last_cols, cand_rows, cand_tokens = [], [], []  # final position, candidates' last tokens
-            for row, (_, ids, members, p_len) in enumerate(chunk):
-                for t in range(p_len, len(ids)):
-                    rows.append(row)
-                    cols.append(t - 1 - first)
-                    targets.append(ids[t])
-                last_cols.append(len(ids) - 1 - first)
-                for _, token in members:
-                    cand_rows.append(row)
-                    cand_tokens.append(token)
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            with routing_mask(model, attention_mask):
-                logits = model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    use_cache=False,
-                    logits_to_keep=torch.arange(first, seq_len, device=device),
-                ).logits  # [B, seq_len - first, vocab]
-            per_row = torch.zeros(len(chunk), dtype=torch.float64)
-            if rows:
-                rows_t = torch.tensor(rows, device=device)
-                picked = logits[rows_t, torch.tensor(cols, device=device)]  # [shared tokens, vocab]
-                logp = torch.log_softmax(picked.float(), dim=-1)  # float32 for stable sums
-                token_logp = logp.gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
-                per_row.index_add_(0, rows_t.cpu(), token_logp.double().cpu())  # [B]
-            final = logits[torch.arange(len(chunk), device=device),
-                           torch.tensor(last_cols, device=device)]  # [B, vocab]
-            final_logp = torch.log_softmax(final.float(), dim=-1)
-            cand_logp = final_logp[torch.tensor(cand_rows, device=device),
-                                   torch.tensor(cand_tokens, device=device)].double().cpu()
-            k = 0
-            for row, (i, _, members, _) in enumerate(chunk):
-                for j, _ in members:
-                    scores[i][j] = float(per_row[row] + cand_logp[k])
-                    k += 1
-    return scores
-
-
-def loglik_accuracy(model: nn.Module, tokenizer, prompts: Sequence[str],
-                    choices: Sequence[Sequence[str]], answers: Sequence[str],
-                    batch_size: int, prefix: str = RESPONSE_PREFIX) -> float:
-    """Accuracy of log-likelihood choice scoring (see :func:`choice_logprobs`).
-
-    The prediction is the candidate with the highest summed log-probability (ties:
-    the first one), as lm-evaluation-harness's ``acc``.
-
-    Args:
-        model: a causal LM (Hugging Face, possibly PEFT-wrapped).
-        tokenizer: its tokenizer.
-        prompts: one prompt per example.
-        choices: candidate labels per example.
-        answers: gold label per example; must be one of that example's choices.
-        batch_size: sequences per forward.
-        prefix: text before the candidate (see :func:`choice_logprobs`).
-
-    Returns:
-        Fraction of examples (in [0, 1]) predicted correctly; 0.0 for no examples.
-
-    Raises:
-        ValueError: mismatched lengths, or a gold answer that is not a candidate.
-    """
-    if len(answers) != len(prompts):
-        raise ValueError(f"answers: got {len(answers)} for {len(prompts)} prompts")
-    for i, (a, cs) in enumerate(zip(answers, choices)):
-        if a not in cs:
-            raise ValueError(f"answers[{i}]: {a!r} is not among the choices {list(cs)}")
-    if not prompts:
-        return 0.0
-    scores = choice_logprobs(model, tokenizer, prompts, choices, batch_size, prefix)
-    correct = sum(cs[int(np.argmax(s))] == a for s, cs, a in zip(scores, choices, answers))
-    return correct / len(prompts)
-
-
 def evaluate_task(model: nn.Module, tokenizer, task: str, records: Sequence[dict],
                   protocols: Sequence[str], batch_size: int, max_new_tokens: int
                   ) -> dict[str, float]:
@@ -521,8 +309,6 @@ def evaluate_task(model: nn.Module, tokenizer, task: str, records: Sequence[dict
     Raises:
         ValueError: unknown task or protocol.
     """
-    from ubsmoe.data.commonsense import answer_choices, format_prompt
-
     extract_answer(task, "")  # validate the task name
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:

@@ -25,16 +25,14 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from rouge_score import rouge_scorer
 from torch import nn
 
+from ubsmoe.data.commonsense import answer_choices
 from ubsmoe.data.instruction import LETTER_PATTERN, gold_answer, parse_number
-from ubsmoe.eval.commonsense import (
-    ANSWER_PATTERNS,
-    PROTOCOLS,
-    extract_answer,
-    generate_responses,
-    loglik_accuracy,
-)
+from ubsmoe.data.prompts import format_prompt
+from ubsmoe.eval.commonsense import ANSWER_PATTERNS, PROTOCOLS, extract_answer, generate_responses
+from ubsmoe.eval.loglik import loglik_accuracy
 
 NUMERIC_TOLERANCE = 1e-3  # absolute, as LLM-Adapters' evaluate.py
 _NUMBER = re.compile(r"-?\d+\.?\d*")
@@ -133,8 +131,6 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float
     Raises:
         ValueError: the two lists differ in length.
     """
-    from rouge_score import rouge_scorer
-
     if len(predictions) != len(references):
         raise ValueError(f"references: got {len(references)} for {len(predictions)} predictions")
     scorer = rouge_scorer.RougeScorer(["rougeL"])
@@ -164,6 +160,7 @@ class BertScore:
             self.reason = "eval.bertscore_model is empty"
             return
         try:
+            # optional and heavy (a BERT model): only the bertscore text metric needs it
             import bert_score
 
             self.scorer = bert_score.BERTScorer(model_type=model, num_layers=num_layers or None)
@@ -238,8 +235,6 @@ def evaluate_instruction_task(model: nn.Module, tokenizer, task: str, answer_typ
         ValueError: unknown answer type or protocol, or a letter task whose gold
             answer is not a letter.
     """
-    from ubsmoe.data.commonsense import answer_choices, format_prompt
-
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise ValueError(f"protocols: got {unknown}, expected a subset of {', '.join(PROTOCOLS)}")

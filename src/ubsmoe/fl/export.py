@@ -48,6 +48,10 @@ import torch
 from torch import nn
 
 from ubsmoe.methods.base import EXPERT_PARAM_RE, PHI_PARAM_RE, ROUTER_PARAM_RE
+from ubsmoe.methods.rank_base import lora_pairs
+from ubsmoe.models.patching import is_lora_expert_model
+from ubsmoe.models.adapters import lora_rank_scales
+from ubsmoe.models.runtime import smoe_layers
 
 PEFT_PREFIX = "base_model.model."
 # our per-expert LoRA module -> the OlmoeExperts parameter it adapts
@@ -110,8 +114,6 @@ def lora_terms(adapters: dict[str, torch.Tensor], scale: float,
         come first in order; the current adapter comes last and is left out when its
         B is all zero and there are merges (FLoRA resets B after each merge).
     """
-    from ubsmoe.methods.rank_base import lora_pairs
-
     def target(module: str) -> str:
         """PEFT's target name of one of our LoRA modules (fused expert parameters for experts)."""
         parent, _, child = _hf_name(module).rpartition(".")
@@ -207,14 +209,11 @@ def peft_export(model: nn.Module, adapters: dict[str, torch.Tensor],
         ValueError: the model's LoRA modules disagree on (rank, scale), or a tensor
             has no place in the PEFT model.
     """
+    # peft (seconds to import): only the PEFT export needs it, not the rounds
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper
     from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
-
-    from ubsmoe.models.adapters import lora_rank_scales
-    from ubsmoe.models.patching import is_lora_expert_model
-    from ubsmoe.models.runtime import smoe_layers
 
     scales = lora_rank_scales(model)
     if len(scales) != 1:
@@ -429,6 +428,7 @@ def export_adapters(model: nn.Module, adapters: dict[str, torch.Tensor],
     Raises:
         ValueError: see :func:`peft_export`.
     """
+    # only the final export writes safetensors
     from safetensors.torch import save_file
 
     base = run.base_model if run is not None else str(getattr(model.config, "name_or_path", "") or "")

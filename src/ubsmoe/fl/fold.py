@@ -48,7 +48,7 @@ class RoundIncomplete(RuntimeError):
 
 
 class OrderedFold:
-    """Feeds replies to an :class:`~ubsmoe.methods.base.Aggregator` in client-id order.
+    """Feeds replies to an :class:`~ubsmoe.methods.aggregation.Aggregator` in client-id order.
 
     Replies may arrive in any order; each one is folded as soon as every client
     with a smaller id has been folded, then only its statistics (no adapters) are

@@ -6,14 +6,16 @@ client-id order so a seeded run is reproducible whatever order replies arrive in
 evaluation per budget level -> metrics appended to the run directory -> checkpoint.
 The Flower ServerApp (:mod:`ubsmoe.fl.server_app`) only moves messages and calls
 :class:`Server`.
+
+The Server is assembled from one module per job: :mod:`ubsmoe.fl.state` (the round
+state), :mod:`ubsmoe.fl.round` (outlier rejection, folding, the train record),
+:mod:`ubsmoe.fl.round_diagnostics`, :mod:`ubsmoe.fl.evaluation`,
+:mod:`ubsmoe.fl.declarations` (node declarations) and :mod:`ubsmoe.fl.checkpoints`.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
-import statistics
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,31 +24,34 @@ from typing import Any
 import torch
 
 from ubsmoe.config import RunConfig, save_config
-from ubsmoe.fl.export import RunInfo, export_adapters
-from ubsmoe.fl.fold import LeftOut, OrderedFold, RoundIncomplete, union_seconds
+from ubsmoe.data.partition import assign_budgets
+from ubsmoe.budgets import top_k_for_budget
+from ubsmoe.eval.instruction import task_metric
+from ubsmoe.fl.checkpoints import ServerCheckpoints
+from ubsmoe.fl.declarations import NodeDeclarations
+from ubsmoe.fl.evaluation import ServerEvaluation
+from ubsmoe.fl.fold import LeftOut, OrderedFold, RoundIncomplete
+from ubsmoe.fl.round import fold_replies, reject_outliers, train_record
+from ubsmoe.fl.round_diagnostics import RoundDiagnostics
 from ubsmoe.fl.run_dir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
     PROVENANCE_FILE,
     SUMMARY_FILE,
-    ServerState,
     latest_checkpoint,
-    prune_checkpoints,
 )
-from ubsmoe.fl.train import SharedSetup, client_seed, sync_base_merges
-from ubsmoe.fl.validate import norm_outliers
-from ubsmoe.io import append_jsonl, atomic_torch_save, atomic_write_json
+from ubsmoe.fl.state import ServerState
+from ubsmoe.fl.train import SharedSetup, client_seed
+from ubsmoe.io import append_jsonl, atomic_write_json
 from ubsmoe.methods import ClientUpdate, get_method_class
-from ubsmoe.methods.aggregation import data_weights, round_utilization
-from ubsmoe.methods.base import phi_layer_of
-from ubsmoe.models import adapter_state, build_model, load_adapter_state, set_top_k, smoe_layers
+from ubsmoe.models import adapter_state, build_model, smoe_layers
 from ubsmoe.models.adapters import set_lora_rank
 from ubsmoe.provenance import provenance
 from ubsmoe.tracking import RunTracker
 
 
-class Server:
+class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpoints):
     """Server side of a run: sampling, aggregation, evaluation, logging, checkpoints.
 
     Args:
@@ -63,8 +68,6 @@ class Server:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume: bool = False,
                  command: str | None = None) -> None:
-        from ubsmoe.data.partition import assign_budgets
-
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.setup = setup
@@ -116,59 +119,6 @@ class Server:
         append_jsonl(self.run_dir / METRICS_FILE, record)
         self.tracker.log(record)
 
-    def declare_nodes(self, declarations: dict[int, Any],
-                      node_ids: dict[int, int] | None = None) -> dict[int, dict[str, Any]]:
-        """Use what each client's node declared (:mod:`ubsmoe.budgets`) instead of the config.
-
-        A node's budget declaration (``budget=``, ``top-k=``, ``lora-rank=``) replaces
-        the level ``fl.budget_pattern`` gave its client (K_c and LoRA rank follow
-        the level); a node without one keeps it. Clients whose node has its own
-        data are sent the server's tokenizer. With at least one declaration a
-        ``{"type": "nodes", "clients": [...]}`` record (client -> node, declared key
-        and value, level, budget, K, rank, data, device) is appended to
-        metrics.jsonl and kept for the summary. Call before the first round.
-
-        Args:
-            declarations: client id -> :class:`~ubsmoe.budgets.NodeDeclaration`.
-            node_ids: client id -> Flower node id (names the node in errors and the log).
-
-        Returns:
-            client id -> the logged entry, for the clients whose node declared a budget.
-
-        Raises:
-            DeclarationError: a declaration the run cannot use (one line naming the
-                node, the key and the allowed values).
-        """
-        from ubsmoe.budgets import declared_level
-
-        budgets = list(self.cfg.fl.budgets)
-        level_k = [self.level_top_k()[b] for b in budgets]
-        ranks = getattr(self.method.config, "ranks", None)
-        ranks = list(ranks) if ranks is not None and len(ranks) == len(budgets) else None
-        rows = []
-        for client, decl in sorted(declarations.items()):
-            node = (node_ids or {}).get(client)
-            label = f"{node} (client {client})" if node is not None else f"of client {client}"
-            level = declared_level(decl, label, self.cfg.method, budgets, level_k, ranks)
-            if decl.data_path is not None:
-                self._local_data.add(client)
-            if level is not None:
-                beta = budgets[level]
-                self.budgets[client] = beta
-                self.top_k[client] = level_k[level]
-                self.lora[client] = self.level_lora(level)
-                self.declared[client] = {"declared": decl.budget_key, "value": decl.budget_value,
-                                         "level": level, **({"node": node} if node is not None else {})}
-            if level is not None or decl.data_path is not None or decl.device is not None:
-                rows.append({"id": client, **self.declared.get(client, {}),
-                             "budget": self.budgets[client], "top_k": self.top_k[client],
-                             "lora_rank": self.lora[client][0],
-                             **({"data_path": decl.data_path} if decl.data_path else {}),
-                             **({"device": decl.device} if decl.device else {})})
-        if rows:
-            append_jsonl(self.run_dir / METRICS_FILE, {"type": "nodes", "clients": rows})
-        return {c: self.declared[c] for c in self.declared}
-
     # ----- round protocol ------------------------------------------------------
     def level_lora(self, level: int) -> tuple[int, float]:
         """``(rank, alpha)`` of the LoRA a client at budget level ``level`` (0-based) trains."""
@@ -195,14 +145,6 @@ class Server:
             "base_merges": self.method.base_merges(),
             **({"tokenizer_files": self.tokenizer_files()} if client_id in self._local_data else {}),
         }
-
-    def tokenizer_files(self) -> dict[str, str]:
-        """The server's tokenizer as files (cached), for nodes with their own data."""
-        from ubsmoe.fl.train import tokenizer_to_files
-
-        if self._tokenizer_files is None:
-            self._tokenizer_files = tokenizer_to_files(self.tokenizer)
-        return self._tokenizer_files
 
     def sample_clients(self, round_idx: int) -> list[int]:
         """Client ids participating in ``round_idx`` (seeded; all when fraction = 1)."""
@@ -268,146 +210,47 @@ class Server:
         if not clients:
             raise ValueError(f"round {round_idx}: no client replied")
         fold = OrderedFold(self.method.aggregator(self.state.adapters), clients)
-        failed: list[LeftOut] = []
         held = 0
         if self.buffers_replies:
-            items = list(updates)
-            good = [u for u in items if isinstance(u, ClientUpdate)]
-            held = len(good)
-            norms = [u.metrics.get("update_norm", 0.0) for u in good]
-            outliers = set(norm_outliers(norms, self.cfg.fl.reject_norm_multiple))
-            if outliers:
-                median = statistics.median(norms)
-                items = [LeftOut(u.client_id, f"update norm {norms[i]:.4g} > {self.cfg.fl.reject_norm_multiple:g}"
-                                              f" x the round's median {median:.4g}") if i in outliers else u
-                         for i, u in enumerate(good)] + [u for u in items if isinstance(u, LeftOut)]
-            updates = sorted(items, key=lambda u: u.client_id)
-        for update in updates:
-            if isinstance(update, LeftOut):
-                failed.append(update)
-                fold.skip(update.client_id)
-            else:
-                fold.add(update)
-        for cid in [c for c in fold.expected[fold.position:] if c not in fold.pending]:
-            failed.append(LeftOut(cid, "no reply"))
-            fold.skip(cid)
-        needed = self.required_replies(len(clients))
-        if len(fold.folded) < needed:
-            append_jsonl(self.run_dir / METRICS_FILE, {
-                "type": "round_incomplete", "round": round_idx, "try": attempt,
-                "replies": len(fold.folded), "needed": needed, "failed": [f.record() for f in failed]})
-            raise RoundIncomplete(round_idx, len(fold.folded), needed, failed)
+            updates, held = reject_outliers(updates, self.cfg.fl.reject_norm_multiple)
+        failed = fold_replies(fold, updates)
+        self._require_replies(round_idx, fold, failed, len(clients), attempt)
         self.state.adapters = fold.result()
         self.state.method_state = self.method.state_dict()
-        round_end = time.time()
-        folded = fold.folded
-        w = data_weights(folded)
-        loss = float(sum(wc * u.loss for wc, u in zip(w.tolist(), folded)))
-        work = [(u.metrics.pop("work_start"), u.metrics.pop("work_end")) for u in folded
-                if "work_start" in u.metrics and "work_end" in u.metrics]
-        record = {
-            "type": "train",
-            "round": round_idx,
-            "loss": loss,
-            "clients": [
-                {"id": u.client_id, "top_k": u.top_k, "budget": self.budgets[u.client_id],
-                 "lora_rank": self.lora[u.client_id][0], "loss": u.loss, "examples": u.num_examples,
-                 **({"declared": self.declared[u.client_id]["declared"]}
-                    if u.client_id in self.declared else {}),
-                 **u.metrics}
-                for u in folded
-            ],
-            "failed": sorted((f.record() for f in failed), key=lambda f: f["client"]),
-            "try": attempt,
-            "aggregate_s": fold.fold_s,
-            "max_buffered_replies": max(fold.max_buffered, held),
-            **(timings or {}),
-        }
-        if round_start is not None:
-            wall = round_end - round_start
-            busy = union_seconds(work + fold.intervals)
-            record.update({"round_wall_s": wall, "overhead_s": max(wall - busy, 0.0),
-                           "overhead_share": max(wall - busy, 0.0) / wall if wall > 0 else 0.0})
+        record = train_record(round_idx, fold, failed, self._client_facts(), held, attempt, timings,
+                              round_start, round_end=time.time())
         self.record(record)
-        self.last_diagnostics = self.diagnostics(round_idx, folded)
+        self.last_diagnostics = self.diagnostics(round_idx, fold.folded)
         self.record(self.last_diagnostics)
         self.state.round = round_idx
-        self.state.train_loss.append({"round": round_idx, "loss": loss})
-        every = self.cfg.eval.every_rounds
-        if round_idx == self.cfg.fl.rounds or (every and round_idx % every == 0):
+        self.state.train_loss.append({"round": round_idx, "loss": record["loss"]})
+        if self.eval_due(round_idx):
             start = time.time()
             self.last_eval = self.evaluate(round_idx)
             self.record({"type": "timing", "round": round_idx, "eval_s": time.time() - start})
         self.checkpoint()
         return record
 
-    # ----- diagnostics -----------------------------------------------------------
-    def global_phi(self) -> torch.Tensor | None:
-        """The global DMR modulation ``[L, E]`` (None when the method has no phi)."""
-        layer_of = phi_layer_of(list(self.state.adapters))
-        if not layer_of:
-            return None
-        return torch.stack([self.state.adapters[n] for n in sorted(layer_of, key=layer_of.get)])
+    def _require_replies(self, round_idx: int, fold: OrderedFold, failed: list[LeftOut], sampled: int,
+                         attempt: int) -> None:
+        """Raise :class:`RoundIncomplete` (after a ``round_incomplete`` record) below :meth:`required_replies`."""
+        needed = self.required_replies(sampled)
+        if len(fold.folded) < needed:
+            append_jsonl(self.run_dir / METRICS_FILE, {
+                "type": "round_incomplete", "round": round_idx, "try": attempt,
+                "replies": len(fold.folded), "needed": needed, "failed": [f.record() for f in failed]})
+            raise RoundIncomplete(round_idx, len(fold.folded), needed, failed)
 
-    @functools.cached_property
-    def probe_batch(self) -> dict[str, torch.Tensor]:
-        """The fixed PG-alignment probe batch: ``eval.pg_probe_examples`` seeded training examples.
+    def _client_facts(self) -> dict[int, dict[str, Any]]:
+        """Client id -> ``budget``, ``lora_rank`` and (declared nodes) ``declared``, for the train record."""
+        return {c: {"budget": self.budgets[c], "lora_rank": self.lora[c][0],
+                    **({"declared": self.declared[c]["declared"]} if c in self.declared else {})}
+                for c in range(len(self.budgets))}
 
-        Returns:
-            ``input_ids`` / ``attention_mask`` / ``labels``, each ``[batch, seq]``, on
-            the server model's device.
-        """
-        from ubsmoe.data.commonsense import collate, tokenize_example
-
-        train = self.setup.data.train
-        gen = torch.Generator().manual_seed(client_seed(self.cfg.train.seed, -2, 0))
-        idx = torch.randperm(len(train), generator=gen)[:self.cfg.eval.pg_probe_examples].tolist()
-        examples = [tokenize_example(self.tokenizer, train[i], self.cfg.data.max_length) for i in idx]
-        device = next(self.model.parameters()).device
-        return {k: v.to(device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
-
-    def diagnostics(self, round_idx: int, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
-        """Utilization, phi and PG-alignment diagnostics of a round (DESIGN.md section 6).
-
-        Returns:
-            A ``"type": "diagnostics"`` metrics record: the round's global
-            utilization u~ ``[L, E]``, its entropy (per layer, mean, variance across
-            layers) and Gini coefficient, the phi-utilization correlations and phi's
-            range when the method has phi, and, for methods with a pseudo-gradient,
-            the PG alignment on the probe batch at each budget level's K. ``phi``
-            holds phi's ``min``/``max``/``mean_abs``, ``outside_share`` (share of global
-            phi entries outside the method's ``phi_range``, after aggregation) and, from
-            the clients' ``phi_penalty_max`` metrics, ``penalty_max`` (max over clients)
-            and ``penalty_acted`` (the range penalty was > 0 at some local step).
-        """
-        from ubsmoe.fl.train import causal_lm_loss
-        from ubsmoe.metrics.diagnostics import pg_alignment, utilization_summary
-
-        utilization = round_utilization(updates)  # [L, E]
-        phi = self.global_phi()  # [L, E] or None
-        # A dense backbone has no experts ([0, 0]): no utilization statistics.
-        record: dict[str, Any] = {"type": "diagnostics", "round": round_idx,
-                                  **(utilization_summary(utilization, phi) if utilization.numel() else {}),
-                                  "utilization": utilization.tolist()}
-        if phi is not None:
-            record["phi"] = {"min": float(phi.min()), "max": float(phi.max()),
-                             "mean_abs": float(phi.abs().mean())}
-            bounds = self.method.phi_range()
-            if bounds is not None:  # share of global phi entries the range penalty would act on
-                record["phi"]["outside_share"] = float(((phi < bounds[0]) | (phi > bounds[1]))
-                                                       .double().mean())
-            penalties = [u.metrics["phi_penalty_max"] for u in updates if "phi_penalty_max" in u.metrics]
-            if penalties:  # largest range penalty in any client's loss at any local step
-                record["phi"]["penalty_max"] = max(penalties)
-                record["phi"]["penalty_acted"] = max(penalties) > 0
-        pg = self.method.pseudo_gradient
-        if pg is not None and self.cfg.eval.pg_probe_examples > 0:
-            load_adapter_state(self.model, self.state.adapters)
-            record["pg_alignment"] = [
-                pg_alignment(self.model, self.probe_batch, k, pg, causal_lm_loss)
-                for k in sorted(set(self.level_top_k().values()))
-            ]
-        return record
+    def eval_due(self, round_idx: int) -> bool:
+        """True when ``round_idx`` is evaluated: the last round, or every ``eval.every_rounds``."""
+        every = self.cfg.eval.every_rounds
+        return round_idx == self.cfg.fl.rounds or bool(every and round_idx % every == 0)
 
     def level_top_k(self, mode: str | None = None) -> dict[float, int]:
         """K each budget level runs at: ``{beta: K}`` for ``fl.budgets``.
@@ -416,234 +259,10 @@ class Server:
             mode: ``auto``, ``budget`` or ``native`` (see :meth:`Method.client_top_k`);
                 None: the training mode, ``train.top_k``.
         """
-        from ubsmoe.budgets import top_k_for_budget
-
         mode = self.cfg.train.top_k if mode is None else mode
         return {beta: self.method.client_top_k(top_k_for_budget(beta, self.k_max, self.cfg.model.k_min),
                                                self.k_max, mode)
                 for beta in self.cfg.fl.budgets}
-
-    # ----- evaluation ------------------------------------------------------------
-    @functools.cached_property
-    def test_sets(self) -> dict[str, list[dict]]:
-        """The seeded test subset scored per task (``eval.examples_per_task``), drawn once."""
-        from ubsmoe.eval.commonsense import subsample
-
-        return {task: subsample(recs, self.cfg.eval.examples_per_task, self.cfg.train.seed)
-                for task, recs in self.setup.data.test.items()}
-
-    def sync_base(self) -> None:
-        """Merge the method's base-weight merges the server model does not hold yet.
-
-        Raises:
-            RuntimeError: the method's merge history no longer extends what the model holds.
-        """
-        if not sync_base_merges(self.model, self._merged, self.method.base_merges()):
-            raise RuntimeError("server: the method's base merges do not extend the applied ones")
-
-    @functools.cached_property
-    def bertscore(self):
-        """The BERTScore scorer (``eval.bertscore_model``), loaded once; None without text tasks.
-
-        Returns:
-            A :class:`~ubsmoe.eval.instruction.BertScore` (its ``reason`` says why
-            it is skipped when the model cannot be loaded), or None.
-        """
-        from ubsmoe.eval.instruction import BertScore
-
-        if "text" not in self.setup.data.answer_types.values():
-            return None
-        scorer = BertScore(self.cfg.eval.bertscore_model, self.cfg.eval.bertscore_num_layers)
-        if scorer.reason:
-            log = logging.getLogger("ubsmoe")
-            log.warning("BERTScore skipped: %s", scorer.reason)
-        return scorer
-
-    def evaluate_one(self, task: str, records: list[dict]) -> dict[str, Any]:
-        """Score one task with the model as it is set (K, adapters).
-
-        Commonsense data: :func:`ubsmoe.eval.commonsense.evaluate_task`; instruction
-        data: :func:`ubsmoe.eval.instruction.evaluate_instruction_task` with the
-        task's answer type.
-
-        Returns:
-            ``{protocol: value, "n": examples}`` plus, for instruction data,
-            ``metric`` (protocol -> metric name) and for text tasks ``metrics``.
-        """
-        from ubsmoe.eval import commonsense, instruction
-
-        ev = self.cfg.eval
-        if self.cfg.data.name != "instruction":
-            return commonsense.evaluate_task(self.model, self.tokenizer, task, records, ev.protocols,
-                                             ev.batch_size, ev.max_new_tokens)
-        return instruction.evaluate_instruction_task(
-            self.model, self.tokenizer, task, self.setup.data.answer_types[task], records, ev.protocols,
-            ev.batch_size, ev.max_new_tokens, ev.text_metric, self.bertscore)
-
-    def evaluate(self, round_idx: int) -> list[dict[str, Any]]:
-        """Score the global model at every budget level (:meth:`score_levels`) and log the rows.
-
-        Returns:
-            The rows of :meth:`score_levels`, each also appended to ``metrics.jsonl``.
-        """
-        rows = self.score_levels(round_idx)
-        for row in rows:
-            self.record(row)
-        return rows
-
-    def set_level(self, level: int, round_idx: int, mode: str = "budget") -> tuple[float, int, int]:
-        """Put the server model in the state a client of budget level ``level`` evaluates in.
-
-        Merged base weights (:meth:`sync_base`), the level's LoRA rank r_j (and alpha),
-        the adapters :meth:`Method.client_adapters` gives that rank (seeded by the
-        evaluation seed of ``round_idx``, as :meth:`score_levels`) and K_j of ``mode``.
-
-        Args:
-            level: 0-based index into ``fl.budgets``.
-            round_idx: the round whose evaluation seed draws the rank-r_j adapters.
-            mode: ``budget`` (K_j) or ``native`` (the model's top-k).
-
-        Returns:
-            ``(beta, K, rank)`` of the level.
-
-        Raises:
-            IndexError: ``level`` outside the budget levels.
-        """
-        if not 0 <= level < len(self.cfg.fl.budgets):
-            raise IndexError(f"budget level {level}: the run has {len(self.cfg.fl.budgets)} levels")
-        self.sync_base()
-        rank, alpha = self.level_lora(level)
-        seed = client_seed(self.cfg.train.seed + 1, -2, round_idx)
-        set_lora_rank(self.model, rank, alpha, seed=self.cfg.train.seed + 1)
-        load_adapter_state(self.model, self.method.client_adapters(self.state.adapters, rank, seed))
-        beta, k = list(self.level_top_k(mode).items())[level]
-        set_top_k(self.model, k)
-        return beta, k, rank
-
-    def score_levels(self, round_idx: int, levels: Sequence[int] | None = None,
-                     tasks: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """Score the global model at every budget level's K and LoRA rank on every task.
-
-        For each ``eval.top_k`` mode, level j runs at K_j (``budget``, DESIGN.md
-        section 6: every method, as in the papers' tables) or at the native top-k
-        (``native``), always with the adapters a client of that level would hold
-        (:meth:`Method.client_adapters` at its rank r_j) on the merged base weights.
-        Rows with equal (K, rank, alpha) share one evaluation, across levels and
-        modes, and so do rows whose adapters all have B = 0 (a zero update at any
-        rank).
-
-        Args:
-            round_idx: the round scored (seeds the rank-r_j adapters; in the rows).
-            levels: 0-based budget levels to score (None: all).
-            tasks: tasks to score, a subset of :attr:`test_sets` (None: all).
-
-        Returns:
-            One row per (mode, budget level, protocol): ``budget``, ``top_k``,
-            ``top_k_mode`` (``budget`` or ``native``), ``lora_rank``, ``protocol``,
-            ``per_task`` accuracies, ``average`` and ``n`` (examples per task).
-            Instruction data: ``per_task`` holds each task's metric value,
-            ``per_task_metric`` its name (``accuracy``, ``rouge_l``,
-            ``bertscore_f1``), ``per_task_metrics`` every text metric computed;
-            a protocol no task supports (``loglik`` without choices) has no row.
-            Nothing is written (:meth:`evaluate` logs them).
-
-        Raises:
-            ValueError: a task not among the run's test sets.
-        """
-        from ubsmoe.methods.rank_base import lora_pairs
-
-        self.sync_base()
-        tests = self.test_sets
-        if tasks is not None:
-            unknown = sorted(set(tasks) - set(tests))
-            if unknown:
-                raise ValueError(f"tasks: got {unknown}, expected a subset of {', '.join(sorted(tests))}")
-            tests = {t: recs for t, recs in tests.items() if t in set(tasks)}
-        by_key: dict[tuple, dict[str, dict[str, float]]] = {}
-        seed = client_seed(self.cfg.train.seed + 1, -2, round_idx)
-        modes = self.cfg.eval.top_k
-        level_k = {mode: list(self.level_top_k(mode).items()) for mode in modes}
-        by_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
-        for level in (range(len(self.cfg.fl.budgets)) if levels is None else levels):
-            rank, alpha = self.level_lora(level)
-            adapters = self.method.client_adapters(self.state.adapters, rank, seed)
-            pairs, _ = lora_pairs(list(adapters))
-            zero = bool(pairs) and all(not adapters[p.b].any() for p in pairs)
-            for mode in modes:
-                beta, k = level_k[mode][level]
-                key = (k, None, None) if zero else (k, rank, alpha)
-                if key not in by_key:
-                    set_lora_rank(self.model, rank, alpha, seed=self.cfg.train.seed + 1)
-                    load_adapter_state(self.model, adapters)
-                    set_top_k(self.model, k)
-                    by_key[key] = {task: self.evaluate_one(task, recs) for task, recs in tests.items()}
-                scores = by_key[key]
-                for protocol in self.cfg.eval.protocols:
-                    per_task = {t: s[protocol] for t, s in scores.items() if protocol in s}
-                    if not per_task:  # e.g. loglik when no task has choices
-                        continue
-                    extra: dict[str, Any] = {}
-                    if self.cfg.data.name == "instruction":
-                        extra["per_task_metric"] = {t: scores[t]["metric"][protocol] for t in per_task}
-                        text = {t: scores[t]["metrics"] for t in per_task if "metrics" in scores[t]}
-                        if protocol == "generation" and text:
-                            extra["per_task_metrics"] = text
-                    by_mode[mode].append({
-                        "type": "eval",
-                        "round": round_idx,
-                        "budget": beta,
-                        "top_k": k,
-                        "top_k_mode": mode,
-                        "lora_rank": rank,
-                        "protocol": protocol,
-                        "per_task": per_task,
-                        "average": sum(per_task.values()) / max(len(per_task), 1),
-                        "n": {t: int(scores[t]["n"]) for t in per_task},
-                        **extra,
-                    })
-        return [row for mode in modes for row in by_mode[mode]]  # mode by mode, levels in order
-
-    # ----- persistence -----------------------------------------------------------
-    def checkpoint(self) -> Path:
-        """Write ``checkpoints/round_XXXX.pt`` atomically and return its path.
-
-        Then prunes older round checkpoints to ``fl.keep_checkpoints`` (see
-        :func:`prune_checkpoints`); the one just written is always among those kept.
-        """
-        path = self.run_dir / CHECKPOINT_DIR / f"round_{self.state.round:04d}.pt"
-        atomic_torch_save(path, self.state.state_dict())
-        prune_checkpoints(self.run_dir, self.cfg.fl.keep_checkpoints)
-        return path
-
-    def run_info(self, accuracy: Sequence[dict[str, Any]] = ()) -> RunInfo:
-        """The model card's facts: base model, method, budget levels (K_j, r_j), rounds, clients.
-
-        Args:
-            accuracy: the summary's accuracy rows for the card's table.
-        """
-        levels = [{"budget": beta, "top_k": k, "lora_rank": self.level_lora(j)[0]}
-                  for j, (beta, k) in enumerate(self.level_top_k().items())]
-        return RunInfo(base_model=self.cfg.model.name, random_base=self.cfg.model.resolved_init == "random",
-                       method=self.cfg.method, levels=levels, rounds=self.state.round,
-                       clients=self.cfg.fl.num_clients, fraction=self.cfg.fl.fraction,
-                       seed=self.cfg.train.seed, accuracy=list(accuracy),
-                       phi=self.global_phi() is not None)
-
-    def save_adapters(self, accuracy: Sequence[dict[str, Any]] = ()) -> Path:
-        """Save the final global adapters under ``checkpoints/adapter`` (see :func:`export_adapters`).
-
-        The merged base and the global rank are restored first, so the exported
-        adapter (plus, for FLoRA / FLoRIST, the stacked merges) is the global model.
-
-        Args:
-            accuracy: the summary's accuracy rows, for the model card.
-        """
-        self.sync_base()
-        set_lora_rank(self.model, *self.global_lora, seed=self.cfg.train.seed + 1)
-        load_adapter_state(self.model, self.state.adapters)
-        set_top_k(self.model, self.k_max)
-        return export_adapters(self.model, self.state.adapters, self.method.base_merges(),
-                               self.run_dir / CHECKPOINT_DIR / "adapter", self.run_info(accuracy))
 
     def summary(self) -> dict[str, Any]:
         """The run's summary (also written to summary.json by :meth:`finish`)."""
@@ -686,8 +305,6 @@ class Server:
         """Instruction data's summary keys: source name, answer types, metrics, partition, BERTScore."""
         if self.cfg.data.name != "instruction":
             return {}
-        from ubsmoe.eval.instruction import task_metric
-
         data = self.setup.data
         types = dict(data.answer_types)
         out: dict[str, Any] = {

@@ -31,6 +31,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,8 @@ from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from ubsmoe.config import RunConfig, save_config
 from ubsmoe.logs import LOG_FILE
@@ -81,6 +84,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def child_path(path: str) -> str:
+    """``PATH`` for the programs a run starts: this interpreter's folder first, then ``path``.
+
+    The SuperLink starts ``flower-superexec`` (and the simulation runtime its
+    Python) by name on ``PATH``; with this interpreter's folder (a virtual
+    environment's ``bin``, not resolved through its symlinks) in front, a CLI started
+    by absolute path without an activated environment (cron, systemd, a notebook
+    kernel) finds them as :func:`executable` does.
+
+    Args:
+        path: the current ``PATH`` (``os.pathsep``-separated; may be empty).
+
+    Returns:
+        The new ``PATH``.
+    """
+    return os.pathsep.join(p for p in (str(Path(sys.executable).parent), path) if p)
+
+
 def executable(name: str) -> str:
     """Path of a Flower console script: next to this Python first, then on PATH.
 
@@ -111,8 +132,6 @@ def stop_process_tree(procs: list[subprocess.Popen], timeout: float = STOP_TIMEO
     Returns:
         The pids that had to be killed with SIGKILL.
     """
-    import psutil
-
     tree: dict[int, psutil.Process] = {}
     for proc in procs:
         with suppress(psutil.Error):
@@ -197,8 +216,6 @@ def _wait_healthy(port: int, superlink: subprocess.Popen, log: Path, cafile: Pat
     Raises:
         RunFailed: it exited or did not answer within ``STARTUP_TIMEOUT_S``.
     """
-    import ssl
-
     scheme = "https" if cafile is not None else "http"
     context = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -285,6 +302,7 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
             package_root = str(Path(__file__).resolve().parents[2])
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+            env["PATH"] = child_path(os.environ.get("PATH", ""))
             superlink_log = run_dir / "superlink.log"
             flower_log = run_dir / LOG_FILE
             log_file = None if verbose else open(flower_log, "ab")  # noqa: SIM115 (closed in finally)

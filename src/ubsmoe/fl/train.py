@@ -4,22 +4,30 @@ One function, :func:`local_train`, reads like the algorithm: forward, loss, meth
 loss hook, backward, method gradient hook, clip, step, method update hook (UB-SMoE's
 pseudo-gradient acts here, in the space of updates), log. :class:`ClientRuntime` holds what a client keeps between rounds
 (model, tokenizer, its tokenized partition) and :meth:`ClientRuntime.train_round`
-turns the server's instruction into a :class:`~ubsmoe.methods.base.ClientUpdate`.
+turns the server's instruction into a :class:`~ubsmoe.methods.aggregation.ClientUpdate`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoTokenizer
 
-from ubsmoe.config import ConfigError, RunConfig, TrainConfig
+from ubsmoe.errors import ConfigError
+from ubsmoe.config import RunConfig, TrainConfig
+from ubsmoe.data.commonsense import load_commonsense
+from ubsmoe.data.instruction import load_data
+from ubsmoe.data.partition import partition_clients, partition_labels
+from ubsmoe.data.prompts import collate, format_prompt, tokenize_example
 from ubsmoe.methods import ClientUpdate, Method, get_method_class
 from ubsmoe.models import (
     adapter_state,
@@ -31,7 +39,9 @@ from ubsmoe.models import (
     smoe_layers,
     step_stats,
 )
+from ubsmoe.models.tokenizer import cache_dir, train_tokenizer
 from ubsmoe.models.adapters import merge_into_base, set_lora_rank
+from ubsmoe.models.architecture import tokenizer_vocab_size
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -95,8 +105,6 @@ def make_batches(examples: list[dict], indices: list[list[int]],
     Returns:
         Batches of ``input_ids``/``attention_mask``/``labels``, each ``[batch, seq]``.
     """
-    from ubsmoe.data.commonsense import collate
-
     return [collate([examples[i] for i in idx], pad_token_id) for idx in indices]
 
 
@@ -137,7 +145,7 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
     micro-batches (exact for losses of the parameters alone, e.g. UB-SMoE's range
     penalty; SMoE-LLB's load-balancing loss is a per-micro-batch statistic).
     With ``train.activation_checkpointing`` the decoder layers are recomputed in the
-    backward pass (:func:`~ubsmoe.models.loading.set_activation_checkpointing`).
+    backward pass (:func:`~ubsmoe.models.runtime.set_activation_checkpointing`).
 
     Args:
         model: patched model; only parameters with ``requires_grad`` are trained.
@@ -266,19 +274,13 @@ def shared_setup(cfg: RunConfig) -> SharedSetup:
     """Load data, the tokenizer and the client partitions (deterministic for a config).
 
     The tokenizer is trained locally for ``model.init=random`` (see
-    :func:`~ubsmoe.models.loading.train_tokenizer`), else loaded with the checkpoint's.
+    :func:`~ubsmoe.models.tokenizer.train_tokenizer`), else loaded with the checkpoint's.
 
     Raises:
         ConfigError: the data cannot be resolved or is too small for the clients.
         ValueError: ``model.name`` has no readable OLMoE config (``random``).
         OSError: the pretrained tokenizer cannot be loaded (hub unreachable, bad path).
     """
-    from ubsmoe.data.commonsense import format_prompt
-    from ubsmoe.data.instruction import load_data
-    from ubsmoe.data.partition import partition_clients, partition_labels
-    from ubsmoe.models.architecture import tokenizer_vocab_size
-    from ubsmoe.models.tokenizer import cache_dir, train_tokenizer
-
     data = load_data(cfg.data, cfg.train.seed)
     if cfg.model.resolved_init == "random":
         # Offline: a BPE tokenizer trained on the run's text to the preset's or the
@@ -286,8 +288,6 @@ def shared_setup(cfg: RunConfig) -> SharedSetup:
         texts = [format_prompt(r) + r["output"] for r in data.train]
         tokenizer = train_tokenizer(texts, tokenizer_vocab_size(cfg.model), cache_dir(cfg.model))
     else:
-        from transformers import AutoTokenizer
-
         try:
             tokenizer = AutoTokenizer.from_pretrained(cfg.model.name)
         except OSError as e:
@@ -316,9 +316,6 @@ def tokenizer_to_files(tokenizer) -> dict[str, str]:
     Raises:
         ValueError: a file is not UTF-8 text or the files exceed 64 MiB together.
     """
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory(prefix="ubsmoe-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
         files = {}
@@ -340,11 +337,6 @@ def tokenizer_from_files(files: dict[str, str]):
     Raises:
         ValueError: no files, or a file name with a path separator.
     """
-    import tempfile
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
     if not files:
         raise ValueError("no tokenizer files were sent")
     with tempfile.TemporaryDirectory(prefix="ubsmoe-tok-") as tmp:
@@ -377,11 +369,6 @@ def node_setup(cfg: RunConfig, client_id: int, data_path: str, tokenizer) -> Sha
         ConfigError: the folder cannot be read (names ``data.path``), or holds no
             training record.
     """
-    from dataclasses import replace
-
-    from ubsmoe.config import ConfigError
-    from ubsmoe.data.commonsense import load_commonsense
-
     data = load_commonsense(replace(cfg.data, path=data_path), cfg.train.seed)
     if not data.train:
         raise ConfigError(f"data-path: {data_path!r} holds no training records for data.tasks")
@@ -424,8 +411,6 @@ class ClientRuntime:
         if not 0 <= client_id < self.cfg.fl.num_clients:
             raise ValueError(f"client_id: got {client_id}, expected 0..{self.cfg.fl.num_clients - 1}")
         if client_id not in self._examples:
-            from ubsmoe.data.commonsense import tokenize_example
-
             records = [self.setup.data.train[i] for i in self.setup.partitions[client_id]]
             self._examples[client_id] = [
                 tokenize_example(self.tokenizer, r, self.cfg.data.max_length) for r in records

@@ -4,7 +4,7 @@ UB-SMoE: "Universally Balanced Sparse Mixture-of-Experts for Resource-Adaptive
 Federated Fine-Tuning of Foundation Models" (ICML 2026, arXiv 2605.16690).
 
 * :func:`utilization_entropy` and :func:`gini` measure how evenly the global
-  utilization u~ (:func:`ubsmoe.routing.global_utilization`) spreads over experts;
+  utilization u~ (:func:`ubsmoe.core.routing.global_utilization`) spreads over experts;
 * :func:`pearson` and :func:`spearman` correlate DMR's phi with utilization (the
   server update should make them negatively correlated);
 * :func:`pg_alignment` scores the pseudo-gradient of each inactive expert against
@@ -216,7 +216,7 @@ def pg_alignment(model: nn.Module, batch: dict[str, torch.Tensor], top_k: int,
     Paper §6.3.4 / DESIGN.md section 4.2. On a fixed probe batch at K_c = ``top_k``:
 
     1. forward and backward as in training (with the layer's probe on when the rule
-       has ``probe_tokens`` > 0, :class:`ubsmoe.pseudo_grad.ProbePseudoGradient`);
+       has ``probe_tokens`` > 0, :class:`ubsmoe.core.pseudo_grad.ProbePseudoGradient`);
        per SMoE layer, A = experts that got a token, I = the others; the rule ``pg``
        turns the gradients into pseudo-gradients for I (not written into the model);
     2. forward and backward again with every expert of I forced on for every token
@@ -224,7 +224,7 @@ def pg_alignment(model: nn.Module, batch: dict[str, torch.Tensor], top_k: int,
        the loss and routing are unchanged and each forced expert's LoRA receives
        exactly the gradient it would get as an extra selected expert);
     3. per inactive expert, the cosine of the two (all four LoRA tensors
-       concatenated, :func:`ubsmoe.pseudo_grad.pg_cosine_alignment`).
+       concatenated, :func:`ubsmoe.core.pseudo_grad.pg_cosine_alignment`).
 
     The model's gradients, K_c, ``force_on`` and ``probe_tokens`` settings and
     utilization counters are restored afterwards; its parameters are not changed.

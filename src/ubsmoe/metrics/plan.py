@@ -2,7 +2,7 @@
 
 :func:`plan` builds the configured model on the meta device (shapes only, nothing
 allocated; presets and full architectures alike, see
-:func:`~ubsmoe.models.loading.random_olmoe`), patches it exactly as a run does
+:func:`~ubsmoe.models.build.random_olmoe`), patches it exactly as a run does
 (attention LoRA, per-expert LoRA, the method's own trainable tensors) and counts:
 
 - parameters: total, and activated per budget level (:mod:`ubsmoe.metrics.flops`
@@ -64,9 +64,25 @@ import os
 from dataclasses import asdict
 from typing import Any
 
+import psutil
 import torch
 
-from ubsmoe.config import ConfigError, RunConfig
+from ubsmoe.errors import ConfigError
+from ubsmoe.config import RunConfig
+from ubsmoe.data.partition import assign_budgets
+from ubsmoe.budgets import top_k_for_budget
+from ubsmoe.methods import get_method_class
+from ubsmoe.metrics.flops import (
+    model_shape_from_config,
+    param_counts,
+    training_flops_per_token,
+    with_lora_experts,
+)
+from ubsmoe.models.patching import distinct_numel
+from ubsmoe.models.architecture import olmoe_config
+from ubsmoe.models.build import prepare_model, random_olmoe
+from ubsmoe.models.devices import resolve_device, resolve_dtype
+from ubsmoe.models.adapters import set_lora_rank
 
 GIB = 1024 ** 3
 # Peak training activations / activations saved for backward (see the module docstring).
@@ -85,8 +101,6 @@ def _device_name(cfg: RunConfig) -> tuple[str, torch.device]:
     ``auto`` resolves on this machine; an explicit ``cuda``/``cuda:N`` is kept even
     when no CUDA device is visible (planning a GPU run from a CPU box).
     """
-    from ubsmoe.models.devices import resolve_device
-
     name = cfg.model.device
     if name.startswith("cuda"):
         index = int(name.partition(":")[2] or 0)
@@ -97,10 +111,6 @@ def _device_name(cfg: RunConfig) -> tuple[str, torch.device]:
 
 def _meta_model(cfg: RunConfig):
     """The run's patched model on the meta device and its method (shapes only)."""
-    from ubsmoe.methods import get_method_class
-    from ubsmoe.models.build import prepare_model, random_olmoe
-    from ubsmoe.models.devices import resolve_dtype
-
     _, device = _device_name(cfg)
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = random_olmoe(cfg.model, None, None, None, seed=cfg.train.seed, device="meta", dtype=dtype)
@@ -112,8 +122,6 @@ def _meta_model(cfg: RunConfig):
 
 def _split(model) -> tuple[int, int, int]:
     """``(frozen params, frozen bytes, trainable params)`` of a (meta) model."""
-    from ubsmoe.models.patching import distinct_numel
-
     # LoRA experts' shared MLP weights are stride-0 views: counted once, as stored.
     frozen = sum(distinct_numel(p) for p in model.parameters() if not p.requires_grad)
     frozen_bytes = sum(distinct_numel(p) * p.element_size() for p in model.parameters() if not p.requires_grad)
@@ -182,17 +190,6 @@ def plan(cfg: RunConfig) -> dict[str, Any]:
     Raises:
         ValueError: the model has no readable OLMoE config.
     """
-    from ubsmoe.budgets import top_k_for_budget
-    from ubsmoe.data.partition import assign_budgets
-    from ubsmoe.metrics.flops import (
-        model_shape_from_config,
-        param_counts,
-        training_flops_per_token,
-        with_lora_experts,
-    )
-    from ubsmoe.models.adapters import set_lora_rank
-    from ubsmoe.models.architecture import olmoe_config
-
     label, device = _device_name(cfg)
     model, method, dtype = _meta_model(cfg)
     shape = with_lora_experts(model_shape_from_config(olmoe_config(cfg.model).to_dict(), cfg.model.name),
@@ -287,8 +284,6 @@ def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     try:
-        import psutil
-
         return int(psutil.virtual_memory().available)
     except ImportError:  # pragma: no cover - psutil is a dependency of ray
         with open("/proc/meminfo", encoding="ascii") as f:
@@ -331,8 +326,6 @@ def check_plan(cfg: RunConfig, free_bytes: int | None = None) -> dict[str, Any]:
         ConfigError: ``model.device`` names no visible device.
         PlanError: the run does not fit (one line: what, how much, which setting).
     """
-    from ubsmoe.models.devices import resolve_device
-
     device = resolve_device(cfg.model.device)
     p = plan(cfg)
     free = free_memory(device) if free_bytes is None else int(free_bytes)

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
+from ubsmoe.io import atomic_write_text
 from ubsmoe.report import figures as F
 from ubsmoe.report.runs import RunGroup, RunRecord, find_runs, group_key, group_runs
 from ubsmoe.report.tables import (
@@ -119,8 +122,6 @@ def build_report(dirs: list[str | Path], out: str | Path, command: str = "") -> 
         FileNotFoundError: a path of ``dirs`` is not a directory.
         ValueError: no run directory under ``dirs``, or a malformed cell.json / summary.json.
     """
-    from ubsmoe.io import atomic_write_text
-
     out = Path(out)
     runs = find_runs(dirs)
     if not runs:
@@ -214,8 +215,6 @@ def group_rich_tables(report: Report) -> list[Any]:
     terminal table (the caption says so; the CSV keeps them as ``no match``), so
     several methods still fit an 80-column terminal.
     """
-    from rich.table import Table
-
     out = []
     for t in report.tables:
         if t.kind != "budgets":

@@ -17,9 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ubsmoe.errors import ConfigError
+from ubsmoe.config import config_from_dict
+from ubsmoe.io import atomic_write_bytes
+from ubsmoe.methods.base import phi_layer_of
+from ubsmoe.metrics.flops import Budget, budget_table, model_shape_from_config
+from ubsmoe.models.architecture import olmoe_config
 from ubsmoe.report.runs import RunGroup, RunRecord
 from ubsmoe.report.tables import eval_rows, protocols_and_modes
 
@@ -56,8 +63,6 @@ def _new(ncols: int = 1, width: float = 6.4) -> tuple[Figure, list[Any]]:
 
 def _save(fig: Figure, path: Path) -> Path:
     """Write the figure as PNG (120 dpi) atomically."""
-    from ubsmoe.io import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     atomic_write_bytes(path, buf.getvalue())
@@ -249,10 +254,6 @@ def fig_gini_per_round(group: RunGroup, path: Path) -> FigureResult:
 
 def _final_phi(run: RunRecord) -> list[list[float]] | None:
     """The global phi ``[L, E]`` of the run's last round checkpoint, or None (no phi / no checkpoint)."""
-    import torch
-
-    from ubsmoe.methods.base import phi_layer_of
-
     ckpts = sorted((run.path / "checkpoints").glob("round_*.pt"))
     if not ckpts:
         return None
@@ -376,10 +377,6 @@ def budget_cost(run: RunRecord) -> list[dict[str, Any]] | None:
         Per level ``{beta, top_k, lora_rank, activated_params, train_flops_per_token}``,
         or None when the config is missing or its model cannot be resolved offline.
     """
-    from ubsmoe.config import ConfigError, config_from_dict
-    from ubsmoe.metrics.flops import Budget, budget_table, model_shape_from_config
-    from ubsmoe.models.architecture import olmoe_config
-
     if not run.config:
         return None
     try:

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from ubsmoe.io import read_jsonl
+
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -70,8 +72,6 @@ class RunRecord:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The JSON lines of ``path`` (:func:`ubsmoe.io.read_jsonl`); none when the file is absent."""
-    from ubsmoe.io import read_jsonl
-
     return read_jsonl(path) if path.is_file() else []
 
 

@@ -41,6 +41,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ubsmoe.io import atomic_write_text
 from ubsmoe.report.runs import RunGroup, RunRecord
 
 PAPER_METHOD = {
@@ -259,8 +260,6 @@ def write_table_csv(table: AccuracyTable, path: str | Path) -> Path:
     Columns: ``row``, ``K / rank``, then per method ``<m> (ours)`` (``mean ± std
     (n=seeds)``) and ``<m> (paper <name>)`` (matched published numbers or ``no match``).
     """
-    from ubsmoe.io import atomic_write_text
-
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow([f"# {table.title}"])
@@ -300,8 +299,6 @@ def long_rows(tables: list[AccuracyTable]) -> list[dict[str, Any]]:
 
 def write_long_csv(tables: list[AccuracyTable], path: str | Path) -> Path:
     """Write :func:`long_rows` as CSV (header :data:`LONG_COLUMNS`), atomically."""
-    from ubsmoe.io import atomic_write_text
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(LONG_COLUMNS))
     writer.writeheader()

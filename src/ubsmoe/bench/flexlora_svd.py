@@ -37,7 +37,7 @@ SVD for the 2048 x 2048 modules; ``passed`` says whether it was.
 
 Usage::
 
-    python -m ubsmoe.metrics.flexlora_bench --out flexlora_svd.json --repeats 3
+    python -m ubsmoe.bench.flexlora_svd --out flexlora_svd.json --repeats 3
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def measure_memory(variant: str, name: str, dim: int, inter: int, threads: int) 
     Raises:
         subprocess.CalledProcessError: the child failed.
     """
-    cmd = [sys.executable, "-m", "ubsmoe.metrics.flexlora_bench", "--child", variant,
+    cmd = [sys.executable, "-m", "ubsmoe.bench.flexlora_svd", "--child", variant,
            "--module", name, "--dim", str(dim), "--inter", str(inter), "--threads", str(threads)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)

@@ -200,8 +200,9 @@ def config_reference_markdown() -> str:
             continue
         out.append(f"## {title}\n")
         for sub, rows in tables:
-            name = sub.rstrip(".") or "method"
-            out += [f"### `{name}`\n", *header, *rows, ""]
+            if sub != prefix or not prefix:  # a method's own fields sit under its title
+                out.append(f"### `{sub.rstrip('.') or 'method'}`\n")
+            out += [*header, *rows, ""]
     if missing:
         raise ValueError("config fields without a description in their class's 'Attributes:' "
                          "docstring section: " + ", ".join(missing))
@@ -236,6 +237,14 @@ def on_files(files, config):
             files.append(File.generated(config, _api_path(module),
                                         content=f"# `{module}`\n\n::: {module}\n"))
     return files
+
+
+_RST_ROLE = re.compile(r":(?:func|class|meth|attr|mod|data|exc|obj):<code>~?")
+
+
+def on_page_content(html, page, config, files):
+    """Drop Sphinx roles (``:func:`x` ``) that the docstrings use but Markdown does not know."""
+    return _RST_ROLE.sub("<code>", html)
 
 
 def on_page_markdown(markdown, page, config, files):

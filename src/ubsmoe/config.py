@@ -83,6 +83,22 @@ class TinyModelConfig:
     is the std of the random weights (HF default 0.02; at that scale and width the
     experts' output, gated by ~1/64 softmax weights, is ~1e-3 of the residual stream,
     so K_c barely changes predictions — the embedded default uses 0.1).
+
+    Attributes:
+        hidden_size: hidden width H of the tiny preset (the ``tiny-*`` family
+            presets and ``tiny-dense`` use the same sizes).
+        num_hidden_layers: decoder layers L.
+        num_attention_heads: attention heads.
+        intermediate_size: expert intermediate size I (``tiny-dense``: its MLP is
+            ``4 * intermediate_size``).
+        num_experts: experts M per SMoE layer (OLMoE-1B-7B: 64).
+        num_experts_per_tok: the native top-k K_max, in [1, ``num_experts``]
+            (OLMoE-1B-7B: 8; a larger value is a config error naming both fields).
+        vocab_size: vocabulary size; the tokenizer is trained locally to it and cached.
+        max_position_embeddings: longest sequence the model accepts.
+        initializer_range: std of the random weights, > 0 (HF default 0.02; the
+            embedded default run uses 0.1: at 0.02 the experts' gated output is ~1e-3
+            of the residual stream, so K barely changes predictions).
     """
 
     hidden_size: int = 64
@@ -109,43 +125,57 @@ class ModelConfig:
 
     Attributes:
         name: a random-weight preset (``tiny``: the CPU default; ``medium``: hidden
-            512, 4 layers, 64 experts, top-8, vocabulary 4096; ``tiny-mixtral``,
+            512, 4 layers, 4 heads, 64 experts, top-8, expert intermediate 256,
+            vocabulary 4096, the ``model_step`` bench shapes; ``tiny-mixtral``,
             ``tiny-qwen2-moe``, ``tiny-qwen3-moe``: the ``tiny`` sizes in that MoE
             family's architecture; ``tiny-dense``: a dense OLMo of the ``tiny``
             width, depth and MLP size ``4 * intermediate_size``), else a hub name or
             local path of a supported checkpoint (OLMoE, Mixtral, Qwen2-MoE,
             Qwen3-MoE; dense OLMo, Llama, Mistral; e.g. ``allenai/OLMoE-1B-7B-0924``,
-            ``allenai/OLMo-1B-hf``; see ``ubsmoe.models.families``).
+            ``allenai/OLMo-1B-hf``; see ``ubsmoe.models.families`` and the docs page
+            "Your data and models"). The shipped ``allenai/OLMoE-1B-7B-0924`` and
+            ``allenai/OLMo-1B-hf`` (dense: ``fedit`` and the rank methods only)
+            configs build offline with ``init=random``.
         lora_rank: LoRA rank r of every expert projection and attention projection.
         lora_alpha: LoRA alpha; the scale is alpha / r.
-        attention_lora: also put LoRA on q/k/v/o attention projections.
+        attention_lora: also put LoRA on q/k/v/o attention projections (PEFT).
         dtype: parameter dtype of the frozen model: ``auto`` (bfloat16 on a GPU,
             float32 on CPU), ``float32``, ``bfloat16`` or ``float16``. LoRA factors
-            (attention and experts), DMR phi and a trainable router stay float32
-            whatever this is.
-        device: where clients train and the server evaluates: ``auto`` (the first
-            CUDA device when one is visible, else CPU), ``cuda``, ``cuda:N`` or
-            ``cpu``. Checked against the visible devices when the model is built.
+            (expert LoRA in ``SMoELayer``, attention LoRA through PEFT's adapter
+            autocast), DMR phi and a trainable router stay float32 whatever this is.
+        device: where clients train (model and batches) and the server evaluates:
+            ``auto`` (``cuda:0`` when CUDA is visible, else CPU), ``cuda``,
+            ``cuda:N`` or ``cpu``. Checked against the visible devices when the
+            model is built. Adapters over the wire and in checkpoints are CPU tensors.
         init: ``pretrained`` (load the checkpoint's weights and tokenizer, from the
             hub or a local path), ``random`` (random weights of the preset's or the
             checkpoint's architecture, from a shipped or local config.json, built on
             the target device, with a tokenizer trained locally to its vocabulary
-            size: no hub access needed) or ``auto`` (``random`` for presets,
-            ``pretrained`` otherwise).
-        k_min: smallest number of activated experts a client may get.
+            size and cached: no hub access needed) or ``auto`` (``random`` for
+            presets, ``pretrained`` otherwise). ``pretrained`` with a preset is a
+            config error.
+        k_min: smallest number of activated experts a client may get (K_min of
+            K_c = clamp(floor(K_max beta), K_min, K_max)); at most the native top-k.
         router_trainable: train the router ``W_r`` of every SMoE layer (every
-            method; it is uploaded and aggregated by p_c-weighted mean like any
-            non-LoRA adapter tensor, DESIGN.md section 3). Kept in float32 when
-            ``dtype`` is lower precision. False keeps the host model's router frozen.
+            method; it is uploaded with the adapters and aggregated by p_c-weighted
+            mean like any non-LoRA adapter tensor, also by A3SMoE and the rank
+            methods, as a plain dense tensor; DESIGN.md section 3), checkpointed and
+            exported to ``adapter/router.safetensors``. Kept in float32 when
+            ``dtype`` is lower precision (Adam steps of ~lr would round away in
+            bfloat16). False keeps the host model's router frozen.
         tokenizer_cache: where the tiny preset's trained tokenizer is cached
             (empty: ``$UBSMOE_CACHE`` or ``~/.cache/ubsmoe``).
         lora_experts: M, a mixture of LoRA experts on a dense backbone's frozen MLP
-            (beyond the papers; README, "Mixture of LoRA experts on a dense model"):
-            every decoder layer's MLP becomes an SMoE layer of M experts that share
-            the frozen MLP weights and differ by their own LoRA, with a new router.
-            0 (default): off. Dense families only.
+            (beyond the papers; docs page "Your data and models", "Mixture of LoRA
+            experts on a dense model"): every decoder layer's MLP becomes an SMoE
+            layer of M experts that share the frozen MLP weights and differ by their
+            own LoRA, with a new router ``W_r [M, H]`` that picks K_c per token, so
+            the SMoE methods (``ubsmoe``, ``smoe``, ``smoe_llb``, ``a3smoe``) run on
+            the dense model; not with ``flora``/``florist`` (they merge into the
+            shared base). 0 (default): off. Dense families only.
         lora_experts_top_k: K_max, the LoRA experts a token runs at budget 1
             (``1 <= K_max <= M``); a level beta runs ``clamp(floor(K_max beta), k_min, K_max)``.
+            Each active expert is one more pass through the frozen MLP.
     """
 
     name: str = "tiny"
@@ -203,32 +233,40 @@ class DataConfig:
     Attributes:
         name: ``commonsense`` (the LLM-Adapters suite, the default) or
             ``instruction`` (any folder of tasks in that format, or an HF dataset;
-            README, "Your own data").
+            docs page "Your data and models", "Your own data").
         path: folder of the data (one sub-folder per task with train.json /
-            test.json). Empty (commonsense only): ``$UBSMOE_DATA`` (its
+            test.json); with ``name=instruction`` the folder of your tasks (required
+            unless ``hf_dataset``). Empty (commonsense only): ``$UBSMOE_DATA`` (its
             ``commonsense`` sub-folder if present), then ``../shared/data/commonsense``
             next to the working directory or the package checkout, then download.
         tasks: task names; a task absent from the data is reported as skipped.
-            Empty: every task (commonsense: the eight; instruction: all found).
+            Empty: every task (commonsense: the eight, boolq, piqa, social_i_qa,
+            hellaswag, winogrande, ARC-Challenge, ARC-Easy, openbookqa; instruction:
+            a filter on the tasks found, empty: all).
         task_field: record field naming the task of a record in a top-level
-            combined ``train.json`` (instruction data).
+            combined ``train.json`` (instruction data; records without it belong to
+            a task named after the folder).
         hf_dataset: a Hugging Face dataset (hub name or local dataset folder) read
-            with ``datasets.load_dataset`` instead of ``path`` (instruction data).
+            with ``datasets.load_dataset`` instead of ``path`` (instruction data);
+            a hub name needs the hub (offline: one line naming the dataset).
         hf_split: the split of ``hf_dataset`` to read.
         columns: record field -> dataset column for ``hf_dataset`` (fields:
             instruction, input, output, answer, task, category; instruction and
             output required).
         answer_types: task -> ``label`` | ``letter`` | ``numeric`` | ``text``;
-            tasks not listed are detected (see ``ubsmoe.eval.instruction``).
+            tasks not listed are detected (see ``ubsmoe.eval.instruction`` and the
+            detection rule in the docs page "Your data and models").
         partition_field: record field whose values the Dirichlet partition is
-            drawn over (empty: the task).
+            drawn over (e.g. ``category``; empty: the task, or IID when records
+            carry no task).
         train_examples: total training examples sampled over all tasks, seeded
             (Commonsense-15K: 15000). 0 keeps every example.
         carved_train_fraction: for tasks with only a test file, the share of it
             carved off (deterministically, disjointly) as training data.
         max_length: tokens per training example (prompt + response), truncated.
-        partition: ``dirichlet`` (non-IID over the task label) or ``iid``.
-        dirichlet_alpha: concentration of the Dirichlet partitioner.
+        partition: ``dirichlet`` (non-IID over the task label, or over
+            ``partition_field``) or ``iid``.
+        dirichlet_alpha: concentration of the Dirichlet partitioner (flwr-datasets).
     """
 
     name: str = "commonsense"
@@ -297,21 +335,25 @@ class TrainConfig:
     Attributes:
         lr: Adam learning rate.
         batch_size: examples per local optimizer step (the effective batch).
-        grad_accumulation_steps: micro-batches per optimizer step; each holds
-            ``batch_size / grad_accumulation_steps`` examples and the accumulated
-            gradient equals the full batch's (README, "Memory for long runs").
+        grad_accumulation_steps: micro-batches per optimizer step (must divide
+            ``batch_size``); each holds ``batch_size / grad_accumulation_steps``
+            examples and the accumulated gradient equals the full batch's (docs
+            page "Concepts", "Memory for long runs").
         activation_checkpointing: recompute each decoder layer's activations in
-            the backward pass instead of storing them (less memory, one more
-            forward per layer); utilization counts are not affected.
+            the backward pass instead of storing them (non-reentrant
+            ``torch.utils.checkpoint``; less memory, one more forward per layer);
+            utilization counts are not affected.
         local_epochs: passes over the client's partition per round.
         max_local_steps: cap on optimizer steps per round (0: no cap).
         max_grad_norm: gradient clipping norm (0: off).
         seed: base seed; per-client seeds derive from it and the client id.
         top_k: experts per token a client trains with (DESIGN.md section 6):
             ``auto`` is the method's own choice (:attr:`Method.own_train_top_k`:
-            K_c for the SMoE methods, the native top-k for FedIT and the rank
-            methods), ``budget`` its budget level's K_c, ``native`` the model's
-            top-k. Methods that exist to vary K (the SMoE methods) reject ``native``
+            K_c for ``smoe``, ``smoe_llb``, ``a3smoe``, ``ubsmoe``; the native top-k
+            for ``fedit`` and the rank methods, which keep their rank r_c),
+            ``budget`` its budget level's K_c (every method), ``native`` the model's
+            top-k (only ``fedit`` and the rank methods). Methods that exist to vary K
+            (the SMoE methods) reject ``native`` as a config error
             (:attr:`Method.train_top_k_modes`).
     """
 
@@ -362,35 +404,48 @@ class FLConfig:
         num_clients: number of clients (Flower SuperNodes).
         rounds: federated rounds.
         fraction: share of clients sampled each round, in (0, 1].
-        budgets: the budget levels beta_1..beta_n, each in (0, 1]; client c at
-            level beta gets K_c = clamp(floor(K_max * beta), k_min, K_max).
+        budgets: the budget levels beta_1..beta_n, each in (0, 1], strictly
+            increasing; client c at level beta gets
+            K_c = clamp(floor(K_max * beta), k_min, K_max) (K = 1, 2, 4, 8 on a
+            top-8 model with the default levels).
         budget_pattern: how clients are spread over the levels: ``uniform``,
             ``long_tail`` (75% at the lowest level) or ``reverse_long_tail``
             (75% at the highest).
         client_cpus: CPUs reserved per simulated client: the local SuperLink's
             federation config ``client-resources-num-cpus`` (Ray resources). A
             whole number >= 1: Flower 1.42's federation config takes integer CPUs.
+            W = floor(CPUs / this) worker processes run, one model each.
         client_gpus: GPUs reserved per simulated client (``client-resources-num-gpus``);
-            fractions share a GPU between workers (0.25: four per GPU); 0: CPU only.
+            fractions share a GPU between workers (0.25: four per GPU); 0: clients on
+            the CPU (a worker that reserves no GPU sees none; ``ubsmoe run`` warns
+            when a GPU is visible and refuses ``model.device=cuda``).
         keep_checkpoints: how many ``checkpoints/round_XXXX.pt`` to keep, newest
             first (0: keep all); older ones are deleted once a new one is written.
+            Checkpoints are written atomically, so ``--resume`` always has one.
             The final adapters (``checkpoints/adapter``) are always kept.
         round_timeout_s: seconds the server waits for a round's replies (per try);
-            a client that has not replied by then is left out of the round as timed
-            out. 0: no timeout (a disconnected node is still left out, through the
-            error reply Flower sends for a node that went offline).
+            a client that has not replied by then is left out of the round as
+            ``timeout after T s`` and its late reply is discarded. 0: no timeout (a
+            disconnected node is still left out, through the error reply Flower
+            sends for a node that went offline).
         min_replies: a round completes only with at least this many good replies.
         min_reply_fraction: ... and at least this share of the round's sampled
             clients (rounded up), in (0, 1].
         round_retries: how often a round that missed ``min_replies`` /
             ``min_reply_fraction`` is tried again with the same clients and seeds
-            before the run stops (0: never).
-        reject_norm_multiple: reject a reply whose update norm ``||x_c - x_sent||``
-            exceeds this multiple of the round's median (0: off). Buffers the
-            round's replies.
-        aggregation: ``mean`` (the method's own weighted mean, streaming),
-            ``median`` (coordinate-wise median) or ``trimmed_mean`` of the tensors
-            a method averages with data weights; the robust ones buffer replies.
+            before the run stops (0: never). Nothing of a failed try is committed;
+            after the last try the run stops with one line naming the last complete
+            round's checkpoint.
+        reject_norm_multiple: reject a reply whose update norm ``||x_c - x_sent||_2``
+            exceeds this multiple of the round's median (0: off; e.g. 3). Buffers
+            the round's replies.
+        aggregation: ``mean`` (the method's own p_c-weighted mean, streaming),
+            ``median`` (coordinate-wise median) or ``trimmed_mean`` (Yin et al.,
+            2018) of the tensors a method averages with data weights; the robust
+            ones are unweighted across the good replies and buffer the round's
+            replies. The rank methods (``hetlora``, ``flexlora``, ``flora``,
+            ``florist``, ``a3smoe_flexlora``) aggregate factors all at once and
+            accept only ``mean``.
         trim_fraction: share of replies cut at each end per coordinate by
             ``trimmed_mean``, in [0, 0.5).
     """
@@ -460,7 +515,8 @@ class EvalConfig:
             the paper's protocol) and/or ``loglik`` (log-likelihood choice scoring).
         examples_per_task: test examples scored per task, a fixed seeded subset
             (0: the whole test set).
-        max_new_tokens: generation length for the generation protocol.
+        max_new_tokens: generation length for the generation protocol (a row
+            also stops once its answer is found).
         batch_size: examples per evaluation batch.
         every_rounds: also evaluate every N rounds (0: only after the last round).
         pg_probe_examples: training examples in the fixed probe batch of the
@@ -469,13 +525,15 @@ class EvalConfig:
         top_k: the K each budget level is evaluated at, one set of rows per entry:
             ``budget`` (level j at its own K_j, and rank methods at rank r_j: the
             papers' protocol, for every method) and/or ``native`` (every level at
-            the model's top-k, still at rank r_j).
+            the model's top-k, still at rank r_j); each row carries its
+            ``top_k_mode``.
         text_metric: the value a free-text task reports in a row's ``per_task``:
             ``rouge_l`` (ROUGE-L F) or ``bertscore_f1``; both are in
             ``per_task_metrics`` when computed.
         bertscore_model: BERTScore's scoring model, a hub name or a local folder
-            (``bert_score`` ``model_type``); empty: BERTScore off (stated in the
-            summary).
+            with model and tokenizer (``bert_score`` ``model_type``); empty:
+            BERTScore off (stated in the summary). Not loadable: BERTScore is
+            skipped and ``summary.json`` says why.
         bertscore_num_layers: the layer BERTScore reads; 0: bert-score's own
             choice for a known ``bertscore_model`` (required for a local folder).
     """
@@ -523,8 +581,12 @@ class LogConfig:
     """Where a run's per-round scalars go besides ``metrics.jsonl`` (see :mod:`ubsmoe.tracking`).
 
     Attributes:
-        tensorboard: write TensorBoard event files to ``run_dir/tensorboard/``.
-        wandb: also log the same scalars to Weights & Biases (needs ``pip install wandb``).
+        tensorboard: write TensorBoard event files of every numeric scalar in each
+            metrics.jsonl record to ``run_dir/tensorboard/`` (docs page "Logging").
+        wandb: also log the same scalars to Weights & Biases
+            (``wandb.init(project=..., dir=run dir, config=resolved config)``; a
+            resume continues the same W&B run). True without the ``wandb`` package
+            is a config error (``pip install wandb``).
         wandb_project: the W&B project name.
 
     Raises:
@@ -550,6 +612,21 @@ class RunConfig:
 
     ``method_config`` is the selected method's own config dataclass; in YAML and
     overrides it is the section named after the method (e.g. ``a3smoe.gamma``).
+
+    Attributes:
+        method: the federated method, one of ``ubsmoe methods`` (the method
+            registry): ``ubsmoe`` (the default), ``smoe``, ``smoe_llb``,
+            ``a3smoe``, ``fedit``, the LoRA-rank baselines ``hetlora``,
+            ``flexlora``, ``flora``, ``florist``, and ``a3smoe_flexlora``. An
+            unknown name is a config error listing the available ones.
+        model: which model to fine-tune and where its LoRA adapters go.
+        data: the data, its splits and its partition over clients.
+        train: local training on each client.
+        fl: the federation: clients, rounds, budgets, failures, aggregation.
+        eval: evaluation of the global model per budget level.
+        log: TensorBoard and W&B logging.
+        method_config: the selected method's own config (the section named after
+            the method).
     """
 
     method: str = "ubsmoe"

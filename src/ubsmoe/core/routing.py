@@ -46,24 +46,29 @@ class DMRConfig:
     """Hyperparameters of Dynamic Modulated Routing (DESIGN.md section 4.1).
 
     Attributes:
-        num_candidates: N_p, experts per token whose affinity is modulated (the N_p
-            largest raw affinities). Must also be <= the number of experts; that is
+        num_candidates: N_p, candidate experts per token whose logit phi modulates
+            (the N_p largest raw affinities). Must also be <= the number of experts; that is
             checked where the model is known (:func:`modulate_logits`).
-        momentum: zeta in ``phi <- zeta * phi_agg + (1 - zeta) * phi~``, in [0, 1].
+        momentum: zeta in ``phi <- zeta * phi_agg + (1 - zeta) * phi~``, in [0, 1],
+            the utilization-aware server update
+            ``phi <- zeta phi_agg + (1 - zeta) tanh(u* / (u~ + eps) - 1)``.
         phi_min: lower end of the range penalty's free interval.
         phi_max: upper end of the range penalty's free interval (> ``phi_min``).
         penalty_coef: lambda of the range penalty, >= 0.
-        range_penalty: add the range penalty to the local loss (ablation switch,
-            paper Table 5).
+        range_penalty: add the range penalty
+            ``lambda * (||ReLU(phi_min - phi)||^2 + ||ReLU(phi - phi_max)||^2)`` to
+            the local loss (ablation switch, paper Table 5).
         server_update: utilization-aware server update of phi (ablation switch,
             paper Table 5); off keeps the aggregated phi.
-        learn_phi: phi is trained locally on clients; off keeps it frozen there.
+        learn_phi: phi is trained locally on clients; off keeps it frozen there
+            (clients keep the phi they were sent).
         phi_lr: Adam learning rate of phi in local training (its own optimizer
             parameter group; every other parameter keeps ``train.lr``), > 0. Adam
             moves a parameter by about its lr per step whatever the gradient's scale,
             so at ``train.lr`` phi could not leave [phi_min, phi_max] within a round
             and the range penalty would never act. The default 0.1 lets phi cross
-            the range in a round of about 10 steps (README, "UB-SMoE").
+            the range in a round of about 10 steps: phi leaves it within round 1 of
+            the default run when the penalty is off (docs page "UB-SMoE: DMR and PG").
 
     Raises:
         ConfigError: (a ``ValueError``) listing every invalid field, one per line,

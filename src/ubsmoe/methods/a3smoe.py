@@ -42,10 +42,13 @@ class A3SMoEConfig:
 
     Attributes:
         gamma: exponent on the normalised activation frequency (0 gives FedAvg).
-        weighting: ``flame`` (the default; the journal version FLAME's weight,
-            ``p_c (a_{c,i} / (n_c K_c))**gamma``) or ``literal`` (the workshop
-            paper's Eq. 7 as printed, ``p_c (p_{i,c} / K_c)**gamma`` with
-            ``p_{i,c} = a_{c,i} / sum_j a_{c,j}``); see the module docstring.
+        weighting: A3SMoE's per-expert weight: ``flame`` (the default; the weight of
+            FLAME, arXiv 2506.16600, the journal version of A3SMoE,
+            ``u_{c,i} = p_c (a_{c,i} / (n_c K_c))**gamma``) or ``literal`` (the
+            workshop paper's Eq. 7 as printed, ``p_c (p_{i,c} / K_c)**gamma`` with
+            ``p_{i,c} = a_{c,i} / sum_j a_{c,j} = a_{c,i} / (n_c K_c)``, i.e. one more
+            division by K_c, which down-weights high-K clients by ``K_c**-gamma``);
+            equal when every client has the same K_c; see the module docstring.
     """
 
     gamma: float = 4.0

@@ -35,8 +35,13 @@ class A3SMoEFlexLoRAConfig(LoRARankConfig):
     """Ranks and alpha (:class:`~ubsmoe.methods.rank_base.LoRARankConfig`) plus A3SMoE's weighting.
 
     Attributes:
-        gamma: exponent on the normalised activation frequency (0: FlexLoRA's p_c).
-        weighting: ``flame`` or ``literal`` (:class:`~ubsmoe.methods.a3smoe.A3SMoEConfig`).
+        gamma: exponent on the normalised activation frequency (0: FlexLoRA's p_c,
+            i.e. this method is FlexLoRA). A client at level j trains rank
+            ``ranks[j]`` and K_j experts; FlexLoRA's SVD step runs per module with
+            each expert's client weights replaced by A3SMoE's; an expert no
+            participant used keeps its factors.
+        weighting: ``flame`` or ``literal``, as for ``a3smoe``
+            (:class:`~ubsmoe.methods.a3smoe.A3SMoEConfig`).
     """
 
     section: ClassVar[str] = "a3smoe_flexlora"

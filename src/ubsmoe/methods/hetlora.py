@@ -48,7 +48,9 @@ class HetLoRAConfig(LoRARankConfig):
     Attributes:
         gamma: kept fraction of the rank in the self-pruning regulariser; the tail
             ``[floor(gamma r), r)`` is penalised. In ``(0, 1]`` (1: no tail, no penalty).
-        reg_lambda: coefficient lambda of the regulariser, ``>= 0`` (0: off).
+        reg_lambda: coefficient lambda of the regulariser, ``>= 0`` (0: off): the
+            penalty ``lambda * ||B[:, floor(gamma r):]|| * ||A[floor(gamma r):]||`` on
+            every LoRA module.
     """
 
     section = "hetlora"

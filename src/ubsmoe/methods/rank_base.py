@@ -41,8 +41,8 @@ class LoRARankConfig:
 
     Attributes:
         ranks: LoRA rank of a client at each budget level, aligned with ``fl.budgets``
-            (one rank per level; default 12, 16, 24, 40 for beta_1..beta_4). The
-            server's global adapters have rank ``max(ranks)``.
+            (one rank per level, else a config error; default 12, 16, 24, 40 for
+            beta_1..beta_4). The server's global adapters have rank ``max(ranks)``.
         alpha: LoRA alpha of every client adapter (scale ``alpha / rank``). Rank
             methods set rank and alpha of every LoRA from this section;
             ``model.lora_rank`` and ``model.lora_alpha`` apply to the other methods.

@@ -41,7 +41,8 @@ class SMoELLBConfig:
     """SMoE-LLB hyperparameters.
 
     Attributes:
-        aux_loss_coef: coefficient of the load-balancing loss (OLMoE: 0.01).
+        aux_loss_coef: coefficient of the host model's load-balancing loss,
+            computed at top-k = K_c (OLMoE: 0.01), >= 0.
 
     Raises:
         ConfigError: ``aux_loss_coef`` negative.

@@ -61,12 +61,12 @@ class UBSMoEConfig:
     """UB-SMoE hyperparameters.
 
     Attributes:
-        pg: give inactive experts a pseudo-gradient (PG) in every local step.
+        pg: give inactive experts a pseudo-gradient (PG) in every local step (on/off).
         lambda_pg: lambda_pg >= 0 in rho_c = lambda_pg * M / K_c (DESIGN.md 4.2).
             Default 0.01: at K_c = 1 of M = 64 an inactive expert of average router
             probability moves 0.64x the active experts' weighted mean move (the
-            lambda_pg sweep on the default run does not separate the values; README,
-            "UB-SMoE: DMR and PG").
+            lambda_pg sweep on the default run does not separate the values; docs
+            page "UB-SMoE: DMR and PG").
         pg_space: ``update`` (default): after the optimizer step, inactive experts
             move by the rule applied to the active experts' actual changes in that
             step (:func:`ubsmoe.core.pseudo_grad.apply_pseudo_updates`), so lambda_pg
@@ -77,7 +77,8 @@ class UBSMoEConfig:
         pg_rule: ``universal`` (the paper's description: the pi-weighted mean of the
             active experts' signal) or ``probe`` (each inactive expert's own true
             gradient on its ``pg_probe_tokens`` highest-probability tokens, at the
-            universal rule's norm; costs extra FLOPs).
+            universal rule's norm; costs extra FLOPs: ``ubsmoe flops
+            --pg-probe-tokens N``).
         pg_probe_tokens: tokens per inactive expert for ``pg_rule=probe``, >= 1.
         dmr: Dynamic Modulated Routing settings (:class:`ubsmoe.core.routing.DMRConfig`):
             ``num_candidates`` (N_p), ``momentum`` (zeta), ``phi_min``/``phi_max``/

@@ -20,7 +20,8 @@ shared machine are only comparable within a suite). Suites that time things use
 (A, B, C, then C, B, A, ...), so a change in machine load hits all cases alike, and
 :func:`ratio_stats` gives both the ratio of medians and the median of per-repeat
 ratios. Suites: ``layer``, ``model_step`` (compute per budget), ``server_memory`` and
-``federated`` (server memory, traffic, Flower overhead), ``eval`` (evaluation
+``federated`` (server memory, traffic, Flower overhead), ``dispatch`` (ATen
+operations of a local step, a kernel-launch proxy), ``eval`` (evaluation
 examples per second); a new suite is a module that
 calls :func:`register_suite`, imported at the bottom of this file.
 """
@@ -283,4 +284,5 @@ def run_bench(suites: list[str] | None = None, options: BenchOptions | None = No
 
 # Suite modules register themselves on import (order = default run order).
 from ubsmoe.bench import layer, model_step, server  # noqa: F401, I001
+from ubsmoe.bench import dispatch  # noqa: F401  (operation counts, issue 24)
 from ubsmoe.bench import evaluation  # noqa: F401  (registered last: runs last)

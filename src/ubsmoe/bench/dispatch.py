@@ -1,0 +1,536 @@
+"""Suite ``dispatch``: ATen operations (a proxy for kernel launches) of one local step.
+
+On a GPU a small model's local step is bound by the host: every ATen operation is
+at least one kernel launch of a few microseconds, whatever its size (issue 24). The
+CPU cannot time launches, but it can count them. :class:`LaunchCounter` is a
+:class:`~torch.utils._python_dispatch.TorchDispatchMode` that sees every ATen
+operation below autograd (forward and backward alike) and counts those that are not
+views (aliasing operations: ``OpOverload.is_view``, and in-place metadata changes,
+``torch.Tag.inplace_view``, and ``_unsafe_view``) and profiler markers, since
+those launch no kernel.
+
+:func:`count_local_step` runs exactly a client's step,
+:func:`~ubsmoe.fl.train.local_train` on one batch, under the counter and splits the
+count
+
+- by phase: ``setup`` (splitting and counting the batch), ``forward`` (the model,
+  the loss and the method's extra loss), ``backward``, ``method`` (the method's
+  step metrics and gradient/update hooks, e.g. UB-SMoE's PG), ``clip`` (gradient
+  clipping), ``optimizer`` (Adam's step, its state created on this first step
+  included), ``finalize`` (reading the losses back);
+- for forward + backward, by component: ``attention`` (the host attention and the
+  frozen q/k/v/o projections), ``attention_lora`` (PEFT's LoRA wrapper around
+  them: casts to the adapter dtype, the two matmuls, scaling, the add),
+  ``router`` (the SMoE layer outside its experts: router logits, softmax, top-k,
+  slot sort, routing statistics), ``experts`` (gather, grouped matmuls with their
+  LoRA, activation, combine), ``loss`` (outside the model: cross-entropy, the
+  method's extra loss), ``other`` (embedding, norms, residual adds, rotary
+  embedding, LM head) and ``casts``: every ``aten._to_copy`` (a dtype or device
+  copy), wherever it runs (``casts_by_component`` says where);
+- by decoder layer (``by_layer``), from which the count at another depth follows.
+
+Attribution. Forward operations belong to the innermost marked scope that is
+running: forward pre/post hooks on the marked modules (the model, attention
+modules, PEFT LoRA wrappers and their base layers, SMoE layers, decoder layers) and
+a wrapper around each SMoE layer's ``experts_forward`` push and pop a scope. Every
+push and pop records autograd's sequence number at that moment; an autograd node
+takes the next sequence number when it is created, so a backward operation is
+attributed through the node running it (``torch._C._current_autograd_node``) to
+the scope that was innermost when that node was created (``AccumulateGrad`` nodes,
+which have no sequence number, through the parameter they accumulate into).
+Limits: a backward operation the engine runs outside any node (the loss's seed
+gradient ``ones_like``) counts as forward ``loss``; nodes created in a scope are
+that scope's even where their work belongs elsewhere (the ``.to`` of the SMoE
+output is ``experts``); components are found by module type and name, which fits
+the OLMoE family this suite builds (a new host family may need a new rule).
+
+The count is a proxy (issue 24): SDPA and fused Adam break down differently on
+CUDA, and a CUDA kernel may be several launches or a CPU operation none; the GPU
+check validates it. ``ops`` and ``by_component`` are deterministic for a given
+model, batch, K and method (tests/test_dispatch.py holds a baseline).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ubsmoe.bench import BenchOptions, register_suite
+from ubsmoe.bench.model_step import OLMOE_MEDIUM, QUICK, SMOE_RANK, StepConfig, _batch, _build
+from ubsmoe.config import TinyModelConfig, TrainConfig
+
+COMPONENTS = ("attention", "attention_lora", "router", "experts", "casts", "loss", "other")
+PHASES = ("setup", "forward", "backward", "method", "clip", "optimizer", "finalize")
+CAST_OP = "aten._to_copy.default"
+DISPATCH_KS = [1, 8]
+DISPATCH_DTYPES = ["float32", "bfloat16"]
+DISPATCH_METHODS = ["smoe", "ubsmoe"]
+OLMOE_1B_7B_LAYERS = 16
+# OLMoE-1B-7B's shapes (allenai/OLMoE-1B-7B-0924: hidden 2048, 16 heads, expert
+# intermediate 1024, 64 experts, top-8, vocabulary 50304), random weights, 2 of its 16
+# decoder layers: every layer launches the same operations, so the full depth's count
+# is ``outside layers + 16 x per layer`` (the report's ``full_depth``).
+OLMOE_1B_7B_2L = StepConfig(
+    "olmoe_1b_7b_2l",
+    TinyModelConfig(hidden_size=2048, num_hidden_layers=2, num_attention_heads=16,
+                    intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
+                    vocab_size=50304, max_position_embeddings=4096),
+    batch_size=8, seq_len=128)
+
+
+def is_view_op(func: torch._ops.OpOverload) -> bool:
+    """True for an operation that only makes an alias or changes metadata (no kernel).
+
+    Aliasing operations (``func.is_view``: a non-mutating aliased argument, e.g.
+    ``view``, ``t``, ``expand``, ``detach``) and in-place metadata changes
+    (``torch.Tag.inplace_view``, e.g. ``t_``, ``unsqueeze_``).
+    """
+    return bool(getattr(func, "is_view", False)) or torch.Tag.inplace_view in getattr(func, "tags", ())
+
+
+def launches_nothing(func: torch._ops.OpOverload) -> bool:
+    """True for an operation left out of the count (it launches no kernel).
+
+    A view (:func:`is_view_op`), ``aten._unsafe_view`` (a view whose schema does not
+    say so: ``reshape`` of a fresh matmul output in autograd's composite ops), or a
+    profiler marker (namespace ``profiler``, e.g. the ``record_function`` of Adam's step).
+    """
+    return (is_view_op(func) or func.namespace == "profiler"
+            or func is torch.ops.aten._unsafe_view.default)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Where an operation runs: its component and decoder layer (None: outside the layers)."""
+
+    component: str
+    layer: int | None = None
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Count the non-view ATen operations run inside the mode, by phase, scope and name.
+
+    Used bare, it counts everything under phase ``forward`` / ``backward`` (an
+    operation run by an autograd node is backward) and scope ``other``; with
+    :meth:`attach` (hooks on a model) and :meth:`phase` (markers) it attributes
+    operations as described in the module docstring.
+
+    Attributes:
+        counts: ``(phase, component, layer, op name) -> count`` of non-view operations.
+        views: operations left out (views and profiler markers, :func:`launches_nothing`).
+        sequence: when ``record`` is set, the non-view op names in call order.
+    """
+
+    def __init__(self, record: bool = False) -> None:
+        super().__init__()
+        self.counts: Counter[tuple[str, str, int | None, str]] = Counter()
+        self.views = 0
+        self.record = record
+        self.sequence: list[str] = []
+        self.current_phase = "forward"
+        self._stack: list[Scope] = [Scope("loss")]
+        self._marks_seq: list[int] = []  # autograd sequence number at each scope change
+        self._marks_scope: list[Scope] = []
+        self._param_scope: dict[int, Scope] = {}
+
+    # -- scopes and phases ------------------------------------------------------------
+    def _mark(self) -> None:
+        """Record the innermost scope from autograd's next sequence number on."""
+        self._marks_seq.append(torch._C._autograd._get_sequence_nr())
+        self._marks_scope.append(self._stack[-1])
+
+    def push(self, component: str, layer: int | None = None) -> None:
+        """Enter a scope (``layer`` None: the enclosing scope's layer)."""
+        self._stack.append(Scope(component, self._stack[-1].layer if layer is None else layer))
+        self._mark()
+
+    def pop(self) -> None:
+        """Leave the innermost scope.
+
+        Raises:
+            RuntimeError: no scope is open (a pop without its push).
+        """
+        if len(self._stack) == 1:
+            raise RuntimeError("LaunchCounter.pop: no scope is open")
+        self._stack.pop()
+        self._mark()
+
+    @contextmanager
+    def phase(self, name: str, then: str | None = None) -> Iterator[None]:
+        """Count the block's operations under phase ``name``, then switch to ``then``.
+
+        Args:
+            name: one of :data:`PHASES`.
+            then: the phase after the block (None: the phase before it).
+
+        Raises:
+            ValueError: an unknown phase name.
+        """
+        for n in (name, then):
+            if n is not None and n not in PHASES:
+                raise ValueError(f"phase: got {n!r}, expected one of {', '.join(PHASES)}")
+        before = self.current_phase
+        self.current_phase = name
+        try:
+            yield
+        finally:
+            self.current_phase = before if then is None else then
+
+    def _backward_scope(self, node) -> Scope:
+        """The scope that created autograd ``node`` (see the module docstring)."""
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # AccumulateGrad: no sequence number; its parameter's scope
+            return self._param_scope.get(id(variable), Scope("other"))
+        i = bisect.bisect_right(self._marks_seq, node._sequence_nr()) - 1
+        return self._marks_scope[i] if i >= 0 else Scope("loss")
+
+    # -- the mode -----------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        """Count ``func`` (unless a view) under the current phase and scope, then run it."""
+        if launches_nothing(func):
+            self.views += 1
+        else:
+            name = str(func)
+            node = torch._C._current_autograd_node()
+            if node is not None:
+                phase, scope = "backward", self._backward_scope(node)
+            else:
+                phase, scope = self.current_phase, self._stack[-1]
+            self.counts[(phase, scope.component, scope.layer, name)] += 1
+            if self.record:
+                self.sequence.append(name)
+        return func(*args, **(kwargs or {}))
+
+    # -- model hooks ----------------------------------------------------------------------
+    @contextmanager
+    def attach(self, model: nn.Module) -> Iterator[None]:
+        """Mark ``model``'s component scopes for the block (hooks removed after it).
+
+        Marked: the model itself (``other``; its first forward also switches the phase
+        from ``setup`` to ``forward``), decoder layers (``...layers.<i>``: the layer
+        index), attention modules (``...self_attn``: ``attention``), PEFT LoRA wrappers
+        (``attention_lora``) and their base layers (``attention``), SMoE layers
+        (``router``) and their ``experts_forward`` (``experts``).
+        """
+        from peft.tuners.lora import LoraLayer
+
+        from ubsmoe.models.smoe import SMoELayer
+
+        handles, wrapped = [], []
+        layer_re = re.compile(r"(?:^|\.)layers\.(\d+)$")
+
+        def scoped(module: nn.Module, component: str, layer: int | None = None) -> None:
+            """Hooks pushing ``component`` around ``module``'s forward."""
+
+            def pre(mod, args):
+                """Open the module's scope."""
+                if self.current_phase == "setup":
+                    self.current_phase = "forward"
+                self.push(component, layer)
+
+            def post(mod, args, output):
+                """Close the module's scope."""
+                self.pop()
+
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post, always_call=True))
+
+        names = dict(model.named_modules())
+        bases = {id(m.get_base_layer()) for m in names.values() if isinstance(m, LoraLayer)}
+        for name, module in names.items():
+            match = layer_re.search(name)
+            if module is model:
+                scoped(module, "other")
+            elif match:
+                scoped(module, "other", int(match.group(1)))
+            elif isinstance(module, LoraLayer):
+                scoped(module, "attention_lora")
+            elif id(module) in bases or name.endswith("self_attn"):
+                scoped(module, "attention")
+            elif isinstance(module, SMoELayer):
+                scoped(module, "router")
+                inner = module.experts_forward
+
+                def experts_forward(*args, _inner=inner, **kwargs):
+                    """``experts_forward`` inside an ``experts`` scope."""
+                    self.push("experts")
+                    try:
+                        return _inner(*args, **kwargs)
+                    finally:
+                        self.pop()
+
+                module.experts_forward = experts_forward
+                wrapped.append(module)
+        # A parameter's scope (for the AccumulateGrad nodes of the backward).
+        for pname, p in model.named_parameters():
+            parts = pname.split(".")
+            layer = next((int(b) for a, b in zip(parts, parts[1:]) if a == "layers" and b.isdigit()), None)
+            owner = names.get(".".join(parts[:-1]))
+            if "lora_" in pname and "self_attn" in pname:
+                component = "attention_lora"
+            elif isinstance(owner, SMoELayer):
+                component = "router" if parts[-1] in ("router_weight", "phi") else "other"
+            elif owner is not None and isinstance(names.get(".".join(parts[:-2])), SMoELayer):
+                component = "experts"  # gate_up_lora.A, down_lora.B, ...
+            else:
+                component = "other"
+            self._param_scope[id(p)] = Scope(component, layer)
+        self.current_phase = "setup"
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for module in wrapped:
+                del module.experts_forward
+
+    # -- results ------------------------------------------------------------------------
+    def total(self, phases: tuple[str, ...] | None = None) -> int:
+        """Operations counted in ``phases`` (None: all)."""
+        return sum(n for (ph, *_), n in self.counts.items() if phases is None or ph in phases)
+
+    def summary(self, top: int = 20) -> dict[str, Any]:
+        """The JSON-ready split of the count (keys in :func:`count_local_step`)."""
+        fb = ("forward", "backward")
+        by_phase = {ph: self.total((ph,)) for ph in PHASES}
+        by_component = dict.fromkeys(COMPONENTS, 0)
+        by_phase_component: dict[str, dict[str, int]] = {ph: dict.fromkeys(COMPONENTS, 0) for ph in fb}
+        casts_by_component: dict[str, int] = {}
+        component_ops: dict[str, Counter[str]] = {c: Counter() for c in COMPONENTS}
+        by_layer: Counter[str] = Counter()
+        ops: Counter[str] = Counter()
+        optimizer_ops: Counter[str] = Counter()
+        for (ph, comp, layer, name), n in self.counts.items():
+            if ph in ("clip", "optimizer"):
+                optimizer_ops[name] += n
+            if ph not in fb:
+                continue
+            bucket = "casts" if name == CAST_OP else comp
+            if bucket == "casts":
+                casts_by_component[comp] = casts_by_component.get(comp, 0) + n
+            by_component[bucket] += n
+            by_phase_component[ph][bucket] += n
+            component_ops[bucket][name] += n
+            by_layer["outside" if layer is None else str(layer)] += n
+            ops[name] += n
+        layers = sorted((k for k in by_layer if k != "outside"), key=int)
+        return {
+            "ops": by_phase["forward"] + by_phase["backward"],
+            "forward_ops": by_phase["forward"],
+            "backward_ops": by_phase["backward"],
+            "optimizer_ops": by_phase["clip"] + by_phase["optimizer"],
+            "method_ops": by_phase["method"],
+            "total_ops": self.total(),
+            "by_phase": by_phase,
+            "by_component": by_component,
+            "by_phase_component": by_phase_component,
+            "casts_by_component": dict(sorted(casts_by_component.items())),
+            "by_layer": {**{k: by_layer[k] for k in layers}, "outside": by_layer["outside"]},
+            "top_ops": dict(ops.most_common(top)),
+            "component_ops": {c: dict(v.most_common()) for c, v in component_ops.items() if v},
+            "optimizer_top_ops": dict(optimizer_ops.most_common(top)),
+            "view_ops_excluded": self.views,
+        }
+
+
+def one_micro_batch(train_cfg: TrainConfig, rows: int) -> TrainConfig:
+    """``train_cfg`` with ``batch_size`` raised to ``rows`` if below and no accumulation.
+
+    So that a batch of ``rows`` examples is one optimizer step of one micro-batch.
+    """
+    if train_cfg.batch_size >= rows and train_cfg.grad_accumulation_steps == 1:
+        return train_cfg
+    return replace(train_cfg, batch_size=max(rows, train_cfg.batch_size), grad_accumulation_steps=1)
+
+
+class _MarkedMethod:
+    """A method whose hooks run under the counter's ``method`` phase (else delegates).
+
+    ``local_train`` calls ``step_metrics`` and ``after_backward`` after the backward
+    and before clipping, ``after_step`` after the optimizer step; the phase after each
+    is ``clip`` and ``finalize`` respectively. Optimizer-step hooks switch ``clip`` to
+    ``optimizer`` and back to ``method``.
+    """
+
+    def __init__(self, method, counter: LaunchCounter) -> None:
+        self._method = method
+        self._counter = counter
+
+    def __getattr__(self, name: str):
+        return getattr(self._method, name)
+
+    def step_metrics(self, model: nn.Module) -> dict[str, float]:
+        """The method's step metrics, phase ``method``."""
+        with self._counter.phase("method"):
+            return self._method.step_metrics(model)
+
+    def after_backward(self, model: nn.Module, top_k: int) -> None:
+        """The method's gradient hook, phase ``method``; ``clip`` follows."""
+        with self._counter.phase("method", then="clip"):
+            self._method.after_backward(model, top_k)
+
+    def after_step(self, model: nn.Module, top_k: int) -> None:
+        """The method's update hook, phase ``method``; ``finalize`` follows."""
+        with self._counter.phase("method", then="finalize"):
+            self._method.after_step(model, top_k)
+
+
+def count_local_step(model: nn.Module, batch: dict[str, torch.Tensor], method, top_k: int,
+                     train_cfg: TrainConfig | None = None) -> dict[str, Any]:
+    """Count the operations of one :func:`~ubsmoe.fl.train.local_train` step on ``batch``.
+
+    Sets K with :func:`~ubsmoe.models.set_top_k` (outside the count), then runs the
+    step (a fresh Adam, as every round) under a :class:`LaunchCounter` attached to
+    ``model``. The step trains the model (its adapters change).
+
+    Args:
+        model: a patched model (:func:`~ubsmoe.models.build_model`), prepared for ``method``.
+        batch: ``input_ids``/``attention_mask``/``labels``, each ``[batch, seq]``.
+        method: a :class:`~ubsmoe.methods.base.Method`.
+        top_k: K_c of the step.
+        train_cfg: lr and clipping (default :class:`~ubsmoe.config.TrainConfig`; its
+            ``batch_size`` is raised to the batch's rows, so the step is one micro-batch).
+
+    Returns:
+        JSON-ready dict: ``ops`` (forward + backward: model, loss, extra loss, and
+        their backward), ``forward_ops``, ``backward_ops``, ``optimizer_ops``
+        (clipping and the optimizer step), ``method_ops`` (the method's hooks),
+        ``total_ops`` (the whole call), ``by_phase``, ``by_component`` (forward +
+        backward per :data:`COMPONENTS`, summing to ``ops``), ``by_phase_component``,
+        ``casts_by_component``, ``by_layer`` (forward + backward per decoder layer
+        and ``outside`` them), ``top_ops``, ``component_ops`` (per component, per op
+        name), ``optimizer_top_ops`` and ``view_ops_excluded``.
+    """
+    from ubsmoe.fl.train import local_train
+    from ubsmoe.models import set_top_k
+
+    train_cfg = one_micro_batch(train_cfg or TrainConfig(), batch["input_ids"].shape[0])
+    set_top_k(model, top_k)
+    counter = LaunchCounter()
+    marked = _MarkedMethod(method, counter)
+    pre = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: setattr(counter, "current_phase", "optimizer"))
+    post = register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: setattr(counter, "current_phase", "method"))
+    try:
+        with counter.attach(model), counter:
+            local_train(model, [batch], marked, train_cfg, top_k)
+    finally:
+        pre.remove()
+        post.remove()
+    return counter.summary()
+
+
+def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = None,
+                    dtypes: list[str] | None = None, methods: list[str] | None = None,
+                    warmup: int = 1, repeats: int = 1, full_depth: int | None = None,
+                    progress=None) -> dict[str, Any]:
+    """Operation counts of one local step per dtype, method and K on one model config.
+
+    One model per (dtype, method), built by the ``model_step`` suite's builder
+    (random weights, LoRA rank 20 on attention and experts) and prepared for the
+    method; per K, ``warmup`` uncounted steps, then ``repeats`` counted ones.
+
+    Args:
+        step_cfg: model sizes and batch.
+        seed: model, LoRA and batch seed.
+        ks, dtypes, methods: the grid (default K = 1, 8; float32, bfloat16; smoe, ubsmoe).
+        warmup: uncounted steps per case first (one-time work such as lazily built
+            caches stays out of the count).
+        repeats: counted steps per case (>= 1); the report keeps the first and says
+            whether every repeat counted the same (``reproducible``).
+        full_depth: when set, each case also gets ``full_depth_ops``: the forward +
+            backward count at that many decoder layers, ``outside + full_depth x
+            mean per layer`` (every layer launches the same operations).
+        progress: called with a case label before each case.
+
+    Returns:
+        ``{"config": ..., "models": {dtype: {method: {str(K): counts}}}}`` with the
+        counts of :func:`count_local_step` plus ``reproducible``.
+
+    Raises:
+        ValueError: ``repeats`` < 1 or ``warmup`` < 0.
+    """
+    from ubsmoe.fl.train import local_train
+    from ubsmoe.methods import get_method_class
+    from ubsmoe.models import set_top_k
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats, warmup: got {repeats}, {warmup}, expected >= 1 and >= 0")
+    ks = ks or DISPATCH_KS
+    train_cfg = TrainConfig()
+    batch = _batch(step_cfg, seed)
+    out: dict[str, Any] = {}
+    for dtype in dtypes or DISPATCH_DTYPES:
+        for name in methods or DISPATCH_METHODS:
+            method = get_method_class(name)()
+            model = _build(step_cfg, SMOE_RANK, seed, "cpu", dtype)
+            method.prepare_model(model)
+            for k in ks:
+                if progress is not None:
+                    progress(f"{step_cfg.name} {dtype} {name} K={k}")
+                for _ in range(warmup):
+                    set_top_k(model, k)
+                    local_train(model, [batch], method, one_micro_batch(train_cfg, step_cfg.batch_size), k)
+                runs = [count_local_step(model, batch, method, k, train_cfg) for _ in range(repeats)]
+                case = runs[0]
+                case["reproducible"] = all(r == runs[0] for r in runs[1:])
+                if full_depth is not None:
+                    per_layer = [v for key, v in case["by_layer"].items() if key != "outside"]
+                    case["full_depth_ops"] = round(case["by_layer"]["outside"]
+                                                   + full_depth * sum(per_layer) / max(len(per_layer), 1))
+                out.setdefault(dtype, {}).setdefault(name, {})[str(k)] = case
+            del model
+    return {
+        "config": {"name": step_cfg.name, "sizes": asdict(step_cfg.sizes),
+                   "batch_size": step_cfg.batch_size, "seq_len": step_cfg.seq_len,
+                   "lora_rank": SMOE_RANK, "attention_lora": True, "device": "cpu",
+                   "warmup": warmup, "repeats": repeats, "full_depth": full_depth,
+                   "lr": train_cfg.lr, "max_grad_norm": train_cfg.max_grad_norm},
+        "models": out,
+    }
+
+
+@register_suite("dispatch")
+def dispatch_suite(options: BenchOptions) -> dict[str, Any]:
+    """The ``dispatch`` suite: ``olmoe_medium`` and OLMoE-1B-7B's shape at 2 layers (quick: tiny).
+
+    ``models.<shape>.<dtype>.<method>.<K>`` holds ``ops`` (forward + backward),
+    ``optimizer_ops`` and ``by_component`` (and the rest of :func:`count_local_step`).
+    ``options.repeats`` counted steps per case (default 1; quick 2), after
+    ``options.warmup`` uncounted ones (default 1).
+    """
+    configs = [(QUICK, None)] if options.quick else [(OLMOE_MEDIUM, None),
+                                                     (OLMOE_1B_7B_2L, OLMOE_1B_7B_LAYERS)]
+    models, configs_out = {}, {}
+    for step_cfg, depth in configs:
+        res = dispatch_counts(step_cfg, options.seed, warmup=options.n_warmup(1),
+                              repeats=options.n_repeats(1), full_depth=depth)
+        models[step_cfg.name] = res["models"]
+        configs_out[step_cfg.name] = res["config"]
+    summary = {
+        shape: {dtype: {method: {k: {"ops": c["ops"], "optimizer_ops": c["optimizer_ops"],
+                                     "casts": c["by_component"]["casts"]}
+                                 for k, c in per_k.items()}
+                        for method, per_k in per_method.items()}
+                for dtype, per_method in per_dtype.items()}
+        for shape, per_dtype in models.items()
+    }
+    return {
+        "description": ("non-view ATen operations (a kernel-launch proxy) of one local_train step "
+                        "per model, dtype, method and K: forward + backward by component, "
+                        "optimizer + clipping, method hooks"),
+        "configs": configs_out,
+        "models": models,
+        "summary": summary,
+    }

@@ -148,3 +148,15 @@ def test_count_local_step_leaves_model_unhooked(tiny_counts):
     after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     assert after == before
     assert all("experts_forward" not in vars(m) for m in smoe_layers(model))
+
+
+def test_markdown_tables(tiny_counts):
+    """One table row per dtype, method and K, the count in its column."""
+    from ubsmoe.bench.dispatch import markdown_tables
+
+    text = markdown_tables({"models": {"tiny_dispatch": tiny_counts["models"]},
+                            "configs": {"tiny_dispatch": tiny_counts["config"]}})
+    rows = [line for line in text.splitlines() if line.startswith(("| float32", "| bfloat16"))]
+    assert len(rows) == 8
+    case = tiny_counts["models"]["bfloat16"]["ubsmoe"]["8"]
+    assert f"| bfloat16 | ubsmoe | 8 | {case['ops']} | {case['forward_ops']} |" in text

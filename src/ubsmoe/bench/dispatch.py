@@ -53,6 +53,7 @@ model, batch, K and method (tests/test_dispatch.py holds a baseline).
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -62,7 +63,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ubsmoe.bench import BenchOptions, register_suite
@@ -274,7 +278,7 @@ class LaunchCounter(TorchDispatchMode):
         # A parameter's scope (for the AccumulateGrad nodes of the backward).
         for pname, p in model.named_parameters():
             parts = pname.split(".")
-            layer = next((int(b) for a, b in zip(parts, parts[1:]) if a == "layers" and b.isdigit()), None)
+            layer = next((int(b) for a, b in itertools.pairwise(parts) if a == "layers" and b.isdigit()), None)
             owner = names.get(".".join(parts[:-1]))
             if "lora_" in pname and "self_attn" in pname:
                 component = "attention_lora"
@@ -534,3 +538,43 @@ def dispatch_suite(options: BenchOptions) -> dict[str, Any]:
         "models": models,
         "summary": summary,
     }
+
+
+def markdown_tables(suite: dict[str, Any]) -> str:
+    """Markdown tables of a ``dispatch`` suite result (for docs/dispatch.md).
+
+    One table per model: a row per dtype, method and K with ``ops`` (forward +
+    backward) by component, ``optimizer_ops``, ``method_ops`` and ``total_ops`` (and
+    ``full_depth_ops`` where the model was counted at reduced depth).
+
+    Args:
+        suite: ``report["suites"]["dispatch"]`` of ``ubsmoe bench --suite dispatch``.
+
+    Returns:
+        The tables, each under a ``###`` heading naming the model and its batch.
+    """
+    out = []
+    for shape, per_dtype in suite["models"].items():
+        cfg = suite["configs"][shape]
+        sizes = cfg["sizes"]
+        depth = cfg.get("full_depth")
+        out.append(f"### {shape}: hidden {sizes['hidden_size']}, {sizes['num_hidden_layers']} layers, "
+                   f"{sizes['num_experts']} experts, vocabulary {sizes['vocab_size']}; "
+                   f"{cfg['batch_size']} x {cfg['seq_len']} tokens\n")
+        cols = ["dtype", "method", "K", "ops (fwd+bwd)", "fwd", "bwd", *COMPONENTS,
+                "optimizer + clip", "method hooks", "whole step"]
+        if depth:
+            cols.append(f"fwd+bwd at {depth} layers")
+        out.append("| " + " | ".join(cols) + " |")
+        out.append("|" + "---|" * len(cols))
+        for dtype, per_method in per_dtype.items():
+            for method, per_k in per_method.items():
+                for k, c in per_k.items():
+                    row = [dtype, method, k, c["ops"], c["forward_ops"], c["backward_ops"],
+                           *(c["by_component"][comp] for comp in COMPONENTS),
+                           c["optimizer_ops"], c["method_ops"], c["total_ops"]]
+                    if depth:
+                        row.append(c["full_depth_ops"])
+                    out.append("| " + " | ".join(str(v) for v in row) + " |")
+        out.append("")
+    return "\n".join(out)

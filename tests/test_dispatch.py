@@ -160,3 +160,21 @@ def test_markdown_tables(tiny_counts):
     assert len(rows) == 8
     case = tiny_counts["models"]["bfloat16"]["ubsmoe"]["8"]
     assert f"| bfloat16 | ubsmoe | 8 | {case['ops']} | {case['forward_ops']} |" in text
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_first_step_and_other_batch_count_the_same(tiny_counts, dtype):
+    """No warm-up is needed (a fresh model's first step counts as a later one), and the
+    forward + backward count does not depend on the batch's token count (what lets the
+    suite count OLMoE-1B-7B's shape on a small batch)."""
+    from dataclasses import replace
+
+    from ubsmoe.bench.model_step import _batch, _build
+    from ubsmoe.methods import get_method_class
+
+    warm = tiny_counts["models"][dtype]["smoe"]["8"]
+    for step in (TINY_STEP, replace(TINY_STEP, batch_size=3, seq_len=24)):
+        model = _build(step, 20, 0, dtype=dtype)
+        cold = count_local_step(model, _batch(step, 0), get_method_class("smoe")(), 8)
+        for key in ("ops", "by_component", "by_layer", "optimizer_ops"):
+            assert cold[key] == warm[key], (step, key)

@@ -178,3 +178,15 @@ def test_first_step_and_other_batch_count_the_same(tiny_counts, dtype):
         cold = count_local_step(model, _batch(step, 0), get_method_class("smoe")(), 8)
         for key in ("ops", "by_component", "by_layer", "optimizer_ops"):
             assert cold[key] == warm[key], (step, key)
+
+
+def test_full_depth_ops(tiny_counts):
+    """At the counted depth the estimate is the count itself; each further layer adds the last one's."""
+    from ubsmoe.bench.dispatch import full_depth_ops
+
+    case = tiny_counts["models"]["float32"]["smoe"]["1"]
+    assert full_depth_ops(case["by_layer"], 2) == case["ops"]
+    assert full_depth_ops(case["by_layer"], 16) == case["ops"] + 14 * case["by_layer"]["1"]
+    assert full_depth_ops(case["by_layer"], 1) == case["ops"] - case["by_layer"]["1"]
+    with pytest.raises(ValueError, match="depth"):
+        full_depth_ops(case["by_layer"], 0)

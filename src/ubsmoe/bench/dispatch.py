@@ -82,8 +82,8 @@ DISPATCH_METHODS = ["smoe", "ubsmoe"]
 OLMOE_1B_7B_LAYERS = 16
 # OLMoE-1B-7B's shapes (allenai/OLMoE-1B-7B-0924: hidden 2048, 16 heads, expert
 # intermediate 1024, 64 experts, top-8, vocabulary 50304), random weights, 2 of its 16
-# decoder layers: every layer launches the same operations, so the full depth's count
-# is ``outside layers + 16 x per layer`` (the report's ``full_depth``). 2 x 128 tokens:
+# decoder layers: every layer after the first launches the same operations, so the full
+# depth's count follows (:func:`full_depth_ops`, the report's ``full_depth``). 2 x 128 tokens:
 # the forward + backward count does not depend on the token count (every expert
 # projection is one grouped matmul whatever the tokens per expert), and a step of this
 # model costs about 0.3 TFLOP on the CPU at this batch.
@@ -438,6 +438,27 @@ def count_local_step(model: nn.Module, batch: dict[str, torch.Tensor], method, t
     return counter.summary()
 
 
+def full_depth_ops(by_layer: dict[str, int], depth: int) -> int:
+    """The forward + backward count of the same model at ``depth`` decoder layers.
+
+    The first layer launches fewer operations than the others (its input, the frozen
+    embedding's output, needs no gradient); every later layer launches the same. So
+    ``outside + layer 0 + (depth - 1) x last layer``.
+
+    Args:
+        by_layer: a case's ``by_layer`` (``"0"``, ``"1"``, ..., ``"outside"``).
+        depth: decoder layers of the full model (>= 1).
+
+    Raises:
+        ValueError: ``depth`` < 1 or ``by_layer`` has no layer.
+    """
+    layers = sorted((k for k in by_layer if k != "outside"), key=int)
+    if depth < 1 or not layers:
+        raise ValueError(f"depth, by_layer: got {depth}, layers {layers}; expected depth >= 1 and "
+                         "at least one layer")
+    return by_layer.get("outside", 0) + by_layer[layers[0]] + (depth - 1) * by_layer[layers[-1]]
+
+
 def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = None,
                     dtypes: list[str] | None = None, methods: list[str] | None = None,
                     warmup: int = 1, repeats: int = 1, full_depth: int | None = None,
@@ -456,9 +477,8 @@ def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = 
             caches stays out of the count).
         repeats: counted steps per case (>= 1); the report keeps the first and says
             whether every repeat counted the same (``reproducible``).
-        full_depth: when set, each case also gets ``full_depth_ops``: the forward +
-            backward count at that many decoder layers, ``outside + full_depth x
-            mean per layer`` (every layer launches the same operations).
+        full_depth: when set, each case also gets ``full_depth_ops``, the forward +
+            backward count at that many decoder layers (:func:`full_depth_ops`).
         progress: called with a case label before each case.
 
     Returns:
@@ -493,9 +513,7 @@ def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = 
                 case = runs[0]
                 case["reproducible"] = all(r == runs[0] for r in runs[1:])
                 if full_depth is not None:
-                    per_layer = [v for key, v in case["by_layer"].items() if key != "outside"]
-                    case["full_depth_ops"] = round(case["by_layer"]["outside"]
-                                                   + full_depth * sum(per_layer) / max(len(per_layer), 1))
+                    case["full_depth_ops"] = full_depth_ops(case["by_layer"], full_depth)
                 out.setdefault(dtype, {}).setdefault(name, {})[str(k)] = case
             del model
     return {
@@ -578,7 +596,7 @@ def markdown_tables(suite: dict[str, Any]) -> str:
                            *(c["by_component"][comp] for comp in COMPONENTS),
                            c["optimizer_ops"], c["method_ops"], c["total_ops"]]
                     if depth:
-                        row.append(c["full_depth_ops"])
+                        row.append(full_depth_ops(c["by_layer"], depth))
                     out.append("| " + " | ".join(str(v) for v in row) + " |")
         out.append("")
     return "\n".join(out)

@@ -317,9 +317,12 @@ class LaunchCounter(TorchDispatchMode):
         by_layer: Counter[str] = Counter()
         ops: Counter[str] = Counter()
         optimizer_ops: Counter[str] = Counter()
+        method_ops: Counter[str] = Counter()
         for (ph, comp, layer, name), n in self.counts.items():
             if ph in ("clip", "optimizer"):
                 optimizer_ops[name] += n
+            elif ph == "method":
+                method_ops[name] += n
             if ph not in fb:
                 continue
             bucket = "casts" if name == CAST_OP else comp
@@ -346,6 +349,7 @@ class LaunchCounter(TorchDispatchMode):
             "top_ops": dict(ops.most_common(top)),
             "component_ops": {c: dict(v.most_common()) for c, v in component_ops.items() if v},
             "optimizer_top_ops": dict(optimizer_ops.most_common(top)),
+            "method_top_ops": dict(method_ops.most_common(top)),
             "view_ops_excluded": self.views,
         }
 
@@ -416,7 +420,7 @@ def count_local_step(model: nn.Module, batch: dict[str, torch.Tensor], method, t
         backward per :data:`COMPONENTS`, summing to ``ops``), ``by_phase_component``,
         ``casts_by_component``, ``by_layer`` (forward + backward per decoder layer
         and ``outside`` them), ``top_ops``, ``component_ops`` (per component, per op
-        name), ``optimizer_top_ops`` and ``view_ops_excluded``.
+        name), ``optimizer_top_ops``, ``method_top_ops`` and ``view_ops_excluded``.
     """
     from ubsmoe.fl.train import local_train
     from ubsmoe.models import set_top_k

@@ -364,8 +364,10 @@ def one_micro_batch(train_cfg: TrainConfig, rows: int) -> TrainConfig:
     return replace(train_cfg, batch_size=max(rows, train_cfg.batch_size), grad_accumulation_steps=1)
 
 
-class _MarkedMethod:
-    """A method whose hooks run under the counter's ``method`` phase (else delegates).
+class PhaseMarkedMethod:
+    """A method whose hooks run under a :class:`LaunchCounter`'s ``method`` phase.
+
+    Wraps any :class:`~ubsmoe.methods.base.Method` (everything else delegates to it).
 
     ``local_train`` calls ``step_metrics`` and ``after_backward`` after the backward
     and before clipping, ``after_step`` after the optimizer step; the phase after each
@@ -378,6 +380,7 @@ class _MarkedMethod:
         self._counter = counter
 
     def __getattr__(self, name: str):
+        """Everything else is the wrapped method's (``param_groups``, ``extra_loss``, ...)."""
         return getattr(self._method, name)
 
     def step_metrics(self, model: nn.Module) -> dict[str, float]:
@@ -428,7 +431,7 @@ def count_local_step(model: nn.Module, batch: dict[str, torch.Tensor], method, t
     train_cfg = one_micro_batch(train_cfg or TrainConfig(), batch["input_ids"].shape[0])
     set_top_k(model, top_k)
     counter = LaunchCounter()
-    marked = _MarkedMethod(method, counter)
+    marked = PhaseMarkedMethod(method, counter)
     pre = register_optimizer_step_pre_hook(
         lambda opt, args, kwargs: setattr(counter, "current_phase", "optimizer"))
     post = register_optimizer_step_post_hook(
@@ -465,7 +468,7 @@ def full_depth_ops(by_layer: dict[str, int], depth: int) -> int:
 
 def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = None,
                     dtypes: list[str] | None = None, methods: list[str] | None = None,
-                    warmup: int = 1, repeats: int = 1, full_depth: int | None = None,
+                    warmup: int = 0, repeats: int = 1, full_depth: int | None = None,
                     progress=None) -> dict[str, Any]:
     """Operation counts of one local step per dtype, method and K on one model config.
 
@@ -478,7 +481,8 @@ def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = 
         seed: model, LoRA and batch seed.
         ks, dtypes, methods: the grid (default K = 1, 8; float32, bfloat16; smoe, ubsmoe).
         warmup: uncounted steps per case first (one-time work such as lazily built
-            caches stays out of the count).
+            caches would stay out of the count; none is seen: a first step counts
+            the same as a later one).
         repeats: counted steps per case (>= 1); the report keeps the first and says
             whether every repeat counted the same (``reproducible``).
         full_depth: when set, each case also gets ``full_depth_ops``, the forward +

@@ -30,7 +30,8 @@ def test_quick_report_top_level_fields(quick_report):
     r = quick_report
     assert r["schema"] == "ubsmoe-bench/1" and r["quick"] is True
     assert r["command"].startswith("ubsmoe bench --quick --threads 1 --out ")
-    assert set(r["suites"]) == {"layer", "model_step", "server_memory", "federated", "eval"} == set(r["summary"])
+    assert set(r["suites"]) == {"layer", "model_step", "server_memory", "federated", "dispatch",
+                                "eval"} == set(r["summary"])
     env = r["environment"]
     assert env["torch_threads"] == 1
     for key in ("python", "torch", "transformers", "peft", "cpu_count", "torch_interop_threads",
@@ -119,6 +120,23 @@ def test_bench_rejects_bad_input(tmp_path):
     assert not (tmp_path / "b.json").exists()
     result = CliRunner().invoke(app, ["bench", "--threads", "0"])
     assert result.exit_code == 2 and "threads" in result.output
+
+
+def test_quick_report_dispatch_fields(quick_report):
+    """suites.dispatch.models.<shape>.<dtype>.<method>.<K> holds ops, optimizer_ops, by_component."""
+    disp = quick_report["suites"]["dispatch"]
+    assert list(disp["models"]) == ["tiny_quick"]
+    per_dtype = disp["models"]["tiny_quick"]
+    assert set(per_dtype) == {"float32", "bfloat16"}
+    for per_method in per_dtype.values():
+        assert set(per_method) == {"smoe", "ubsmoe"}
+        for per_k in per_method.values():
+            assert set(per_k) == {"1", "8"}
+            for case in per_k.values():
+                assert case["ops"] > 0 and case["optimizer_ops"] > 0 and case["reproducible"] is True
+                assert sum(case["by_component"].values()) == case["ops"]
+    casts = disp["summary"]["tiny_quick"]["bfloat16"]["smoe"]["1"]["casts"]
+    assert casts > disp["summary"]["tiny_quick"]["float32"]["smoe"]["1"]["casts"]
 
 
 def test_quick_report_server_memory_fields(quick_report):

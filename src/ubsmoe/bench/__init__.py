@@ -2,7 +2,8 @@
 
 The harness (registry, options, timing statistics, :func:`run_bench`) is
 :mod:`ubsmoe.bench.harness`; the suites are :mod:`~ubsmoe.bench.layer`,
-:mod:`~ubsmoe.bench.model_step`, :mod:`~ubsmoe.bench.server` and
+:mod:`~ubsmoe.bench.model_step`, :mod:`~ubsmoe.bench.server`,
+:mod:`~ubsmoe.bench.dispatch` (ATen operations of a local step, a kernel-launch proxy) and
 :mod:`~ubsmoe.bench.evaluation`, registered in that order (the default run order)
 when this package is imported. This package only re-exports.
 """
@@ -26,6 +27,7 @@ from ubsmoe.bench.harness import (
 # Suite modules register themselves on import (order = default run order).
 # isort: off
 from ubsmoe.bench import layer, model_step, server  # noqa: F401
+from ubsmoe.bench import dispatch  # noqa: F401
 from ubsmoe.bench import evaluation  # noqa: F401  (registered last: runs last)
 # isort: on
 

@@ -51,9 +51,9 @@ from ubsmoe.metrics.flops import (
     training_flops_per_token,
 )
 from ubsmoe.models import set_top_k, smoe_layers
-from ubsmoe.models.presets import MEDIUM
 from ubsmoe.models.build import prepare_model, random_olmoe
 from ubsmoe.models.devices import resolve_dtype
+from ubsmoe.models.presets import MEDIUM
 
 SMOE_KS = [1, 2, 4, 8]
 LORA_RANKS = [12, 16, 24, 40]

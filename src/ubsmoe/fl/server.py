@@ -469,19 +469,30 @@ class Server:
         data: :func:`ubsmoe.eval.instruction.evaluate_instruction_task` with the
         task's answer type.
 
+        The ``loss`` protocol is :func:`ubsmoe.eval.loss.add_loss_scores` on the same
+        records, cut to ``data.max_length`` as in training.
+
         Returns:
             ``{protocol: value, "n": examples}`` plus, for instruction data,
-            ``metric`` (protocol -> metric name) and for text tasks ``metrics``.
+            ``metric`` (protocol -> metric name) and for text tasks ``metrics``;
+            with ``loss``, also ``loss_stderr`` and ``loss_tokens``.
         """
         from ubsmoe.eval import commonsense, instruction
+        from ubsmoe.eval.loss import LOSS_PROTOCOL, add_loss_scores
 
         ev = self.cfg.eval
+        protocols = [p for p in ev.protocols if p != LOSS_PROTOCOL]  # loss: add_loss_scores below
         if self.cfg.data.name != "instruction":
-            return commonsense.evaluate_task(self.model, self.tokenizer, task, records, ev.protocols,
-                                             ev.batch_size, ev.max_new_tokens)
-        return instruction.evaluate_instruction_task(
-            self.model, self.tokenizer, task, self.setup.data.answer_types[task], records, ev.protocols,
-            ev.batch_size, ev.max_new_tokens, ev.text_metric, self.bertscore)
+            result = commonsense.evaluate_task(self.model, self.tokenizer, task, records, protocols,
+                                               ev.batch_size, ev.max_new_tokens)
+        else:
+            result = instruction.evaluate_instruction_task(
+                self.model, self.tokenizer, task, self.setup.data.answer_types[task], records, protocols,
+                ev.batch_size, ev.max_new_tokens, ev.text_metric, self.bertscore)
+        if LOSS_PROTOCOL in ev.protocols:
+            add_loss_scores(result, self.model, self.tokenizer, records, ev.batch_size,
+                            self.cfg.data.max_length)
+        return result
 
     def evaluate(self, round_idx: int) -> list[dict[str, Any]]:
         """Score the global model at every budget level (:meth:`score_levels`) and log the rows.
@@ -548,11 +559,15 @@ class Server:
             ``per_task_metric`` its name (``accuracy``, ``rouge_l``,
             ``bertscore_f1``), ``per_task_metrics`` every text metric computed;
             a protocol no task supports (``loglik`` without choices) has no row.
+            ``loss`` rows (nats per token, lower is better) also carry ``metric``,
+            ``lower_is_better``, ``stderr`` (of ``average``), ``per_task_stderr``
+            and ``per_task_tokens`` (:func:`ubsmoe.eval.loss.loss_row_fields`).
             Nothing is written (:meth:`evaluate` logs them).
 
         Raises:
             ValueError: a task not among the run's test sets.
         """
+        from ubsmoe.eval.loss import loss_row_fields
         from ubsmoe.methods.rank import lora_pairs
 
         self.sync_base()
@@ -591,6 +606,8 @@ class Server:
                         text = {t: scores[t]["metrics"] for t in per_task if "metrics" in scores[t]}
                         if protocol == "generation" and text:
                             extra["per_task_metrics"] = text
+                    if protocol == "loss":  # metric name, stderr, tokens (ubsmoe.eval.loss)
+                        extra.update(loss_row_fields(scores, per_task))
                     by_mode[mode].append({
                         "type": "eval",
                         "round": round_idx,
@@ -650,6 +667,8 @@ class Server:
 
     def summary(self) -> dict[str, Any]:
         """The run's summary (also written to summary.json by :meth:`finish`)."""
+        from ubsmoe.eval.loss import LOSS_ROW_KEYS
+
         data = self.setup.data
         tests = self.test_sets
         return {
@@ -678,7 +697,8 @@ class Server:
             "diagnostics": {k: v for k, v in self.last_diagnostics.items() if k != "type"},
             "accuracy": [
                 {k: row[k] for k in ("round", "budget", "top_k", "top_k_mode", "lora_rank", "protocol",
-                                     "per_task", "average", "per_task_metric", "per_task_metrics")
+                                     "per_task", "average", "per_task_metric", "per_task_metrics",
+                                     *LOSS_ROW_KEYS)
                  if k in row}
                 for row in self.last_eval
             ],

@@ -20,6 +20,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ubsmoe.report.loss import fig_loss_per_budget
 from ubsmoe.report.runs import RunGroup, RunRecord
 from ubsmoe.report.tables import eval_rows, protocols_and_modes
 
@@ -151,7 +152,8 @@ def _round_figure(group: RunGroup, path: Path, name: str, title: str, ylabel: st
 def fig_accuracy_per_budget(group: RunGroup, path: Path) -> FigureResult:
     """Average accuracy over tasks per budget level beta, one line per method, one axis per protocol."""
     name, title = "accuracy_per_budget", "Average accuracy over tasks per budget level (final round)"
-    pairs = [(p, m) for p, m in protocols_and_modes(group) if m == "budget"] or protocols_and_modes(group)
+    scored = [(p, m) for p, m in protocols_and_modes(group) if p != "loss"]  # loss: fig_loss_per_budget
+    pairs = [(p, m) for p, m in scored if m == "budget"] or scored
     if not pairs:
         return FigureResult(name, title, None, "no accuracy rows in the summaries")
     fig, axes = _new(len(pairs))
@@ -440,7 +442,7 @@ def fig_flops_params(group: RunGroup, path: Path) -> tuple[FigureResult, dict[st
 
 
 FIGURES: tuple[Callable[[RunGroup, Path], FigureResult], ...] = (
-    fig_accuracy_per_budget, fig_entropy_per_round, fig_entropy_per_layer, fig_gini_per_round,
+    fig_accuracy_per_budget, fig_loss_per_budget, fig_entropy_per_round, fig_entropy_per_layer, fig_gini_per_round,
     fig_phi_vs_utilization, fig_pg_alignment, fig_train_loss,
 )
 """The per-group figures besides :func:`fig_flops_params`, in report order."""

@@ -276,3 +276,19 @@ def test_cli_report_single_run_and_errors(runs_root, tmp_path):
     (bad / "cell.json").write_text(json.dumps({"experiment": "x"}))
     res = runner.invoke(app, ["report", str(bad)])
     assert res.exit_code == 2 and "cell.json: missing scale" in res.output
+
+
+def test_eval_utilization_tables_are_mean_and_std_over_seeds(runs_root, report):
+    """Eval-time entropy and Gini per level (same tokens for every method) sit in their own tables."""
+    tables = {t.protocol: t for t in report.tables if t.protocol in ("eval_entropy", "eval_gini")}
+    assert set(tables) == {"eval_entropy", "eval_gini"} and all(t.kind == "budgets" for t in tables.values())
+    for protocol, key in (("eval_entropy", "entropy"), ("eval_gini", "gini")):
+        grid = _read_csv(report.out / f"g1_budgets_{protocol}_budget.csv")
+        for method in METHODS:
+            for beta in (0.125, 1.0):
+                per_seed = [next(r["utilization"][key]["mean"] for r in s["accuracy"] if r["budget"] == beta)
+                            for s in _summaries(runs_root, method)]
+                line = next(r for r in grid if r[0] == f"beta={beta:g}")
+                assert line[grid[1].index(f"{method} (ours)")] == format_cell(per_seed)
+                assert line[1] == f"K={int(8 * beta)}"
+    assert "same tokens for every method" in report.markdown.read_text()

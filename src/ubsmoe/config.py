@@ -475,6 +475,9 @@ class EvalConfig:
             summary).
         bertscore_num_layers: the layer BERTScore reads; 0: bert-score's own
             choice for a known ``bertscore_model`` (required for a local folder).
+        utilization: also measure expert utilization at each level's evaluation K
+            over the scored test records (the same tokens for every method; entropy
+            and Gini in each eval row's ``utilization``, :mod:`ubsmoe.eval.utilization`).
     """
 
     protocols: list[str] = field(default_factory=lambda: ["generation", "loglik"])
@@ -487,6 +490,7 @@ class EvalConfig:
     text_metric: str = "rouge_l"
     bertscore_model: str = "roberta-large"
     bertscore_num_layers: int = 0
+    utilization: bool = True
 
     def __post_init__(self) -> None:
         errors = []

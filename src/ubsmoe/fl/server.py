@@ -377,7 +377,9 @@ class Server:
             utilization u~ ``[L, E]``, its entropy (per layer, mean, variance across
             layers) and Gini coefficient, the phi-utilization correlations and phi's
             range when the method has phi, and, for methods with a pseudo-gradient,
-            the PG alignment on the probe batch at each budget level's K. ``phi``
+            the PG alignment on the probe batch at each budget level's K.
+            ``utilization_top_k`` lists the K the round's clients trained at (the
+            utilization mixes them; eval rows carry utilization at one K each). ``phi``
             holds phi's ``min``/``max``/``mean_abs``, ``outside_share`` (share of global
             phi entries outside the method's ``phi_range``, after aggregation) and, from
             the clients' ``phi_penalty_max`` metrics, ``penalty_max`` (max over clients)
@@ -391,7 +393,9 @@ class Server:
         # A dense backbone has no experts ([0, 0]): no utilization statistics.
         record: dict[str, Any] = {"type": "diagnostics", "round": round_idx,
                                   **(utilization_summary(utilization, phi) if utilization.numel() else {}),
-                                  "utilization": utilization.tolist()}
+                                  "utilization": utilization.tolist(),
+                                  # training-time statistics: measured at each client's K_c
+                                  "utilization_top_k": sorted({int(u.top_k) for u in updates})}
         if phi is not None:
             record["phi"] = {"min": float(phi.min()), "max": float(phi.max()),
                              "mean_abs": float(phi.abs().mean())}
@@ -562,12 +566,17 @@ class Server:
             ``loss`` rows (nats per token, lower is better) also carry ``metric``,
             ``lower_is_better``, ``stderr`` (of ``average``), ``per_task_stderr``
             and ``per_task_tokens`` (:func:`ubsmoe.eval.loss.loss_row_fields`).
+            With ``eval.utilization`` every row of an SMoE model also has
+            ``utilization``: tokens, entropy and Gini of the expert utilization at
+            that row's K over all scored test records
+            (:func:`ubsmoe.eval.utilization.level_utilization`).
             Nothing is written (:meth:`evaluate` logs them).
 
         Raises:
             ValueError: a task not among the run's test sets.
         """
         from ubsmoe.eval.loss import loss_row_fields
+        from ubsmoe.eval.utilization import level_utilization
         from ubsmoe.methods.rank import lora_pairs
 
         self.sync_base()
@@ -578,6 +587,7 @@ class Server:
                 raise ValueError(f"tasks: got {unknown}, expected a subset of {', '.join(sorted(tests))}")
             tests = {t: recs for t, recs in tests.items() if t in set(tasks)}
         by_key: dict[tuple, dict[str, dict[str, float]]] = {}
+        util: dict[tuple, dict[str, Any] | None] = {}
         seed = client_seed(self.cfg.train.seed + 1, -2, round_idx)
         modes = self.cfg.eval.top_k
         level_k = {mode: list(self.level_top_k(mode).items()) for mode in modes}
@@ -595,6 +605,9 @@ class Server:
                     load_adapter_state(self.model, adapters)
                     set_top_k(self.model, k)
                     by_key[key] = {task: self.evaluate_one(task, recs) for task, recs in tests.items()}
+                    if self.cfg.eval.utilization:  # same tokens for every method (ubsmoe.eval.utilization)
+                        util[key] = level_utilization(self.model, self.tokenizer, tests,
+                                                      self.cfg.eval.batch_size, self.cfg.data.max_length)
                 scores = by_key[key]
                 for protocol in self.cfg.eval.protocols:
                     per_task = {t: s[protocol] for t, s in scores.items() if protocol in s}
@@ -608,6 +621,8 @@ class Server:
                             extra["per_task_metrics"] = text
                     if protocol == "loss":  # metric name, stderr, tokens (ubsmoe.eval.loss)
                         extra.update(loss_row_fields(scores, per_task))
+                    if util.get(key) is not None:  # eval-time utilization of this level
+                        extra["utilization"] = util[key]
                     by_mode[mode].append({
                         "type": "eval",
                         "round": round_idx,
@@ -698,7 +713,7 @@ class Server:
             "accuracy": [
                 {k: row[k] for k in ("round", "budget", "top_k", "top_k_mode", "lora_rank", "protocol",
                                      "per_task", "average", "per_task_metric", "per_task_metrics",
-                                     *LOSS_ROW_KEYS)
+                                     *LOSS_ROW_KEYS, "utilization")
                  if k in row}
                 for row in self.last_eval
             ],

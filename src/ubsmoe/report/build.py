@@ -25,6 +25,7 @@ from ubsmoe.report.tables import (
     write_long_csv,
     write_table_csv,
 )
+from ubsmoe.report.utilization import UTILIZATION_PROTOCOL_TEXT, utilization_tables
 
 PROTOCOL_TEXT = {
     "generation": ("generation: greedy decoding of a response to the Alpaca prompt, first answer label "
@@ -32,6 +33,7 @@ PROTOCOL_TEXT = {
     "loglik": ("loglik: every answer option scored by the summed log-probability of "
                "'the correct answer is <label>' given the prompt; the best one is the prediction"),
     "loss": LOSS_PROTOCOL_TEXT,
+    **UTILIZATION_PROTOCOL_TEXT,
 }
 MODE_TEXT = {
     "budget": "each budget level evaluated at its own K_j (and rank r_j for the rank methods)",
@@ -170,7 +172,7 @@ def build_report(dirs: list[str | Path], out: str | Path, command: str = "") -> 
                f"Model: {group.runs[0].summary.get('model')}, "
                f"{len(group.runs[0].summary.get('clients', []))} clients, "
                f"{group.runs[0].summary.get('rounds_completed')} rounds."), ""]
-        tables = accuracy_tables(group, paper)
+        tables = accuracy_tables(group, paper) + utilization_tables(group)  # eval-time entropy, Gini
         report.tables += tables
         for t in tables:
             csv_path = write_table_csv(t, out / f"g{gi}_{t.kind}_{t.protocol}_{t.mode}.csv")

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from ubsmoe.report.loss import fig_loss_per_budget
 from ubsmoe.report.runs import RunGroup, RunRecord
 from ubsmoe.report.tables import eval_rows, protocols_and_modes
+from ubsmoe.report.utilization import fig_eval_utilization_per_budget
 
 ENTROPY_SCALARS = ("mean", "variance", "max")
 """Keys of a diagnostics record's ``entropy`` that are not extra entropies to plot."""
@@ -187,7 +188,7 @@ def fig_entropy_per_round(group: RunGroup, path: Path) -> FigureResult:
     other than ``per_layer``/``mean``/``variance``/``max`` (e.g. one over all
     layer-expert pairs); without them that panel is left out and the note says so.
     """
-    name, title = "entropy_per_round", "Expert-utilization entropy per round"
+    name, title = "entropy_per_round", "Expert-utilization entropy per round (training, at each client's K_c)"
     logged = {k: v for run in group.runs for r in run.records("diagnostics")
               for k, v in r.get("entropy", {}).items() if isinstance(v, (int, float))}
     # A key `<k>_max` is the uniform-utilization maximum of entropy `<k>` (a constant), drawn as
@@ -212,7 +213,7 @@ def fig_entropy_per_round(group: RunGroup, path: Path) -> FigureResult:
 
 def fig_entropy_per_layer(group: RunGroup, path: Path) -> FigureResult:
     """Per-layer utilization entropy at the last logged round, one line per method."""
-    name, title = "entropy_per_layer", "Per-layer utilization entropy, last round"
+    name, title = "entropy_per_layer", "Per-layer utilization entropy, last round (training, at each client's K_c)"
     fig, axes = _new(1)
     ax = axes[0]
     plotted, maxes = False, []
@@ -243,7 +244,8 @@ def fig_entropy_per_layer(group: RunGroup, path: Path) -> FigureResult:
 def fig_gini_per_round(group: RunGroup, path: Path) -> FigureResult:
     """Gini coefficient of expert utilization per round (mean over layers)."""
     return _round_figure(
-        group, path, "gini_per_round", "Gini coefficient of expert utilization per round",
+        group, path, "gini_per_round",
+        "Gini coefficient of expert utilization per round (training, at each client's K_c)",
         "Gini coefficient (0 = uniform, 1 = one expert)",
         [("mean over layers", _per_round(group, "diagnostics", lambda r: r.get("gini", {}).get("mean")))],
         "no diagnostics records with a Gini coefficient")
@@ -442,7 +444,7 @@ def fig_flops_params(group: RunGroup, path: Path) -> tuple[FigureResult, dict[st
 
 
 FIGURES: tuple[Callable[[RunGroup, Path], FigureResult], ...] = (
-    fig_accuracy_per_budget, fig_loss_per_budget, fig_entropy_per_round, fig_entropy_per_layer, fig_gini_per_round,
-    fig_phi_vs_utilization, fig_pg_alignment, fig_train_loss,
+    fig_accuracy_per_budget, fig_loss_per_budget, fig_eval_utilization_per_budget, fig_entropy_per_round,
+    fig_entropy_per_layer, fig_gini_per_round, fig_phi_vs_utilization, fig_pg_alignment, fig_train_loss,
 )
 """The per-group figures besides :func:`fig_flops_params`, in report order."""

@@ -38,7 +38,7 @@ TINY = [
     "eval.examples_per_task=4",
     "eval.max_new_tokens=2",
     "eval.batch_size=8",
-    "eval.protocols=[loglik]",
+    "eval.protocols=[loglik,loss]",  # loss too, so its figure is drawn (FIGURE_NAMES)
     "model.tiny.vocab_size=512",
 ]
 FIGURE_NAMES = [fn.__name__[4:] for fn in FIGURES] + ["flops_params"]
@@ -103,8 +103,10 @@ def test_cells_are_mean_and_std_over_seeds_of_the_summaries(runs_root, report):
         sums = _summaries(runs_root, method)
         # Tasks table: a run's task value is its per-task accuracy averaged over the budget levels.
         for task in ("boolq", "piqa"):
-            per_seed = [statistics.fmean(r["per_task"][task] for r in s["accuracy"]) for s in sums]
-            row = next(r for r in long if r["shape"] == "tasks" and r["row"] == task and r["method"] == method)
+            per_seed = [statistics.fmean(r["per_task"][task] for r in s["accuracy"] if r["protocol"] == "loglik")
+                        for s in sums]
+            row = next(r for r in long if r["shape"] == "tasks" and r["row"] == task and r["method"] == method
+                       and r["protocol"] == "loglik")
             assert float(row["mean"]) == pytest.approx(statistics.fmean(per_seed), abs=1e-12)
             assert float(row["std"]) == pytest.approx(statistics.stdev(per_seed), abs=1e-12)
             assert row["n"] == "2" and row["seeds"] == "0 1"
@@ -113,7 +115,8 @@ def test_cells_are_mean_and_std_over_seeds_of_the_summaries(runs_root, report):
             assert cell == format_cell(per_seed) and cell.endswith("(n=2)")
         # Budgets table: a run's value at level beta is its average over tasks there.
         for beta in (0.125, 1.0):
-            per_seed = [next(r["average"] for r in s["accuracy"] if r["budget"] == beta) for s in sums]
+            per_seed = [next(r["average"] for r in s["accuracy"] if r["budget"] == beta and r["protocol"] == "loglik")
+                        for s in sums]
             header, line = budgets_grid[1], next(r for r in budgets_grid if r[0] == f"beta={beta:g}")
             assert line[header.index(f"{method} (ours)")] == format_cell(per_seed)
             assert line[1] == f"K={int(8 * beta)} r=20"  # K_j and the rank it ran at
@@ -178,7 +181,10 @@ def test_paper_numbers_sit_beside_ours_for_a_matching_setting(runs_root, tmp_pat
     def published(table, row):
         return next(p for p in paper if p["table"] == table and p["row"] == row and p["method"] == "UB-SMoE")
 
-    long = list(csv.DictReader((rep.out / "accuracy_long.csv").read_text().splitlines()))
+    long = [r for r in csv.DictReader((rep.out / "accuracy_long.csv").read_text().splitlines())
+            if r["protocol"] == "loglik"]  # the loss rows never get a published number
+    assert not any(r["paper_value"] for r in csv.DictReader((rep.out / "accuracy_long.csv").read_text().splitlines())
+                   if r["protocol"] == "loss")
     avg = [r for r in long if r["shape"] == "tasks" and r["row"] == "average" and r["method"] == "ubsmoe"]
     assert len(avg) == 1 and float(avg[0]["paper_value"]) == float(published("1", "average")["value"])
     assert avg[0]["paper_source"] == published("1", "average")["source"] and avg[0]["paper_table"] == "1"
@@ -270,3 +276,19 @@ def test_cli_report_single_run_and_errors(runs_root, tmp_path):
     (bad / "cell.json").write_text(json.dumps({"experiment": "x"}))
     res = runner.invoke(app, ["report", str(bad)])
     assert res.exit_code == 2 and "cell.json: missing scale" in res.output
+
+
+def test_eval_utilization_tables_are_mean_and_std_over_seeds(runs_root, report):
+    """Eval-time entropy and Gini per level (same tokens for every method) sit in their own tables."""
+    tables = {t.protocol: t for t in report.tables if t.protocol in ("eval_entropy", "eval_gini")}
+    assert set(tables) == {"eval_entropy", "eval_gini"} and all(t.kind == "budgets" for t in tables.values())
+    for protocol, key in (("eval_entropy", "entropy"), ("eval_gini", "gini")):
+        grid = _read_csv(report.out / f"g1_budgets_{protocol}_budget.csv")
+        for method in METHODS:
+            for beta in (0.125, 1.0):
+                per_seed = [next(r["utilization"][key]["mean"] for r in s["accuracy"] if r["budget"] == beta)
+                            for s in _summaries(runs_root, method)]
+                line = next(r for r in grid if r[0] == f"beta={beta:g}")
+                assert line[grid[1].index(f"{method} (ours)")] == format_cell(per_seed)
+                assert line[1] == f"K={int(8 * beta)}"
+    assert "same tokens for every method" in report.markdown.read_text()

@@ -63,7 +63,7 @@ ANSWER_TYPES = ("label", "letter", "numeric", "text")
 RECORD_FIELDS = ("instruction", "input", "output", "answer", "task", "category")
 # Metric reported as a free-text task's value (``eval.text_metric``).
 TEXT_METRICS = ("rouge_l", "bertscore_f1")
-EVAL_PROTOCOLS = ("generation", "loglik")
+EVAL_PROTOCOLS = ("generation", "loglik", "loss")
 # K a budget level is evaluated at: its own K_j (``budget``) or the model's native top-k.
 EVAL_TOP_K = ("budget", "native")
 # K a client trains at: the method's own choice (``auto``), K_c (``budget``) or native.
@@ -512,7 +512,10 @@ class EvalConfig:
 
     Attributes:
         protocols: ``generation`` (greedy decoding, first answer token extracted,
-            the paper's protocol) and/or ``loglik`` (log-likelihood choice scoring).
+            the paper's protocol), ``loglik`` (log-likelihood choice scoring) and/or
+            ``loss`` (mean next-token loss of the reference response given its
+            prompt, nats per token, lower is better; :mod:`ubsmoe.eval.loss`).
+            Default: ``generation`` and ``loglik``.
         examples_per_task: test examples scored per task, a fixed seeded subset
             (0: the whole test set).
         max_new_tokens: generation length for the generation protocol (a row
@@ -536,9 +539,12 @@ class EvalConfig:
             skipped and ``summary.json`` says why.
         bertscore_num_layers: the layer BERTScore reads; 0: bert-score's own
             choice for a known ``bertscore_model`` (required for a local folder).
+        utilization: also measure expert utilization at each level's evaluation K
+            over the scored test records (the same tokens for every method; entropy
+            and Gini in each eval row's ``utilization``, :mod:`ubsmoe.eval.utilization`).
     """
 
-    protocols: list[str] = field(default_factory=lambda: list(EVAL_PROTOCOLS))
+    protocols: list[str] = field(default_factory=lambda: ["generation", "loglik"])
     top_k: list[str] = field(default_factory=lambda: ["budget"])
     examples_per_task: int = 0
     max_new_tokens: int = 16
@@ -548,6 +554,7 @@ class EvalConfig:
     text_metric: str = "rouge_l"
     bertscore_model: str = "roberta-large"
     bertscore_num_layers: int = 0
+    utilization: bool = True
 
     def __post_init__(self) -> None:
         errors = []

@@ -146,7 +146,7 @@ def evaluate_run(run_dir: str | Path, budget: float | None = None, tasks: Sequen
         run_dir: a run directory with a round checkpoint.
         budget: score only this level (one of ``fl.budgets``; None: all).
         tasks: score only these tasks (None: the run's).
-        protocol: ``generation`` or ``loglik`` (None: the run's ``eval.protocols``).
+        protocol: ``generation``, ``loglik`` or ``loss`` (None: the run's ``eval.protocols``).
         examples_per_task: test examples per task (0: all; None: the run's).
         device: ``model.device`` override (None: the run's).
         write: also write ``RUN_DIR/eval_<UTC timestamp>.json`` atomically.

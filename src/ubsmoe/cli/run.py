@@ -304,7 +304,7 @@ def eval_run(
     tasks: Annotated[str | None, typer.Option(
         "--tasks", help="comma-separated tasks (default: the run's)")] = None,
     protocol: Annotated[str | None, typer.Option(
-        "--protocol", help="generation or loglik (default: the run's eval.protocols)")] = None,
+        "--protocol", help="generation, loglik or loss (default: the run's eval.protocols)")] = None,
     examples_per_task: Annotated[int | None, typer.Option(
         "--examples-per-task", help="test examples per task, 0 = all (default: the run's)")] = None,
     device: Annotated[str | None, typer.Option(

@@ -16,6 +16,8 @@ from typing import Any
 from ubsmoe.eval import commonsense, instruction
 from ubsmoe.eval.commonsense import subsample
 from ubsmoe.eval.instruction import BertScore
+from ubsmoe.eval.loss import LOSS_PROTOCOL, add_loss_scores, loss_row_fields
+from ubsmoe.eval.utilization import level_utilization
 from ubsmoe.fl.train import client_seed, sync_base_merges
 from ubsmoe.methods.rank_base import lora_pairs
 from ubsmoe.models import load_adapter_state, set_top_k
@@ -66,17 +68,27 @@ class ServerEvaluation:
         data: :func:`ubsmoe.eval.instruction.evaluate_instruction_task` with the
         task's answer type.
 
+        The ``loss`` protocol is :func:`ubsmoe.eval.loss.add_loss_scores` on the same
+        records, cut to ``data.max_length`` as in training.
+
         Returns:
             ``{protocol: value, "n": examples}`` plus, for instruction data,
-            ``metric`` (protocol -> metric name) and for text tasks ``metrics``.
+            ``metric`` (protocol -> metric name) and for text tasks ``metrics``;
+            with ``loss``, also ``loss_stderr`` and ``loss_tokens``.
         """
         ev = self.cfg.eval
+        protocols = [p for p in ev.protocols if p != LOSS_PROTOCOL]  # loss: add_loss_scores below
         if self.cfg.data.name != "instruction":
-            return commonsense.evaluate_task(self.model, self.tokenizer, task, records, ev.protocols,
-                                             ev.batch_size, ev.max_new_tokens)
-        return instruction.evaluate_instruction_task(
-            self.model, self.tokenizer, task, self.setup.data.answer_types[task], records, ev.protocols,
-            ev.batch_size, ev.max_new_tokens, ev.text_metric, self.bertscore)
+            result = commonsense.evaluate_task(self.model, self.tokenizer, task, records, protocols,
+                                               ev.batch_size, ev.max_new_tokens)
+        else:
+            result = instruction.evaluate_instruction_task(
+                self.model, self.tokenizer, task, self.setup.data.answer_types[task], records, protocols,
+                ev.batch_size, ev.max_new_tokens, ev.text_metric, self.bertscore)
+        if LOSS_PROTOCOL in ev.protocols:
+            add_loss_scores(result, self.model, self.tokenizer, records, ev.batch_size,
+                            self.cfg.data.max_length)
+        return result
 
     def evaluate(self, round_idx: int) -> list[dict[str, Any]]:
         """Score the global model at every budget level (:meth:`score_levels`) and log the rows.
@@ -143,6 +155,13 @@ class ServerEvaluation:
             ``per_task_metric`` its name (``accuracy``, ``rouge_l``,
             ``bertscore_f1``), ``per_task_metrics`` every text metric computed;
             a protocol no task supports (``loglik`` without choices) has no row.
+            ``loss`` rows (nats per token, lower is better) also carry ``metric``,
+            ``lower_is_better``, ``stderr`` (of ``average``), ``per_task_stderr``
+            and ``per_task_tokens`` (:func:`ubsmoe.eval.loss.loss_row_fields`).
+            With ``eval.utilization`` every row of an SMoE model also has
+            ``utilization``: tokens, entropy and Gini of the expert utilization at
+            that row's K over all scored test records
+            (:func:`ubsmoe.eval.utilization.level_utilization`).
             Nothing is written (:meth:`evaluate` logs them).
 
         Raises:
@@ -156,6 +175,7 @@ class ServerEvaluation:
                 raise ValueError(f"tasks: got {unknown}, expected a subset of {', '.join(sorted(tests))}")
             tests = {t: recs for t, recs in tests.items() if t in set(tasks)}
         by_key: dict[tuple, dict[str, dict[str, float]]] = {}
+        util: dict[tuple, dict[str, Any] | None] = {}
         seed = client_seed(self.cfg.train.seed + 1, -2, round_idx)
         modes = self.cfg.eval.top_k
         level_k = {mode: list(self.level_top_k(mode).items()) for mode in modes}
@@ -173,6 +193,9 @@ class ServerEvaluation:
                     load_adapter_state(self.model, adapters)
                     set_top_k(self.model, k)
                     by_key[key] = {task: self.evaluate_one(task, recs) for task, recs in tests.items()}
+                    if self.cfg.eval.utilization:  # same tokens for every method (ubsmoe.eval.utilization)
+                        util[key] = level_utilization(self.model, self.tokenizer, tests,
+                                                      self.cfg.eval.batch_size, self.cfg.data.max_length)
                 scores = by_key[key]
                 for protocol in self.cfg.eval.protocols:
                     per_task = {t: s[protocol] for t, s in scores.items() if protocol in s}
@@ -184,6 +207,10 @@ class ServerEvaluation:
                         text = {t: scores[t]["metrics"] for t in per_task if "metrics" in scores[t]}
                         if protocol == "generation" and text:
                             extra["per_task_metrics"] = text
+                    if protocol == LOSS_PROTOCOL:  # metric name, stderr, tokens (ubsmoe.eval.loss)
+                        extra.update(loss_row_fields(scores, per_task))
+                    if util.get(key) is not None:  # eval-time utilization of this level
+                        extra["utilization"] = util[key]
                     by_mode[mode].append({
                         "type": "eval",
                         "round": round_idx,

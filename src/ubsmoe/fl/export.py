@@ -298,8 +298,14 @@ def modules_to_save(config) -> list[str]:
     return list(config.modules_to_save or [])
 
 
+def _number(row: dict[str, Any], value: float) -> str:
+    """A value of ``row`` as the card shows it: percent, or nats per token for ``loss`` rows."""
+    return f"{value:.4f} nats/token" if row["protocol"] == "loss" else f"{100 * value:.2f}"
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
-    """The summary's accuracy rows as a Markdown table (percent, one column per task)."""
+    """The summary's accuracy rows as a Markdown table (percent, one column per task;
+    ``loss`` rows in nats per token, lower is better)."""
     if not rows:
         return "(no evaluation in the summary)\n"
     tasks = sorted({t for row in rows for t in row["per_task"]})
@@ -308,8 +314,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         cells = [f"{row['budget']:g}", str(row["top_k"]), str(row.get("top_k_mode", "")),
                  str(row.get("lora_rank", "")), row["protocol"],
-                 *(f"{100 * row['per_task'][t]:.2f}" if t in row["per_task"] else "" for t in tasks),
-                 f"{100 * row['average']:.2f}"]
+                 *(_number(row, row["per_task"][t]) if t in row["per_task"] else "" for t in tasks),
+                 _number(row, row["average"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

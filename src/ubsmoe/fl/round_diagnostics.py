@@ -58,7 +58,9 @@ class RoundDiagnostics:
             utilization u~ ``[L, E]``, its entropy (per layer, mean, variance across
             layers) and Gini coefficient, the phi-utilization correlations and phi's
             range when the method has phi, and, for methods with a pseudo-gradient,
-            the PG alignment on the probe batch at each budget level's K. ``phi``
+            the PG alignment on the probe batch at each budget level's K.
+            ``utilization_top_k`` lists the K the round's clients trained at (the
+            utilization mixes them; eval rows carry utilization at one K each). ``phi``
             holds phi's ``min``/``max``/``mean_abs``, ``outside_share`` (share of global
             phi entries outside the method's ``phi_range``, after aggregation) and, from
             the clients' ``phi_penalty_max`` metrics, ``penalty_max`` (max over clients)
@@ -69,7 +71,9 @@ class RoundDiagnostics:
         # A dense backbone has no experts ([0, 0]): no utilization statistics.
         record: dict[str, Any] = {"type": "diagnostics", "round": round_idx,
                                   **(utilization_summary(utilization, phi) if utilization.numel() else {}),
-                                  "utilization": utilization.tolist()}
+                                  "utilization": utilization.tolist(),
+                                  # training-time statistics: measured at each client's K_c
+                                  "utilization_top_k": sorted({int(u.top_k) for u in updates})}
         if phi is not None:
             record["phi"] = {"min": float(phi.min()), "max": float(phi.max()),
                              "mean_abs": float(phi.abs().mean())}

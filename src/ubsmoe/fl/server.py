@@ -27,6 +27,7 @@ from ubsmoe.config import RunConfig, save_config
 from ubsmoe.data.partition import assign_budgets
 from ubsmoe.budgets import top_k_for_budget
 from ubsmoe.eval.instruction import task_metric
+from ubsmoe.eval.loss import LOSS_ROW_KEYS
 from ubsmoe.fl.checkpoints import ServerCheckpoints
 from ubsmoe.fl.declarations import NodeDeclarations
 from ubsmoe.fl.evaluation import ServerEvaluation
@@ -294,7 +295,8 @@ class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpo
             "diagnostics": {k: v for k, v in self.last_diagnostics.items() if k != "type"},
             "accuracy": [
                 {k: row[k] for k in ("round", "budget", "top_k", "top_k_mode", "lora_rank", "protocol",
-                                     "per_task", "average", "per_task_metric", "per_task_metrics")
+                                     "per_task", "average", "per_task_metric", "per_task_metrics",
+                                     *LOSS_ROW_KEYS, "utilization")
                  if k in row}
                 for row in self.last_eval
             ],

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from ubsmoe.io import atomic_write_text
 from ubsmoe.report import figures as F
+from ubsmoe.report.loss import LOSS_PROTOCOL_TEXT
 from ubsmoe.report.runs import RunGroup, RunRecord, find_runs, group_key, group_runs
 from ubsmoe.report.tables import (
     AccuracyTable,
@@ -27,12 +28,15 @@ from ubsmoe.report.tables import (
     write_long_csv,
     write_table_csv,
 )
+from ubsmoe.report.utilization import UTILIZATION_PROTOCOL_TEXT, utilization_tables
 
 PROTOCOL_TEXT = {
     "generation": ("generation: greedy decoding of a response to the Alpaca prompt, first answer label "
                    "in it compared with the gold label (LLM-Adapters' protocol, as the papers)"),
     "loglik": ("loglik: every answer option scored by the summed log-probability of "
                "'the correct answer is <label>' given the prompt; the best one is the prediction"),
+    "loss": LOSS_PROTOCOL_TEXT,
+    **UTILIZATION_PROTOCOL_TEXT,
 }
 MODE_TEXT = {
     "budget": "each budget level evaluated at its own K_j (and rank r_j for the rank methods)",
@@ -151,7 +155,9 @@ def build_report(dirs: list[str | Path], out: str | Path, command: str = "") -> 
            "standard deviation (n - 1 in the denominator; `-` for one seed) of the final-round "
            "accuracy (fraction correct). Tasks tables: a run's value for a task is its accuracy "
            "averaged over the budget levels (the papers' Table 1 shape); budgets tables: a run's "
-           "average over tasks at that level (Table 3 shape). `K / rank` is what each row ran at."),
+           "average over tasks at that level (Table 3 shape). `K / rank` is what each row ran at. "
+           "Protocol `loss` tables hold the mean next-token loss in nats per token instead of "
+           "accuracy (lower is better) and never a published number."),
            "",
            ("Published numbers (`paper_tables.csv`, shipped with ubsmoe; `source` column kept in "
            "accuracy_long.csv) sit beside ours where the setting matches: metric accuracy, from the "
@@ -167,7 +173,7 @@ def build_report(dirs: list[str | Path], out: str | Path, command: str = "") -> 
                f"Model: {group.runs[0].summary.get('model')}, "
                f"{len(group.runs[0].summary.get('clients', []))} clients, "
                f"{group.runs[0].summary.get('rounds_completed')} rounds."), ""]
-        tables = accuracy_tables(group, paper)
+        tables = accuracy_tables(group, paper) + utilization_tables(group)  # eval-time entropy, Gini
         report.tables += tables
         for t in tables:
             csv_path = write_table_csv(t, out / f"g{gi}_{t.kind}_{t.protocol}_{t.mode}.csv")

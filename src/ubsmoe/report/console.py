@@ -8,6 +8,8 @@ from typing import Any
 
 from rich.table import Table
 
+from ubsmoe.report.loss import loss_table
+
 
 def accuracy_table(summary: dict[str, Any], protocol: str, mode: str | None = None) -> Table:
     """Accuracy per task (rows) and budget level (columns) of one protocol.
@@ -22,9 +24,12 @@ def accuracy_table(summary: dict[str, Any], protocol: str, mode: str | None = No
 
     Args:
         summary: a run's summary (``summary.json``).
-        protocol: ``generation`` or ``loglik``.
+        protocol: ``generation``, ``loglik`` or ``loss`` (``loss``: the table of
+            :func:`ubsmoe.report.loss.loss_table`, nats per token, lower is better).
         mode: only the rows of this K mode (``budget`` / ``native``); None: all.
     """
+    if protocol == "loss":  # lower is better, with standard errors: its own table
+        return loss_table(summary, mode)
     rows = [r for r in summary.get("accuracy", [])
             if r["protocol"] == protocol and (mode is None or r.get("top_k_mode") == mode)]
     tasks = sorted({t for r in rows for t in r["per_task"]})

@@ -9,100 +9,34 @@ std) when there are several seeds.
 
 from __future__ import annotations
 
-import io
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from ubsmoe.errors import ConfigError
 from ubsmoe.config import config_from_dict
-from ubsmoe.io import atomic_write_bytes
+from ubsmoe.errors import ConfigError
 from ubsmoe.methods.base import phi_layer_of
 from ubsmoe.metrics.flops import Budget, budget_table, model_shape_from_config
 from ubsmoe.models.architecture import olmoe_config
+from ubsmoe.report.eval_figures import fig_eval_utilization_per_budget, fig_loss_per_budget
+from ubsmoe.report.plotting import (
+    FigureResult,
+    line_style,
+    mean_band,
+    new_figure,
+    plot_series,
+    save_figure,
+    seeds_label,
+)
 from ubsmoe.report.runs import RunGroup, RunRecord
 from ubsmoe.report.tables import eval_rows, protocols_and_modes
 
 ENTROPY_SCALARS = ("mean", "variance", "max")
 """Keys of a diagnostics record's ``entropy`` that are not extra entropies to plot."""
-
-
-@dataclass
-class FigureResult:
-    """One figure of the report.
-
-    Attributes:
-        name: file stem, e.g. ``accuracy_per_budget``.
-        title: what it shows.
-        path: the PNG written, or None when skipped.
-        note: why it was skipped, or what it leaves out ("" when nothing).
-    """
-
-    name: str
-    title: str
-    path: Path | None
-    note: str = ""
-
-
-def _new(ncols: int = 1, width: float = 6.4) -> tuple[Figure, list[Any]]:
-    """A figure with ``ncols`` side-by-side axes (Agg canvas, no pyplot state)."""
-    fig = Figure(figsize=(width * ncols, 4.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-    for ax in axes:
-        ax.grid(True, alpha=0.3)
-    return fig, axes
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    """Write the figure as PNG (120 dpi) atomically."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def _mean_band(series: list[dict[int, float]]) -> tuple[list[int], list[float], list[float] | None]:
-    """Per x: the mean over runs and the sample std (None when one run); x where every run has a value."""
-    xs = sorted(set.intersection(*(set(s) for s in series))) if series else []
-    means = [statistics.fmean(s[x] for s in series) for x in xs]
-    stds = [statistics.stdev(s[x] for s in series) for x in xs] if len(series) > 1 else None
-    return xs, means, stds
-
-
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<")
-"""Marker per method (by position in the group), so overlapping lines stay distinguishable."""
-
-
-def _style(i: int) -> dict[str, Any]:
-    """Line style of the i-th series: a marker that differs between neighbours, hollow after the first."""
-    return {"marker": MARKERS[i % len(MARKERS)], "markersize": 7 if i else 5,
-            "markerfacecolor": "none" if i else None}
-
-
-def _plot_series(ax: Any, xs: list, means: list[float], stds: list[float] | None, label: str,
-                 **kw: Any) -> None:
-    """A mean line with markers and, when ``stds``, a shaded ±1 std band.
-
-    ``kw`` goes to ``Axes.plot`` (e.g. :func:`_style`'s marker); default a small circle.
-    """
-    kw = {"marker": "o", "markersize": 4, **kw}
-    line, = ax.plot(xs, means, label=label, **kw)
-    if stds is not None:
-        ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                        color=line.get_color(), alpha=0.15, linewidth=0)
-
-
-def _seeds(runs: list[RunRecord]) -> str:
-    """``(n=2)``: how many seeds a line averages."""
-    return f"(n={len(runs)})"
 
 
 def _per_round(group: RunGroup, kind: str, value: Callable[[dict[str, Any]], float | None]
@@ -137,11 +71,11 @@ def _round_figure(group: RunGroup, path: Path, name: str, title: str, ylabel: st
     kept = [(t, d, h) for (t, d), h in zip(panels, refs) if d]
     if not kept:
         return FigureResult(name, title, None, missing)
-    fig, axes = _new(len(kept))
+    fig, axes = new_figure(len(kept))
     for ax, (sub, data, ref) in zip(axes, kept):
         for i, (method, series) in enumerate(data.items()):
-            xs, m, s = _mean_band(series)
-            _plot_series(ax, xs, m, s, f"{method} {_seeds(series)}", **_style(i))
+            xs, m, s = mean_band(series)
+            plot_series(ax, xs, m, s, f"{method} {seeds_label(series)}", **line_style(i))
         if ref is not None:
             ax.axhline(ref[0], color="gray", linestyle="--", linewidth=1, label=ref[1])
         ax.set_xlabel("federated round")
@@ -150,16 +84,17 @@ def _round_figure(group: RunGroup, path: Path, name: str, title: str, ylabel: st
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
-    return FigureResult(name, title, _save(fig, path))
+    return FigureResult(name, title, save_figure(fig, path))
 
 
 def fig_accuracy_per_budget(group: RunGroup, path: Path) -> FigureResult:
     """Average accuracy over tasks per budget level beta, one line per method, one axis per protocol."""
     name, title = "accuracy_per_budget", "Average accuracy over tasks per budget level (final round)"
-    pairs = [(p, m) for p, m in protocols_and_modes(group) if m == "budget"] or protocols_and_modes(group)
+    scored = [(p, m) for p, m in protocols_and_modes(group) if p != "loss"]  # loss: fig_loss_per_budget
+    pairs = [(p, m) for p, m in scored if m == "budget"] or scored
     if not pairs:
         return FigureResult(name, title, None, "no accuracy rows in the summaries")
-    fig, axes = _new(len(pairs))
+    fig, axes = new_figure(len(pairs))
     for ax, (protocol, mode) in zip(axes, pairs):
         betas: set[float] = set()
         for i, method in enumerate(group.methods):
@@ -170,9 +105,9 @@ def fig_accuracy_per_budget(group: RunGroup, path: Path) -> FigureResult:
                     series.append({r["budget"]: r["average"] for r in rows})
             if not series:
                 continue
-            xs, m, s = _mean_band(series)
+            xs, m, s = mean_band(series)
             betas.update(xs)
-            ax.errorbar(xs, m, yerr=s, capsize=3, label=f"{method} {_seeds(series)}", **_style(i))
+            ax.errorbar(xs, m, yerr=s, capsize=3, label=f"{method} {seeds_label(series)}", **line_style(i))
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(betas), [f"{b:g}" for b in sorted(betas)])
         ax.set_xlabel("budget level β (fraction of the native top-k, log scale)")
@@ -180,7 +115,7 @@ def fig_accuracy_per_budget(group: RunGroup, path: Path) -> FigureResult:
         ax.set_title(f"protocol {protocol}, K from {mode}", fontsize=10)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
-    return FigureResult(name, title, _save(fig, path))
+    return FigureResult(name, title, save_figure(fig, path))
 
 
 def fig_entropy_per_round(group: RunGroup, path: Path) -> FigureResult:
@@ -190,7 +125,7 @@ def fig_entropy_per_round(group: RunGroup, path: Path) -> FigureResult:
     other than ``per_layer``/``mean``/``variance``/``max`` (e.g. one over all
     layer-expert pairs); without them that panel is left out and the note says so.
     """
-    name, title = "entropy_per_round", "Expert-utilization entropy per round"
+    name, title = "entropy_per_round", "Expert-utilization entropy per round (training, at each client's K_c)"
     logged = {k: v for run in group.runs for r in run.records("diagnostics")
               for k, v in r.get("entropy", {}).items() if isinstance(v, (int, float))}
     # A key `<k>_max` is the uniform-utilization maximum of entropy `<k>` (a constant), drawn as
@@ -215,8 +150,8 @@ def fig_entropy_per_round(group: RunGroup, path: Path) -> FigureResult:
 
 def fig_entropy_per_layer(group: RunGroup, path: Path) -> FigureResult:
     """Per-layer utilization entropy at the last logged round, one line per method."""
-    name, title = "entropy_per_layer", "Per-layer utilization entropy, last round"
-    fig, axes = _new(1)
+    name, title = "entropy_per_layer", "Per-layer utilization entropy, last round (training, at each client's K_c)"
+    fig, axes = new_figure(1)
     ax = axes[0]
     plotted, maxes = False, []
     for i, method in enumerate(group.methods):
@@ -227,8 +162,8 @@ def fig_entropy_per_layer(group: RunGroup, path: Path) -> FigureResult:
                 series.append(dict(enumerate(diag[-1]["entropy"]["per_layer"])))
                 maxes.append(diag[-1]["entropy"].get("max"))
         if series:
-            xs, m, s = _mean_band(series)
-            _plot_series(ax, xs, m, s, f"{method} {_seeds(series)}", **_style(i))
+            xs, m, s = mean_band(series)
+            plot_series(ax, xs, m, s, f"{method} {seeds_label(series)}", **line_style(i))
             plotted = True
     if not plotted:
         return FigureResult(name, title, None, "no diagnostics records with per-layer entropy")
@@ -240,13 +175,14 @@ def fig_entropy_per_layer(group: RunGroup, path: Path) -> FigureResult:
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
-    return FigureResult(name, title, _save(fig, path))
+    return FigureResult(name, title, save_figure(fig, path))
 
 
 def fig_gini_per_round(group: RunGroup, path: Path) -> FigureResult:
     """Gini coefficient of expert utilization per round (mean over layers)."""
     return _round_figure(
-        group, path, "gini_per_round", "Gini coefficient of expert utilization per round",
+        group, path, "gini_per_round",
+        "Gini coefficient of expert utilization per round (training, at each client's K_c)",
         "Gini coefficient (0 = uniform, 1 = one expert)",
         [("mean over layers", _per_round(group, "diagnostics", lambda r: r.get("gini", {}).get("mean")))],
         "no diagnostics records with a Gini coefficient")
@@ -287,14 +223,14 @@ def fig_phi_vs_utilization(group: RunGroup, path: Path) -> FigureResult:
         phi = _final_phi(run)
         if diag and phi is not None and len(phi) == len(diag[-1]["utilization"]):
             scatter[method] = (diag[-1]["utilization"], phi, run.seed, diag[-1]["round"])
-    fig, axes = _new(2 if scatter else 1)
+    fig, axes = new_figure(2 if scatter else 1)
     ax = axes[0]
     for i, method in enumerate(sorted(set(pearson) | set(spearman))):
         for label, data, style in (("Pearson", pearson, "-"), ("Spearman", spearman, "--")):
             if method in data:
-                xs, m, s = _mean_band(data[method])
-                _plot_series(ax, xs, m, s, f"{method} {label} {_seeds(data[method])}", linestyle=style,
-                             **_style(i))
+                xs, m, s = mean_band(data[method])
+                plot_series(ax, xs, m, s, f"{method} {label} {seeds_label(data[method])}", linestyle=style,
+                             **line_style(i))
     ax.axhline(0, color="gray", linewidth=0.8)
     ax.set_xlabel("federated round")
     ax.set_ylabel("correlation of phi and u~ (mean over layers)")
@@ -316,7 +252,7 @@ def fig_phi_vs_utilization(group: RunGroup, path: Path) -> FigureResult:
     else:
         note = "scatter left out: no round checkpoint with phi to read"
     fig.suptitle(title, fontsize=11)
-    return FigureResult(name, title, _save(fig, path), note)
+    return FigureResult(name, title, save_figure(fig, path), note)
 
 
 def fig_pg_alignment(group: RunGroup, path: Path) -> FigureResult:
@@ -413,7 +349,7 @@ def fig_flops_params(group: RunGroup, path: Path) -> tuple[FigureResult, dict[st
             costs[method] = c
     if not costs:
         return FigureResult(name, title, None, "no run config from which to rebuild the model shape"), costs
-    fig, axes = _new(2)
+    fig, axes = new_figure(2)
     betas = sorted({r["beta"] for c in costs.values() for r in c})
     big = max(r["activated_params"] for c in costs.values() for r in c)
     scale, unit = (1e9, "B") if big >= 1e9 else (1e6, "M")
@@ -421,8 +357,8 @@ def fig_flops_params(group: RunGroup, path: Path) -> tuple[FigureResult, dict[st
     fscale, funit = (1e9, "GFLOP") if fbig >= 1e9 else (1e6, "MFLOP")
     for i, (method, c) in enumerate(costs.items()):
         xs = [r["beta"] for r in c]
-        axes[0].plot(xs, [r["train_flops_per_token"] / fscale for r in c], label=method, **_style(i))
-        axes[1].plot(xs, [r["activated_params"] / scale for r in c], label=method, **_style(i))
+        axes[0].plot(xs, [r["train_flops_per_token"] / fscale for r in c], label=method, **line_style(i))
+        axes[1].plot(xs, [r["activated_params"] / scale for r in c], label=method, **line_style(i))
     for ax, ylabel in ((axes[0], f"training {funit} per token (fwd + bwd)"),
                        (axes[1], f"activated parameters ({unit})")):
         ax.set_xscale("log", base=2)
@@ -433,11 +369,11 @@ def fig_flops_params(group: RunGroup, path: Path) -> tuple[FigureResult, dict[st
     axes[0].set_title("training FLOPs", fontsize=10)
     axes[1].set_title("activated parameters", fontsize=10)
     fig.suptitle(title, fontsize=11)
-    return FigureResult(name, title, _save(fig, path)), costs
+    return FigureResult(name, title, save_figure(fig, path)), costs
 
 
 FIGURES: tuple[Callable[[RunGroup, Path], FigureResult], ...] = (
-    fig_accuracy_per_budget, fig_entropy_per_round, fig_entropy_per_layer, fig_gini_per_round,
-    fig_phi_vs_utilization, fig_pg_alignment, fig_train_loss,
+    fig_accuracy_per_budget, fig_loss_per_budget, fig_eval_utilization_per_budget, fig_entropy_per_round,
+    fig_entropy_per_layer, fig_gini_per_round, fig_phi_vs_utilization, fig_pg_alignment, fig_train_loss,
 )
 """The per-group figures besides :func:`fig_flops_params`, in report order."""

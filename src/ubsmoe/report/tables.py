@@ -167,8 +167,9 @@ class AccuracyTable:
     @property
     def title(self) -> str:
         """Readable title: shape, protocol, K mode and setting."""
-        what = ("accuracy per task, averaged over budget levels" if self.kind == "tasks"
-                else "average accuracy over tasks, per budget level")
+        metric = "loss (nats/token, lower is better)" if self.protocol == "loss" else "accuracy"
+        what = (f"{metric} per task, averaged over budget levels" if self.kind == "tasks"
+                else f"average {metric} over tasks, per budget level")
         return (f"{what}; protocol {self.protocol}, K from {self.mode}; setting: {self.group}")
 
 
@@ -189,7 +190,9 @@ def accuracy_tables(group: RunGroup, paper: list[dict[str, str]]) -> list[Accura
     """The tasks- and budgets-shaped tables of a group, for each (protocol, K mode) it was scored with."""
     tables = []
     methods = group.methods
+    all_paper = paper
     for protocol, mode in protocols_and_modes(group):
+        paper = [] if protocol == "loss" else all_paper  # the papers publish no loss
         per_run = {id(run): eval_rows(run, protocol, mode) for run in group.runs}
         tasks = sorted({t for rows in per_run.values() for r in rows for t in r["per_task"]})
         budgets = sorted({r["budget"] for rows in per_run.values() for r in rows})

@@ -1,0 +1,111 @@
+"""Figures of the evaluation rows beyond accuracy: held-out loss and eval-time expert utilization per level.
+
+Same conventions as :mod:`ubsmoe.report.figures` (one line per method, mean over
+seeds with the sample std as error bars, budget levels on a log axis).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ubsmoe.report.plotting import (
+    FigureResult,
+    line_style,
+    mean_band,
+    new_figure,
+    save_figure,
+    seeds_label,
+)
+from ubsmoe.report.runs import RunGroup
+from ubsmoe.report.tables import eval_rows, protocols_and_modes
+from ubsmoe.report.utilization import level_utilization, utilization_modes
+
+
+def fig_loss_per_budget(group: RunGroup, path: Path) -> FigureResult:
+    """Average loss over tasks per budget level beta, one line per method (lower is better).
+
+    One axis per K mode the runs were scored with (``budget`` first); error bars
+    are the sample std over seeds, as every report figure.
+
+    Args:
+        group: a :class:`~ubsmoe.report.runs.RunGroup`.
+        path: the PNG to write.
+
+    Returns:
+        A :class:`~ubsmoe.report.figures.FigureResult` (skipped when no run has
+        ``loss`` rows).
+    """
+    name, title = "loss_per_budget", "Average held-out loss over tasks per budget level (final round)"
+    modes = sorted((m for p, m in protocols_and_modes(group) if p == "loss"), key=lambda m: m != "budget")
+    if not modes:
+        return FigureResult(name, title, None, "no loss rows in the summaries (eval.protocols without loss)")
+    fig, axes = new_figure(len(modes))
+    for ax, mode in zip(axes, modes):
+        betas: set[float] = set()
+        for i, method in enumerate(group.methods):
+            series = []
+            for run in group.by_method(method):
+                rows = eval_rows(run, "loss", mode)
+                if rows:
+                    series.append({r["budget"]: r["average"] for r in rows})
+            if not series:
+                continue
+            xs, m, s = mean_band(series)
+            betas.update(xs)
+            ax.errorbar(xs, m, yerr=s, capsize=3, label=f"{method} {seeds_label(series)}", **line_style(i))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(betas), [f"{b:g}" for b in sorted(betas)])
+        ax.set_xlabel("budget level β (fraction of the native top-k, log scale)")
+        ax.set_ylabel("loss (nats per token, mean over tasks; lower is better)")
+        ax.set_title(f"protocol loss, K from {mode}", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return FigureResult(name, title, save_figure(fig, path))
+
+
+def fig_eval_utilization_per_budget(group: RunGroup, path: Path) -> FigureResult:
+    """Eval-time utilization entropy and Gini per budget level, one line per method (K from budget).
+
+    Args:
+        group: the runs of one setting.
+        path: the PNG to write.
+
+    Returns:
+        A :class:`~ubsmoe.report.figures.FigureResult`, skipped when no run's eval
+        rows carry utilization (``eval.utilization`` off, or a dense model).
+    """
+    name, title = ("eval_utilization_per_budget",
+                   "Expert utilization at evaluation per budget level (same tokens for every method)")
+    modes = utilization_modes(group)
+    if not modes:
+        return FigureResult(name, title, None, "no eval rows with utilization (eval.utilization off, "
+                                                 "or no SMoE layer)")
+    mode = modes[0]
+    fig, axes = new_figure(2)
+    for ax, (key, label) in zip(axes, [("entropy", "entropy (nats, mean over layers)"),
+                                       ("gini", "Gini coefficient (mean over layers)")]):
+        betas: set[float] = set()
+        entropy_max = None
+        for i, method in enumerate(group.methods):
+            series = []
+            for run in group.by_method(method):
+                levels = level_utilization(run, mode)
+                if levels:
+                    series.append({b: float(u[key]["mean"]) for b, u in levels.items()})
+                    entropy_max = next(iter(levels.values()))["entropy"].get("max", entropy_max)
+            if not series:
+                continue
+            xs, m, s = mean_band(series)
+            betas.update(xs)
+            ax.errorbar(xs, m, yerr=s, capsize=3, label=f"{method} {seeds_label(series)}", **line_style(i))
+        if key == "entropy" and entropy_max is not None:
+            ax.axhline(entropy_max, color="gray", linestyle="--", linewidth=1,
+                       label=f"uniform over experts, ln E = {entropy_max:.2f}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(betas), [f"{b:g}" for b in sorted(betas)])
+        ax.set_xlabel("budget level β (evaluated at its K, log scale)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{key}, K from {mode}", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return FigureResult(name, title, save_figure(fig, path))

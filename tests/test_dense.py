@@ -110,6 +110,7 @@ def test_lora_methods_train_a_dense_model_in_process(tmp_path, method):
     assert summary["rounds_completed"] == 1 and torch.isfinite(torch.tensor(summary["train_loss"][0]["loss"]))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("method", "ranks"), [("fedit", [20, 20, 20, 20]), ("flexlora", [12, 16, 24, 40])])
 def test_fedit_and_flexlora_run_a_dense_model_end_to_end_via_cli(tmp_path, method, ranks):
     """`ubsmoe run` (Flower, local SuperLink) on tiny-dense with the default commonsense data."""

@@ -152,6 +152,7 @@ def _port_is_free(port):
     return True
 
 
+@pytest.mark.e2e
 def test_flower_end_to_end_run_via_cli(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", "--out", str(out), *SMALL, "method=a3smoe",
@@ -180,6 +181,7 @@ def test_flower_end_to_end_run_via_cli(tmp_path):
     assert _port_is_free(_superlink_port(out))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process_and_the_run_resumes(tmp_path):
     """SIGINT to `ubsmoe run`'s process group mid-run (as Ctrl-C in a terminal)."""

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import DENSE_SMALL
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
@@ -17,20 +18,7 @@ from ubsmoe.metrics.flops import load_model_shape, param_counts, training_flops_
 from ubsmoe.models import build_model, smoe_layers
 from ubsmoe.models.loading import set_lora_rank
 
-SMALL = [
-    "model.name=tiny-dense",
-    "data.tasks=[boolq,piqa]",
-    "data.train_examples=64",
-    "data.max_length=96",
-    "fl.num_clients=2",
-    "fl.rounds=1",
-    "train.batch_size=8",
-    "train.max_local_steps=2",
-    "eval.examples_per_task=4",
-    "eval.max_new_tokens=4",
-    "eval.batch_size=8",
-    "model.tiny.vocab_size=512",
-]
+SMALL = DENSE_SMALL
 
 
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from test_dense import SMALL as DENSE_SMALL
+from conftest import DENSE_SMALL
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 

@@ -218,8 +218,10 @@ def test_federation_config_carries_the_client_resources(tmp_path):
 
 @pytest.mark.parametrize("keep", [1, 2, 0])
 def test_keep_checkpoints_prunes_old_rounds_and_resume_still_works(tmp_path, keep):
+    # Checkpoint files and resume do not depend on the run's size: 2 clients of 1 step, 1 example per task.
     cfg = _cfg(tmp_path, "method=fedit", "fl.rounds=3", "eval.protocols=[loglik]",
-               f"fl.keep_checkpoints={keep}")
+               f"fl.keep_checkpoints={keep}", "fl.num_clients=2", "train.max_local_steps=1",
+               "eval.examples_per_task=1")
     server = run_rounds(cfg, tmp_path / "run", reverse=True)
     server.finish()
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("round_*.pt"))

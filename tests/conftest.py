@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny tokenizer and tiny patched OLMoE models (random, CPU, float32)."""
+"""Shared fixtures and run lists: a tiny tokenizer, the tiny model config, the small runs that
+many files train, and :func:`run_rounds`, the library round loop (Server + ClientRuntime, no
+Flower) those files share."""
 
 from __future__ import annotations
 
@@ -17,6 +19,23 @@ SMALL = [
     "data.max_length=128",
     "fl.num_clients=4",
     "fl.rounds=2",
+    "train.batch_size=8",
+    "train.max_local_steps=2",
+    "eval.examples_per_task=4",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=8",
+    "model.tiny.vocab_size=512",
+]
+
+# tests/test_dense.py's run on the tiny dense backbone: 2 tasks, 2 clients, 1 round (tests/test_lora_experts.py
+# adds LoRA experts to it).
+DENSE_SMALL = [
+    "model.name=tiny-dense",
+    "data.tasks=[boolq,piqa]",
+    "data.train_examples=64",
+    "data.max_length=96",
+    "fl.num_clients=2",
+    "fl.rounds=1",
     "train.batch_size=8",
     "train.max_local_steps=2",
     "eval.examples_per_task=4",
@@ -51,3 +70,33 @@ def tiny_model_cfg():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def run_rounds(cfg, run_dir, setup=None, *, rounds=None, reverse=False, finish=False):
+    """Run ``cfg``'s federated rounds in process, as the ServerApp does, without Flower.
+
+    Each round trains every sampled client with one ``ClientRuntime`` from what
+    ``Server.client_task`` sends it, then ends the round with the updates.
+
+    Args:
+        cfg: the run's ``RunConfig``.
+        run_dir: the run directory the server writes.
+        setup: a ``SharedSetup`` to reuse (default: ``shared_setup(cfg)``).
+        rounds: stop after this round (default: ``cfg.fl.rounds``).
+        reverse: hand the updates to ``end_round`` in reverse client order (arrival order
+            must not matter).
+        finish: also call ``server.finish()``.
+
+    Returns:
+        The ``Server``, or ``(server, summary)`` with ``finish``.
+    """
+    from ubsmoe.fl.server import Server
+    from ubsmoe.fl.train import ClientRuntime, shared_setup
+
+    setup = setup or shared_setup(cfg)
+    server = Server(cfg, run_dir, setup)
+    runtime = ClientRuntime(cfg, setup)
+    for r in range(1, (rounds or cfg.fl.rounds) + 1):
+        updates = [runtime.train_round(**server.client_task(c, r)) for c in server.sample_clients(r)]
+        server.end_round(r, list(reversed(updates)) if reverse else updates)
+    return (server, server.finish()) if finish else server

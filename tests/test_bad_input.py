@@ -77,7 +77,12 @@ CASES = [
 
 @pytest.mark.parametrize(("args", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args, message, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the model rows: as without network, without the retries
+    # huggingface_hub reads the variable once, at import: once an earlier test has imported it, only
+    # the constant switches it off (else each model row spends 20-50 s on retries in the full suite).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("UBSMOE_CACHE", str(tmp_path / "cache"))
     _corrupt_data(tmp_path / "corrupt")
     _fieldless_data(tmp_path / "fieldless")

@@ -18,7 +18,8 @@ RATIO = {"of_medians", "paired_median", "paired_min", "paired_max"}
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     """One quick run of every suite through the CLI (1 thread: per-expert matmuls open an
-    OpenMP region each, which crawls when the test machine's cores are oversubscribed)."""
+    OpenMP region each, which crawls when the test machine's cores are oversubscribed).
+    Its federated suite starts a SuperLink, so every test using this is marked e2e."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     result = CliRunner().invoke(app, ["bench", "--quick", "--threads", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -26,6 +27,7 @@ def quick_report(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.e2e
 def test_quick_report_top_level_fields(quick_report):
     r = quick_report
     assert r["schema"] == "ubsmoe-bench/1" and r["quick"] is True
@@ -42,6 +44,7 @@ def test_quick_report_top_level_fields(quick_report):
         assert suite["description"]
 
 
+@pytest.mark.e2e
 def test_quick_report_layer_fields(quick_report):
     layer = quick_report["suites"]["layer"]
     assert set(layer["shape"]) == {"hidden", "intermediate", "num_experts", "num_tokens", "lora_rank",
@@ -71,6 +74,7 @@ def test_quick_report_layer_fields(quick_report):
     assert quick_report["summary"]["layer"]["targets"] == {"speedup_k1": 2.0, "speedup_k8": 1.3, "k1_over_k8": 0.2}
 
 
+@pytest.mark.e2e
 def test_quick_report_model_step_fields(quick_report):
     models = quick_report["suites"]["model_step"]["models"]
     assert list(models) == ["tiny_quick"]
@@ -122,6 +126,7 @@ def test_bench_rejects_bad_input(tmp_path):
     assert result.exit_code == 2 and "threads" in result.output
 
 
+@pytest.mark.e2e
 def test_quick_report_dispatch_fields(quick_report):
     """suites.dispatch.models.<shape>.<dtype>.<method>.<K> holds ops, optimizer_ops, by_component."""
     disp = quick_report["suites"]["dispatch"]
@@ -139,6 +144,7 @@ def test_quick_report_dispatch_fields(quick_report):
     assert casts > disp["summary"]["tiny_quick"]["float32"]["smoe"]["1"]["casts"]
 
 
+@pytest.mark.e2e
 def test_quick_report_server_memory_fields(quick_report):
     mem = quick_report["suites"]["server_memory"]
     assert [r["num_clients"] for r in mem["runs"]] == [2, 8]
@@ -148,6 +154,7 @@ def test_quick_report_server_memory_fields(quick_report):
     assert growth == mem["runs"][1]["peak_rss_mib"] / mem["runs"][0]["peak_rss_mib"]
 
 
+@pytest.mark.e2e
 def test_quick_report_federated_fields(quick_report):
     fed = quick_report["suites"]["federated"]
     assert [r["round"] for r in fed["rounds"]] == [1]
@@ -164,6 +171,7 @@ def test_quick_report_federated_fields(quick_report):
     assert uploads["k1"]["sparse_bytes"] < uploads["k8"]["sparse_bytes"]
 
 
+@pytest.mark.e2e
 def test_quick_report_eval_fields(quick_report):
     ev = quick_report["suites"]["eval"]
     assert ev["examples"] == 8 and ev["prompt_tokens"]["max"] > ev["prompt_tokens"]["min"]

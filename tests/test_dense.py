@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import DENSE_SMALL
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
@@ -18,20 +19,7 @@ from ubsmoe.metrics.flops import load_model_shape, param_counts, training_flops_
 from ubsmoe.models import build_model, smoe_layers
 from ubsmoe.models.adapters import set_lora_rank
 
-SMALL = [
-    "model.name=tiny-dense",
-    "data.tasks=[boolq,piqa]",
-    "data.train_examples=64",
-    "data.max_length=96",
-    "fl.num_clients=2",
-    "fl.rounds=1",
-    "train.batch_size=8",
-    "train.max_local_steps=2",
-    "eval.examples_per_task=4",
-    "eval.max_new_tokens=4",
-    "eval.batch_size=8",
-    "model.tiny.vocab_size=512",
-]
+SMALL = DENSE_SMALL
 
 
 
@@ -111,6 +99,7 @@ def test_lora_methods_train_a_dense_model_in_process(tmp_path, method):
     assert summary["rounds_completed"] == 1 and torch.isfinite(torch.tensor(summary["train_loss"][0]["loss"]))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("method", "ranks"), [("fedit", [20, 20, 20, 20]), ("flexlora", [12, 16, 24, 40])])
 def test_fedit_and_flexlora_run_a_dense_model_end_to_end_via_cli(tmp_path, method, ranks):
     """`ubsmoe run` (Flower, local SuperLink) on tiny-dense with the default commonsense data."""

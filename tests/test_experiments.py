@@ -406,6 +406,7 @@ def test_sweep_devices_and_eta():
     assert sweep_eta(items, 2) == pytest.approx(60.0 * 4)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_real_sweep_interrupted_mid_run_and_restarted_completes(tmp_path):
     """Two methods x two seeds of real `ubsmoe run` processes; the second is killed mid-run."""

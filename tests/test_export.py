@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SMALL as CONFTEST_SMALL
+from conftest import run_rounds
 from typer.testing import CliRunner
 
 from ubsmoe.config import ModelConfig, load_config
@@ -134,18 +135,9 @@ def test_lora_terms_names_the_transformers_targets(random_adapter_model):
 # ----- a finished tiny run: load_run, ubsmoe eval, the exported folder -----------------------
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import ClientRuntime, shared_setup
-
     tmp = tmp_path_factory.mktemp("export_run")
     cfg = load_config(overrides=[*SMALL, f"model.tokenizer_cache={tmp / 'cache'}", "method=fedit"])
-    setup = shared_setup(cfg)
-    server = Server(cfg, tmp / "run", setup)
-    runtime = ClientRuntime(cfg, setup)
-    for r in range(1, cfg.fl.rounds + 1):
-        server.end_round(r, [runtime.train_round(**server.client_task(c, r))
-                             for c in server.sample_clients(r)])
-    summary = server.finish()
+    server, summary = run_rounds(cfg, tmp / "run", finish=True)
     return tmp / "run", summary, server
 
 
@@ -221,18 +213,9 @@ def test_exported_run_loads_in_plain_peft_with_the_card(finished_run, tmp_path):
 def test_finished_run_export_loads_in_plain_peft(method, tmp_path):
     """Through the whole server path: FLoRA's stacked merges; a3smoe's trained router at native K."""
     import ubsmoe
-    from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import ClientRuntime, shared_setup
-
     cfg = load_config(overrides=[*SMALL, f"model.tokenizer_cache={tmp_path / 'cache'}", f"method={method}",
                                  "fl.num_clients=2", "eval.examples_per_task=1"])
-    setup = shared_setup(cfg)
-    server = Server(cfg, tmp_path / "run", setup)
-    runtime = ClientRuntime(cfg, setup)
-    for r in range(1, cfg.fl.rounds + 1):
-        server.end_round(r, [runtime.train_round(**server.client_task(c, r))
-                             for c in server.sample_clients(r)])
-    server.finish()
+    run_rounds(cfg, tmp_path / "run", finish=True)
     adapter = tmp_path / "run" / "checkpoints" / "adapter"
     info = json.loads((adapter / "ubsmoe_export.json").read_text())
     assert info["stacked"] == (method in ("flora", "florist"))

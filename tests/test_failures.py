@@ -314,6 +314,7 @@ def _cli(tmp_path, out, faults, *extra):
                           check=False, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.e2e
 def test_flower_run_survives_raise_timeout_nan_and_wrong_shapes(tmp_path):
     """One four-client run: round 1 client 1 raises and 2 times out; round 2 client 3 sends NaN and 0 wrong shapes."""
     out = tmp_path / "run"
@@ -350,6 +351,7 @@ def test_flower_run_survives_raise_timeout_nan_and_wrong_shapes(tmp_path):
     assert json.loads((out / "summary.json").read_text())["rounds_completed"] == 2
 
 
+@pytest.mark.e2e
 def test_flower_run_stops_cleanly_when_a_round_stays_short_of_replies(tmp_path):
     out = tmp_path / "run"
     proc = _cli(tmp_path, out, "0:raise@2,1:raise@2,2:nan@2", "method=fedit", "fl.min_replies=2",

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import SMALL
+from conftest import SMALL, run_rounds
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
@@ -44,17 +44,6 @@ def _cfg(tmp_path, *extra):
     return load_config(overrides=[*SMALL, f"model.tokenizer_cache={tmp_path / 'cache'}", *extra])
 
 
-def _run_rounds(cfg, run_dir):
-    setup = shared_setup(cfg)
-    server = Server(cfg, run_dir, setup)
-    runtime = ClientRuntime(cfg, setup)
-    for r in range(1, cfg.fl.rounds + 1):
-        updates = [runtime.train_round(c, r, server.top_k[c], server.state.adapters)
-                   for c in server.sample_clients(r)]
-        server.end_round(r, list(reversed(updates)))
-    return server
-
-
 def test_causal_lm_loss_ignores_unlabelled_tokens():
     logits = torch.randn(2, 5, 11)
     labels = torch.full((2, 5), -100)
@@ -66,8 +55,8 @@ def test_causal_lm_loss_ignores_unlabelled_tokens():
 
 def test_rounds_are_deterministic_and_write_the_run_directory(tmp_path):
     cfg = _cfg(tmp_path, "method=a3smoe", "eval.protocols=[loglik]")
-    a = _run_rounds(cfg, tmp_path / "a")
-    b = _run_rounds(cfg, tmp_path / "b")
+    a = run_rounds(cfg, tmp_path / "a", reverse=True)
+    b = run_rounds(cfg, tmp_path / "b", reverse=True)
     assert a.state.train_loss == b.state.train_loss
     for k in a.state.adapters:
         assert torch.equal(a.state.adapters[k], b.state.adapters[k])
@@ -155,6 +144,7 @@ def _port_is_free(port):
     return True
 
 
+@pytest.mark.e2e
 def test_flower_end_to_end_run_via_cli(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", "--out", str(out), *SMALL, "method=a3smoe",
@@ -209,6 +199,7 @@ def test_cli_by_absolute_path_runs_without_an_activated_environment(tmp_path):
     assert json.loads((out / "summary.json").read_text())["rounds_completed"] == 1
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process_and_the_run_resumes(tmp_path):
     """SIGINT to `ubsmoe run`'s process group mid-run (as Ctrl-C in a terminal)."""
@@ -256,9 +247,11 @@ def test_federation_config_carries_the_client_resources(tmp_path):
 
 @pytest.mark.parametrize("keep", [1, 2, 0])
 def test_keep_checkpoints_prunes_old_rounds_and_resume_still_works(tmp_path, keep):
+    # Checkpoint files and resume do not depend on the run's size: 2 clients of 1 step, 1 example per task.
     cfg = _cfg(tmp_path, "method=fedit", "fl.rounds=3", "eval.protocols=[loglik]",
-               f"fl.keep_checkpoints={keep}")
-    server = _run_rounds(cfg, tmp_path / "run")
+               f"fl.keep_checkpoints={keep}", "fl.num_clients=2", "train.max_local_steps=1",
+               "eval.examples_per_task=1")
+    server = run_rounds(cfg, tmp_path / "run", reverse=True)
     server.finish()
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("round_*.pt"))
     expected = ["round_0001.pt", "round_0002.pt", "round_0003.pt"]
@@ -272,7 +265,7 @@ def test_keep_checkpoints_prunes_old_rounds_and_resume_still_works(tmp_path, kee
 @pytest.mark.parametrize("method", ["ubsmoe", "smoe_llb"])
 def test_method_runs_end_to_end_and_writes_diagnostics(tmp_path, method):
     cfg = _cfg(tmp_path, f"method={method}", "eval.protocols=[loglik]", "eval.pg_probe_examples=2")
-    server = _run_rounds(cfg, tmp_path / "run")
+    server = run_rounds(cfg, tmp_path / "run", reverse=True)
     summary = server.finish()
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     diags = [r for r in records if r["type"] == "diagnostics"]

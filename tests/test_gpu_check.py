@@ -45,6 +45,7 @@ def _block_gpu_machine_absentees(monkeypatch, names):
         monkeypatch.setitem(sys.modules, n, None)
 
 
+@pytest.mark.e2e  # the whole script end to end: its command line, every part, a round, the eval sweep
 @needs_data
 def test_quick_run_without_flower_reports_every_part(gpu_check, subset, tmp_path, monkeypatch):
     _block_gpu_machine_absentees(monkeypatch, gpu_check.BLOCKED)

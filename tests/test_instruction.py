@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_rounds
 
 from ubsmoe.config import DataConfig, load_config
 from ubsmoe.data.instruction import detect_answer_type, load_instruction, parse_number
@@ -321,16 +322,7 @@ SMALL = [
 
 
 def _round(cfg, run_dir, setup=None):
-    from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import ClientRuntime, shared_setup
-
-    setup = setup or shared_setup(cfg)
-    server = Server(cfg, run_dir, setup)
-    runtime = ClientRuntime(cfg, setup)
-    updates = [runtime.train_round(c, 1, server.top_k[c], server.state.adapters)
-               for c in server.sample_clients(1)]
-    server.end_round(1, updates)
-    return server, server.finish()
+    return run_rounds(cfg, run_dir, setup, rounds=1, finish=True)
 
 
 def test_one_round_over_an_instruction_folder_writes_each_tasks_metric_per_budget(folder, tmp_path):

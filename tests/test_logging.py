@@ -320,6 +320,7 @@ def _cli(args, cwd):
                           cwd=cwd, env=env, timeout=600, check=False)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_flower_run_console_is_clean_and_third_party_output_is_in_the_log(tmp_path):
     out = tmp_path / "run"
@@ -337,6 +338,7 @@ def test_flower_run_console_is_clean_and_third_party_output_is_in_the_log(tmp_pa
     assert "train/loss" in _scalars(out)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_failing_flower_run_prints_one_line_ending_with_the_log_path(tmp_path):
     from ubsmoe.config import save_config

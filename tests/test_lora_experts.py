@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from test_dense import SMALL as DENSE_SMALL
+from conftest import DENSE_SMALL
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
@@ -185,6 +185,7 @@ def test_methods_train_a_dense_model_with_lora_experts_in_process(tmp_path, meth
     assert summary["rounds_completed"] == 1 and torch.isfinite(torch.tensor(summary["train_loss"][0]["loss"]))
 
 
+@pytest.mark.e2e
 def test_ubsmoe_runs_a_dense_model_with_lora_experts_end_to_end_via_cli(tmp_path):
     """`ubsmoe run` (Flower, local SuperLink): summary, checkpoints and the export with its note."""
     out = tmp_path / "run"

@@ -518,6 +518,7 @@ def test_resize_then_load_round_trips_adapters(small, tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in adapter_state(server.model).items())
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RANK_METHODS)
 def test_flower_run_via_cli_writes_per_budget_accuracy(name, tmp_path):

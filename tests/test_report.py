@@ -14,12 +14,11 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import run_rounds
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
 from ubsmoe.config import load_config
-from ubsmoe.fl.server import Server
-from ubsmoe.fl.train import ClientRuntime, shared_setup
 from ubsmoe.report.build import build_report
 from ubsmoe.report.figures import FIGURES
 from ubsmoe.report.runs import find_runs, group_runs
@@ -60,15 +59,8 @@ def runs_root(tmp_path_factory) -> Path:
         for seed in SEEDS:
             cfg = load_config(overrides=[*TINY, f"method={method}", f"train.seed={seed}",
                                          f"model.tokenizer_cache={cache}"])
-            setup = shared_setup(cfg)
             run_dir = root / f"{method}_s{seed}"
-            server = Server(cfg, run_dir, setup)
-            runtime = ClientRuntime(cfg, setup)
-            for r in range(1, cfg.fl.rounds + 1):
-                updates = [runtime.train_round(c, r, server.top_k[c], server.state.adapters)
-                           for c in server.sample_clients(r)]
-                server.end_round(r, updates)
-            server.finish()
+            run_rounds(cfg, run_dir, finish=True)
             (run_dir / "cell.json").write_text(json.dumps(_cell(method, seed)))
     # An unfinished run: a round logged, no summary.json.
     unfinished = root / "unfinished"

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import TEXTS
 
-from ubsmoe.errors import ConfigError
 from ubsmoe.config import TrainConfig
 from ubsmoe.data.prompts import collate
+from ubsmoe.errors import ConfigError
 from ubsmoe.fl.train import local_train, split_batch
 from ubsmoe.methods import get_method_class
 from ubsmoe.models import adapter_state, build_model, set_top_k, smoe_layers

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ubsmoe.errors import ConfigError
 from ubsmoe.config import ModelConfig, TrainConfig
+from ubsmoe.errors import ConfigError
 from ubsmoe.models import adapter_state, build_model, load_adapter_state
-from ubsmoe.models.presets import MEDIUM
 from ubsmoe.models.devices import resolve_device, resolve_dtype
+from ubsmoe.models.presets import MEDIUM
 from ubsmoe.models.runtime import smoe_layers
 
 

@@ -22,8 +22,8 @@ from conftest import SMALL, run_rounds
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
-from ubsmoe.errors import ConfigError
 from ubsmoe.config import load_config
+from ubsmoe.errors import ConfigError
 from ubsmoe.fl.run_dir import latest_checkpoint
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.simulation import federation_config

@@ -15,15 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ubsmoe.errors import ConfigError
 from ubsmoe.config import RunConfig, config_from_dict, load_config
+from ubsmoe.errors import ConfigError
 from ubsmoe.fl.run_dir import CONFIG_FILE
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.train import shared_setup
 from ubsmoe.io import atomic_write_json
 from ubsmoe.models import load_adapter_state, set_top_k
-from ubsmoe.models.build import base_model
 from ubsmoe.models.adapters import set_lora_rank
+from ubsmoe.models.build import base_model
 
 
 def _run_config(run_dir: Path, device: str | None = None, eval_overrides: dict[str, Any] | None = None

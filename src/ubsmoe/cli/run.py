@@ -17,8 +17,8 @@ import typer
 
 from ubsmoe.cli.app import app, console, err_console, fail, parse_list
 from ubsmoe.cli.progress import RunDisplay
-from ubsmoe.errors import ConfigError
 from ubsmoe.config import RunConfig, load_config
+from ubsmoe.errors import ConfigError
 from ubsmoe.experiments import (
     cell_record,
     find_cell,

@@ -1,6 +1,7 @@
 """Instruction data (LLM-Adapters commonsense format), prompt template, tokenization,
 client partitioning and compute-budget assignment."""
 
+from ubsmoe.budgets import top_k_for_budget
 from ubsmoe.data.commonsense import (
     CommonsenseData,
     answer_choices,
@@ -9,7 +10,6 @@ from ubsmoe.data.commonsense import (
     resolve_data_dir,
 )
 from ubsmoe.data.partition import assign_budgets, partition_clients
-from ubsmoe.budgets import top_k_for_budget
 from ubsmoe.data.prompts import (
     IGNORE_INDEX,
     PROMPT_TEMPLATE,

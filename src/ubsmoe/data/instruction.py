@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ubsmoe.config import COMMONSENSE_TASKS, DataConfig
-from ubsmoe.errors import ConfigError
 from ubsmoe.data.commonsense import CommonsenseData, add_task, finish_split, load_commonsense
+from ubsmoe.errors import ConfigError
 
 COMBINED_FILE = "train.json"
 # Gold answers of the commonsense suite ("true", "solution2", "answer3", "ending1", "option2").

@@ -13,7 +13,6 @@ import hashlib
 import json
 from typing import Any
 
-from ubsmoe.errors import ConfigError
 from ubsmoe.config import (
     RunConfig,
     _merge,
@@ -23,6 +22,7 @@ from ubsmoe.config import (
     parse_overrides,
     unflatten,
 )
+from ubsmoe.errors import ConfigError
 from ubsmoe.experiments.grid import Cell, Experiment, RequirementError
 
 # Keys of the resolved config that do not change what a run computes (left out of the hash).

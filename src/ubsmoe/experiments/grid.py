@@ -39,8 +39,8 @@ from typing import Any
 
 import yaml
 
-from ubsmoe.errors import ConfigError
 from ubsmoe.config import flatten
+from ubsmoe.errors import ConfigError
 
 SCALES = ("tiny", "paper")
 _TOP_KEYS = ("description", "paper", "requires", "base", "grid", "scales")

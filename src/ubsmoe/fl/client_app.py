@@ -26,8 +26,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ubsmoe.errors import DeclarationError
 from ubsmoe.budgets import NodeDeclaration, parse_node_config
+from ubsmoe.errors import DeclarationError
 from ubsmoe.fl.messages import METRIC_PARTITION_ID, train_task_from_content, update_to_content
 from ubsmoe.fl.train import ClientRuntime, node_setup, runtime_key, tokenizer_from_files
 

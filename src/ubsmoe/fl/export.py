@@ -49,8 +49,8 @@ from torch import nn
 
 from ubsmoe.methods.base import EXPERT_PARAM_RE, PHI_PARAM_RE, ROUTER_PARAM_RE
 from ubsmoe.methods.rank_base import lora_pairs
-from ubsmoe.models.patching import is_lora_expert_model
 from ubsmoe.models.adapters import lora_rank_scales
+from ubsmoe.models.patching import is_lora_expert_model
 from ubsmoe.models.runtime import smoe_layers
 
 PEFT_PREFIX = "base_model.model."

@@ -15,8 +15,8 @@ import torch
 from ubsmoe.data.prompts import collate, tokenize_example
 from ubsmoe.fl.train import causal_lm_loss, client_seed
 from ubsmoe.methods import ClientUpdate
-from ubsmoe.methods.base import phi_layer_of
 from ubsmoe.methods.aggregation import round_utilization
+from ubsmoe.methods.base import phi_layer_of
 from ubsmoe.metrics.diagnostics import pg_alignment, utilization_summary
 from ubsmoe.models import load_adapter_state
 

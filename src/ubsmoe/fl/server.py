@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from ubsmoe.budgets import top_k_for_budget
 from ubsmoe.config import RunConfig, save_config
 from ubsmoe.data.partition import assign_budgets
-from ubsmoe.budgets import top_k_for_budget
 from ubsmoe.eval.instruction import task_metric
 from ubsmoe.eval.loss import LOSS_ROW_KEYS
 from ubsmoe.fl.checkpoints import ServerCheckpoints

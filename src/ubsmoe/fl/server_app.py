@@ -25,9 +25,9 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from ubsmoe.errors import DeclarationError
 from ubsmoe.budgets import NodeDeclaration, assign_clients
 from ubsmoe.config import RunConfig, load_config
+from ubsmoe.errors import DeclarationError
 from ubsmoe.fl.fold import LeftOut, RoundIncomplete
 from ubsmoe.fl.messages import (
     METRIC_BYTES_DOWN,

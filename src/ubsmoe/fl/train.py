@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer
 
-from ubsmoe.errors import ConfigError
 from ubsmoe.config import RunConfig, TrainConfig
 from ubsmoe.data.commonsense import load_commonsense
 from ubsmoe.data.instruction import load_data
 from ubsmoe.data.partition import partition_clients, partition_labels
 from ubsmoe.data.prompts import collate, format_prompt, tokenize_example
+from ubsmoe.errors import ConfigError
 from ubsmoe.methods import ClientUpdate, Method, get_method_class
 from ubsmoe.models import (
     adapter_state,
@@ -39,9 +39,9 @@ from ubsmoe.models import (
     smoe_layers,
     step_stats,
 )
-from ubsmoe.models.tokenizer import cache_dir, train_tokenizer
 from ubsmoe.models.adapters import merge_into_base, set_lora_rank
 from ubsmoe.models.architecture import tokenizer_vocab_size
+from ubsmoe.models.tokenizer import cache_dir, train_tokenizer
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -67,10 +67,10 @@ from typing import Any
 import psutil
 import torch
 
-from ubsmoe.errors import ConfigError
+from ubsmoe.budgets import top_k_for_budget
 from ubsmoe.config import RunConfig
 from ubsmoe.data.partition import assign_budgets
-from ubsmoe.budgets import top_k_for_budget
+from ubsmoe.errors import ConfigError
 from ubsmoe.methods import get_method_class
 from ubsmoe.metrics.flops import (
     model_shape_from_config,
@@ -78,11 +78,11 @@ from ubsmoe.metrics.flops import (
     training_flops_per_token,
     with_lora_experts,
 )
-from ubsmoe.models.patching import distinct_numel
+from ubsmoe.models.adapters import set_lora_rank
 from ubsmoe.models.architecture import olmoe_config
 from ubsmoe.models.build import prepare_model, random_olmoe
 from ubsmoe.models.devices import resolve_device, resolve_dtype
-from ubsmoe.models.adapters import set_lora_rank
+from ubsmoe.models.patching import distinct_numel
 
 GIB = 1024 ** 3
 # Peak training activations / activations saved for backward (see the module docstring).

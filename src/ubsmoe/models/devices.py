@@ -29,7 +29,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda", 0) if count else torch.device("cpu")
     if not valid_device_name(name):
         raise ConfigError(f"model.device: got {name!r}, expected {DEVICE_NAMES}")
-    head, sep, index = name.partition(":")
+    _, sep, index = name.partition(":")
     if count == 0:
         raise ConfigError(f"model.device: got {name!r}, expected auto or cpu (no CUDA device visible)")
     if not sep:

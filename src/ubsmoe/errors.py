@@ -20,3 +20,13 @@ class DeclarationError(ValueError):
 def bad_value(name: str, value: object, allowed: str) -> str:
     """The one-line message for a bad field: ``"<name>: got <value!r>, expected <allowed>"``."""
     return f"{name}: got {value!r}, expected {allowed}"
+
+
+def raise_if_any(errors: list[str]) -> None:
+    """Raise one :class:`ConfigError` listing every message in ``errors`` (one per line), if any.
+
+    Raises:
+        ConfigError: ``errors`` is not empty.
+    """
+    if errors:
+        raise ConfigError("\n".join(errors))

@@ -15,10 +15,10 @@ from typing import Any
 
 from ubsmoe.config import (
     RunConfig,
-    _merge,
     config_from_dict,
     default_config_dict,
     flatten,
+    merge_trees,
     parse_overrides,
     unflatten,
 )
@@ -41,13 +41,13 @@ def cell_tree(cell: Cell, overrides: list[str] | None = None) -> dict[str, Any]:
     from ubsmoe.methods import available_methods  # torch: see parse_experiment
 
     tree = default_config_dict()
-    tree = _merge(tree, unflatten(cell.overrides))
+    tree = merge_trees(tree, unflatten(cell.overrides))
     if overrides:
         over = parse_overrides(overrides)
         if "method" in over:
             raise ConfigError("method: choose the cell with method=M as the first override "
                               "(it is part of the grid)")
-        tree = _merge(tree, over)
+        tree = merge_trees(tree, over)
     tree["method"] = cell.method
     for other in available_methods():
         if other != cell.method:

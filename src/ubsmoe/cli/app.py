@@ -39,7 +39,9 @@ def parse_list(option: str, text: str, kind: type) -> list:
 
 
 def main() -> None:
-    """Console-script entry point (``ubsmoe = "ubsmoe.cli:main"``)."""
-    import ubsmoe.cli  # noqa: F401  (the package registers every command on app; imported here to avoid a cycle)
+    """Console-script entry point (``ubsmoe = "ubsmoe.cli:main"``).
 
+    Importing this module imports the :mod:`ubsmoe.cli` package first, which
+    registers every command on :data:`app`.
+    """
     app(prog_name="ubsmoe")

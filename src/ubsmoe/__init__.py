@@ -3,11 +3,11 @@ federated fine-tuning of sparse Mixture-of-Experts foundation models."""
 
 __version__ = "0.1.0"
 
-_LAZY = {"load_run": "ubsmoe.load", "save_base_model": "ubsmoe.load", "evaluate_run": "ubsmoe.load"}
+_LAZY = {"load_run": "ubsmoe.finished_run", "save_base_model": "ubsmoe.finished_run", "evaluate_run": "ubsmoe.finished_run"}
 
 
 def __getattr__(name: str):
-    """``ubsmoe.load_run`` / ``save_base_model`` / ``evaluate_run`` (:mod:`ubsmoe.load`), imported on first use.
+    """``ubsmoe.load_run`` / ``save_base_model`` / ``evaluate_run`` (:mod:`ubsmoe.finished_run`), imported on first use.
 
     Raises:
         AttributeError: any other name.

@@ -131,6 +131,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def merge_trees(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``base`` with ``extra`` merged in: nested dicts merge key by key, other values replace."""
     out = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):

@@ -57,10 +57,10 @@ def _cache(tmp_path_factory, monkeypatch):
 
 
 def small(out: Path, data_dir: Path, **kw) -> PretrainConfig:
-    """A very small config (8 experts, top-4, hidden 16): seconds on one thread."""
+    """A very small config (8 experts, top-4, hidden 16, 2 threads): seconds."""
     base = dict(out=str(out), steps=6, seed=0, hidden_size=16, num_layers=1, num_heads=2, expert_size=8,
                 num_experts=8, top_k=4, vocab_size=300, seq_len=32, batch_size=4, warmup_steps=2,
-                threads=1, data_path=str(data_dir), heldout_fraction=0.1, finetune_seeds=[0],
+                threads=2, data_path=str(data_dir), heldout_fraction=0.1, finetune_seeds=[0],
                 finetune_examples=10, checkpoint_every=2, eval_batch_size=8)
     return PretrainConfig(**{**base, **kw})
 
@@ -97,6 +97,22 @@ def test_same_seed_gives_bitwise_equal_weights(tmp_path, data_dir, reference):
     pretrain(small(tmp_path / "other", data_dir, seed=1), progress=False)
     other = weights(tmp_path / "other")
     assert any(not torch.equal(other[k], v) for k, v in weights(ref_out).items())
+
+
+def test_two_processes_give_bitwise_equal_weights(tmp_path, data_dir, reference):
+    """Two threads in fresh processes: without deterministic mode, CPU kernels differed."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys, json; from ubsmoe.models.pretrain import PretrainConfig, pretrain; "
+              "pretrain(PretrainConfig(**json.loads(sys.argv[1])), progress=False)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    for name in ("p1", "p2"):
+        cfg = {k: v for k, v in vars(small(tmp_path / name, data_dir)).items()}
+        subprocess.run([sys.executable, "-c", script, json.dumps(cfg)], check=True, env=env)
+    assert_bitwise_equal(weights(tmp_path / "p1"), weights(tmp_path / "p2"))
+    assert_bitwise_equal(weights(tmp_path / "p1"), weights(reference[0]))
 
 
 def test_resume_equals_uninterrupted(tmp_path, data_dir, reference):

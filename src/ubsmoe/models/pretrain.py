@@ -98,7 +98,8 @@ class PretrainConfig:
         aux_loss_coef: OLMoE's ``router_aux_loss_coef`` (weight of the
             load-balancing loss; OLMoE-1B-7B uses 0.01).
         initializer_range: std of the random initial weights.
-        threads: torch CPU threads (bitwise determinism holds for a fixed count).
+        threads: torch CPU threads (bitwise determinism holds for a fixed count; the
+            run uses ``torch.use_deterministic_algorithms``).
         data_path: commonsense data folder (empty: resolved as the project does,
             :func:`~ubsmoe.data.commonsense.resolve_data_dir`).
         text_dir: optional folder of plain ``.txt`` files added to the training text.
@@ -474,10 +475,6 @@ def pretrain(cfg: PretrainConfig, command: str = "", resume: bool = False, progr
             checkpoint, a checkpoint of other settings, or a corpus problem
             (:func:`build_corpus`).
     """
-    from ubsmoe.config import ModelConfig
-    from ubsmoe.io import atomic_torch_save
-    from ubsmoe.models.loading import cache_dir, train_tokenizer
-
     out = Path(cfg.out).expanduser()
     ckpt = _checkpoint_path(out)
     if resume and not ckpt.is_file():
@@ -485,7 +482,25 @@ def pretrain(cfg: PretrainConfig, command: str = "", resume: bool = False, progr
     if not resume and out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: {str(out)!r} is not empty; pass --resume to continue an interrupted "
                           f"pretraining or choose an empty folder")
+    previous = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    # With more than one thread some CPU kernels reduce in a run-dependent order (measured: 2
+    # threads gave different weights in two processes after 8 steps); deterministic mode fixes it.
     torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _pretrain(cfg, command, resume, progress, stop_after, out, ckpt)
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1])
+
+
+def _pretrain(cfg: PretrainConfig, command: str, resume: bool, progress: bool, stop_after: int | None,
+              out: Path, ckpt: Path) -> dict[str, Any]:
+    """:func:`pretrain` after its checks, under its thread count and deterministic mode."""
+    from ubsmoe.config import ModelConfig
+    from ubsmoe.io import atomic_torch_save
+    from ubsmoe.models.loading import cache_dir, train_tokenizer
+
     wall_start = time.perf_counter()
     corpus = build_corpus(cfg)
     tokenizer = train_tokenizer(corpus.train, cfg.vocab_size, cache_dir(ModelConfig()))

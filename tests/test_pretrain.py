@@ -223,3 +223,22 @@ def test_bad_settings_name_the_field(tmp_path):
         PretrainConfig(out=str(tmp_path), hidden_size=30, num_heads=4)
     with pytest.raises(ConfigError, match="heldout_fraction"):
         PretrainConfig(out=str(tmp_path), heldout_fraction=0.0)
+
+
+def test_shipped_base_is_a_complete_small_checkpoint():
+    """The package's testbed base (src/ubsmoe/testbed_base): loadable, <= ~10 MB, its card complete."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    import ubsmoe
+
+    base = Path(ubsmoe.__file__).parent / "testbed_base"
+    card = json.loads((base / CARD_FILE).read_text())
+    for name in REQUIRED_CARD_FIELDS:
+        assert card.get(name) not in (None, "", {}), name
+    assert card["command"].startswith("ubsmoe pretrain ")
+    assert card["command"] in (base / "README.md").read_text()
+    assert sum(p.stat().st_size for p in base.iterdir()) <= 10.5e6
+    assert not (base / CHECKPOINT_DIR).exists()
+    config = AutoConfig.from_pretrained(base)
+    assert (config.model_type, config.num_experts, config.num_experts_per_tok) == ("olmoe", 64, 8)
+    assert AutoTokenizer.from_pretrained(base).eos_token == "<|endoftext|>"

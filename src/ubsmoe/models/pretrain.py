@@ -646,7 +646,7 @@ def model_card(card: dict[str, Any]) -> str:
         f"never a record of the fine-tuning samples of seeds {c['finetune_seeds']} "
         f"({c['finetune_examples']} records each).", "",
         "| count | value |", "|---|---|",
-        *[f"| records {k} | {v} |" for k, v in card["records"].items()],
+        *[f"| {k.replace('_', ' ')} | {v} |" for k, v in card["records"].items()],
         *[f"| excluded ({k}) | {v} |" for k, v in card["excluded"].items()],
         f"| training tokens (corpus_tokens) | {card['corpus_tokens']} |",
         f"| held-out tokens | {card['heldout_tokens']} |",

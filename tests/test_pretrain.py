@@ -58,10 +58,11 @@ def _cache(tmp_path_factory, monkeypatch):
 
 def small(out: Path, data_dir: Path, **kw) -> PretrainConfig:
     """A very small config (8 experts, top-4, hidden 16, 2 threads): seconds."""
-    base = dict(out=str(out), steps=6, seed=0, hidden_size=16, num_layers=1, num_heads=2, expert_size=8,
-                num_experts=8, top_k=4, vocab_size=300, seq_len=32, batch_size=4, warmup_steps=2,
-                threads=2, data_path=str(data_dir), heldout_fraction=0.1, finetune_seeds=[0],
-                finetune_examples=10, checkpoint_every=2, eval_batch_size=8)
+    base = {"out": str(out), "steps": 6, "seed": 0, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+            "expert_size": 8, "num_experts": 8, "top_k": 4, "vocab_size": 300, "seq_len": 32,
+            "batch_size": 4, "warmup_steps": 2, "threads": 2, "data_path": str(data_dir),
+            "heldout_fraction": 0.1, "finetune_seeds": [0], "finetune_examples": 10,
+            "checkpoint_every": 2, "eval_batch_size": 8}
     return PretrainConfig(**{**base, **kw})
 
 
@@ -73,8 +74,8 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +160,8 @@ def test_model_card_is_complete(reference):
 
 
 def test_no_test_record_enters_the_corpus(tmp_path, data_dir):
-    from ubsmoe.data.commonsense import load_commonsense
     from ubsmoe.config import DataConfig
+    from ubsmoe.data.commonsense import load_commonsense
 
     cfg = small(tmp_path / "x", data_dir)
     corpus = build_corpus(cfg)

@@ -235,7 +235,12 @@ def build_corpus(cfg: PretrainConfig) -> Corpus:
             a folder, or no training record is left.
     """
     from ubsmoe.config import COMMONSENSE_TASKS
-    from ubsmoe.data.commonsense import _read_records, load_commonsense, record_key, resolve_data_dir
+    from ubsmoe.data.commonsense import (
+        _read_records,
+        load_commonsense,
+        record_key,
+        resolve_data_dir,
+    )
 
     data_dir = resolve_data_dir(cfg.data_path)
     test_keys: set[tuple[str, str]] = set()
@@ -604,7 +609,13 @@ def _version(package: str) -> str:
 
 def _progress_bar(enabled: bool):
     """A rich progress bar with tokens/s, loss and ETA (disabled: nothing is drawn)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[tps]} tok/s"), TextColumn("loss {task.fields[loss]}"),
@@ -633,25 +644,25 @@ def model_card(card: dict[str, Any]) -> str:
     lines = [
         "---", "library_name: transformers", "tags: [olmoe, moe, ubsmoe, testbed]", "---", "",
         "# ubsmoe testbed base (OLMoE architecture, pretrained from scratch offline)", "",
-        f"An `OlmoeForCausalLM` with {c['num_experts']} experts, top-{c['top_k']}, hidden {c['hidden_size']}, "
+        (f"An `OlmoeForCausalLM` with {c['num_experts']} experts, top-{c['top_k']}, hidden {c['hidden_size']}, "
         f"{c['num_layers']} layers, {c['num_heads']} heads, expert size {c['expert_size']}, vocabulary "
         f"{card['vocab_size']} ({card['parameters']:,} parameters), trained by `ubsmoe pretrain` "
         f"(`ubsmoe.models.pretrain`) at native top-{c['top_k']} with the next-token loss plus OLMoE's "
-        f"load-balancing loss (transformers' own, `router_aux_loss_coef` = {c['aux_loss_coef']}).", "",
+        f"load-balancing loss (transformers' own, `router_aux_loss_coef` = {c['aux_loss_coef']})."), "",
         "Regenerate it only with this exact command:", "", "```", card["command"], "```", "",
         "## Corpus", "",
-        f"Training records (`train.json`) of the commonsense tasks in `{card['data_dir']}`, each formatted "
+        (f"Training records (`train.json`) of the commonsense tasks in `{card['data_dir']}`, each formatted "
         "with the project's prompt template plus its response; never a record whose (instruction, input) "
         f"key equals a test record of any task ({card['records']['test_records']} test keys checked), and "
         f"never a record of the fine-tuning samples of seeds {c['finetune_seeds']} "
-        f"({c['finetune_examples']} records each).", "",
+        f"({c['finetune_examples']} records each)."), "",
         "| count | value |", "|---|---|",
         *[f"| {k.replace('_', ' ')} | {v} |" for k, v in card["records"].items()],
         *[f"| excluded ({k}) | {v} |" for k, v in card["excluded"].items()],
         f"| training tokens (corpus_tokens) | {card['corpus_tokens']} |",
         f"| held-out tokens | {card['heldout_tokens']} |",
-        f"| training / held-out sequences of {c['seq_len']} | {card['train_sequences']} / "
-        f"{card['heldout_sequences']} |", "",
+        (f"| training / held-out sequences of {c['seq_len']} | {card['train_sequences']} / "
+         f"{card['heldout_sequences']} |"), "",
         f"Corpus digest (sha256 of the training token stream, int32 little-endian): `{card['corpus_sha256']}`  ",
         f"Held-out digest: `{card['heldout_sha256']}`", "",
         "## Training", "",
@@ -668,8 +679,8 @@ def model_card(card: dict[str, Any]) -> str:
         f"| versions | torch {card['versions']['torch']}, transformers {card['versions']['transformers']} |",
         "",
         "## Held-out loss per K", "",
-        f"Mean next-token loss (nats/token) over {card['heldout_sequences']} held-out sequences; K-drop = "
-        f"mean paired per-sequence difference to K = {native}, +- one standard error.", "",
+        (f"Mean next-token loss (nats/token) over {card['heldout_sequences']} held-out sequences; K-drop = "
+         f"mean paired per-sequence difference to K = {native}, +- one standard error."), "",
         "| K | held-out loss | K-drop |", "|---|---|---|",
         *[f"| {k} | {v['mean']:.4f} +- {v['se']:.4f} | "
           + (f"{card['k_drop'][k]['mean']:+.4f} +- {card['k_drop'][k]['se']:.4f}" if k in card["k_drop"]

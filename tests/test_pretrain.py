@@ -243,3 +243,14 @@ def test_shipped_base_is_a_complete_small_checkpoint():
     config = AutoConfig.from_pretrained(base)
     assert (config.model_type, config.num_experts, config.num_experts_per_tok) == ("olmoe", 64, 8)
     assert AutoTokenizer.from_pretrained(base).eos_token == "<|endoftext|>"
+
+
+def test_cli_rejects_bad_settings_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from ubsmoe.cli import app
+
+    result = CliRunner().invoke(app, ["pretrain", "--out", str(tmp_path / "b"), "--layers", "0"])
+    assert result.exit_code == 2
+    assert "num_layers: got 0, expected an integer >= 1" in result.output
+    assert not (tmp_path / "b").exists()

@@ -225,8 +225,8 @@ def test_client_app_keeps_the_auto_state_in_the_context(setup_for, tmp_path):
     ("fl.deadline_margin=1", "fl.deadline_margin: got 1.0, expected a share in [0, 1)"),
     ("fl.remeasure_fraction=0", "fl.remeasure_fraction: got 0.0, expected a share > 0"),
     ("fl.calibration_steps=0", "fl.calibration_steps: got 0, expected an integer >= 1"),
-    ("fl.budget_pattern=fast", "fl.budget_pattern: got 'fast', expected one of uniform, long_tail, "
-                               "reverse_long_tail, auto"),
+    ("fl.budget_pattern=fast", ("fl.budget_pattern: got 'fast', expected one of uniform, long_tail, "
+                               "reverse_long_tail, auto")),
 ])
 def test_bad_settings_get_one_line(override, message):
     from ubsmoe.config import load_config

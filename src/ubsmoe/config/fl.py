@@ -7,9 +7,8 @@ import random
 from dataclasses import dataclass, field
 
 from ubsmoe.config.choices import BUDGET_PATTERNS
-from ubsmoe.errors import ConfigError
+from ubsmoe.errors import ConfigError, raise_if_any
 from ubsmoe.errors import bad_value as _bad
-from ubsmoe.errors import raise_if_any
 
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
 

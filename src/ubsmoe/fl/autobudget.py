@@ -149,6 +149,9 @@ def _time_levels(runtime: ClientRuntime, client_id: int, round_idx: int, levels:
                  steps: int) -> tuple[list[float], list[float], float]:
     """Time ``steps`` real optimizer steps at each level: (median seconds per step, CUDA peaks, total s).
 
+    One untimed warm-up step comes first (first-call allocations and kernel choices);
+    its time is still part of the returned total (it is compute the client spent).
+
     Each step is a fresh :func:`~ubsmoe.fl.train.local_train` call on one batch of the
     client's data (its own seed), so the round's training later starts from the
     server's adapters as usual (``train_round`` reloads every trainable tensor).
@@ -161,6 +164,10 @@ def _time_levels(runtime: ClientRuntime, client_id: int, round_idx: int, levels:
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     times, peaks, total = [], [], 0.0
+    start = time.perf_counter()
+    set_top_k(model, levels[0].top_k)
+    local_train(model, batches[:1], runtime.method, cfg.train, levels[0].top_k)  # warm-up, untimed
+    total += time.perf_counter() - start
     for level in levels:
         set_lora_rank(model, level.rank, level.alpha, seed=cfg.train.seed + 1)
         set_top_k(model, level.top_k)

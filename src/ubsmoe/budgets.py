@@ -10,10 +10,13 @@ space-separated ``key=value`` pairs, values typed by TOML rules). ubsmoe reads:
 - ``device=auto|cpu|cuda|cuda:N``: where the node trains (default: the run's
   ``model.device``);
 - at most one budget declaration (none: the run's ``fl.budget_pattern`` decides):
-  ``budget=B`` (one of the run's ``fl.budgets``), ``top-k=K`` (the level whose
+  ``budget=B`` (one of the run's ``fl.budgets``), ``budget=auto`` (the node picks
+  its level from its measured step times and memory, :mod:`ubsmoe.fl.autobudget`), ``top-k=K`` (the level whose
   training K_j equals K; only for a run whose levels differ in K) or
   ``lora-rank=R`` (the level whose rank in ``<method>.ranks`` is R; only for the
-  heterogeneous-rank methods).
+  heterogeneous-rank methods);
+- ``memory-gib=M``: the memory a ``budget=auto`` node may use, in GiB (default: the
+  device's free memory).
 
 ``num-partitions`` (set by Flower's simulation) is accepted and ignored. Every error
 is one line naming the node, the key and the allowed values.
@@ -29,7 +32,7 @@ from typing import Any
 from ubsmoe.errors import ConfigError, DeclarationError
 
 BUDGET_KEYS = ("budget", "top-k", "lora-rank")
-NODE_KEYS = ("partition-id", "data-path", "device", *BUDGET_KEYS, "num-partitions")
+NODE_KEYS = ("partition-id", "data-path", "device", *BUDGET_KEYS, "memory-gib", "num-partitions")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class NodeDeclaration:
         budget: declared budget level beta (``budget=``), or None.
         top_k: declared experts per token (``top-k=``), or None.
         lora_rank: declared LoRA rank (``lora-rank=``), or None.
+        auto_budget: True for ``budget=auto`` (the node chooses its own level).
+        memory_gib: the memory cap a ``budget=auto`` node declared (``memory-gib=``), or None.
     """
 
     partition_id: int | None = None
@@ -51,10 +56,14 @@ class NodeDeclaration:
     budget: float | None = None
     top_k: int | None = None
     lora_rank: int | None = None
+    auto_budget: bool = False
+    memory_gib: float | None = None
 
     @property
     def budget_key(self) -> str | None:
         """The budget key the node declared (``budget``, ``top-k``, ``lora-rank``) or None."""
+        if self.auto_budget:
+            return "budget"
         for key, value in zip(BUDGET_KEYS, (self.budget, self.top_k, self.lora_rank)):
             if value is not None:
                 return key
@@ -62,17 +71,20 @@ class NodeDeclaration:
 
     @property
     def budget_value(self) -> float | int | None:
-        """The declared budget value (as written), or None."""
+        """The declared budget value (as written; ``"auto"`` for ``budget=auto``), or None."""
+        if self.auto_budget:
+            return "auto"
         return next((v for v in (self.budget, self.top_k, self.lora_rank) if v is not None), None)
 
     def to_dict(self) -> dict[str, Any]:
-        """The declaration without its None fields (for a Flower ConfigRecord or JSON)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """The declaration without its None (and False) fields (for a Flower ConfigRecord or JSON)."""
+        return {k: v for k, v in asdict(self).items() if v is not None and v is not False}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NodeDeclaration:
         """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
-        fields = ("partition_id", "data_path", "device", "budget", "top_k", "lora_rank")
+        fields = ("partition_id", "data_path", "device", "budget", "top_k", "lora_rank", "auto_budget",
+                  "memory_gib")
         return cls(**{k: d[k] for k in fields if k in d})
 
 
@@ -170,21 +182,32 @@ def parse_node_config(node_config: Mapping[str, Any], node: int | str = "?") -> 
         device = str(node_config["device"]).strip()
         if not valid_device_name(device):
             raise DeclarationError(f"node {node}: device={device!r} is not one of auto, cpu, cuda, cuda:N")
-    budget = top_k = lora_rank = None
-    if "budget" in node_config:
+    budget = top_k = lora_rank = memory = None
+    auto = "budget" in node_config and str(node_config["budget"]).strip() == "auto"
+    if "memory-gib" in node_config:
+        value = node_config["memory-gib"]
+        try:
+            memory = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            memory = math.nan
+        if not memory > 0 or math.isinf(memory):
+            raise DeclarationError(f"node {node}: memory-gib={value!r} is not a number of GiB > 0")
+        if not auto:
+            raise DeclarationError(f"node {node}: memory-gib= is used only with budget=auto")
+    if "budget" in node_config and not auto:
         value = node_config["budget"]
         try:
             budget = float(value) if not isinstance(value, bool) else math.nan
         except (TypeError, ValueError):
             budget = math.nan
         if not 0.0 < budget <= 1.0:  # also false for NaN
-            raise DeclarationError(f"node {node}: budget={value!r} is not a number in (0, 1]")
+            raise DeclarationError(f"node {node}: budget={value!r} is not a number in (0, 1] or auto")
     if "top-k" in node_config:
         top_k = _int(node, "top-k", node_config["top-k"], 1)
     if "lora-rank" in node_config:
         lora_rank = _int(node, "lora-rank", node_config["lora-rank"], 1)
     return NodeDeclaration(partition_id=pid, data_path=path, device=device, budget=budget,
-                           top_k=top_k, lora_rank=lora_rank)
+                           top_k=top_k, lora_rank=lora_rank, auto_budget=auto, memory_gib=memory)
 
 
 def _fmt(values: Sequence[Any]) -> str:
@@ -207,7 +230,8 @@ def declared_level(decl: NodeDeclaration, node: int | str, method: str, budgets:
             method whose levels are K budgets (no per-level rank).
 
     Returns:
-        The level index, or None when the node declared no budget.
+        The level index, or None when the node declared no budget or ``budget=auto``
+        (the server starts it at the lowest level).
 
     Raises:
         DeclarationError: ``budget`` not in ``budgets``; ``top-k`` on a run whose levels

@@ -12,7 +12,8 @@ COMMONSENSE_TASKS = (
     "ARC-Easy",
     "openbookqa",
 )
-BUDGET_PATTERNS = ("uniform", "long_tail", "reverse_long_tail")
+# ``auto``: every client starts at the lowest level and chooses its own (ubsmoe.fl.autobudget).
+BUDGET_PATTERNS = ("uniform", "long_tail", "reverse_long_tail", "auto")
 PARTITIONS = ("iid", "dirichlet")
 # Data sources (``data.name``): the LLM-Adapters commonsense suite, or any instruction data.
 DATA_NAMES = ("commonsense", "instruction")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, field
 
 from ubsmoe.config.choices import BUDGET_PATTERNS
+from ubsmoe.errors import ConfigError, raise_if_any
 from ubsmoe.errors import bad_value as _bad
-from ubsmoe.errors import raise_if_any
 
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
 
@@ -24,8 +26,10 @@ class FLConfig:
             K_c = clamp(floor(K_max * beta), k_min, K_max) (K = 1, 2, 4, 8 on a
             top-8 model with the default levels).
         budget_pattern: how clients are spread over the levels: ``uniform``,
-            ``long_tail`` (75% at the lowest level) or ``reverse_long_tail``
-            (75% at the highest).
+            ``long_tail`` (75% at the lowest level), ``reverse_long_tail``
+            (75% at the highest) or ``auto`` (every client starts at the lowest
+            level and picks its own from its measured step times and memory, see
+            ``round_deadline_s``; :mod:`ubsmoe.fl.autobudget`).
         client_cpus: CPUs reserved per simulated client: the local SuperLink's
             federation config ``client-resources-num-cpus`` (Ray resources). A
             whole number >= 1: Flower 1.42's federation config takes integer CPUs.
@@ -63,6 +67,30 @@ class FLConfig:
             accept only ``mean``.
         trim_fraction: share of replies cut at each end per coordinate by
             ``trimmed_mean``, in [0, 0.5).
+        round_deadline_s: the time a ``budget=auto`` client's local round should
+            take, in seconds (on the simulated clock when ``client_speed`` is set):
+            the target its level choice aims at; 0: no time target (memory alone
+            decides). ``round_timeout_s`` stays the hard cut.
+        deadline_margin: share of ``round_deadline_s`` kept free for upload and
+            evaluation, in [0, 1): a level fits when its predicted local-round time
+            is at most ``round_deadline_s x (1 - deadline_margin)``.
+        remeasure_fraction: a ``budget=auto`` client times its levels again when a
+            round's real time misses the prediction by more than this share of the
+            prediction (> 0), so a device that became busy steps down and one that
+            became free steps up.
+        calibration_steps: optimizer steps a ``budget=auto`` client times at each
+            level's K_j (and rank) when it (re)calibrates, an integer >= 1.
+        client_speed: speed factors of a simulated fleet: a client with factor s is
+            charged s x its measured compute time on a simulated clock (accounting,
+            not sleeping), and ``round_timeout_s`` is applied to that clock instead of
+            the wall clock. Empty: no simulated fleet. Else one entry per client (or
+            one for all), each a number or per-round factors joined by ``/``
+            (``"1/1/4/1"``: round r uses the r-th, the last repeats), or one named
+            distribution: ``linear:LO:HI`` (client c gets LO + (HI - LO) c / (n - 1))
+            or ``uniform:LO:HI:SEED`` (seeded draws). Factors > 0.
+        client_memory_gib: memory cap of each simulated client in GiB, the same
+            forms as ``client_speed`` (0: no cap, the device's free memory). Empty:
+            no caps (a deployed node may declare ``memory-gib=``).
     """
 
     num_clients: int = 8
@@ -80,6 +108,12 @@ class FLConfig:
     reject_norm_multiple: float = 0.0
     aggregation: str = "mean"
     trim_fraction: float = 0.1
+    round_deadline_s: float = 0.0
+    deadline_margin: float = 0.1
+    remeasure_fraction: float = 0.25
+    calibration_steps: int = 2
+    client_speed: list[str] = field(default_factory=list)
+    client_memory_gib: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         errors = []
@@ -118,6 +152,92 @@ class FLConfig:
             errors.append(_bad("fl.client_gpus", self.client_gpus, "a number >= 0 (fractions allowed)"))
         if self.keep_checkpoints < 0:
             errors.append(_bad("fl.keep_checkpoints", self.keep_checkpoints, "an integer >= 0 (0: keep all)"))
+        if not self.round_deadline_s >= 0:
+            errors.append(_bad("fl.round_deadline_s", self.round_deadline_s, "seconds >= 0 (0: no target)"))
+        if not 0.0 <= self.deadline_margin < 1.0:
+            errors.append(_bad("fl.deadline_margin", self.deadline_margin, "a share in [0, 1)"))
+        if not self.remeasure_fraction > 0:
+            errors.append(_bad("fl.remeasure_fraction", self.remeasure_fraction, "a share > 0"))
+        if self.calibration_steps < 1:
+            errors.append(_bad("fl.calibration_steps", self.calibration_steps, "an integer >= 1"))
+        for name, floor in (("client_speed", 0.0), ("client_memory_gib", None)):
+            try:
+                fleet_table(getattr(self, name), self.num_clients, f"fl.{name}", floor)
+            except ConfigError as e:
+                errors.append(str(e))
         raise_if_any(errors)
+
+    @property
+    def simulated_fleet(self) -> bool:
+        """True when ``client_speed`` is set: clients are charged on the simulated clock."""
+        return bool(self.client_speed)
+
+    def fleet_speed(self, client: int, round_idx: int) -> float:
+        """Speed factor s of ``client`` in ``round_idx`` (1-based); 1.0 without a simulated fleet."""
+        if not self.client_speed:
+            return 1.0
+        return _at(fleet_table(self.client_speed, self.num_clients, "fl.client_speed", 0.0)[client], round_idx)
+
+    def fleet_memory_bytes(self, client: int, round_idx: int = 1) -> int | None:
+        """Memory cap of ``client`` in bytes from ``client_memory_gib``; None: no cap set (or 0)."""
+        if not self.client_memory_gib:
+            return None
+        gib = _at(fleet_table(self.client_memory_gib, self.num_clients, "fl.client_memory_gib", None)[client],
+                  round_idx)
+        return int(gib * 1024 ** 3) if gib > 0 else None
+
+
+FLEET_FORMS = ("a number or per-round numbers joined by '/' per client (or one for all), "
+               "or one of linear:LO:HI, uniform:LO:HI:SEED")
+
+
+def _at(factors: list[float], round_idx: int) -> float:
+    """The factor of round ``round_idx`` (1-based): the r-th, the last one repeating."""
+    return factors[min(max(round_idx, 1), len(factors)) - 1]
+
+
+def fleet_table(specs: list[str], num_clients: int, name: str, floor: float | None) -> list[list[float]]:
+    """Per-client, per-round values of a fleet setting (``fl.client_speed``, ``fl.client_memory_gib``).
+
+    Args:
+        specs: the setting (see :class:`FLConfig`); empty gives ``[]``.
+        num_clients: ``fl.num_clients``.
+        name: the field, for errors.
+        floor: values must exceed it (speed: 0); None: values must be >= 0 (memory).
+
+    Returns:
+        ``[num_clients]`` lists of per-round values (one value: constant).
+
+    Raises:
+        ConfigError: one line naming the field and the allowed forms.
+    """
+    if not specs:
+        return []
+    allowed = FLEET_FORMS + (" with values > 0" if floor is not None else " with values >= 0 (0: no cap)")
+    head = str(specs[0]).strip()
+    try:
+        if len(specs) == 1 and ":" in head:
+            kind, *args = head.split(":")
+            nums = [float(a) for a in args]
+            if kind == "linear" and len(nums) == 2:
+                lo, hi = nums
+                values = [[lo + (hi - lo) * c / max(num_clients - 1, 1)] for c in range(num_clients)]
+            elif kind == "uniform" and len(nums) == 3 and nums[2] == int(nums[2]):
+                rng = random.Random(int(nums[2]))
+                values = [[rng.uniform(nums[0], nums[1])] for _ in range(num_clients)]
+            else:
+                raise ValueError(head)
+        else:
+            values = [[float(x) for x in str(spec).split("/")] for spec in specs]
+            if len(values) == 1:
+                values = values * num_clients
+    except ValueError:
+        raise ConfigError(_bad(name, specs, allowed)) from None
+    if len(values) != num_clients:
+        raise ConfigError(_bad(name, specs, f"{num_clients} entries (fl.num_clients) or one; {allowed}"))
+    flat = [v for row in values for v in row]
+    if any(not math.isfinite(v) or (v <= floor if floor is not None else v < 0) for v in flat):
+        raise ConfigError(_bad(name, specs, allowed))
+    return values
 
 

@@ -128,12 +128,14 @@ def assign_budgets(num_clients: int, budgets: list[float], pattern: str, seed: i
     is round-robin when there are at least as many remaining clients as other
     levels, else evenly spaced levels including both ends (8 clients, 4 levels,
     long_tail: 6 x beta_1, 1 x beta_2, 1 x beta_4). The resulting multiset is then
-    assigned to client ids by a seeded permutation.
+    assigned to client ids by a seeded permutation. ``auto``: every client starts at
+    the lowest level (it reports the level it chose with its first reply,
+    :mod:`ubsmoe.fl.autobudget`).
 
     Args:
         num_clients: number of clients (``fl.num_clients``), >= 1.
         budgets: the levels beta_1 < ... < beta_n (``fl.budgets``), each in (0, 1].
-        pattern: ``uniform``, ``long_tail`` or ``reverse_long_tail``
+        pattern: ``uniform``, ``long_tail``, ``reverse_long_tail`` or ``auto``
             (``fl.budget_pattern``).
         seed: seed of the client-order permutation.
 
@@ -153,6 +155,8 @@ def assign_budgets(num_clients: int, budgets: list[float], pattern: str, seed: i
     if num_clients < 1:
         raise ValueError(f"fl.num_clients: got {num_clients}, expected an integer >= 1")
     levels = sorted(float(b) for b in budgets)
+    if pattern == "auto":  # each client chooses its level after its first round
+        return [levels[0]] * num_clients
     if pattern == "uniform" or len(levels) == 1:
         assigned = [levels[c % len(levels)] for c in range(num_clients)]
     else:

@@ -18,6 +18,7 @@ sum to K_c x tokens) and ``bf16`` (the upload in bfloat16: cast, not rejected).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import replace
@@ -28,6 +29,7 @@ from flwr.clientapp import ClientApp
 
 from ubsmoe.budgets import NodeDeclaration, parse_node_config
 from ubsmoe.errors import DeclarationError
+from ubsmoe.fl.autobudget import AutoState, fleet_round
 from ubsmoe.fl.messages import METRIC_PARTITION_ID, train_task_from_content, update_to_content
 from ubsmoe.fl.train import ClientRuntime, node_setup, runtime_key, tokenizer_from_files
 
@@ -139,6 +141,29 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict(content), reply_to=msg)
 
 
+AUTO_STATE = "ubsmoe.autobudget"  # Context.state key of a budget=auto client's AutoState (JSON)
+
+
+def _train(runtime: ClientRuntime, task: dict, cfg, decl: NodeDeclaration, context: Context):
+    """Train the round; as a fleet member (simulated clock, budget=auto) when the run or node says so.
+
+    A ``budget=auto`` client's :class:`~ubsmoe.fl.autobudget.AutoState` lives in
+    ``context.state`` (kept by the SuperNode between rounds; a ClientApp process may
+    serve one message only). In simulation one node serves one client.
+    """
+    auto = cfg.fl.budget_pattern == "auto" or decl.auto_budget
+    if not (auto or cfg.fl.simulated_fleet):
+        return runtime.train_round(**task)
+    state = None
+    if AUTO_STATE in context.state:
+        state = AutoState.from_dict(json.loads(str(context.state[AUTO_STATE]["json"])))
+    cap = int(decl.memory_gib * 1024 ** 3) if decl.memory_gib else None
+    update, state = fleet_round(runtime, task, state, auto=auto, cap_bytes=cap)
+    if state is not None:
+        context.state[AUTO_STATE] = ConfigRecord({"json": json.dumps(state.to_dict())})
+    return update
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train one round on this node's partition at the K_c and LoRA rank the server sent.
@@ -168,7 +193,7 @@ def train(msg: Message, context: Context) -> Message:
         cfg = replace(cfg, model=replace(cfg.model, device=decl.device))
     runtime = _runtime(cfg, decl, task["client_id"], tokenizer_files)
     setup_s = time.time() - start
-    update = runtime.train_round(**task)
+    update = _train(runtime, task, cfg, decl, context)
     update.metrics.update({"setup_s": setup_s, "work_start": start, "work_end": time.time(),
                            "pid": os.getpid(), "runtime_builds": _BUILDS})
     content = update_to_content(update, task["global_adapters"])

@@ -27,7 +27,8 @@ class NodeDeclarations:
 
         A node's budget declaration (``budget=``, ``top-k=``, ``lora-rank=``) replaces
         the level ``fl.budget_pattern`` gave its client (K_c and LoRA rank follow
-        the level); a node without one keeps it. Clients whose node has its own
+        the level); a node without one keeps it. A ``budget=auto`` node starts at the
+        lowest level and reports its own with each reply (:mod:`ubsmoe.fl.fleet_server`). Clients whose node has its own
         data are sent the server's tokenizer. With at least one declaration a
         ``{"type": "nodes", "clients": [...]}`` record (client -> node, declared key
         and value, level, budget, K, rank, data, device) is appended to
@@ -55,6 +56,9 @@ class NodeDeclarations:
             level = declared_level(decl, label, self.cfg.method, budgets, level_k, ranks)
             if decl.data_path is not None:
                 self._local_data.add(client)
+            if decl.auto_budget:  # starts at the lowest level; reports its own from its first reply
+                self.auto_clients.add(client)
+                level = 0
             if level is not None:
                 beta = budgets[level]
                 self.budgets[client] = beta

@@ -31,6 +31,7 @@ from ubsmoe.eval.loss import LOSS_ROW_KEYS
 from ubsmoe.fl.checkpoints import ServerCheckpoints
 from ubsmoe.fl.declarations import NodeDeclarations
 from ubsmoe.fl.evaluation import ServerEvaluation
+from ubsmoe.fl.fleet_server import FleetLevels
 from ubsmoe.fl.fold import LeftOut, OrderedFold, RoundIncomplete
 from ubsmoe.fl.round import fold_replies, reject_outliers, train_record
 from ubsmoe.fl.round_diagnostics import RoundDiagnostics
@@ -52,7 +53,7 @@ from ubsmoe.provenance import provenance
 from ubsmoe.tracking import RunTracker
 
 
-class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpoints):
+class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, ServerCheckpoints):
     """Server side of a run: sampling, aggregation, evaluation, logging, checkpoints.
 
     Args:
@@ -114,6 +115,9 @@ class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpo
         self.declared: dict[int, dict[str, Any]] = {}
         self._tokenizer_files: dict[str, str] | None = None
         self._local_data: set[int] = set()  # clients training on their node's own data
+        # Clients that choose their own level (fl.budget_pattern=auto, or a node's budget=auto).
+        self.auto_clients: set[int] = set(range(cfg.fl.num_clients)) if cfg.fl.budget_pattern == "auto" else set()
+        self._fleet_reset()
 
     def record(self, record: dict[str, Any]) -> None:
         """Append a metrics record to ``metrics.jsonl`` and its scalars to TensorBoard/W&B."""
@@ -211,6 +215,7 @@ class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpo
         if not clients:
             raise ValueError(f"round {round_idx}: no client replied")
         fold = OrderedFold(self.method.aggregator(self.state.adapters), clients)
+        updates = self.screen_fleet(updates)  # budget=auto level reports, the simulated clock
         held = 0
         if self.buffers_replies:
             updates, held = reject_outliers(updates, self.cfg.fl.reject_norm_multiple)
@@ -220,10 +225,12 @@ class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpo
         self.state.method_state = self.method.state_dict()
         record = train_record(round_idx, fold, failed, self._client_facts(), held, attempt, timings,
                               round_start, round_end=time.time())
+        record.update(self.fleet_facts())
         self.record(record)
         self.last_diagnostics = self.diagnostics(round_idx, fold.folded)
         self.record(self.last_diagnostics)
         self.state.round = round_idx
+        self.commit_levels()  # levels budget=auto clients reported apply from their next round
         self.state.train_loss.append({"round": round_idx, "loss": record["loss"]})
         if self.eval_due(round_idx):
             start = time.time()

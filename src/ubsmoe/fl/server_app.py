@@ -201,7 +201,9 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume:
             def updates(r: int = r, messages: list[Message] = messages, attempt: int = attempt,
                         tasks: dict[int, dict[str, Any]] = tasks, clients: list[int] = clients) -> Iterator[ClientUpdate | LeftOut]:
                 """Replies as they arrive, unpacked against the adapters each client was sent."""
-                for i, reply, error in _replies(grid, messages, cfg.fl.round_timeout_s):
+                # A simulated fleet applies fl.round_timeout_s to its simulated clock (Server.screen_fleet).
+                wait_s = 0.0 if cfg.fl.simulated_fleet else cfg.fl.round_timeout_s
+                for i, reply, error in _replies(grid, messages, wait_s):
                     cid = clients[i]
                     sent = tasks.pop(cid)  # drop the reference once the reply is in
                     if reply is not None:

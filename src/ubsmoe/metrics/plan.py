@@ -275,6 +275,39 @@ def plan(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def level_memory(cfg: RunConfig) -> list[int]:
+    """Planned peak bytes of one client process training at each budget level.
+
+    The client-process sum of :func:`plan` (base weights + adapters, gradients and
+    Adam states at the level's LoRA rank + training activations at the level's K and
+    rank, ``ACTIVATION_PEAK_FACTOR`` included), per level. A planned figure: on the
+    CPU no per-level peak counter exists (a process's peak RSS covers every level it
+    ran); ``budget=auto`` clients compare it with their memory cap.
+
+    Returns:
+        ``[len(fl.budgets)]`` bytes, in level order.
+
+    Raises:
+        ValueError: the model has no readable OLMoE config.
+    """
+    model, method, dtype = _meta_model(cfg)
+    shape = with_lora_experts(model_shape_from_config(olmoe_config(cfg.model).to_dict(), cfg.model.name),
+                              cfg.model.lora_experts, cfg.model.lora_experts_top_k)
+    d = torch.finfo(dtype).bits // 8
+    k_max = shape.top_k or 1
+    micro = max(1, math.ceil(cfg.train.batch_size / cfg.train.grad_accumulation_steps))
+    out = []
+    for j, beta in enumerate(cfg.fl.budgets):
+        rank, alpha = method.client_lora(j, cfg.model.lora_rank, cfg.model.lora_alpha)
+        k = method.client_top_k(top_k_for_budget(beta, k_max, cfg.model.k_min), k_max, cfg.train.top_k)
+        set_lora_rank(model, rank, alpha, seed=cfg.train.seed + 1)
+        _, frozen_bytes, trainable = _split(model)
+        act = activation_bytes(shape, micro, cfg.data.max_length, k, rank, d,
+                               cfg.train.activation_checkpointing)
+        out.append(frozen_bytes + 4 * 4 * trainable + act)  # params, grads, 2 Adam states: float32
+    return out
+
+
 def free_memory(device: torch.device) -> int:
     """Free bytes on ``device``: ``torch.cuda.mem_get_info`` on CUDA, available RAM on CPU.
 
@@ -403,4 +436,4 @@ def check_resources(cfg: RunConfig, cpus: int | None = None, gpus: int | None = 
 
 
 __all__ = ["ConfigError", "PlanError", "activation_bytes", "check_plan", "check_resources", "free_memory",
-           "machine_cpus", "plan"]
+           "level_memory", "machine_cpus", "plan"]

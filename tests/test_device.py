@@ -173,10 +173,10 @@ def test_shared_setup_trains_the_tokenizer_to_the_preset_vocabulary(tmp_path, mo
     from ubsmoe.config import load_config
     from ubsmoe.fl import train
     from ubsmoe.fl.train import shared_setup
-    from ubsmoe.models import loading
+    from ubsmoe.models import tokenizer as tokenizers
 
     seen = {}
-    real = loading.train_tokenizer
+    real = tokenizers.train_tokenizer
 
     def spy(texts, vocab_size, cache):
         seen["vocab"] = vocab_size

@@ -62,7 +62,7 @@ def gold_answer(record: dict[str, Any]) -> str:
 
 
 def detect_answer_type(task: str, records: list[dict[str, Any]]) -> str:
-    """The answer type of a task, by the documented rule (README, "Your own data").
+    """The answer type of a task, by the documented rule (docs/data-and-models.md, "Your own data").
 
     In order: a commonsense task name, or every gold answer (:func:`gold_answer`)
     a commonsense label (``true``/``false``, ``solutionN``, ``answerN``, ``endingN``,

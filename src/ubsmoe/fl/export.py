@@ -359,7 +359,7 @@ def model_card(run: RunInfo, info: dict[str, Any]) -> str:
                     "on the **pretrained** base, not on merged weights,")
     if experts:
         what.append("- LoRA experts on a dense MLP are beyond the UB-SMoE and A3SMoE papers "
-                    "(README, \"Mixture of LoRA experts on a dense model\"),")
+                    "(docs/data-and-models.md, \"Mixture of LoRA experts on a dense model\"),")
     phi = ("UB-SMoE's DMR modulation phi (`phi.safetensors`) and routing at K below the native "
            "top-k are not expressible in PEFT: use `ubsmoe.load_run(RUN_DIR, budget=beta)` for them."
            if run.phi else

@@ -32,7 +32,7 @@ allocated; presets and full architectures alike, see
     them, and forward temporaries come and go; on CPU ``medium`` (float32, 16 x 256,
     K = 8) the tensors autograd actually saves were 296 KB per token (the formula
     says 350 KB) while the peak RSS above weights, adapters and Adam was 2.3x the
-    saved tensors (README, "Planning a run"). Assumes no activation checkpointing; with
+    saved tensors (docs/gpu.md, "Planning a run"). Assumes no activation checkpointing; with
     ``train.activation_checkpointing`` only the layer inputs (``L H d`` per token)
     plus one layer's activations are kept;
   - evaluation (server): ``eval.batch_size`` sequences of ``T +

@@ -62,7 +62,7 @@ def patch_lora_experts(model: nn.Module, num_experts: int, top_k: int, lora_rank
                        lora_alpha: float, seed: int = 0) -> list[SMoELayer]:
     """Replace every dense MLP by an :class:`SMoELayer` of LoRA experts sharing its frozen weights.
 
-    Beyond the papers (README, "Mixture of LoRA experts on a dense model"). Each
+    Beyond the papers (docs/data-and-models.md, "Mixture of LoRA experts on a dense model"). Each
     decoder layer's SwiGLU MLP (``model.layers[i].mlp``: ``gate_proj`` ``[I, H]``,
     ``up_proj`` ``[I, H]``, ``down_proj`` ``[H, I]``, ``act_fn``) becomes an SMoE layer
     of ``num_experts`` = M experts. Every expert's frozen weights are the MLP's:

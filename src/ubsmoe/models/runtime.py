@@ -49,7 +49,7 @@ def step_stats(model: nn.Module) -> Iterator[None]:
     On entry every SMoE layer's ``batch_expert_counts`` and ``router_prob_sum`` are
     cleared and then accumulate over every forward inside the block, so a gradient
     hook run at the end of the block (before leaving it) sees the active set and pi
-    of the whole effective batch (README, "Memory for long runs"). The utilization
+    of the whole effective batch (docs/concepts.md, "Memory for long runs"). The utilization
     counters ``expert_counts``/``token_count`` are not touched.
     """
     layers = smoe_layers(model)

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-ABLATION = {  # UB-SMoE Table 5 rows as overrides (README, "UB-SMoE: DMR and PG")
+ABLATION = {  # UB-SMoE Table 5 rows as overrides (docs/methods/ubsmoe.md)
     "abl_none": ["ubsmoe.pg=false", "ubsmoe.dmr.learn_phi=false", "ubsmoe.dmr.server_update=false"],
     "abl_pg": ["ubsmoe.dmr.learn_phi=false", "ubsmoe.dmr.server_update=false"],
     "abl_pg_phi_nopenalty": ["ubsmoe.dmr.range_penalty=false", "ubsmoe.dmr.server_update=false"],

@@ -1,4 +1,4 @@
-"""Gradient accumulation and activation checkpointing in local training (README, "Memory for long runs").
+"""Gradient accumulation and activation checkpointing in local training (docs/concepts.md, "Memory for long runs").
 
 The model is float32 (grouped matmuls have no float64 CPU kernel): micro-batching
 only changes the summation order. The accumulated gradient equals the full-batch one

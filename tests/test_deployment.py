@@ -3,8 +3,8 @@
 TLS on (certificates from ``ubsmoe certs``), SuperNode authentication on (node keys
 registered with ``flwr supernode register``), each node declaring a different budget
 in its ``--node-config``; ``flwr run`` submits the packaged ubsmoe app to the
-SuperLink as a user would (README "Deployment"). Marked ``deploy`` (about two
-minutes on two cores): ``pytest -m deploy`` (README "Tests", ``.ci/run``).
+SuperLink as a user would (docs/deployment.md). Marked ``deploy`` (about two
+minutes on two cores): ``pytest -m deploy`` (docs/testing.md, ``.ci/run``).
 """
 
 from __future__ import annotations

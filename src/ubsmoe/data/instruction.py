@@ -1,5 +1,5 @@
 """Any instruction data: a folder of tasks in the LLM-Adapters / Alpaca format, or an
-HF dataset with a column mapping (``data.name=instruction``; README, "Your own data").
+HF dataset with a column mapping (``data.name=instruction``; docs/data-and-models.md, "Your own data").
 
 A folder holds one sub-folder per task with ``train.json`` and/or ``test.json``, each a
 JSON list of records ``{"instruction", "input" (optional), "output", "answer"

@@ -1,6 +1,6 @@
 """Bad input to ``ubsmoe run``: one line naming the field or file, exit 2, nothing left behind.
 
-Every case README's "Bad input" table lists is one row of ``CASES``; each runs the real
+Every case the "Bad input" table of docs/failures.md lists is one row of ``CASES``; each runs the real
 command (typer's CliRunner, in process) and checks the whole contract: exactly one
 non-empty output line, starting ``error:`` and containing the expected text, exit code
 2, and no run folder (or, for an existing run, its files untouched).

@@ -1,5 +1,5 @@
-"""Metrics of instruction tasks by answer type (``data.name=instruction``; README,
-"Your own data").
+"""Metrics of instruction tasks by answer type (``data.name=instruction``;
+docs/data-and-models.md, "Your own data").
 
 * ``label``: commonsense-style label words, scored exactly as commonsense
   (:mod:`ubsmoe.eval.commonsense`: first label in the greedy response, exact match;

@@ -30,7 +30,7 @@ CONFIG_PAGE = "configuration.md"
 API_MODULES: list[tuple[str, list[str]]] = [
     ("Foundation", ["ubsmoe.errors", "ubsmoe.io", "ubsmoe.budgets", "ubsmoe.config"]),
     ("Core math", ["ubsmoe.core.smoe", "ubsmoe.core.grouped", "ubsmoe.core.routing",
-                   "ubsmoe.core.pseudo_grad", "ubsmoe.core.lora", "ubsmoe.privacy"]),
+                   "ubsmoe.core.pseudo_grad", "ubsmoe.core.pg_apply", "ubsmoe.core.lora", "ubsmoe.privacy"]),
     ("Models", ["ubsmoe.models.build", "ubsmoe.models.presets", "ubsmoe.models.architecture",
                 "ubsmoe.models.tokenizer", "ubsmoe.models.devices", "ubsmoe.models.patching",
                 "ubsmoe.models.runtime", "ubsmoe.models.adapters", "ubsmoe.models.families"]),

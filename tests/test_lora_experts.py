@@ -21,14 +21,12 @@ from ubsmoe.fl.server import Server
 from ubsmoe.fl.train import ClientRuntime, shared_setup
 from ubsmoe.methods import get_method_class
 from ubsmoe.metrics.flops import (
-    load_model_shape,
     lora_params_per_token,
-    model_shape_from_config,
     param_counts,
     register_flop_formulas,
     training_flops_per_token,
-    with_lora_experts,
 )
+from ubsmoe.metrics.model_shape import load_model_shape, model_shape_from_config, with_lora_experts
 from ubsmoe.models import build_model, set_top_k, smoe_layers
 from ubsmoe.models.build import base_model
 from ubsmoe.models.patching import distinct_numel

@@ -48,7 +48,7 @@ def test_olmoe_plan_memory_terms(olmoe_plan):
 
 
 def test_activations_scale_with_batch_and_drop_with_checkpointing(olmoe_plan):
-    from ubsmoe.metrics.flops import load_model_shape
+    from ubsmoe.metrics.model_shape import load_model_shape
 
     s = load_model_shape(OLMOE)
     one = activation_bytes(s, 1, 256, 8, 20, 2)
@@ -65,7 +65,8 @@ def test_plan_flops_per_round_sum_levels(olmoe_plan):
     expect = sum(r["clients_per_round"] * tokens * r["flops_per_token"] for r in p["params"]["per_budget"])
     assert p["flops_per_round"] == pytest.approx(expect)
     assert p["flops_per_round"] > 0
-    from ubsmoe.metrics.flops import load_model_shape, training_flops_per_token
+    from ubsmoe.metrics.flops import training_flops_per_token
+    from ubsmoe.metrics.model_shape import load_model_shape
 
     shape = load_model_shape(OLMOE)  # the router trains (model.router_trainable): counted at 6 FLOPs
     assert [r["flops_per_token"] for r in p["params"]["per_budget"]] == [

@@ -43,7 +43,7 @@ API_MODULES: list[tuple[str, list[str]]] = [
                                    "ubsmoe.data.instruction", "ubsmoe.data.partition",
                                    "ubsmoe.eval.commonsense", "ubsmoe.eval.loglik",
                                    "ubsmoe.eval.context", "ubsmoe.eval.instruction",
-                                   "ubsmoe.metrics.flops", "ubsmoe.metrics.plan",
+                                   "ubsmoe.metrics.model_shape", "ubsmoe.metrics.flops", "ubsmoe.metrics.plan",
                                    "ubsmoe.metrics.diagnostics", "ubsmoe.tracking"]),
     ("Federated learning", ["ubsmoe.fl.train", "ubsmoe.fl.server", "ubsmoe.fl.state",
                             "ubsmoe.fl.round", "ubsmoe.fl.round_diagnostics",

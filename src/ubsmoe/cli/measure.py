@@ -86,12 +86,8 @@ def flops(
 ) -> None:
     """Activated parameters and training FLOPs per token for each compute budget."""
     # imports torch (seconds): only for this command, so the others start fast
-    from ubsmoe.metrics.flops import (
-        PAPER_LORA_RANKS,
-        budget_table,
-        default_budgets,
-        load_model_shape,
-    )
+    from ubsmoe.metrics.flops import PAPER_LORA_RANKS, budget_table, default_budgets
+    from ubsmoe.metrics.model_shape import load_model_shape
 
     betas = parse_list("--budgets", budgets, float)
     rank_list = parse_list("--ranks", ranks, int) if ranks is not None else None

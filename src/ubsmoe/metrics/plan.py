@@ -72,12 +72,8 @@ from ubsmoe.config import RunConfig
 from ubsmoe.data.partition import assign_budgets
 from ubsmoe.errors import ConfigError
 from ubsmoe.methods import get_method_class
-from ubsmoe.metrics.flops import (
-    model_shape_from_config,
-    param_counts,
-    training_flops_per_token,
-    with_lora_experts,
-)
+from ubsmoe.metrics.flops import param_counts, training_flops_per_token
+from ubsmoe.metrics.model_shape import model_shape_from_config, with_lora_experts
 from ubsmoe.models.adapters import set_lora_rank
 from ubsmoe.models.architecture import olmoe_config
 from ubsmoe.models.build import prepare_model, random_olmoe
@@ -150,7 +146,7 @@ def activation_bytes(shape, batch: int, seq_len: int, top_k: int, lora_rank: int
     The formula is in the module docstring.
 
     Args:
-        shape: :class:`~ubsmoe.metrics.flops.ModelShape` of an MoE model.
+        shape: :class:`~ubsmoe.metrics.model_shape.ModelShape` of an MoE model.
         batch: sequences per micro-batch.
         seq_len: tokens per sequence (padded length).
         top_k: experts per token.

@@ -90,8 +90,8 @@ def run_rounds(cfg, run_dir, setup=None, *, rounds=None, reverse=False, finish=F
     Returns:
         The ``Server``, or ``(server, summary)`` with ``finish``.
     """
+    from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
     from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import ClientRuntime, shared_setup
 
     setup = setup or shared_setup(cfg)
     server = Server(cfg, run_dir, setup)

@@ -182,8 +182,8 @@ def test_deployment_tls_auth_declared_budgets(deployment, record_property):
         assert sorted((c["id"], c["budget"], c["top_k"]) for c in r["clients"]) == [
             (c, beta, k) for c, (beta, k) in enumerate(EXPECTED)]
     # The config's pattern would have given other levels: the declared ones were used.
+    from ubsmoe.budgets import assign_budgets
     from ubsmoe.config import load_config
-    from ubsmoe.data.partition import assign_budgets
 
     cfg = load_config(overrides=OVERRIDES.split())
     pattern = assign_budgets(3, cfg.fl.budgets, cfg.fl.budget_pattern, cfg.train.seed)

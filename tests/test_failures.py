@@ -15,12 +15,12 @@ from conftest import SMALL as CONFTEST_SMALL
 
 from ubsmoe.config import load_config
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
 from ubsmoe.fl.fold import LeftOut, OrderedFold, RoundIncomplete
 from ubsmoe.fl.run_dir import latest_checkpoint
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.server_app import _replies
 from ubsmoe.fl.state import ServerState
-from ubsmoe.fl.train import ClientRuntime, shared_setup
 from ubsmoe.fl.validate import (
     RejectedUpdate,
     check_update,

@@ -24,11 +24,12 @@ from typer.testing import CliRunner
 from ubsmoe.cli import app
 from ubsmoe.config import load_config
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
 from ubsmoe.fl.run_dir import latest_checkpoint
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.simulation import federation_config
 from ubsmoe.fl.state import ServerState
-from ubsmoe.fl.train import ClientRuntime, batch_indices, causal_lm_loss, client_seed, shared_setup
+from ubsmoe.fl.train import batch_indices, causal_lm_loss, client_seed
 from ubsmoe.io import read_jsonl
 from ubsmoe.models import adapter_state, load_adapter_state
 

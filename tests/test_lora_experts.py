@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from ubsmoe.cli import app
 from ubsmoe.config import ModelConfig, load_config
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
 from ubsmoe.fl.server import Server
-from ubsmoe.fl.train import ClientRuntime, shared_setup
 from ubsmoe.methods import get_method_class
 from ubsmoe.metrics.flops import (
     lora_params_per_token,

@@ -120,7 +120,7 @@ def test_cli_plan_table_and_bad_key():
 def test_run_preflight_exits_2_and_force_overrides(monkeypatch, tmp_path):
     """`ubsmoe run` stops on the plan (one line, exit 2); --force goes past it."""
     from ubsmoe import cli
-    from ubsmoe.fl import train
+    from ubsmoe.fl import client_runtime
 
     monkeypatch.setattr(plan_mod, "free_memory", lambda device: 1024 ** 2)
     reached = {}
@@ -129,7 +129,7 @@ def test_run_preflight_exits_2_and_force_overrides(monkeypatch, tmp_path):
         reached["setup"] = True
         raise OSError("stopped after the pre-flight")
 
-    monkeypatch.setattr(train, "shared_setup", stop)
+    monkeypatch.setattr(client_runtime, "shared_setup", stop)
     args = ["run", "model.name=medium", "model.device=cpu", "--out", str(tmp_path / "r")]
     refused = CliRunner().invoke(cli.app, args)
     assert refused.exit_code == 2
@@ -175,10 +175,10 @@ def test_run_refuses_a_gpu_share_without_cuda_before_starting_flower(monkeypatch
     import torch
 
     from ubsmoe import cli
-    from ubsmoe.fl import train
+    from ubsmoe.fl import client_runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(train, "shared_setup", lambda cfg: pytest.fail("the run started"))
+    monkeypatch.setattr(client_runtime, "shared_setup", lambda cfg: pytest.fail("the run started"))
     out = tmp_path / "r"
     result = CliRunner().invoke(cli.app, ["run", "--out", str(out), "fl.client_gpus=0.5"])
     lines = [line for line in result.output.splitlines() if line.strip()]

@@ -12,7 +12,6 @@ COMMONSENSE_TASKS = (
     "ARC-Easy",
     "openbookqa",
 )
-BUDGET_PATTERNS = ("uniform", "long_tail", "reverse_long_tail")
 PARTITIONS = ("iid", "dirichlet")
 # Data sources (``data.name``): the LLM-Adapters commonsense suite, or any instruction data.
 DATA_NAMES = ("commonsense", "instruction")

@@ -125,8 +125,6 @@ def register_flop_formulas() -> None:
 # --------------------------------------------------------------------------- calculator
 
 LORA_TARGETS = ("all", "attention", "mlp")
-# LoRA ranks of budget levels beta_1..beta_4 in the LoRA-rank baselines (DESIGN.md section 6).
-PAPER_LORA_RANKS = (12, 16, 24, 40)
 
 
 def _attention_weights(s: ModelShape) -> int:

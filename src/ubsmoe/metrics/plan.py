@@ -67,9 +67,8 @@ from typing import Any
 import psutil
 import torch
 
-from ubsmoe.budgets import top_k_for_budget
+from ubsmoe.budgets import assign_budgets, top_k_for_budget
 from ubsmoe.config import RunConfig
-from ubsmoe.data.partition import assign_budgets
 from ubsmoe.errors import ConfigError
 from ubsmoe.methods import get_method_class
 from ubsmoe.metrics.flops import param_counts, training_flops_per_token

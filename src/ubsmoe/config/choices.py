@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ubsmoe.budgets import BUDGET_PATTERNS  # noqa: F401  (re-exported: the budget rules own the pattern names)
+
 COMMONSENSE_TASKS = (
     "boolq",
     "piqa",

@@ -30,7 +30,7 @@ after every part, so a timeout still leaves the finished parts:
 The GPU machine has no ``flwr``, ``flwr_datasets``, ``datasets`` or ``ray``, and this
 script imports none of them: the round's client partition is a seeded IID split made
 here (``partition_clients`` uses Flower Datasets). ``--quick`` runs the same code on
-tiny shapes, on the CPU by default (tests/test_gpu_check.py).
+tiny shapes, on the CPU by default (tests/bench/test_gpu_check.py).
 """
 
 from __future__ import annotations

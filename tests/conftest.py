@@ -27,7 +27,7 @@ SMALL = [
     "model.tiny.vocab_size=512",
 ]
 
-# tests/test_dense.py's run on the tiny dense backbone: 2 tasks, 2 clients, 1 round (tests/test_lora_experts.py
+# tests/models/test_dense.py's run on the tiny dense backbone: 2 tasks, 2 clients, 1 round (tests/models/test_lora_experts.py
 # adds LoRA experts to it).
 DENSE_SMALL = [
     "model.name=tiny-dense",

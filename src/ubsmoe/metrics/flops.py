@@ -273,7 +273,7 @@ def pg_probe_flops_per_slot(s: ModelShape, lora_rank: int) -> int:
     - LoRA ``gate_up`` (in H, out 2I): ``6r(H + 2I) - 2rH`` (no ``A`` input gradient);
       LoRA ``down`` (in I, out H): ``6r(I + H)``.
 
-    Matches ``FlopCounterMode`` on the layer (tests/test_flops.py).
+    Matches ``FlopCounterMode`` on the layer (tests/metrics/test_flops.py).
 
     Raises:
         ValueError: a dense model or ``lora_rank < 1``.

@@ -33,7 +33,7 @@ from ubsmoe.models.patching import distinct_numel
 
 M, K_MAX, RANK = 4, 2, 4
 
-SMALL = [*DENSE_SMALL, "model.lora_experts=4"]  # tests/test_dense.py's run, with M = 4 LoRA experts
+SMALL = [*DENSE_SMALL, "model.lora_experts=4"]  # tests/models/test_dense.py's run, with M = 4 LoRA experts
 
 
 def _cfg(**kw) -> ModelConfig:

@@ -24,7 +24,7 @@ from ubsmoe.io import read_jsonl
 
 pytestmark = pytest.mark.deploy
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 CONNECTION = "ubsmoe-deploy"
 # Node i declares DECLARED[i]; the budget each must end up at (tiny: top-8, K = 8 * beta).
 DECLARED = ["budget=0.125", "top-k=4", "budget=1.0"]

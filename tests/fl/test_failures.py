@@ -33,7 +33,7 @@ from ubsmoe.methods import ClientUpdate, get_method_class
 from ubsmoe.methods.aggregation import FedAvgAggregator, fedavg
 from ubsmoe.methods.robust import coordinate_median, trimmed_mean
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 SMALL = [*CONFTEST_SMALL, "eval.protocols=[loglik]"]
 
 E, L = 4, 2

@@ -173,10 +173,9 @@ def test_shared_setup_trains_the_tokenizer_to_the_preset_vocabulary(tmp_path, mo
     from ubsmoe.config import load_config
     from ubsmoe.fl import client_runtime
     from ubsmoe.fl.client_runtime import shared_setup
-    from ubsmoe.models import loading
+    from ubsmoe.models.tokenizer import train_tokenizer as real
 
     seen = {}
-    real = loading.train_tokenizer
 
     def spy(texts, vocab_size, cache):
         seen["vocab"] = vocab_size

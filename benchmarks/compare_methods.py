@@ -1,7 +1,7 @@
 """Every registered method and the UB-SMoE ablation rows on one config, one table.
 
 Runs each cell in this process through the library (:class:`~ubsmoe.fl.server.Server`
-and :class:`~ubsmoe.fl.train.ClientRuntime`, the code the Flower apps call; same
+and :class:`~ubsmoe.fl.client_runtime.ClientRuntime`, the code the Flower apps call; same
 seeds, same rounds, clients trained one after another), writes one run directory per
 cell under ``--out`` and prints a Markdown table: per budget level its K and LoRA
 rank, log-likelihood and generation accuracy, the final utilization entropy (nats,
@@ -46,8 +46,8 @@ def cells() -> dict[str, list[str]]:
 def run_cell(name: str, overrides: list[str], out: Path) -> dict:
     """Run one cell to completion (or reuse its finished run directory); return its summary."""
     from ubsmoe.config import load_config
+    from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
     from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import ClientRuntime, shared_setup
 
     run_dir = out / name
     if (run_dir / "summary.json").is_file():

@@ -20,7 +20,7 @@ after every part, so a timeout still leaves the finished parts:
   OLMoE-1B-7B at K = 1, 2, 4, 8 and at LoRA ranks 12/16/24/40, time ratios next to
   FLOP ratios, through :func:`ubsmoe.bench.model_step.step_benchmark`.
 - ``round``: one UB-SMoE round, 4 clients x 4 local steps, through the library's
-  :class:`~ubsmoe.fl.server.Server` and :class:`~ubsmoe.fl.train.ClientRuntime` in this
+  :class:`~ubsmoe.fl.server.Server` and :class:`~ubsmoe.fl.client_runtime.ClientRuntime` in this
   process, then evaluation at every budget level under both protocols.
 - ``eval``: evaluation throughput of the full-size server model per protocol, budget
   level and ``eval.batch_size`` (at most 128 test records per task), and the minutes
@@ -30,7 +30,7 @@ after every part, so a timeout still leaves the finished parts:
 The GPU machine has no ``flwr``, ``flwr_datasets``, ``datasets`` or ``ray``, and this
 script imports none of them: the round's client partition is a seeded IID split made
 here (``partition_clients`` uses Flower Datasets). ``--quick`` runs the same code on
-tiny shapes, on the CPU by default (tests/test_gpu_check.py).
+tiny shapes, on the CPU by default (tests/bench/test_gpu_check.py).
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def iid_setup(cfg):
 
     from ubsmoe.data.commonsense import load_commonsense
     from ubsmoe.data.prompts import format_prompt
-    from ubsmoe.fl.train import SharedSetup
+    from ubsmoe.fl.client_runtime import SharedSetup
     from ubsmoe.models.tokenizer import cache_dir, train_tokenizer
 
     data = load_commonsense(cfg.data, cfg.train.seed)
@@ -271,8 +271,8 @@ def part_round(check: Check) -> dict[str, Any]:
     """One UB-SMoE round (4 clients x 4 steps; quick: 2 x 1) and the evaluation at every budget."""
     from ubsmoe.bench.model_step import OLMOE_MEDIUM
     from ubsmoe.config import TinyModelConfig
+    from ubsmoe.fl.client_runtime import ClientRuntime
     from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import ClientRuntime
     from ubsmoe.io import read_jsonl
 
     if check.quick:  # three tasks only: a few seconds on a busy CPU

@@ -27,7 +27,7 @@ SMALL = [
     "model.tiny.vocab_size=512",
 ]
 
-# tests/test_dense.py's run on the tiny dense backbone: 2 tasks, 2 clients, 1 round (tests/test_lora_experts.py
+# tests/models/test_dense.py's run on the tiny dense backbone: 2 tasks, 2 clients, 1 round (tests/models/test_lora_experts.py
 # adds LoRA experts to it).
 DENSE_SMALL = [
     "model.name=tiny-dense",
@@ -90,8 +90,8 @@ def run_rounds(cfg, run_dir, setup=None, *, rounds=None, reverse=False, finish=F
     Returns:
         The ``Server``, or ``(server, summary)`` with ``finish``.
     """
+    from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
     from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import ClientRuntime, shared_setup
 
     setup = setup or shared_setup(cfg)
     server = Server(cfg, run_dir, setup)

@@ -4,11 +4,37 @@ from __future__ import annotations
 
 import pytest
 
-from ubsmoe.budgets import NodeDeclaration, assign_clients, declared_level, parse_node_config
-from ubsmoe.errors import DeclarationError
+from ubsmoe.budgets import (
+    DEFAULT_RANKS,
+    NodeDeclaration,
+    assign_clients,
+    check_ranks_per_level,
+    declared_level,
+    global_rank,
+    parse_node_config,
+    rank_for_level,
+)
+from ubsmoe.errors import ConfigError, DeclarationError
 
 BUDGETS = [0.125, 0.25, 0.5, 1.0]
 K_LEVELS = [1, 2, 4, 8]  # tiny (top-8): K_c = floor(8 * beta)
+
+
+# ----- the rank rules per level (rank methods) ------------------------------------------
+def test_rank_for_level_reads_one_rank_per_level_and_names_a_missing_one():
+    assert [rank_for_level(DEFAULT_RANKS, j, "hetlora") for j in range(4)] == [12, 16, 24, 40]
+    assert global_rank(DEFAULT_RANKS) == 40 and global_rank([8, 4]) == 8
+    with pytest.raises(ValueError, match=r"budget level 4: hetlora.ranks has 4 entries"):
+        rank_for_level(DEFAULT_RANKS, 4, "hetlora")
+    with pytest.raises(ValueError, match=r"budget level -1"):
+        rank_for_level(DEFAULT_RANKS, -1, "hetlora")
+
+
+def test_check_ranks_per_level_wants_one_rank_per_budget_level():
+    check_ranks_per_level([4, 8], [0.5, 1.0], "flexlora")
+    with pytest.raises(ConfigError, match=r"flexlora.ranks: got \[4, 8, 16\] \(3 ranks\), expected one rank per "
+                                          r"fl.budgets level \(2: \[0.5, 1.0\]\)"):
+        check_ranks_per_level([4, 8, 16], [0.5, 1.0], "flexlora")
 
 
 # ----- parse_node_config ---------------------------------------------------------------
@@ -140,7 +166,7 @@ def test_assign_clients_errors():
 @pytest.fixture(scope="module")
 def small_setup(tmp_path_factory):
     from ubsmoe.config import load_config
-    from ubsmoe.fl.train import shared_setup
+    from ubsmoe.fl.client_runtime import shared_setup
 
     cache = tmp_path_factory.mktemp("cache")
     cfg = load_config(overrides=["data.tasks=[boolq,piqa]", "data.train_examples=64", "data.max_length=64",
@@ -205,9 +231,9 @@ def test_own_data_node_gets_the_server_tokenizer_and_trains_on_its_data(small_se
     import shutil
 
     from ubsmoe.data.commonsense import resolve_data_dir
+    from ubsmoe.fl.client_runtime import ClientRuntime, node_setup, tokenizer_from_files
     from ubsmoe.fl.messages import train_content, train_task_from_content
     from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import ClientRuntime, node_setup, tokenizer_from_files
 
     cfg, setup = small_setup
     server = Server(cfg, tmp_path / "run", setup)

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from ubsmoe.cli import app, eta_seconds, format_duration
 from ubsmoe.config import load_config
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
 from ubsmoe.fl.server import Server
-from ubsmoe.fl.train import ClientRuntime, shared_setup
 from ubsmoe.io import read_jsonl
 from ubsmoe.provenance import git_commit, provenance
 from ubsmoe.tracking import TENSORBOARD_DIR, WANDB_ID_FILE, record_scalars

@@ -20,10 +20,20 @@ space-separated ``key=value`` pairs, values typed by TOML rules). ubsmoe reads:
 
 ``num-partitions`` (set by Flower's simulation) is accepted and ignored. Every error
 is one line naming the node, the key and the allowed values.
+
+The budget rules themselves live here too (pure functions, no data or torch):
+
+- which client gets which level: :func:`assign_budgets` (``fl.budget_pattern``);
+- the experts a level activates: :func:`top_k_for_budget` (K_c from beta_c);
+- the LoRA rank of a level for the heterogeneous-rank methods: :func:`rank_for_level`
+  (r_j = ``<method>.ranks[j]``, :data:`DEFAULT_RANKS` by default),
+  :func:`check_ranks_per_level` (one rank per level) and :func:`global_rank`
+  (the server's adapters hold ``max(ranks)``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +42,12 @@ from typing import Any
 from ubsmoe.errors import ConfigError, DeclarationError
 
 BUDGET_KEYS = ("budget", "top-k", "lora-rank")
+# How clients spread over the budget levels (``fl.budget_pattern``, :func:`assign_budgets`).
+# ``auto``: every client starts at the lowest level and chooses its own (ubsmoe.fl.autobudget).
+BUDGET_PATTERNS = ("uniform", "long_tail", "reverse_long_tail", "auto")
+LONG_TAIL_SHARE = 0.75  # share of clients at the tail level in (reverse) long-tail patterns
+# LoRA ranks of budget levels beta_1..beta_4 in the LoRA-rank baselines (DESIGN.md section 6).
+DEFAULT_RANKS = (12, 16, 24, 40)
 NODE_KEYS = ("partition-id", "data-path", "device", *BUDGET_KEYS, "memory-gib", "num-partitions")
 
 
@@ -125,6 +141,124 @@ def top_k_for_budget(beta: float, k_max: int, k_min: int = 1) -> int:
         raise ConfigError(f"model.k_min: got {k_min}, expected an integer in [1, {k_max}] "
                           f"(the model's native top-k K_max={k_max})")
     return max(k_min, min(k_max, math.floor(k_max * beta + 1e-9)))
+
+
+def check_ranks_per_level(ranks: Sequence[int], budgets: Sequence[float], section: str) -> None:
+    """Check that a rank method gives one LoRA rank per budget level (DESIGN.md section 6).
+
+    Args:
+        ranks: ``<section>.ranks``, r_j per level.
+        budgets: the run's ``fl.budgets``.
+        section: the method's config section, for the message.
+
+    Raises:
+        ConfigError: ``len(ranks) != len(budgets)``.
+    """
+    if len(ranks) != len(budgets):
+        raise ConfigError(
+            f"{section}.ranks: got {ranks!r} ({len(ranks)} ranks), expected one "
+            f"rank per fl.budgets level ({len(budgets)}: {budgets!r})"
+        )
+
+
+def rank_for_level(ranks: Sequence[int], level: int, section: str) -> int:
+    """LoRA rank r_j of budget level ``level`` (0-based) for a heterogeneous-rank method.
+
+    Args:
+        ranks: ``<section>.ranks``, one rank per ``fl.budgets`` level.
+        level: the client's 0-based budget level j.
+        section: the method's config section, for the message.
+
+    Returns:
+        ``int(ranks[level])``.
+
+    Raises:
+        ValueError: ``level`` has no rank (``len(ranks) != len(fl.budgets)``).
+    """
+    if not 0 <= level < len(ranks):
+        raise ValueError(f"budget level {level}: {section}.ranks has {len(ranks)} "
+                         "entries, one per fl.budgets level")
+    return int(ranks[level])
+
+
+def global_rank(ranks: Sequence[int]) -> int:
+    """The rank of the server's global adapters: ``max(ranks)``, the largest client's rank."""
+    return max(ranks)
+
+
+def stable_seed(*keys: object) -> int:
+    """A 32-bit seed from ``keys`` via SHA-256 (stable across processes, any int seed)."""
+    digest = hashlib.sha256("/".join(str(k) for k in keys).encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _spread(levels: list[float], count: int) -> list[float]:
+    """``count`` clients over ``levels``: round-robin when there are enough clients,
+    otherwise evenly spaced levels including both ends."""
+    m = len(levels)
+    if count <= 0 or m == 0:
+        return []
+    if count >= m:
+        return [levels[j % m] for j in range(count)]
+    if count == 1:
+        return [levels[-1]]
+    return [levels[math.floor(j * (m - 1) / (count - 1) + 0.5)] for j in range(count)]
+
+
+def assign_budgets(num_clients: int, budgets: list[float], pattern: str, seed: int) -> list[float]:
+    """The budget level beta_c of every client.
+
+    ``uniform``: the levels round-robin, so each gets ``num_clients / len(budgets)``
+    clients (lower levels take the remainder). ``long_tail``: ``round(0.75 *
+    num_clients)`` (half up) clients at the lowest level, the rest spread over the
+    other levels. ``reverse_long_tail``: the same at the highest level. "Spread"
+    is round-robin when there are at least as many remaining clients as other
+    levels, else evenly spaced levels including both ends (8 clients, 4 levels,
+    long_tail: 6 x beta_1, 1 x beta_2, 1 x beta_4). The resulting multiset is then
+    assigned to client ids by a seeded permutation. ``auto``: every client starts at
+    the lowest level (it reports the level it chose with its first reply,
+    :mod:`ubsmoe.fl.autobudget`).
+
+    Args:
+        num_clients: number of clients (``fl.num_clients``), >= 1.
+        budgets: the levels beta_1 < ... < beta_n (``fl.budgets``), each in (0, 1].
+        pattern: ``uniform``, ``long_tail``, ``reverse_long_tail`` or ``auto``
+            (``fl.budget_pattern``).
+        seed: seed of the client-order permutation.
+
+    Returns:
+        ``[num_clients]`` budget levels, index = client id.
+
+    Raises:
+        ValueError: unknown ``pattern`` (names ``fl.budget_pattern``), empty
+            ``budgets`` or ``num_clients < 1``.
+    """
+    if pattern not in BUDGET_PATTERNS:
+        raise ValueError(
+            f"fl.budget_pattern: got {pattern!r}, expected one of {', '.join(BUDGET_PATTERNS)}"
+        )
+    if not budgets:
+        raise ValueError("fl.budgets: got an empty list, expected at least one level in (0, 1]")
+    if num_clients < 1:
+        raise ValueError(f"fl.num_clients: got {num_clients}, expected an integer >= 1")
+    levels = sorted(float(b) for b in budgets)
+    if pattern == "auto":  # each client chooses its level after its first round
+        return [levels[0]] * num_clients
+    if pattern == "uniform" or len(levels) == 1:
+        assigned = [levels[c % len(levels)] for c in range(num_clients)]
+    else:
+        n_tail = min(num_clients, math.floor(LONG_TAIL_SHARE * num_clients + 0.5))
+        if pattern == "long_tail":
+            assigned = [levels[0]] * n_tail + _spread(levels[1:], num_clients - n_tail)
+        else:
+            # reverse: the rest favour the far (lowest) end first, mirroring long_tail
+            rest = _spread(levels[-2::-1], num_clients - n_tail)
+            assigned = [levels[-1]] * n_tail + rest
+    # lazy: numpy (~0.1 s) is needed only for the permutation; `import ubsmoe.config` stays light
+    import numpy as np
+
+    order = np.random.default_rng(stable_seed(seed, "budgets")).permutation(num_clients)
+    return [assigned[i] for i in order]
 
 
 DEVICE_NAMES = "auto, cpu, cuda or cuda:N"

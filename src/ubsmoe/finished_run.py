@@ -17,9 +17,9 @@ from typing import Any
 
 from ubsmoe.config import RunConfig, config_from_dict, load_config
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.client_runtime import shared_setup
 from ubsmoe.fl.run_dir import CONFIG_FILE
 from ubsmoe.fl.server import Server
-from ubsmoe.fl.train import shared_setup
 from ubsmoe.io import atomic_write_json
 from ubsmoe.models import load_adapter_state, set_top_k
 from ubsmoe.models.adapters import set_lora_rank

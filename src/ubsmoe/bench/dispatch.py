@@ -47,7 +47,7 @@ the OLMoE family this suite builds (a new host family may need a new rule).
 The counter itself is :mod:`ubsmoe.bench.launch_counter`. The count is a proxy (issue 24): SDPA and fused Adam break down differently on
 CUDA, and a CUDA kernel may be several launches or a CPU operation none; the GPU
 check validates it. ``ops`` and ``by_component`` are deterministic for a given
-model, batch, K and method (tests/test_dispatch.py holds a baseline).
+model, batch, K and method (tests/bench/test_dispatch.py holds a baseline).
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def dispatch_suite(options: BenchOptions) -> dict[str, Any]:
     ``optimizer_ops`` and ``by_component`` (and the rest of :func:`count_local_step`).
     ``options.repeats`` counted steps per case (default 1; quick 2), after
     ``options.warmup`` uncounted ones (default 0: a first step counts the same as a
-    later one, tests/test_dispatch.py checks it on the tiny preset).
+    later one, tests/bench/test_dispatch.py checks it on the tiny preset).
     """
     configs = [(QUICK, None)] if options.quick else [(OLMOE_MEDIUM, None),
                                                      (OLMOE_1B_7B_2L, OLMOE_1B_7B_LAYERS)]

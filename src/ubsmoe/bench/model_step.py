@@ -45,11 +45,11 @@ from ubsmoe.fl.train import local_train
 from ubsmoe.methods import get_method_class
 from ubsmoe.methods.ubsmoe import UBSMoEConfig
 from ubsmoe.metrics.flops import (
-    ModelShape,
     pg_probe_flops_per_slot,
     register_flop_formulas,
     training_flops_per_token,
 )
+from ubsmoe.metrics.model_shape import ModelShape
 from ubsmoe.models import set_top_k, smoe_layers
 from ubsmoe.models.build import prepare_model, random_olmoe
 from ubsmoe.models.devices import resolve_dtype

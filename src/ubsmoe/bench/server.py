@@ -33,9 +33,9 @@ import torch
 
 from ubsmoe.bench.harness import BenchOptions, register_suite
 from ubsmoe.config import load_config
+from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
 from ubsmoe.fl.fold import OrderedFold
 from ubsmoe.fl.payload import payload_nbytes, sparse_upload
-from ubsmoe.fl.train import ClientRuntime, shared_setup
 from ubsmoe.io import read_jsonl
 from ubsmoe.methods import ClientUpdate, get_method_class
 from ubsmoe.models import adapter_state

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ubsmoe.budgets import DEFAULT_RANKS
 from ubsmoe.cli.app import app, console, fail, parse_list
 from ubsmoe.cli.run import load_run_config
 from ubsmoe.errors import ConfigError
@@ -86,21 +87,17 @@ def flops(
 ) -> None:
     """Activated parameters and training FLOPs per token for each compute budget."""
     # imports torch (seconds): only for this command, so the others start fast
-    from ubsmoe.metrics.flops import (
-        PAPER_LORA_RANKS,
-        budget_table,
-        default_budgets,
-        load_model_shape,
-    )
+    from ubsmoe.metrics.flops import budget_table, default_budgets
+    from ubsmoe.metrics.model_shape import load_model_shape
 
     betas = parse_list("--budgets", budgets, float)
     rank_list = parse_list("--ranks", ranks, int) if ranks is not None else None
     try:
         shape = load_model_shape(model, lora_experts, lora_experts_top_k)
         if rank_list is None and not shape.routed:
-            if len(betas) != len(PAPER_LORA_RANKS):
+            if len(betas) != len(DEFAULT_RANKS):
                 fail(f"--ranks: {model} is a dense model; give one LoRA rank per budget level")
-            rank_list = list(PAPER_LORA_RANKS)
+            rank_list = list(DEFAULT_RANKS)
         table = budget_table(shape, default_budgets(shape, betas, rank_list, lora_rank),
                              seq_len=seq_len, lora_targets=lora_targets, frozen_backward=frozen_backward,
                              pg_probe_tokens=pg_probe_tokens, tokens_per_step=tokens_per_step,

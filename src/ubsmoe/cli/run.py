@@ -155,7 +155,7 @@ def _resolve_run(resume: Path | None, overrides: list[str], config: Path | None,
 def _shared_setup(cfg: RunConfig):
     """Build the run's data, tokenizer and partitions; our warnings to the console, others to the log."""
     # imports torch and transformers (seconds): only when a run starts, so other commands start fast
-    from ubsmoe.fl.train import shared_setup
+    from ubsmoe.fl.client_runtime import shared_setup
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ubsmoe.budgets import BUDGET_PATTERNS  # noqa: F401  (re-exported: the budget rules own the pattern names)
+
 COMMONSENSE_TASKS = (
     "boolq",
     "piqa",
@@ -12,8 +14,6 @@ COMMONSENSE_TASKS = (
     "ARC-Easy",
     "openbookqa",
 )
-# ``auto``: every client starts at the lowest level and chooses its own (ubsmoe.fl.autobudget).
-BUDGET_PATTERNS = ("uniform", "long_tail", "reverse_long_tail", "auto")
 PARTITIONS = ("iid", "dirichlet")
 # Data sources (``data.name``): the LLM-Adapters commonsense suite, or any instruction data.
 DATA_NAMES = ("commonsense", "instruction")

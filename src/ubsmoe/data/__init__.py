@@ -1,7 +1,7 @@
 """Instruction data (LLM-Adapters commonsense format), prompt template, tokenization,
 client partitioning and compute-budget assignment."""
 
-from ubsmoe.budgets import top_k_for_budget
+from ubsmoe.budgets import assign_budgets, top_k_for_budget
 from ubsmoe.data.commonsense import (
     CommonsenseData,
     answer_choices,
@@ -9,7 +9,7 @@ from ubsmoe.data.commonsense import (
     load_commonsense,
     resolve_data_dir,
 )
-from ubsmoe.data.partition import assign_budgets, partition_clients
+from ubsmoe.data.partition import partition_clients
 from ubsmoe.data.prompts import (
     IGNORE_INDEX,
     PROMPT_TEMPLATE,

@@ -1,30 +1,21 @@
-"""Spread training records over clients, and clients over compute-budget levels.
+"""Spread training records over clients.
 
 Non-IID partitioning is the label-Dirichlet scheme of Hsu et al., "Measuring the
 Effects of Non-Identical Data Distribution for Federated Visual Classification"
 (arXiv 1909.06335), applied to the task label, through Flower Datasets'
 ``DirichletPartitioner`` (https://flower.ai/docs/datasets/). Budget levels follow
-UB-SMoE (ICML 2026, arXiv 2605.16690), DESIGN.md sections 2 and 6; the budget -> K_c
-rule is :func:`ubsmoe.budgets.top_k_for_budget`.
+UB-SMoE (ICML 2026, arXiv 2605.16690), DESIGN.md sections 2 and 6; which client gets
+which level is :func:`ubsmoe.budgets.assign_budgets`, the budget -> K_c rule
+:func:`ubsmoe.budgets.top_k_for_budget`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-
 import numpy as np
 
-from ubsmoe.config import BUDGET_PATTERNS, PARTITIONS
+from ubsmoe.budgets import stable_seed
+from ubsmoe.config import PARTITIONS
 from ubsmoe.errors import ConfigError
-
-LONG_TAIL_SHARE = 0.75  # share of clients at the tail level in (reverse) long-tail patterns
-
-
-def _seed(*keys: object) -> int:
-    """A 32-bit seed from ``keys`` via SHA-256 (stable across processes, any int seed)."""
-    digest = hashlib.sha256("/".join(str(k) for k in keys).encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def partition_clients(
@@ -82,7 +73,7 @@ def partition_clients(
     if partition == "iid":
         # IidPartitioner shards contiguously; shuffle first or shards follow task order.
         partitioner = IidPartitioner(num_partitions=num_clients)
-        partitioner.dataset = dataset.shuffle(seed=_seed(seed, "iid"))
+        partitioner.dataset = dataset.shuffle(seed=stable_seed(seed, "iid"))
     else:
         partitioner = DirichletPartitioner(
             num_partitions=num_clients,
@@ -91,84 +82,18 @@ def partition_clients(
             min_partition_size=0,
             self_balancing=False,
             shuffle=False,
-            seed=_seed(seed, "dirichlet"),
+            seed=stable_seed(seed, "dirichlet"),
         )
         partitioner.dataset = dataset
     clients = [sorted(partitioner.load_partition(c)["idx"]) for c in range(num_clients)]
 
-    rng = np.random.default_rng(_seed(seed, "fill-empty"))
+    rng = np.random.default_rng(stable_seed(seed, "fill-empty"))
     for c in range(num_clients):
         if not clients[c]:
             donor = max(range(num_clients), key=lambda d: len(clients[d]))
             moved = clients[donor].pop(int(rng.integers(len(clients[donor]))))
             clients[c] = [moved]
     return clients
-
-
-def _spread(levels: list[float], count: int) -> list[float]:
-    """``count`` clients over ``levels``: round-robin when there are enough clients,
-    otherwise evenly spaced levels including both ends."""
-    m = len(levels)
-    if count <= 0 or m == 0:
-        return []
-    if count >= m:
-        return [levels[j % m] for j in range(count)]
-    if count == 1:
-        return [levels[-1]]
-    return [levels[math.floor(j * (m - 1) / (count - 1) + 0.5)] for j in range(count)]
-
-
-def assign_budgets(num_clients: int, budgets: list[float], pattern: str, seed: int) -> list[float]:
-    """The budget level beta_c of every client.
-
-    ``uniform``: the levels round-robin, so each gets ``num_clients / len(budgets)``
-    clients (lower levels take the remainder). ``long_tail``: ``round(0.75 *
-    num_clients)`` (half up) clients at the lowest level, the rest spread over the
-    other levels. ``reverse_long_tail``: the same at the highest level. "Spread"
-    is round-robin when there are at least as many remaining clients as other
-    levels, else evenly spaced levels including both ends (8 clients, 4 levels,
-    long_tail: 6 x beta_1, 1 x beta_2, 1 x beta_4). The resulting multiset is then
-    assigned to client ids by a seeded permutation. ``auto``: every client starts at
-    the lowest level (it reports the level it chose with its first reply,
-    :mod:`ubsmoe.fl.autobudget`).
-
-    Args:
-        num_clients: number of clients (``fl.num_clients``), >= 1.
-        budgets: the levels beta_1 < ... < beta_n (``fl.budgets``), each in (0, 1].
-        pattern: ``uniform``, ``long_tail``, ``reverse_long_tail`` or ``auto``
-            (``fl.budget_pattern``).
-        seed: seed of the client-order permutation.
-
-    Returns:
-        ``[num_clients]`` budget levels, index = client id.
-
-    Raises:
-        ValueError: unknown ``pattern`` (names ``fl.budget_pattern``), empty
-            ``budgets`` or ``num_clients < 1``.
-    """
-    if pattern not in BUDGET_PATTERNS:
-        raise ValueError(
-            f"fl.budget_pattern: got {pattern!r}, expected one of {', '.join(BUDGET_PATTERNS)}"
-        )
-    if not budgets:
-        raise ValueError("fl.budgets: got an empty list, expected at least one level in (0, 1]")
-    if num_clients < 1:
-        raise ValueError(f"fl.num_clients: got {num_clients}, expected an integer >= 1")
-    levels = sorted(float(b) for b in budgets)
-    if pattern == "auto":  # each client chooses its level after its first round
-        return [levels[0]] * num_clients
-    if pattern == "uniform" or len(levels) == 1:
-        assigned = [levels[c % len(levels)] for c in range(num_clients)]
-    else:
-        n_tail = min(num_clients, math.floor(LONG_TAIL_SHARE * num_clients + 0.5))
-        if pattern == "long_tail":
-            assigned = [levels[0]] * n_tail + _spread(levels[1:], num_clients - n_tail)
-        else:
-            # reverse: the rest favour the far (lowest) end first, mirroring long_tail
-            rest = _spread(levels[-2::-1], num_clients - n_tail)
-            assigned = [levels[-1]] * n_tail + rest
-    order = np.random.default_rng(_seed(seed, "budgets")).permutation(num_clients)
-    return [assigned[i] for i in order]
 
 
 def partition_labels(records: list[dict], partition_field: str, default_by: str = "task"

@@ -44,7 +44,8 @@ import torch
 
 from ubsmoe.budgets import top_k_for_budget
 from ubsmoe.config import RunConfig
-from ubsmoe.fl.train import ClientRuntime, batch_indices, client_seed, local_train, make_batches
+from ubsmoe.fl.client_runtime import ClientRuntime
+from ubsmoe.fl.train import batch_indices, client_seed, local_train, make_batches
 from ubsmoe.methods import ClientUpdate, Method
 from ubsmoe.metrics.plan import GIB, free_memory, level_memory
 from ubsmoe.models import set_top_k, smoe_layers
@@ -236,7 +237,7 @@ def fleet_round(runtime: ClientRuntime, task: dict[str, Any], state: AutoState |
     Args:
         runtime: the client's runtime.
         task: the server's instruction (keyword arguments of
-            :meth:`~ubsmoe.fl.train.ClientRuntime.train_round`).
+            :meth:`~ubsmoe.fl.client_runtime.ClientRuntime.train_round`).
         state: the client's :class:`AutoState` from its last round (None: first round).
         auto: the client chooses its level (``budget=auto``).
         cap_bytes: its memory cap (None: ``fl.client_memory_gib``, else free memory).

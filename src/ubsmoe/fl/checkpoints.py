@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ubsmoe.fl.export import RunInfo, export_adapters
+from ubsmoe.fl.export import export_adapters
+from ubsmoe.fl.model_card import RunInfo
 from ubsmoe.fl.run_dir import CHECKPOINT_DIR, prune_checkpoints
 from ubsmoe.io import atomic_torch_save
 from ubsmoe.models import load_adapter_state, set_top_k

@@ -30,8 +30,8 @@ from flwr.clientapp import ClientApp
 from ubsmoe.budgets import NodeDeclaration, parse_node_config
 from ubsmoe.errors import DeclarationError
 from ubsmoe.fl.autobudget import AutoState, fleet_round
+from ubsmoe.fl.client_runtime import ClientRuntime, node_setup, runtime_key, tokenizer_from_files
 from ubsmoe.fl.messages import METRIC_PARTITION_ID, train_task_from_content, update_to_content
-from ubsmoe.fl.train import ClientRuntime, node_setup, runtime_key, tokenizer_from_files
 
 # Keys of the query reply's "node" ConfigRecord beside the declaration's fields.
 NODE_ERROR = "error"

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from ubsmoe.budgets import declared_level
+from ubsmoe.fl.client_runtime import tokenizer_to_files
 from ubsmoe.fl.run_dir import METRICS_FILE
-from ubsmoe.fl.train import tokenizer_to_files
 from ubsmoe.io import append_jsonl
 
 

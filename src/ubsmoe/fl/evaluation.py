@@ -18,7 +18,8 @@ from ubsmoe.eval.commonsense import subsample
 from ubsmoe.eval.instruction import BertScore
 from ubsmoe.eval.loss import LOSS_PROTOCOL, add_loss_scores, loss_row_fields
 from ubsmoe.eval.utilization import level_utilization
-from ubsmoe.fl.train import client_seed, sync_base_merges
+from ubsmoe.fl.client_runtime import sync_base_merges
+from ubsmoe.fl.train import client_seed
 from ubsmoe.methods.rank_base import lora_pairs
 from ubsmoe.models import load_adapter_state, set_top_k
 from ubsmoe.models.adapters import set_lora_rank

@@ -68,7 +68,7 @@ def train_content(cfg: RunConfig, global_adapters: dict[str, torch.Tensor], roun
                   tokenizer_files: dict[str, str] | None = None) -> RecordDict:
     """The content of one ``train`` message (arguments as :meth:`Server.client_task`).
 
-    ``tokenizer_files`` (``{file name: text}``, :func:`ubsmoe.fl.train.tokenizer_to_files`)
+    ``tokenizer_files`` (``{file name: text}``, :func:`ubsmoe.fl.client_runtime.tokenizer_to_files`)
     is sent to a node that trains on its own data, so it uses the server's tokenizer.
     """
     instruction: dict[str, Any] = {KEY_ROUND: round_idx, KEY_CLIENT_ID: client_id, KEY_TOP_K: top_k}

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from ubsmoe.budgets import top_k_for_budget
+from ubsmoe.budgets import assign_budgets, top_k_for_budget
 from ubsmoe.config import RunConfig, save_config
-from ubsmoe.data.partition import assign_budgets
 from ubsmoe.eval.instruction import task_metric
 from ubsmoe.eval.loss import LOSS_ROW_KEYS
 from ubsmoe.fl.checkpoints import ServerCheckpoints
+from ubsmoe.fl.client_runtime import SharedSetup
 from ubsmoe.fl.declarations import NodeDeclarations
 from ubsmoe.fl.evaluation import ServerEvaluation
 from ubsmoe.fl.fleet_server import FleetLevels
@@ -44,7 +44,7 @@ from ubsmoe.fl.run_dir import (
     latest_checkpoint,
 )
 from ubsmoe.fl.state import ServerState
-from ubsmoe.fl.train import SharedSetup, client_seed
+from ubsmoe.fl.train import client_seed
 from ubsmoe.io import append_jsonl, atomic_write_json
 from ubsmoe.methods import ClientUpdate, get_method_class
 from ubsmoe.models import adapter_state, build_model, smoe_layers
@@ -133,7 +133,7 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
         """What client ``client_id`` is sent for ``round_idx``.
 
         Returns:
-            The keyword arguments of :meth:`~ubsmoe.fl.train.ClientRuntime.train_round`:
+            The keyword arguments of :meth:`~ubsmoe.fl.client_runtime.ClientRuntime.train_round`:
             ``client_id``, ``round_idx``, ``top_k`` (K_c), ``global_adapters`` (what the
             method gives a client of its LoRA rank), ``lora_rank``, ``lora_alpha`` and
             ``base_merges`` (the method's merge history).

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from ubsmoe.budgets import NodeDeclaration, assign_clients
 from ubsmoe.config import RunConfig, load_config
 from ubsmoe.errors import DeclarationError
+from ubsmoe.fl.client_runtime import SharedSetup, shared_setup
 from ubsmoe.fl.fold import LeftOut, RoundIncomplete
 from ubsmoe.fl.messages import (
     METRIC_BYTES_DOWN,
@@ -39,7 +40,6 @@ from ubsmoe.fl.messages import (
 from ubsmoe.fl.payload import payload_nbytes
 from ubsmoe.fl.run_dir import latest_checkpoint
 from ubsmoe.fl.server import Server
-from ubsmoe.fl.train import SharedSetup, shared_setup
 from ubsmoe.fl.validate import RejectedUpdate, check_update, check_upload, update_norm
 from ubsmoe.methods import ClientUpdate
 

@@ -26,12 +26,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from ubsmoe.budgets import DEFAULT_RANKS, check_ranks_per_level, global_rank, rank_for_level
 from ubsmoe.core.lora import truncate_lora
 from ubsmoe.errors import ConfigError
 from ubsmoe.methods.aggregation import ClientUpdate, fedavg
 from ubsmoe.methods.base import EXPERT_PARAM_RE, Method
 
-DEFAULT_RANKS = (12, 16, 24, 40)
 _PEFT_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)\.[^.]+\.weight$")
 
 
@@ -79,11 +79,7 @@ class LoRARankConfig:
         Raises:
             ConfigError: ``len(ranks) != len(fl.budgets)``.
         """
-        if len(self.ranks) != len(run.fl.budgets):
-            raise ConfigError(
-                f"{self.section}.ranks: got {self.ranks!r} ({len(self.ranks)} ranks), expected one "
-                f"rank per fl.budgets level ({len(run.fl.budgets)}: {run.fl.budgets!r})"
-            )
+        check_ranks_per_level(self.ranks, run.fl.budgets, self.section)
 
 
 @dataclass(frozen=True)
@@ -226,14 +222,11 @@ class RankMethod(Method):
         Raises:
             ValueError: ``level`` has no rank (``len(ranks) != len(fl.budgets)``).
         """
-        if not 0 <= level < len(self.config.ranks):
-            raise ValueError(f"budget level {level}: {self.name}.ranks has {len(self.config.ranks)} "
-                             "entries, one per fl.budgets level")
-        return int(self.config.ranks[level]), float(self.config.alpha)
+        return rank_for_level(self.config.ranks, level, self.name), float(self.config.alpha)
 
     def global_lora(self, model_rank: int, model_alpha: float) -> tuple[int, float]:
         """``(max(ranks), alpha)``: the global adapters hold the largest client's rank."""
-        return max(self.config.ranks), float(self.config.alpha)
+        return global_rank(self.config.ranks), float(self.config.alpha)
 
     def client_adapters(self, global_adapters: dict[str, torch.Tensor], rank: int,
                         seed: int) -> dict[str, torch.Tensor]:

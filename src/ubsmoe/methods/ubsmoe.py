@@ -31,14 +31,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ubsmoe.core.pseudo_grad import (
-    ProbePseudoGradient,
-    PseudoGradient,
-    UniversalPseudoGradient,
-    apply_pseudo_gradients,
-    apply_pseudo_updates,
-    snapshot_before_step,
-)
+from ubsmoe.core.pg_apply import apply_pseudo_gradients, apply_pseudo_updates, snapshot_before_step
+from ubsmoe.core.pseudo_grad import ProbePseudoGradient, PseudoGradient, UniversalPseudoGradient
 from ubsmoe.core.routing import DMRConfig, mean_top_k, phi_range_penalty, server_phi_update
 from ubsmoe.errors import ConfigError
 from ubsmoe.methods.aggregation import (
@@ -69,7 +63,7 @@ class UBSMoEConfig:
             page "UB-SMoE: DMR and PG").
         pg_space: ``update`` (default): after the optimizer step, inactive experts
             move by the rule applied to the active experts' actual changes in that
-            step (:func:`ubsmoe.core.pseudo_grad.apply_pseudo_updates`), so lambda_pg
+            step (:func:`ubsmoe.core.pg_apply.apply_pseudo_updates`), so lambda_pg
             sets their move relative to the active experts' and PG stays out of
             gradient clipping; ``gradient``: the earlier rule, pseudo-gradients
             written into ``.grad`` before clipping and the step (Adam then erases
@@ -189,7 +183,7 @@ class UBSMoE(Method):
         Per SMoE layer, the active set is the experts with >= 1 token in this batch
         (``batch_expert_counts``) and pi is the batch's router probabilities.
         ``pg_space=update``: snapshot the active experts' rows and take the
-        inactive rows out of ``.grad`` (:func:`ubsmoe.core.pseudo_grad.snapshot_before_step`),
+        inactive rows out of ``.grad`` (:func:`ubsmoe.core.pg_apply.snapshot_before_step`),
         so clipping sees only real gradients; ``gradient``: write pseudo-gradients
         into ``.grad`` (they then enter clipping and the optimizer).
         """
@@ -213,7 +207,7 @@ class UBSMoE(Method):
 
         Inactive expert i of each layer moves by the rule applied to the active
         experts' actual changes delta_j in this step, on top of the optimizer's own
-        change of i's rows (:func:`ubsmoe.core.pseudo_grad.apply_pseudo_updates`).
+        change of i's rows (:func:`ubsmoe.core.pg_apply.apply_pseudo_updates`).
         """
         for params, snapshot in self._pending:
             apply_pseudo_updates(params, snapshot, top_k, self._pg)

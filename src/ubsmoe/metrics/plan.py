@@ -67,17 +67,12 @@ from typing import Any
 import psutil
 import torch
 
-from ubsmoe.budgets import top_k_for_budget
+from ubsmoe.budgets import assign_budgets, top_k_for_budget
 from ubsmoe.config import RunConfig
-from ubsmoe.data.partition import assign_budgets
 from ubsmoe.errors import ConfigError
 from ubsmoe.methods import get_method_class
-from ubsmoe.metrics.flops import (
-    model_shape_from_config,
-    param_counts,
-    training_flops_per_token,
-    with_lora_experts,
-)
+from ubsmoe.metrics.flops import param_counts, training_flops_per_token
+from ubsmoe.metrics.model_shape import model_shape_from_config, with_lora_experts
 from ubsmoe.models.adapters import set_lora_rank
 from ubsmoe.models.architecture import olmoe_config
 from ubsmoe.models.build import prepare_model, random_olmoe
@@ -150,7 +145,7 @@ def activation_bytes(shape, batch: int, seq_len: int, top_k: int, lora_rank: int
     The formula is in the module docstring.
 
     Args:
-        shape: :class:`~ubsmoe.metrics.flops.ModelShape` of an MoE model.
+        shape: :class:`~ubsmoe.metrics.model_shape.ModelShape` of an MoE model.
         batch: sequences per micro-batch.
         seq_len: tokens per sequence (padded length).
         top_k: experts per token.

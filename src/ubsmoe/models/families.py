@@ -28,7 +28,7 @@ which the SMoE methods run too (SMoE-LLB then uses OLMoE's Switch-Transformer
 ``load_balancing_loss_func``).
 
 Adding a family is one entry here plus one row of the test table
-(``tests/test_families.py``).
+(``tests/models/test_families.py``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ import torch
 from ubsmoe.config import config_from_dict
 from ubsmoe.errors import ConfigError
 from ubsmoe.methods.base import phi_layer_of
-from ubsmoe.metrics.flops import Budget, budget_table, model_shape_from_config
+from ubsmoe.metrics.flops import Budget, budget_table
+from ubsmoe.metrics.model_shape import model_shape_from_config
 from ubsmoe.models.architecture import olmoe_config
 from ubsmoe.report.eval_figures import fig_eval_utilization_per_budget, fig_loss_per_budget
 from ubsmoe.report.plotting import (

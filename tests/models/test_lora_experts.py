@@ -17,25 +17,23 @@ from typer.testing import CliRunner
 from ubsmoe.cli import app
 from ubsmoe.config import ModelConfig, load_config
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
 from ubsmoe.fl.server import Server
-from ubsmoe.fl.train import ClientRuntime, shared_setup
 from ubsmoe.methods import get_method_class
 from ubsmoe.metrics.flops import (
-    load_model_shape,
     lora_params_per_token,
-    model_shape_from_config,
     param_counts,
     register_flop_formulas,
     training_flops_per_token,
-    with_lora_experts,
 )
+from ubsmoe.metrics.model_shape import load_model_shape, model_shape_from_config, with_lora_experts
 from ubsmoe.models import build_model, set_top_k, smoe_layers
 from ubsmoe.models.build import base_model
 from ubsmoe.models.patching import distinct_numel
 
 M, K_MAX, RANK = 4, 2, 4
 
-SMALL = [*DENSE_SMALL, "model.lora_experts=4"]  # tests/test_dense.py's run, with M = 4 LoRA experts
+SMALL = [*DENSE_SMALL, "model.lora_experts=4"]  # tests/models/test_dense.py's run, with M = 4 LoRA experts
 
 
 def _cfg(**kw) -> ModelConfig:

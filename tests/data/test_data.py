@@ -28,7 +28,7 @@ from ubsmoe.data import (
 from ubsmoe.data import commonsense as cs
 from ubsmoe.errors import ConfigError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "commonsense"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "commonsense"
 PRESENT_TASKS = [
     "boolq", "piqa", "social_i_qa", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa",
 ]

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from ubsmoe.config import load_config
 from ubsmoe.core.lora import energy_rank
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup, sync_base_merges
 from ubsmoe.fl.server import Server
-from ubsmoe.fl.train import ClientRuntime, shared_setup, sync_base_merges
 from ubsmoe.methods import ClientUpdate, get_method_class
 from ubsmoe.methods.flexlora import FlexLoRA
 from ubsmoe.methods.flora import FLoRA

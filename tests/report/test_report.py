@@ -1,7 +1,7 @@
 """Cross-run report (`ubsmoe report DIR...`): tables, paper numbers, figures, incomplete runs.
 
 The run directories are made once per session by real tiny federated runs
-(library path: Server + ClientRuntime, as tests/test_fl.py), 2 methods x 2 seeds.
+(library path: Server + ClientRuntime, as tests/fl/test_fl.py), 2 methods x 2 seeds.
 """
 
 from __future__ import annotations

@@ -24,15 +24,16 @@ from typer.testing import CliRunner
 from ubsmoe.cli import app
 from ubsmoe.config import load_config
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
 from ubsmoe.fl.run_dir import latest_checkpoint
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.simulation import federation_config
 from ubsmoe.fl.state import ServerState
-from ubsmoe.fl.train import ClientRuntime, batch_indices, causal_lm_loss, client_seed, shared_setup
+from ubsmoe.fl.train import batch_indices, causal_lm_loss, client_seed
 from ubsmoe.io import read_jsonl
 from ubsmoe.models import adapter_state, load_adapter_state
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 # Mean training loss per round of the Flower run below (method=a3smoe, seed 0),
@@ -190,7 +191,7 @@ def test_cli_by_absolute_path_runs_without_an_activated_environment(tmp_path):
     if found is not None:
         pytest.skip(f"flower-superexec is on PATH outside the environment ({found}); nothing to check")
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PATH", "PYTHONPATH")}
-    env.update(PATH=path, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    env.update(PATH=path, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
     out = tmp_path / "run"
     proc = subprocess.run([str(script), "run", "--out", str(out), *SMALL, "fl.rounds=1",
                            f"model.tokenizer_cache={tmp_path / 'cache'}"],
@@ -498,7 +499,7 @@ def test_frozen_router_stays_bitwise_unchanged_through_training_and_aggregation(
     assert all(torch.equal(srv[n], before[n]) for n in before)
 
 
-@pytest.mark.parametrize("method", ["a3smoe", "hetlora"])  # every method: tests/test_methods.py
+@pytest.mark.parametrize("method", ["a3smoe", "hetlora"])  # every method: tests/methods/test_methods.py
 def test_global_router_is_the_data_weighted_mean_of_the_trained_routers(tmp_path, method):
     cfg = _cfg(tmp_path, f"method={method}", "train.max_local_steps=1", "eval.pg_probe_examples=0")
     setup = shared_setup(cfg)

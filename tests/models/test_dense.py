@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 from ubsmoe.cli import app
 from ubsmoe.config import ModelConfig, load_config
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
 from ubsmoe.fl.server import Server
-from ubsmoe.fl.train import ClientRuntime, shared_setup
 from ubsmoe.io import read_jsonl
-from ubsmoe.metrics.flops import load_model_shape, param_counts, training_flops_per_token
+from ubsmoe.metrics.flops import param_counts, training_flops_per_token
+from ubsmoe.metrics.model_shape import load_model_shape
 from ubsmoe.models import build_model, smoe_layers
 from ubsmoe.models.adapters import set_lora_rank
 

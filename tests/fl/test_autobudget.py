@@ -25,7 +25,7 @@ def cost(level, top_k, rank):
 @pytest.fixture(scope="module")
 def setup_for(tmp_path_factory):
     from ubsmoe.config import load_config
-    from ubsmoe.fl.train import shared_setup
+    from ubsmoe.fl.client_runtime import shared_setup
 
     cache = tmp_path_factory.mktemp("cache")
     setups = {}
@@ -41,8 +41,8 @@ def setup_for(tmp_path_factory):
 def run(cfg, setup, run_dir, rounds, step_cost=cost, tamper=None):
     """Rounds as the ServerApp runs them, each client through fleet_round; the train records."""
     from ubsmoe.fl.autobudget import fleet_round
+    from ubsmoe.fl.client_runtime import ClientRuntime
     from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import ClientRuntime
     from ubsmoe.io import read_jsonl
 
     server = Server(cfg, run_dir, setup)
@@ -170,8 +170,8 @@ def test_a_client_that_is_not_auto_cannot_report_a_level(setup_for, tmp_path):
 def test_rank_methods_pool_measured_step_times_and_choose_by_memory(setup_for, tmp_path):
     """Real timing (no cost model): HetLoRA's levels share K, so times pool and memory decides."""
     from ubsmoe.fl.autobudget import fleet_round
+    from ubsmoe.fl.client_runtime import ClientRuntime
     from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import ClientRuntime
     from ubsmoe.metrics.plan import GIB, level_memory
 
     cfg, setup = setup_for("method=hetlora", "fl.budget_pattern=auto", "fl.round_deadline_s=1000")
@@ -202,8 +202,8 @@ def test_client_app_keeps_the_auto_state_in_the_context(setup_for, tmp_path):
     from flwr.app import Context, RecordDict
 
     from ubsmoe.fl import client_app
+    from ubsmoe.fl.client_runtime import ClientRuntime
     from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import ClientRuntime
 
     cfg, setup = setup_for("fl.budget_pattern=auto", "fl.round_deadline_s=1000")
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})

@@ -137,8 +137,8 @@ def test_loss_is_an_allowed_protocol_and_bad_ones_name_the_field(tmp_path):
 @pytest.fixture(scope="module")
 def loss_run(tmp_path_factory):
     """A one-round commonsense run scored with loglik and loss at every level; its summary."""
+    from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
     from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import ClientRuntime, shared_setup
 
     tmp = tmp_path_factory.mktemp("loss_run")
     cfg = load_config(overrides=[*SMALL, f"model.tokenizer_cache={tmp / 'cache'}", "fl.rounds=1",

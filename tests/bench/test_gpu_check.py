@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "commonsense"
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no data at {DATA}")

@@ -48,7 +48,7 @@ def test_olmoe_plan_memory_terms(olmoe_plan):
 
 
 def test_activations_scale_with_batch_and_drop_with_checkpointing(olmoe_plan):
-    from ubsmoe.metrics.flops import load_model_shape
+    from ubsmoe.metrics.model_shape import load_model_shape
 
     s = load_model_shape(OLMOE)
     one = activation_bytes(s, 1, 256, 8, 20, 2)
@@ -65,7 +65,8 @@ def test_plan_flops_per_round_sum_levels(olmoe_plan):
     expect = sum(r["clients_per_round"] * tokens * r["flops_per_token"] for r in p["params"]["per_budget"])
     assert p["flops_per_round"] == pytest.approx(expect)
     assert p["flops_per_round"] > 0
-    from ubsmoe.metrics.flops import load_model_shape, training_flops_per_token
+    from ubsmoe.metrics.flops import training_flops_per_token
+    from ubsmoe.metrics.model_shape import load_model_shape
 
     shape = load_model_shape(OLMOE)  # the router trains (model.router_trainable): counted at 6 FLOPs
     assert [r["flops_per_token"] for r in p["params"]["per_budget"]] == [
@@ -119,7 +120,7 @@ def test_cli_plan_table_and_bad_key():
 def test_run_preflight_exits_2_and_force_overrides(monkeypatch, tmp_path):
     """`ubsmoe run` stops on the plan (one line, exit 2); --force goes past it."""
     from ubsmoe import cli
-    from ubsmoe.fl import train
+    from ubsmoe.fl import client_runtime
 
     monkeypatch.setattr(plan_mod, "free_memory", lambda device: 1024 ** 2)
     reached = {}
@@ -128,7 +129,7 @@ def test_run_preflight_exits_2_and_force_overrides(monkeypatch, tmp_path):
         reached["setup"] = True
         raise OSError("stopped after the pre-flight")
 
-    monkeypatch.setattr(train, "shared_setup", stop)
+    monkeypatch.setattr(client_runtime, "shared_setup", stop)
     args = ["run", "model.name=medium", "model.device=cpu", "--out", str(tmp_path / "r")]
     refused = CliRunner().invoke(cli.app, args)
     assert refused.exit_code == 2
@@ -174,10 +175,10 @@ def test_run_refuses_a_gpu_share_without_cuda_before_starting_flower(monkeypatch
     import torch
 
     from ubsmoe import cli
-    from ubsmoe.fl import train
+    from ubsmoe.fl import client_runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(train, "shared_setup", lambda cfg: pytest.fail("the run started"))
+    monkeypatch.setattr(client_runtime, "shared_setup", lambda cfg: pytest.fail("the run started"))
     out = tmp_path / "r"
     result = CliRunner().invoke(cli.app, ["run", "--out", str(out), "fl.client_gpus=0.5"])
     lines = [line for line in result.output.splitlines() if line.strip()]

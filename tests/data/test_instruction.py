@@ -25,7 +25,7 @@ from ubsmoe.eval.instruction import (
     rouge_l,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "src" / "ubsmoe" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "src" / "ubsmoe" / "configs"
 WORDS = ["the", "a", "cat", "sat", "on", "mat", "dog", "ran", "fast", "answer", "is", "blue", "sky", "red", "green", "tree", "river", "stone", "water", "fire", "light", "dark", "bird", "fish", "sun", "moon"]
 
 

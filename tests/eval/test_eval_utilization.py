@@ -54,8 +54,8 @@ def test_no_records_give_none(tiny_tokenizer):
 
 @pytest.mark.parametrize("method", ["fedit", "hetlora", "ubsmoe"])
 def test_every_level_of_every_method_is_measured_on_the_same_tokens(tmp_path, method):
+    from ubsmoe.fl.client_runtime import shared_setup
     from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import shared_setup
 
     cfg = load_config(overrides=[*SMALL, f"model.tokenizer_cache={tmp_path / 'cache'}", f"method={method}",
                                  "eval.protocols=[loglik]", "eval.pg_probe_examples=0"])
@@ -78,8 +78,8 @@ def test_every_level_of_every_method_is_measured_on_the_same_tokens(tmp_path, me
 
 
 def test_training_diagnostics_name_the_k_they_were_measured_at(tmp_path):
+    from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
     from ubsmoe.fl.server import Server
-    from ubsmoe.fl.train import ClientRuntime, shared_setup
 
     cfg = load_config(overrides=[*SMALL, f"model.tokenizer_cache={tmp_path / 'cache'}", "fl.rounds=1",
                                  "eval.protocols=[loglik]", "eval.pg_probe_examples=0"])

@@ -3,7 +3,7 @@
 The baseline (tests/data/dispatch_baseline.json) holds the counts of one local step
 of the tiny preset per dtype, method and K. A change that adds (or removes)
 operations fails :func:`test_counts_match_baseline` until the baseline is rewritten
-knowingly: ``UBSMOE_UPDATE_DISPATCH_BASELINE=1 pytest tests/test_dispatch.py``
+knowingly: ``UBSMOE_UPDATE_DISPATCH_BASELINE=1 pytest tests/bench/test_dispatch.py``
 (then review the diff of the JSON and say why in the commit).
 """
 
@@ -24,7 +24,7 @@ from ubsmoe.bench.launch_counter import COMPONENTS, LaunchCounter, is_view_op
 from ubsmoe.bench.model_step import StepConfig
 from ubsmoe.config import TinyModelConfig
 
-BASELINE = Path(__file__).parent / "data" / "dispatch_baseline.json"
+BASELINE = Path(__file__).resolve().parents[1] / "data" / "dispatch_baseline.json"
 # The tiny preset (2 layers, hidden 64, 64 experts, top-8) on a small batch.
 TINY_STEP = StepConfig("tiny_dispatch", TinyModelConfig(), batch_size=2, seq_len=16)
 # What the baseline holds per case (all deterministic for a model, batch, K and method).

@@ -16,7 +16,7 @@ from flwr.supercore.object_ref import load_app
 from ubsmoe.fl.server_app import config_from_run_config
 from ubsmoe.fl.simulation import app_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("directory", [REPO, app_dir()], ids=["repo", "packaged"])

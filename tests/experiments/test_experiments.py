@@ -431,7 +431,7 @@ def test_real_sweep_interrupted_mid_run_and_restarted_completes(tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "ubsmoe.cli", "run", "-c",
                                  str(item.run_dir / "config.yaml"), "--out", str(item.run_dir), "--force"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"),
+                                env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2] / "src"),
                                          UBSMOE_FAULTS="0:timeout@2", UBSMOE_FAULT_LATE_S="60"))
         deadline = time.monotonic() + 300
         while latest_checkpoint(item.run_dir) is None and time.monotonic() < deadline:

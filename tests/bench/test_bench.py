@@ -220,7 +220,7 @@ def test_flexlora_svd_benchmark_runs_as_a_module_and_as_a_script():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "flexlora_svd.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "flexlora_svd.py"
     for cmd in ([sys.executable, "-m", "ubsmoe.bench.flexlora_svd", "--help"], [sys.executable, str(script), "--help"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         assert proc.returncode == 0, proc.stderr

@@ -134,7 +134,8 @@ def test_shared_expert_gets_peft_lora_only_in_qwen2_moe(model_type, preset, tiny
 
 @pytest.mark.parametrize("preset", [p for _, p in FAMILY_PRESETS] + ["tiny-dense"])
 def test_flops_shape_counts_every_parameter_and_routed_flops_scale_with_k(preset, tiny_tokenizer):
-    from ubsmoe.metrics.flops import model_shape_from_config, param_counts, training_flops_per_token
+    from ubsmoe.metrics.flops import param_counts, training_flops_per_token
+    from ubsmoe.metrics.model_shape import model_shape_from_config
 
     model = _hf(preset, tiny_tokenizer)
     shape = model_shape_from_config(model.config.to_dict(), preset)

@@ -171,18 +171,17 @@ def test_dense_backbone_random_builds_with_lora_on_attention_and_mlp(tiny_tokeni
 def test_shared_setup_trains_the_tokenizer_to_the_preset_vocabulary(tmp_path, monkeypatch):
     """model.init=random on a preset: the tokenizer is trained locally to its vocabulary size."""
     from ubsmoe.config import load_config
-    from ubsmoe.fl import train
-    from ubsmoe.fl.train import shared_setup
-    from ubsmoe.models import tokenizer as tokenizers
+    from ubsmoe.fl import client_runtime
+    from ubsmoe.fl.client_runtime import shared_setup
+    from ubsmoe.models.tokenizer import train_tokenizer as real
 
     seen = {}
-    real = tokenizers.train_tokenizer
 
     def spy(texts, vocab_size, cache):
         seen["vocab"] = vocab_size
         return real(list(texts)[:200], vocab_size, cache)
 
-    monkeypatch.setattr(train, "train_tokenizer", spy)  # as shared_setup imported it
+    monkeypatch.setattr(client_runtime, "train_tokenizer", spy)  # as shared_setup imported it
     cfg = load_config(None, ["model.name=medium", f"model.tokenizer_cache={tmp_path}",
                              "data.train_examples=200", "fl.num_clients=2"])
     setup = shared_setup(cfg)

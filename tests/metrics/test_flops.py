@@ -13,16 +13,14 @@ from typer.testing import CliRunner
 from ubsmoe.cli import app
 from ubsmoe.config import ModelConfig
 from ubsmoe.metrics.flops import (
-    ModelShape,
     budget_table,
     default_budgets,
-    load_model_shape,
     lora_params_per_token,
-    model_shape_from_config,
     param_counts,
     register_flop_formulas,
     training_flops_per_token,
 )
+from ubsmoe.metrics.model_shape import ModelShape, load_model_shape, model_shape_from_config
 from ubsmoe.models import build_model, set_top_k
 from ubsmoe.models.presets import shipped_config
 

@@ -33,7 +33,7 @@ ROUTERS = [n for n in NAMES if n.endswith(".mlp.router_weight")]
 # contract holds for the effective update s*B@A (+ base merges), not the raw tensors.
 EFFECTIVE_ONLY = {"flexlora", "flora", "florist", "a3smoe_flexlora"}
 # Contract settings: FLoRIST at tau = 1 keeps every singular value (exact, like FLoRA);
-# its default tau = 0.9 is lossy by design (tests/test_rank_methods.py).
+# its default tau = 0.9 is lossy by design (tests/methods/test_rank_methods.py).
 CONTRACT_CONFIG = {"florist": {"tau": 1.0}}
 
 

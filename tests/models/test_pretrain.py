@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ubsmoe.errors import ConfigError
-from ubsmoe.data.commonsense import record_key
-from ubsmoe.data.prompts import format_prompt
 from ubsmoe.config.pretrain import PretrainConfig
+from ubsmoe.data.commonsense import record_key
 from ubsmoe.data.pretrain_corpus import build_corpus
+from ubsmoe.data.prompts import format_prompt
+from ubsmoe.errors import ConfigError
 from ubsmoe.models.pretrain import CHECKPOINT_DIR, batch_indices, pretrain
 from ubsmoe.models.pretrain_card import CARD_FILE, REQUIRED_CARD_FIELDS
 
@@ -110,7 +110,7 @@ def test_two_processes_give_bitwise_equal_weights(tmp_path, data_dir, reference)
     script = ("import sys, json; from ubsmoe.config.pretrain import PretrainConfig; "
               "from ubsmoe.data.pretrain_corpus import build_corpus; from ubsmoe.models.pretrain import pretrain; "
               "cfg = PretrainConfig(**json.loads(sys.argv[1])); pretrain(cfg, build_corpus(cfg), progress=False)")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     for name in ("p1", "p2"):
         cfg = {k: v for k, v in vars(small(tmp_path / name, data_dir)).items()}
         subprocess.run([sys.executable, "-c", script, json.dumps(cfg)], check=True, env=env)

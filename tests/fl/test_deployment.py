@@ -24,7 +24,7 @@ from ubsmoe.io import read_jsonl
 
 pytestmark = pytest.mark.deploy
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 CONNECTION = "ubsmoe-deploy"
 # Node i declares DECLARED[i]; the budget each must end up at (tiny: top-8, K = 8 * beta).
 DECLARED = ["budget=0.125", "top-k=4", "budget=1.0"]
@@ -182,8 +182,8 @@ def test_deployment_tls_auth_declared_budgets(deployment, record_property):
         assert sorted((c["id"], c["budget"], c["top_k"]) for c in r["clients"]) == [
             (c, beta, k) for c, (beta, k) in enumerate(EXPECTED)]
     # The config's pattern would have given other levels: the declared ones were used.
+    from ubsmoe.budgets import assign_budgets
     from ubsmoe.config import load_config
-    from ubsmoe.data.partition import assign_budgets
 
     cfg = load_config(overrides=OVERRIDES.split())
     pattern = assign_budgets(3, cfg.fl.budgets, cfg.fl.budget_pattern, cfg.train.seed)

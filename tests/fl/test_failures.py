@@ -15,12 +15,12 @@ from conftest import SMALL as CONFTEST_SMALL
 
 from ubsmoe.config import load_config
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
 from ubsmoe.fl.fold import LeftOut, OrderedFold, RoundIncomplete
 from ubsmoe.fl.run_dir import latest_checkpoint
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.server_app import _replies
 from ubsmoe.fl.state import ServerState
-from ubsmoe.fl.train import ClientRuntime, shared_setup
 from ubsmoe.fl.validate import (
     RejectedUpdate,
     check_update,
@@ -33,7 +33,7 @@ from ubsmoe.methods import ClientUpdate, get_method_class
 from ubsmoe.methods.aggregation import FedAvgAggregator, fedavg
 from ubsmoe.methods.robust import coordinate_median, trimmed_mean
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 SMALL = [*CONFTEST_SMALL, "eval.protocols=[loglik]"]
 
 E, L = 4, 2

@@ -8,15 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from ubsmoe.core.pg_apply import apply_pseudo_gradients, apply_pseudo_updates, snapshot_before_step
 from ubsmoe.core.pseudo_grad import (
     ProbePseudoGradient,
     PseudoGradient,
     UniversalPseudoGradient,
-    apply_pseudo_gradients,
-    apply_pseudo_updates,
     pg_cosine_alignment,
     pg_scale,
-    snapshot_before_step,
 )
 from ubsmoe.core.smoe import ExpertLoRA
 

@@ -76,6 +76,7 @@ class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpo
         self.model, self.tokenizer = build_model(cfg.model, setup.tokenizer, seed=cfg.train.seed)
         self.method.prepare_model(self.model)
         self.method.set_robust(cfg.fl.aggregation, cfg.fl.trim_fraction)
+        self.method.set_lora_scale(cfg.model.lora_scale_rule, cfg.model.lora_scale)
         self.model.eval()
         # The global adapters' (rank, alpha): the model's, or e.g. max(ranks) for HetLoRA.
         self.global_lora = self.method.global_lora(cfg.model.lora_rank, cfg.model.lora_alpha)
@@ -134,7 +135,8 @@ class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpo
             method gives a client of its LoRA rank), ``lora_rank``, ``lora_alpha`` and
             ``base_merges`` (the method's merge history).
         """
-        rank, alpha = self.lora[client_id]
+        # the level's (rank, alpha), or e.g. a HetLoRA client's self-pruned rank
+        rank, alpha = self.method.current_lora(client_id, *self.lora[client_id])
         seed = client_seed(self.cfg.train.seed + 1, client_id, round_idx)
         return {
             "client_id": client_id,

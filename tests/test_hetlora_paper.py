@@ -10,6 +10,7 @@ implementation (pinned below from a run of it).
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -144,9 +145,14 @@ def test_the_server_sends_a_pruned_client_its_lower_rank_and_checkpoints_it(smal
     again = Server(cfg, tmp_path / "again", setup)
     again.method.load_state_dict(state.method_state)
     assert again.client_task(0, 2)["lora_rank"] == k0
-    # the client trains and sends at its pruned rank
+    # the client trains and sends at its pruned rank; the train records say which rank
     update = ClientRuntime(cfg, setup).train_round(**nxt)
     assert all(update.adapters[p.a].shape[-2] == k0 for p in pairs)
+    server.end_round(2, [update, updates[1]])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = {rec["round"]: {c["id"]: c["lora_rank"] for c in rec["clients"]}
+               for rec in records if rec.get("type") == "train"}
+    assert trained == {1: {0: ranks[0], 1: ranks[1]}, 2: {0: k0, 1: ranks[1]}}
 
 
 # Two rounds of 4 clients on the SMALL config, computed by the implementation before the

@@ -212,6 +212,7 @@ class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpo
             clients = [u.client_id for u in updates]
         if not clients:
             raise ValueError(f"round {round_idx}: no client replied")
+        facts = self._client_facts()  # the ranks the clients trained at (before HetLoRA prunes)
         fold = OrderedFold(self.method.aggregator(self.state.adapters), clients)
         held = 0
         if self.buffers_replies:
@@ -220,7 +221,7 @@ class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpo
         self._require_replies(round_idx, fold, failed, len(clients), attempt)
         self.state.adapters = fold.result()
         self.state.method_state = self.method.state_dict()
-        record = train_record(round_idx, fold, failed, self._client_facts(), held, attempt, timings,
+        record = train_record(round_idx, fold, failed, facts, held, attempt, timings,
                               round_start, round_end=time.time())
         self.record(record)
         self.last_diagnostics = self.diagnostics(round_idx, fold.folded)
@@ -245,8 +246,12 @@ class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpo
             raise RoundIncomplete(round_idx, len(fold.folded), needed, failed)
 
     def _client_facts(self) -> dict[int, dict[str, Any]]:
-        """Client id -> ``budget``, ``lora_rank`` and (declared nodes) ``declared``, for the train record."""
-        return {c: {"budget": self.budgets[c], "lora_rank": self.lora[c][0],
+        """Client id -> ``budget``, ``lora_rank`` and (declared nodes) ``declared``, for the train record.
+
+        ``lora_rank``: the rank the client is sent now (:meth:`Method.current_lora`: its
+        level's, or a HetLoRA client's self-pruned rank).
+        """
+        return {c: {"budget": self.budgets[c], "lora_rank": self.method.current_lora(c, *self.lora[c])[0],
                     **({"declared": self.declared[c]["declared"]} if c in self.declared else {})}
                 for c in range(len(self.budgets))}
 

@@ -149,3 +149,21 @@ def test_rank_40_export_loads_in_plain_peft_with_our_scale(tiny_tokenizer, tmp_p
     with torch.no_grad():
         ours, theirs = model(input_ids=ids).logits, loaded(input_ids=ids).logits
     assert torch.allclose(ours, theirs, atol=1e-5), float((ours - theirs).abs().max())
+
+
+def test_a_run_saved_before_the_setting_loads_with_its_old_rule(tmp_path: Path):
+    """A saved config.yaml without model.lora_scale_rule trained at alpha / r: resume / load_run keep that."""
+    import yaml
+
+    from ubsmoe.config import load_saved_config, save_config
+
+    save_config(load_config(overrides=["method=hetlora"]), tmp_path / "config.yaml")
+    assert load_saved_config(tmp_path / "config.yaml").model.lora_scale_rule == "rank_independent"
+    tree = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del tree["model"]["lora_scale_rule"], tree["model"]["lora_scale"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(tree))
+    old = load_saved_config(tmp_path / "old.yaml")
+    assert old.model.lora_scale_rule == "fixed_alpha" and old.method_config.ranks == [12, 16, 24, 40]
+    # a user's config without the field gets the default
+    (tmp_path / "user.yaml").write_text("model:\n  lora_rank: 8\n")
+    assert load_config(tmp_path / "user.yaml").model.lora_scale_rule == "rank_independent"

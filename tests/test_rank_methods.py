@@ -58,8 +58,6 @@ SMALL = [
 # The tests below that pin numbers of the old rule (scale alpha / r, alpha 16) run under it:
 # model.lora_scale_rule=fixed_alpha (test_lora_scale.py tests the rank-independent default).
 OLD_RULE = "model.lora_scale_rule=fixed_alpha"
-# ... and HetLoRA's previous implementation: no self-pruning, one sparsity weight per module.
-OLD_HETLORA = ("hetlora.prune=never", "hetlora.weighting=module")
 
 
 def _old(method):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ubsmoe.config import RunConfig, config_from_dict, load_config
+from ubsmoe.config import RunConfig, config_from_dict, load_saved_config
 from ubsmoe.errors import ConfigError
 from ubsmoe.fl.client_runtime import shared_setup
 from ubsmoe.fl.run_dir import CONFIG_FILE
@@ -37,7 +37,7 @@ def _run_config(run_dir: Path, device: str | None = None, eval_overrides: dict[s
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"run_dir: {str(run_dir)!r} has no {CONFIG_FILE} (not a ubsmoe run directory)")
-    cfg = load_config(path)
+    cfg = load_saved_config(path)
     if device is None and not eval_overrides:
         return cfg
     tree = cfg.to_dict()

@@ -553,7 +553,9 @@ def test_a3smoe_flexlora_expert_weighting_equals_a3smoe_at_one_k_and_rank():
 
 def test_a3smoe_flexlora_trains_at_k_j_and_rank_r_j():
     m = _method("a3smoe_flexlora")
-    assert m.client_top_k(2, 8) == 2 and m.client_lora(0, 20, 16.0) == (12, 16.0)
+    assert m.client_top_k(2, 8) == 2 and m.client_lora(0, 20, 16.0) == (12, pytest.approx(0.8 * 12))
+    m.set_lora_scale("fixed_alpha", 0.8)  # the old rule: the section's alpha at every rank
+    assert m.client_lora(0, 20, 16.0) == (12, 16.0)
     assert _method("flexlora").client_top_k(2, 8) == 8
     with pytest.raises(ConfigError, match="a3smoe_flexlora.gamma"):
         get_method_class("a3smoe_flexlora").config_class(gamma=-1.0)

@@ -33,8 +33,9 @@ ROUTERS = [n for n in NAMES if n.endswith(".mlp.router_weight")]
 # contract holds for the effective update s*B@A (+ base merges), not the raw tensors.
 EFFECTIVE_ONLY = {"flexlora", "flora", "florist", "a3smoe_flexlora"}
 # Contract settings: FLoRIST at tau = 1 keeps every singular value (exact, like FLoRA);
-# its default tau = 0.9 is lossy by design (tests/methods/test_rank_methods.py).
-CONTRACT_CONFIG = {"florist": {"tau": 1.0}}
+# its default tau = 0.9 is lossy by design (tests/methods/test_rank_methods.py). HetLoRA without
+# self-pruning: a client whose tail shrank drops it by design (tests/methods/test_hetlora_paper.py).
+CONTRACT_CONFIG = {"florist": {"tau": 1.0}, "hetlora": {"prune": "never"}}
 
 
 def _method(name):
@@ -51,7 +52,9 @@ def _effective(method, adapters):
     out = {n: adapters[n].double() for n in others}
     for p in pairs:
         A, B = adapters[p.a].double(), adapters[p.b].double()
-        out[p.module] = alpha / A.shape[-2] * (B @ A)
+        # the rank methods' scale (model.lora_scale_rule), else the old alpha / r
+        scale = method.scale(A.shape[-2]) if hasattr(method, "scale") else alpha / A.shape[-2]
+        out[p.module] = scale * (B @ A)
     for _, factors in method.base_merges():
         for p in pairs:
             if f"{p.module}.A" in factors:

@@ -55,6 +55,17 @@ SMALL = [
 
 
 # ----- helpers -------------------------------------------------------------------------
+# The tests below that pin numbers of the old rule (scale alpha / r, alpha 16) run under it:
+# model.lora_scale_rule=fixed_alpha (test_lora_scale.py tests the rank-independent default).
+OLD_RULE = "model.lora_scale_rule=fixed_alpha"
+
+
+def _old(method):
+    """``method`` under the old scale rule (scale ``alpha / r``)."""
+    method.set_lora_scale("fixed_alpha", 0.8)
+    return method
+
+
 def _adapters(rank, seed, zero_b=False):
     """One attention LoRA [r, IN] / [OUT, r] and one per-expert LoRA [E, r, IN] / [E, OUT, r]."""
     g = torch.Generator().manual_seed(seed)
@@ -133,7 +144,7 @@ def test_florist_config_rejects_bad_tau():
 
 
 def test_rank_methods_run_native_top_k_and_level_ranks():
-    m = HetLoRA()
+    m = _old(HetLoRA())
     assert m.client_top_k(1, 8) == 8
     assert [m.client_lora(j, 20, 16.0) for j in range(4)] == [(12, 16.0), (16, 16.0), (24, 16.0),
                                                               (40, 16.0)]
@@ -146,7 +157,7 @@ def test_rank_methods_run_native_top_k_and_level_ranks():
 def test_truncated_distribution_keeps_the_effective_leading_components():
     g = _adapters(8, 0)
     for r in (2, 5, 8):
-        c = HetLoRA(HetLoRAConfig(ranks=[2, 5, 8])).client_adapters(g, r, seed=0)
+        c = _old(HetLoRA(HetLoRAConfig(ranks=[2, 5, 8]))).client_adapters(g, r, seed=0)
         assert c[f"{ATT}.lora_A.default.weight"].shape == (r, IN) and c[f"{EXP}.B"].shape == (E, OUT, r)
         for mod in (ATT, EXP):
             A, B = _factors(g, mod)
@@ -157,7 +168,8 @@ def test_truncated_distribution_keeps_the_effective_leading_components():
 def test_hetlora_aggregate_pads_and_weights_by_frobenius_norm():
     ranks, r_g = [2, 3, 5], 5
     updates = [_update(c, r, 10 + c, n=5 + c) for c, r in enumerate(ranks)]
-    out = HetLoRA(HetLoRAConfig(ranks=ranks)).aggregate(_adapters(r_g, 0), updates)
+    method = _old(HetLoRA(HetLoRAConfig(ranks=ranks, prune="never", weighting="module")))
+    out = method.aggregate(_adapters(r_g, 0), updates)
     s_g = 16.0 / r_g
     for mod in (ATT, EXP):
         A_out, B_out = _factors(out, mod)
@@ -176,7 +188,8 @@ def test_hetlora_aggregate_pads_and_weights_by_frobenius_norm():
 
 def test_hetlora_weights_fall_back_to_uniform_for_zero_updates():
     updates = [_update(c, r, c, n=1 + 9 * c, zero_b=True) for c, r in enumerate([2, 4])]
-    out = HetLoRA(HetLoRAConfig(ranks=[2, 4])).aggregate(_adapters(4, 0), updates)
+    method = _old(HetLoRA(HetLoRAConfig(ranks=[2, 4], prune="never", weighting="module")))
+    out = method.aggregate(_adapters(4, 0), updates)
     A0, A1 = updates[0].adapters[f"{EXP}.A"], updates[1].adapters[f"{EXP}.A"]
     ref = 0.5 * A1
     ref[:, :2] += 0.5 * A0
@@ -186,7 +199,7 @@ def test_hetlora_weights_fall_back_to_uniform_for_zero_updates():
 def test_flexlora_global_and_client_adapters_are_truncated_svds_of_the_weighted_update():
     ranks, r_g = [1, 2, 3], 3
     updates = [_update(c, r, 20 + c, n=3 + 4 * c) for c, r in enumerate(ranks)]
-    method = FlexLoRA(get_method_class("flexlora").config_class(ranks=ranks))
+    method = _old(FlexLoRA(get_method_class("flexlora").config_class(ranks=ranks)))
     out = method.aggregate(_adapters(r_g, 0), updates)
     for mod in (ATT, EXP):
         dW = _dense_sum(updates, mod)  # [E', OUT, IN], rank <= 6 > r_g
@@ -198,7 +211,7 @@ def test_flexlora_global_and_client_adapters_are_truncated_svds_of_the_weighted_
 
 def test_flora_merge_is_the_exact_weighted_sum_and_adapters_reset():
     updates = [_update(c, r, 30 + c, n=2 + c) for c, r in enumerate([1, 2, 4])]
-    method = FLoRA(get_method_class("flora").config_class(ranks=[1, 2, 4]))
+    method = _old(FLoRA(get_method_class("flora").config_class(ranks=[1, 2, 4])))
     out = method.aggregate(_adapters(4, 0), updates)
     [(mid, factors)] = method.base_merges()
     assert len(mid) == 64
@@ -239,7 +252,7 @@ def test_flora_clients_get_fresh_seeded_factors_at_their_rank():
 
 def test_florist_merges_the_smallest_rank_reaching_tau_and_guards_zero_updates():
     updates = [_update(c, r, 50 + c, n=4 + c) for c, r in enumerate([2, 3, 4])]
-    method = FLoRIST(FLoRISTConfig(ranks=[2, 3, 4], tau=0.8))
+    method = _old(FLoRIST(FLoRISTConfig(ranks=[2, 3, 4], tau=0.8)))
     method.aggregate(_adapters(4, 0), updates)
     [(_, factors)] = method.base_merges()
     for mod in (ATT, EXP):
@@ -379,7 +392,7 @@ def small(tmp_path_factory):
 
 def test_a_client_trains_rank_r_lora_at_its_level(small, tmp_path):
     make, setup = small
-    cfg = make("method=hetlora")
+    cfg = make("method=hetlora", OLD_RULE)
     server = Server(cfg, tmp_path / "run", setup)
     runtime = ClientRuntime(cfg, setup)
     assert {r for r, _ in server.lora} == {12, 16, 24, 40}
@@ -404,7 +417,7 @@ def test_each_budget_level_is_evaluated_with_its_rank(small, tmp_path, monkeypat
     import ubsmoe.eval.commonsense as ev
 
     make, setup = small
-    cfg = make("method=flexlora")
+    cfg = make("method=flexlora", OLD_RULE)
     server = Server(cfg, tmp_path / "run", setup)
     g = torch.Generator().manual_seed(0)
     server.state.adapters = {k: torch.randn(v.shape, generator=g) * 0.01
@@ -436,7 +449,7 @@ def test_each_budget_level_is_evaluated_with_its_rank(small, tmp_path, monkeypat
 
 def test_flora_merged_base_after_a_round_equals_base_plus_weighted_stack(small, tmp_path):
     make, setup = small
-    cfg = make("method=flora", "fl.rounds=3")
+    cfg = make("method=flora", "fl.rounds=3", OLD_RULE)
     server = Server(cfg, tmp_path / "run", setup)
     names = ["base_model.model.model.layers.0.self_attn.q_proj",
              "base_model.model.model.layers.1.mlp.gate_up_lora"]

@@ -17,7 +17,7 @@ import typer
 
 from ubsmoe.cli.app import app, console, err_console, fail, parse_list
 from ubsmoe.cli.progress import RunDisplay
-from ubsmoe.config import RunConfig, load_config
+from ubsmoe.config import RunConfig, load_config, load_saved_config
 from ubsmoe.errors import ConfigError
 from ubsmoe.experiments import (
     cell_record,
@@ -142,7 +142,7 @@ def _resolve_run(resume: Path | None, overrides: list[str], config: Path | None,
         if not cfg_path.is_file():
             fail(f"--resume: {str(resume)!r} has no config.yaml")
         # The saved config is complete; no embedded default underneath changes it.
-        return load_config(cfg_path), resume
+        return load_saved_config(cfg_path), resume
     cfg, cell = load_run_config(config, overrides, scale)
     run_dir = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
     _refuse_existing_run(run_dir)

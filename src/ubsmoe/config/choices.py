@@ -30,6 +30,9 @@ EVAL_TOP_K = ("budget", "native")
 TRAIN_TOP_K = ("auto", "budget", "native")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_INITS = ("auto", "random", "pretrained")
+# How a LoRA's scale follows its rank (``model.lora_scale_rule``): one scale for every rank
+# (alpha = scale * r) or one alpha for every rank (scale = alpha / r, the old rule).
+LORA_SCALE_RULES = ("rank_independent", "fixed_alpha")
 # Random-weight OLMoE-architecture presets (sizes in ubsmoe.models.build.PRESETS).
 MODEL_PRESETS = ("tiny", "medium", "tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-dense")
 

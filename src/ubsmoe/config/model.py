@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ubsmoe.budgets import DEVICE_NAMES, valid_device_name
-from ubsmoe.config.choices import DTYPES, MODEL_INITS, MODEL_PRESETS
+from ubsmoe.config.choices import DTYPES, LORA_SCALE_RULES, MODEL_INITS, MODEL_PRESETS
 from ubsmoe.errors import ConfigError, raise_if_any
 from ubsmoe.errors import bad_value as _bad
+
+# model.lora_scale_rule and model.lora_scale defaults (also a bare Method's, methods/base.py).
+DEFAULT_LORA_SCALE_RULE = "rank_independent"
+DEFAULT_LORA_SCALE = 0.8
 
 
 @dataclass
@@ -73,7 +78,19 @@ class ModelConfig:
             ``allenai/OLMo-1B-hf`` (dense: ``fedit`` and the rank methods only)
             configs build offline with ``init=random``.
         lora_rank: LoRA rank r of every expert projection and attention projection.
-        lora_alpha: LoRA alpha; the scale is alpha / r.
+        lora_alpha: LoRA alpha of every LoRA under ``lora_scale_rule=fixed_alpha``
+            (scale alpha / r); unused under ``rank_independent``.
+        lora_scale_rule: how a LoRA's scale s (its update is ``s B A``) follows its
+            rank r, for every method: ``rank_independent`` (default; s =
+            ``lora_scale`` at every rank, alpha = s r, as FLoRA's official code sets
+            ``lora_alpha = 2 r``; a rank-12 and a rank-40 client train at the same
+            effective step) or ``fixed_alpha`` (the old rule: s = alpha / r with
+            ``lora_alpha`` here and the rank methods' ``<method>.alpha``, which damps
+            high-rank clients: 1.33 at rank 12, 0.4 at rank 40 for alpha 16).
+        lora_scale: the one LoRA scale s of every method and rank under
+            ``lora_scale_rule=rank_independent``, > 0. Default 0.8 = 16 / 20, the
+            scale the SMoE methods had at their default rank 20 and alpha 16, so
+            their default runs are unchanged (FLoRA's code uses 2).
         attention_lora: also put LoRA on q/k/v/o attention projections (PEFT).
         dtype: parameter dtype of the frozen model: ``auto`` (bfloat16 on a GPU,
             float32 on CPU), ``float32``, ``bfloat16`` or ``float16``. LoRA factors
@@ -117,6 +134,8 @@ class ModelConfig:
     name: str = "tiny"
     lora_rank: int = 20
     lora_alpha: float = 16.0
+    lora_scale_rule: str = DEFAULT_LORA_SCALE_RULE
+    lora_scale: float = DEFAULT_LORA_SCALE
     attention_lora: bool = True
     dtype: str = "auto"
     device: str = "auto"
@@ -134,6 +153,12 @@ class ModelConfig:
             errors.append(_bad("model.lora_rank", self.lora_rank, "an integer >= 1"))
         if not self.lora_alpha > 0:
             errors.append(_bad("model.lora_alpha", self.lora_alpha, "a number > 0"))
+        if self.lora_scale_rule not in LORA_SCALE_RULES:
+            errors.append(_bad("model.lora_scale_rule", self.lora_scale_rule,
+                               f"one of {', '.join(LORA_SCALE_RULES)}"))
+        if isinstance(self.lora_scale, bool) or not isinstance(self.lora_scale, (int, float)) \
+                or not math.isfinite(self.lora_scale) or not self.lora_scale > 0:
+            errors.append(_bad("model.lora_scale", self.lora_scale, "a finite number > 0"))
         if self.dtype not in DTYPES:
             errors.append(_bad("model.dtype", self.dtype, f"one of {', '.join(DTYPES)}"))
         if self.k_min < 1:
@@ -154,6 +179,17 @@ class ModelConfig:
                                f"an integer in [1, model.lora_experts={self.lora_experts}]"))
         raise_if_any(errors)
 
+    def alpha_for(self, rank: int, fixed_alpha: float | None = None) -> float:
+        """LoRA alpha of a rank-``rank`` LoRA under ``lora_scale_rule`` (see :func:`lora_alpha_for`).
+
+        Args:
+            rank: the LoRA rank r >= 1.
+            fixed_alpha: the alpha of the ``fixed_alpha`` rule (default ``lora_alpha``;
+                the rank methods pass their section's ``alpha``).
+        """
+        return lora_alpha_for(self.lora_scale_rule, self.lora_scale,
+                              self.lora_alpha if fixed_alpha is None else fixed_alpha, rank)
+
     @property
     def resolved_init(self) -> str:
         """``random`` or ``pretrained``: ``auto`` resolved by the model name."""
@@ -162,3 +198,29 @@ class ModelConfig:
         return "random" if self.name in MODEL_PRESETS else "pretrained"
 
 
+
+
+def lora_alpha_for(rule: str, scale: float, fixed_alpha: float, rank: int) -> float:
+    """The LoRA alpha that gives a rank-``rank`` LoRA its scale under ``rule``.
+
+    PEFT and :class:`~ubsmoe.core.smoe.ExpertLoRA` compute the scale as ``alpha / r``
+    (DESIGN.md section 5), so ``rank_independent`` returns ``alpha = scale * r`` (scale
+    ``scale`` at every rank) and ``fixed_alpha`` returns ``fixed_alpha`` (scale
+    ``fixed_alpha / r``).
+
+    Args:
+        rule: one of ``LORA_SCALE_RULES``.
+        scale: the rank-independent scale s > 0.
+        fixed_alpha: the alpha of the ``fixed_alpha`` rule.
+        rank: the LoRA rank r >= 1.
+
+    Raises:
+        ValueError: an unknown rule or a rank below 1.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"lora rank: got {rank!r}, expected an integer >= 1")
+    if rule == "rank_independent":
+        return float(scale) * rank
+    if rule == "fixed_alpha":
+        return float(fixed_alpha)
+    raise ValueError(_bad("model.lora_scale_rule", rule, f"one of {', '.join(LORA_SCALE_RULES)}"))

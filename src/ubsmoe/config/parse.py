@@ -207,6 +207,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(tree)
 
 
+def load_saved_config(path: str | Path) -> RunConfig:
+    """A run directory's saved ``config.yaml`` (``--resume``, ``load_run``, ``ubsmoe eval``, sweeps).
+
+    A run saved before ``model.lora_scale_rule`` existed trained every LoRA at
+    ``alpha / r``: a saved file whose ``model`` section lacks ``lora_scale_rule`` loads
+    with ``fixed_alpha``, so the run resumes and evaluates at the scale it trained at.
+    (:func:`save_config` writes every field, so every newer run states its rule.)
+
+    Raises:
+        ConfigError: as :func:`load_config`.
+    """
+    p = Path(path)
+    try:
+        saved = yaml.safe_load(p.read_text(encoding="utf-8")) if p.is_file() else None
+    except yaml.YAMLError:
+        saved = None  # load_config names the error
+    old = isinstance(saved, dict) and isinstance(saved.get("model"), dict) \
+        and "lora_scale_rule" not in saved["model"]
+    return load_config(p, ["model.lora_scale_rule=fixed_alpha"] if old else None)
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ubsmoe.config import RunConfig, load_config, save_config
+from ubsmoe.config import RunConfig, load_saved_config, save_config
 from ubsmoe.experiments import Cell, Experiment, cell_dir_name, cell_record, resolve_cell
 from ubsmoe.fl.run_dir import CONFIG_FILE, SUMMARY_FILE, latest_checkpoint
 from ubsmoe.io import atomic_write_json
@@ -182,7 +182,7 @@ def prepare_item(item: SweepItem, device: str | None) -> None:
     atomic_write_json(item.run_dir / CELL_FILE, cell_record(item.cell, item.cfg))
     if item.resume:
         if device is not None:
-            saved = load_config(item.run_dir / CONFIG_FILE)
+            saved = load_saved_config(item.run_dir / CONFIG_FILE)
             saved.model.device = "cuda"
             save_config(saved, item.run_dir / CONFIG_FILE)
         return

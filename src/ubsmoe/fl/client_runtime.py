@@ -214,6 +214,7 @@ class ClientRuntime:
         self.tokenizer = self.setup.tokenizer
         self.model, _ = build_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
         self.method = get_method_class(cfg.method)(cfg.method_config)
+        self.method.set_lora_scale(cfg.model.lora_scale_rule, cfg.model.lora_scale)
         self.method.prepare_model(self.model)
         self._examples: dict[int, list[dict]] = {}
         self._merged: list[str] = []  # ids of the base merges applied to self.model
@@ -263,7 +264,7 @@ class ClientRuntime:
             sync_base_merges(self.model, self._merged, base_merges)
         if lora_rank is not None:
             set_lora_rank(self.model, lora_rank,
-                          cfg.model.lora_alpha if lora_alpha is None else lora_alpha,
+                          cfg.model.alpha_for(lora_rank) if lora_alpha is None else lora_alpha,
                           seed=cfg.train.seed + 1)
         load_adapter_state(self.model, global_adapters)
         set_top_k(self.model, top_k)

@@ -77,6 +77,7 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
         self.model, self.tokenizer = build_model(cfg.model, setup.tokenizer, seed=cfg.train.seed)
         self.method.prepare_model(self.model)
         self.method.set_robust(cfg.fl.aggregation, cfg.fl.trim_fraction)
+        self.method.set_lora_scale(cfg.model.lora_scale_rule, cfg.model.lora_scale)
         self.model.eval()
         # The global adapters' (rank, alpha): the model's, or e.g. max(ranks) for HetLoRA.
         self.global_lora = self.method.global_lora(cfg.model.lora_rank, cfg.model.lora_alpha)
@@ -138,7 +139,8 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
             method gives a client of its LoRA rank), ``lora_rank``, ``lora_alpha`` and
             ``base_merges`` (the method's merge history).
         """
-        rank, alpha = self.lora[client_id]
+        # the level's (rank, alpha), or e.g. a HetLoRA client's self-pruned rank
+        rank, alpha = self.method.current_lora(client_id, *self.lora[client_id])
         seed = client_seed(self.cfg.train.seed + 1, client_id, round_idx)
         return {
             "client_id": client_id,
@@ -214,6 +216,7 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
             clients = [u.client_id for u in updates]
         if not clients:
             raise ValueError(f"round {round_idx}: no client replied")
+        facts = self._client_facts()  # the ranks the clients trained at (before HetLoRA prunes)
         fold = OrderedFold(self.method.aggregator(self.state.adapters), clients)
         updates = self.screen_fleet(updates)  # budget=auto level reports, the simulated clock
         held = 0
@@ -223,7 +226,7 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
         self._require_replies(round_idx, fold, failed, len(clients), attempt)
         self.state.adapters = fold.result()
         self.state.method_state = self.method.state_dict()
-        record = train_record(round_idx, fold, failed, self._client_facts(), held, attempt, timings,
+        record = train_record(round_idx, fold, failed, facts, held, attempt, timings,
                               round_start, round_end=time.time())
         record.update(self.fleet_facts())
         self.record(record)
@@ -250,8 +253,12 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
             raise RoundIncomplete(round_idx, len(fold.folded), needed, failed)
 
     def _client_facts(self) -> dict[int, dict[str, Any]]:
-        """Client id -> ``budget``, ``lora_rank`` and (declared nodes) ``declared``, for the train record."""
-        return {c: {"budget": self.budgets[c], "lora_rank": self.lora[c][0],
+        """Client id -> ``budget``, ``lora_rank`` and (declared nodes) ``declared``, for the train record.
+
+        ``lora_rank``: the rank the client is sent now (:meth:`Method.current_lora`: its
+        level's, or a HetLoRA client's self-pruned rank).
+        """
+        return {c: {"budget": self.budgets[c], "lora_rank": self.method.current_lora(c, *self.lora[c])[0],
                     **({"declared": self.declared[c]["declared"]} if c in self.declared else {})}
                 for c in range(len(self.budgets))}
 

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ubsmoe.config.model import DEFAULT_LORA_SCALE, DEFAULT_LORA_SCALE_RULE, lora_alpha_for
 from ubsmoe.errors import ConfigError
 from ubsmoe.methods.aggregation import (
     Aggregator,
@@ -96,6 +97,29 @@ class Method:
         self.config = config if config is not None else self.config_class()
         # fl.aggregation: None (the weighted mean) or (rule, trim_fraction), see set_robust.
         self.robust: tuple[str, float] | None = None
+        # model.lora_scale_rule / model.lora_scale, see set_lora_scale (bare method: the defaults).
+        self.lora_scale_rule = DEFAULT_LORA_SCALE_RULE
+        self.lora_scale = DEFAULT_LORA_SCALE
+
+    def set_lora_scale(self, rule: str, scale: float) -> None:
+        """Size every LoRA by ``model.lora_scale_rule`` and ``model.lora_scale`` (DESIGN.md section 5).
+
+        ``rank_independent``: every LoRA of every rank has scale ``scale`` (alpha =
+        scale * r); ``fixed_alpha``: scale ``alpha / r`` with the model's or the rank
+        method's alpha. The server, every client runtime and the planner call it with
+        the run's values; a bare method uses the config defaults.
+
+        Raises:
+            ValueError: an unknown rule or a scale that is not > 0.
+        """
+        lora_alpha_for(rule, scale, 1.0, 1)  # raises on an unknown rule
+        if not float(scale) > 0:
+            raise ValueError(f"model.lora_scale: got {scale!r}, expected a number > 0")
+        self.lora_scale_rule, self.lora_scale = rule, float(scale)
+
+    def lora_alpha(self, rank: int, fixed_alpha: float) -> float:
+        """Alpha of a rank-``rank`` LoRA under the method's scale rule (``fixed_alpha``: that alpha)."""
+        return lora_alpha_for(self.lora_scale_rule, self.lora_scale, fixed_alpha, rank)
 
     def set_robust(self, rule: str, trim_fraction: float = 0.1) -> None:
         """Use a robust rule (``fl.aggregation``) for the tensors the method averages with p_c.
@@ -204,18 +228,27 @@ class Method:
         """``(rank, alpha)`` of every LoRA a client at budget level ``level`` trains.
 
         A budget level is evaluated at the same rank. Default: the model's own
-        ``(model.lora_rank, model.lora_alpha)`` for every level.
+        ``model.lora_rank`` for every level, with the alpha of the scale rule
+        (:meth:`lora_alpha`: ``model.lora_alpha`` under ``fixed_alpha``).
 
         Args:
             level: 0-based index of the client's level in ``fl.budgets`` (0: beta_1).
             model_rank: ``model.lora_rank``.
             model_alpha: ``model.lora_alpha``.
         """
-        return model_rank, model_alpha
+        return model_rank, self.lora_alpha(model_rank, model_alpha)
 
     def global_lora(self, model_rank: int, model_alpha: float) -> tuple[int, float]:
         """``(rank, alpha)`` of the server's global adapters. Default: the model's."""
-        return model_rank, model_alpha
+        return model_rank, self.lora_alpha(model_rank, model_alpha)
+
+    def current_lora(self, client_id: int, rank: int, alpha: float) -> tuple[int, float]:
+        """``(rank, alpha)`` client ``client_id`` trains this round, given its level's.
+
+        Default: its level's ``(rank, alpha)`` (:meth:`client_lora`). HetLoRA returns
+        the client's self-pruned rank (never above its level's).
+        """
+        return rank, alpha
 
     def client_adapters(self, global_adapters: dict[str, torch.Tensor], rank: int,
                         seed: int) -> dict[str, torch.Tensor]:

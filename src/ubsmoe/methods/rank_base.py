@@ -6,8 +6,10 @@ default (``train.top_k``; evaluation runs level j at K_j, ``eval.top_k``), and a
 client at budget level beta_j trains rank ``ranks[j]`` (default 12, 16, 24, 40 for
 beta_1..beta_4) on every LoRA of the model, attention (PEFT, ``lora_A.default.weight``
 ``[r, in]`` / ``lora_B.default.weight`` ``[out, r]``) and per-expert
-(``gate_up_lora.A`` ``[E, r, in]`` / ``.B`` ``[E, out, r]``), all with scale
-``s = alpha / r``. The per-module aggregation math lives in
+(``gate_up_lora.A`` ``[E, r, in]`` / ``.B`` ``[E, out, r]``), all with one scale
+``s``: ``model.lora_scale`` at every rank (``model.lora_scale_rule=rank_independent``,
+the default) or ``s = alpha / r`` with this section's ``alpha`` (``fixed_alpha``, the
+old rule). The per-module aggregation math lives in
 :mod:`ubsmoe.core.lora` and works on 2-D factors; :func:`map_experts` applies it
 to each expert of a batched per-expert LoRA.
 
@@ -43,8 +45,10 @@ class LoRARankConfig:
         ranks: LoRA rank of a client at each budget level, aligned with ``fl.budgets``
             (one rank per level, else a config error; default 12, 16, 24, 40 for
             beta_1..beta_4). The server's global adapters have rank ``max(ranks)``.
-        alpha: LoRA alpha of every client adapter (scale ``alpha / rank``). Rank
-            methods set rank and alpha of every LoRA from this section;
+        alpha: LoRA alpha of every client adapter under
+            ``model.lora_scale_rule=fixed_alpha`` (scale ``alpha / rank``); unused
+            under ``rank_independent`` (scale ``model.lora_scale`` at every rank). Rank
+            methods set the rank of every LoRA from this section;
             ``model.lora_rank`` and ``model.lora_alpha`` apply to the other methods.
     """
 
@@ -213,27 +217,36 @@ class RankMethod(Method):
     needs_moe: ClassVar[bool] = False
 
     def scale(self, rank: int) -> float:
-        """LoRA scale ``s = alpha / rank``."""
+        """LoRA scale of a rank-``rank`` adapter.
+
+        ``model.lora_scale`` at every rank under ``rank_independent`` (exactly, so
+        the truncation and padding factors ``s_g / s_r`` are exactly 1), else
+        ``alpha / rank`` with the section's ``alpha``.
+        """
+        if self.lora_scale_rule == "rank_independent":
+            return self.lora_scale
         return float(self.config.alpha) / rank
 
     def client_lora(self, level: int, model_rank: int, model_alpha: float) -> tuple[int, float]:
-        """``(ranks[level], alpha)`` from the method's section.
+        """``(ranks[level], alpha)``: the section's rank, the scale rule's alpha at that rank.
 
         Raises:
             ValueError: ``level`` has no rank (``len(ranks) != len(fl.budgets)``).
         """
-        return rank_for_level(self.config.ranks, level, self.name), float(self.config.alpha)
+        rank = rank_for_level(self.config.ranks, level, self.name)
+        return rank, self.lora_alpha(rank, float(self.config.alpha))
 
     def global_lora(self, model_rank: int, model_alpha: float) -> tuple[int, float]:
         """``(max(ranks), alpha)``: the global adapters hold the largest client's rank."""
-        return global_rank(self.config.ranks), float(self.config.alpha)
+        rank = global_rank(self.config.ranks)
+        return rank, self.lora_alpha(rank, float(self.config.alpha))
 
     def client_adapters(self, global_adapters: dict[str, torch.Tensor], rank: int,
                         seed: int) -> dict[str, torch.Tensor]:
         """The global adapters truncated to ``rank`` in the effective space.
 
-        ``A_c = A[..., :r, :]`` and ``B_c = B[..., :r] * s_g / s_r`` with
-        ``s = alpha / rank``, so ``s_r B_c A_c`` is exactly the first ``r`` rank-one
+        ``A_c = A[..., :r, :]`` and ``B_c = B[..., :r] * s_g / s_r`` (:meth:`scale`;
+        the factor is 1 under the rank-independent scale, so B is not rescaled), so ``s_r B_c A_c`` is exactly the first ``r`` rank-one
         components of the global update ``s_g B A`` (DESIGN.md section 5: ranks differ,
         so the effective space ``s B A`` is what is shared). For FlexLoRA's global SVD
         factors this is its redistribution ``A = V_r^T, B = U_r diag(S_r) / s_r``.
@@ -247,7 +260,8 @@ class RankMethod(Method):
             r_g = pair_rank(global_adapters, pair)
             A, B = map_experts(lambda a, b: truncate_lora(a, b, rank),
                                global_adapters[pair.a], global_adapters[pair.b])
-            out[pair.a], out[pair.b] = A, B * (self.scale(r_g) / self.scale(rank))
+            ratio = self.scale(r_g) / self.scale(rank)
+            out[pair.a], out[pair.b] = A, (B if ratio == 1.0 else B * ratio)
         return out
 
     def _others(self, global_adapters: dict[str, torch.Tensor],

@@ -111,6 +111,7 @@ def _meta_model(cfg: RunConfig):
     model = random_olmoe(cfg.model, None, None, None, seed=cfg.train.seed, device="meta", dtype=dtype)
     model = prepare_model(model, cfg.model, cfg.train.seed)
     method = get_method_class(cfg.method)(cfg.method_config)
+    method.set_lora_scale(cfg.model.lora_scale_rule, cfg.model.lora_scale)
     method.prepare_model(model)
     return model, method, dtype
 

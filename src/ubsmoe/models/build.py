@@ -250,13 +250,14 @@ def prepare_model(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Modul
         raise ValueError(f"model.lora_experts: got {cfg.lora_experts}, expected 0 for the sparse-MoE "
                          f"model {cfg.name} ({model.config.model_type}); LoRA experts are for dense backbones")
     targets = lora_targets(model, cfg.attention_lora, cfg.lora_experts)
+    alpha = cfg.alpha_for(cfg.lora_rank)  # model.lora_scale_rule: scale lora_scale or lora_alpha / r
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
         if targets:
             # lazy: peft (imports transformers) takes seconds to import; only this path needs it
             from peft import LoraConfig, get_peft_model
 
-            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, lora_dropout=0.0,
                               target_modules=targets, bias="none")
             with warnings.catch_warnings():
                 # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing`; the
@@ -265,10 +266,10 @@ def prepare_model(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Modul
                                         category=FutureWarning)
                 model = get_peft_model(model, lora)
         if not dense:
-            patch_smoe(model, cfg.lora_rank, cfg.lora_alpha)
+            patch_smoe(model, cfg.lora_rank, alpha)
         elif cfg.lora_experts:
             patch_lora_experts(model, cfg.lora_experts, cfg.lora_experts_top_k, cfg.lora_rank,
-                               cfg.lora_alpha, seed)
+                               alpha, seed)
     for layer in smoe_layers(model):
         layer.set_router_trainable(cfg.router_trainable)
     model.config.use_cache = True

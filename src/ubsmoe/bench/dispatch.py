@@ -230,7 +230,7 @@ def full_depth_ops(by_layer: dict[str, int], depth: int) -> int:
 def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = None,
                     dtypes: list[str] | None = None, methods: list[str] | None = None,
                     warmup: int = 0, repeats: int = 1, full_depth: int | None = None,
-                    progress=None) -> dict[str, Any]:
+                    progress=None, device: str = "cpu") -> dict[str, Any]:
     """Operation counts of one local step per dtype, method and K on one model config.
 
     One model per (dtype, method), built by the ``model_step`` suite's builder
@@ -250,6 +250,8 @@ def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = 
         full_depth: when set, each case also gets ``full_depth_ops``, the forward +
             backward count at that many decoder layers (:func:`full_depth_ops`).
         progress: called with a case label before each case.
+        device: where the models run (the GPU check counts on CUDA: fused Adam and
+            SDPA break down there as they launch).
 
     Returns:
         ``{"config": ..., "models": {dtype: {method: {str(K): counts}}}}`` with the
@@ -266,14 +268,14 @@ def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = 
         raise ValueError(f"repeats, warmup: got {repeats}, {warmup}, expected >= 1 and >= 0")
     ks = ks or DISPATCH_KS
     train_cfg = TrainConfig()
-    batch = _batch(step_cfg, seed)
+    batch = {k: v.to(device) for k, v in _batch(step_cfg, seed).items()}
     out: dict[str, Any] = {}
     for label in dtypes or DISPATCH_DTYPES:
         dtype, _, adapters = label.partition("_")
         case_cfg = replace(train_cfg, adapter_dtype=adapters or "float32")
         for name in methods or DISPATCH_METHODS:
             method = get_method_class(name)()
-            model = _build(step_cfg, SMOE_RANK, seed, "cpu", dtype)
+            model = _build(step_cfg, SMOE_RANK, seed, device, dtype)
             method.prepare_model(model)
             for k in ks:
                 if progress is not None:
@@ -291,7 +293,7 @@ def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = 
     return {
         "config": {"name": step_cfg.name, "sizes": asdict(step_cfg.sizes),
                    "batch_size": step_cfg.batch_size, "seq_len": step_cfg.seq_len,
-                   "lora_rank": SMOE_RANK, "attention_lora": True, "device": "cpu",
+                   "lora_rank": SMOE_RANK, "attention_lora": True, "device": str(device),
                    "warmup": warmup, "repeats": repeats, "full_depth": full_depth,
                    "lr": train_cfg.lr, "max_grad_norm": train_cfg.max_grad_norm},
         "models": out,

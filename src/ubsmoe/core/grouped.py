@@ -16,6 +16,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@torch.compiler.disable
+def _grouped_mm_eager(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm`` outside any compiled graph (its fake-tensor rule accepts only bfloat16)."""
+    return F.grouped_mm(a, b, offs=offsets)
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm``; under ``torch.compile`` and not bfloat16, run eagerly (a graph break).
+
+    The CPU runs ``grouped_mm`` in float32, but its meta function (what dynamo traces
+    with) rejects anything but bfloat16, so a float32 model's grouped matmuls stay
+    eager inside a compiled layer (``train.compile``).
+    """
+    if a.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _grouped_mm_eager(a, b, offsets)
+    return F.grouped_mm(a, b, offs=offsets)
+
+
 def grouped_linear(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Per-group matmul ``x[rows of group e] @ weight_t[e]``.
 
@@ -30,7 +48,7 @@ def grouped_linear(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tenso
         output row, so an empty expert cannot put anything into the output (its
         weight-gradient block is the one that needs care: :func:`grouped_weight_grad`).
     """
-    return F.grouped_mm(x, weight_t, offs=offsets)
+    return _grouped_mm(x, weight_t, offsets)
 
 
 def grouped_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, offsets: torch.Tensor,
@@ -57,7 +75,7 @@ def grouped_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, offsets: torc
         ``sum over rows r of group e of grad_out[r]^T inp[r]`` and 0 where group e
         has no row.
     """
-    grad = F.grouped_mm(grad_out.t(), inp, offs=offsets)  # [E, out, in]
+    grad = _grouped_mm(grad_out.t(), inp, offsets)  # [E, out, in]
     if empty is None:
         empty = torch.diff(offsets, prepend=offsets.new_zeros(1)) == 0  # [E] groups without rows
     return grad.masked_fill_(empty[:, None, None], 0)

@@ -22,6 +22,12 @@ after every part, so a timeout still leaves the finished parts:
 - ``round``: one UB-SMoE round, 4 clients x 4 local steps, through the library's
   :class:`~ubsmoe.fl.server.Server` and :class:`~ubsmoe.fl.client_runtime.ClientRuntime` in this
   process, then evaluation at every budget level under both protocols.
+- ``dispatch`` (issue 24): the launch counts of one local step on this device
+  (:func:`ubsmoe.bench.dispatch.dispatch_counts`; OLMoE-1B-7B's shape at 2 layers,
+  K = 1 and 8, ``smoe``/``ubsmoe``, float32 adapters and ``train.adapter_dtype=compute``).
+- ``fast_step`` (issue 24): the ``step`` part's model at K = 1 and 8 with
+  ``train.adapter_dtype=compute``, eager and with ``train.compile`` (one compile per K,
+  untimed), K1/K8 time ratio against the FLOP ratio.
 - ``eval``: evaluation throughput of the full-size server model per protocol, budget
   level and ``eval.batch_size`` (at most 128 test records per task), and the minutes
   the paper's evaluation of one method (full test sets, four budgets, two protocols)
@@ -228,6 +234,65 @@ def part_step(check: Check) -> dict[str, Any]:
     summary = {"smoe": ks, "lora_rank": ranks, "k1_time_over_flop_ratio": excess,
                "target_met": excess <= TARGETS["step_k1_time_over_flop_ratio"]}
     return {"benchmark": res, "summary": summary}
+
+
+def part_dispatch(check: Check) -> dict[str, Any]:
+    """Non-view ATen operations (launches) of one local step on this device (issue 24).
+
+    OLMoE-1B-7B's shape at 2 layers (tiny with ``quick``), K = 1 and 8, ``smoe`` and
+    ``ubsmoe``, the frozen weights' dtype with float32 adapters and with
+    ``train.adapter_dtype=compute``; ``full_depth_ops`` estimates the 16 layers. On CUDA
+    fused Adam and SDPA break down as they launch, so this is the CPU count's check.
+    """
+    from ubsmoe.bench.dispatch import OLMOE_1B_7B_2L, OLMOE_1B_7B_LAYERS, dispatch_counts
+    from ubsmoe.bench.model_step import QUICK
+
+    step_cfg = QUICK if check.quick else OLMOE_1B_7B_2L
+    dtypes = [check.dtype] + ([f"{check.dtype}_compute"] if check.dtype != "float32" else [])
+    res = dispatch_counts(step_cfg, check.seed, ks=[1, 8], dtypes=dtypes, methods=["smoe", "ubsmoe"],
+                          full_depth=None if check.quick else OLMOE_1B_7B_LAYERS, device=str(check.device))
+    keys = ("ops", "optimizer_ops", "masters_ops", "method_ops", "total_ops", "full_depth_ops")
+    summary = {d: {m: {k: {key: c.get(key) for key in keys} for k, c in per_k.items()}
+                   for m, per_k in per_m.items()} for d, per_m in res["models"].items()}
+    k1_le_k8 = all(per_k["1"]["total_ops"] <= per_k["8"]["total_ops"]
+                   for per_m in res["models"].values() for per_k in per_m.values())
+    return {"counts": res, "summary": {"ops": summary, "k1_total_le_k8": k1_le_k8}}
+
+
+def part_fast_step(check: Check) -> dict[str, Any]:
+    """Local step per K with ``train.adapter_dtype=compute``, eager and ``train.compile`` (issue 24).
+
+    Same model and batch as ``step``; compile costs one compilation per K (untimed
+    warm-up). Reports per variant the median ms and K1/K8 time ratio against the FLOP
+    ratio (target: within 1.15x, and the compiled step's time per K).
+    """
+    from ubsmoe.bench.model_step import QUICK, StepConfig, step_benchmark
+    from ubsmoe.config import TrainConfig
+
+    step_cfg = QUICK if check.quick else StepConfig("olmoe_1b_7b", olmoe_sizes(), batch_size=8,
+                                                    seq_len=256)
+    adapters = "compute" if check.dtype != "float32" else "float32"
+    out, summary = {}, {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        cfg = TrainConfig(adapter_dtype=adapters, compile=compiled)
+        try:
+            res = step_benchmark(step_cfg, repeats=1 if check.quick else 5, warmup=1 if compiled else
+                                 (0 if check.quick else 1), seed=check.seed, device=check.device,
+                                 dtype=check.dtype, ks=[1, 8], ranks=[16, 40], train_cfg=cfg)
+        except Exception as e:  # noqa: BLE001  (e.g. compile unsupported here: the other variant still counts)
+            out[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            summary[name] = {"error": out[name]["error"]}
+            continue
+        cases = res["cases"]
+        k1 = res["smoe"]["budgets"]["smoe_k1"]
+        flop = cases["smoe_k1"]["flops_analytic"] / cases["smoe_k8"]["flops_analytic"]
+        out[name] = res
+        summary[name] = {"median_ms": {k: 1e3 * cases[k]["median_s"] for k in ("smoe_k1", "smoe_k8")},
+                         "k1_k8_time_ratio": k1["time_ratio"]["of_medians"], "flop_ratio": flop,
+                         "k1_time_over_flop_ratio": k1["time_ratio"]["of_medians"] / flop}
+    if any("error" in v for v in out.values()) and all("error" in v for v in out.values()):
+        raise RuntimeError(f"fast_step: every variant failed: {summary}")
+    return {"adapter_dtype": adapters, "benchmark": out, "summary": summary}
 
 
 def iid_setup(cfg):
@@ -438,7 +503,7 @@ def part_eval(check: Check) -> dict[str, Any]:
 
 PARTS: dict[str, Callable[[Check], dict[str, Any]]] = {
     "layer": part_layer, "zero_grad": part_zero_grad, "step": part_step, "round": part_round,
-    "eval": part_eval}
+    "eval": part_eval, "dispatch": part_dispatch, "fast_step": part_fast_step}
 
 
 # ----- running, report ----------------------------------------------------------------

@@ -28,7 +28,7 @@ BASELINE = Path(__file__).resolve().parents[1] / "data" / "dispatch_baseline.jso
 # The tiny preset (2 layers, hidden 64, 64 experts, top-8) on a small batch.
 TINY_STEP = StepConfig("tiny_dispatch", TinyModelConfig(), batch_size=2, seq_len=16)
 # What the baseline holds per case (all deterministic for a model, batch, K and method).
-HELD = ("ops", "forward_ops", "backward_ops", "optimizer_ops", "method_ops", "total_ops",
+HELD = ("ops", "forward_ops", "backward_ops", "optimizer_ops", "method_ops", "masters_ops", "total_ops",
         "by_phase", "by_component", "casts_by_component", "by_layer")
 
 
@@ -41,8 +41,9 @@ def _versions() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_counts():
-    """Counts of the tiny preset: float32 and bfloat16, smoe and ubsmoe, K = 1 and 8, two repeats."""
-    return dispatch_counts(TINY_STEP, seed=0, ks=[1, 8], dtypes=["float32", "bfloat16"],
+    """Counts of the tiny preset: float32, bfloat16 and bfloat16 with train.adapter_dtype=compute,
+    smoe and ubsmoe, K = 1 and 8, two repeats."""
+    return dispatch_counts(TINY_STEP, seed=0, ks=[1, 8], dtypes=["float32", "bfloat16", "bfloat16_compute"],
                            methods=["smoe", "ubsmoe"], warmup=1, repeats=2)
 
 
@@ -152,7 +153,7 @@ def test_markdown_tables(tiny_counts):
     text = markdown_tables({"models": {"tiny_dispatch": tiny_counts["models"]},
                             "configs": {"tiny_dispatch": tiny_counts["config"]}})
     rows = [line for line in text.splitlines() if line.startswith(("| float32", "| bfloat16"))]
-    assert len(rows) == 8
+    assert len(rows) == 12
     case = tiny_counts["models"]["bfloat16"]["ubsmoe"]["8"]
     assert f"| bfloat16 | ubsmoe | 8 | {case['ops']} | {case['forward_ops']} |" in text
 
@@ -185,3 +186,29 @@ def test_full_depth_ops(tiny_counts):
     assert full_depth_ops(case["by_layer"], 1) == case["ops"] - case["by_layer"]["1"]
     with pytest.raises(ValueError, match="depth"):
         full_depth_ops(case["by_layer"], 0)
+
+
+def test_k1_step_never_launches_more_than_k8(tiny_counts):
+    """Issue 24: per dtype and method, a K = 1 step (forward + backward, and the whole step
+    with the method's hooks) launches no more operations than a K = 8 step."""
+    for dtype, per_method in tiny_counts["models"].items():
+        for method, per_k in per_method.items():
+            assert per_k["1"]["ops"] <= per_k["8"]["ops"], (dtype, method)
+            assert per_k["1"]["total_ops"] <= per_k["8"]["total_ops"], (dtype, method)
+            assert per_k["1"]["method_ops"] <= per_k["8"]["method_ops"], (dtype, method)
+
+
+def test_fewer_launch_targets(tiny_counts):
+    """Issue 24 part 2 on the tiny preset (2 layers): bfloat16 with adapters in the compute
+    dtype launches fewer forward + backward operations than with float32 adapters (no
+    attention-LoRA casts, no rank padding per call), and UB-SMoE adds at most 15% to
+    ``smoe``'s forward + backward."""
+    models = tiny_counts["models"]
+    for method in ("smoe", "ubsmoe"):
+        fast, slow = models["bfloat16_compute"][method]["8"], models["bfloat16"][method]["8"]
+        assert fast["ops"] < slow["ops"] - 40, method
+        assert fast["casts_by_component"].get("attention_lora", 0) == 0
+        assert fast["masters_ops"] > 0 and slow["masters_ops"] == 0
+    for dtype in models:
+        smoe, ubsmoe = models[dtype]["smoe"]["8"]["ops"], models[dtype]["ubsmoe"]["8"]["ops"]
+        assert ubsmoe <= 1.15 * smoe, (dtype, ubsmoe, smoe)

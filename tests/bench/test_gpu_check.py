@@ -58,7 +58,10 @@ def test_quick_run_without_flower_reports_every_part(gpu_check, subset, tmp_path
     parts = report["parts"]
     assert rc == 0, {n: p["error"] for n, p in parts.items()}
     assert report["schema"] == "ubsmoe-gpu-check/1" and report["quick"] is True
-    assert list(parts) == ["layer", "zero_grad", "step", "round", "eval"] == list(report["summary"])
+    assert list(parts) == ["layer", "zero_grad", "step", "round", "eval", "dispatch",
+                           "fast_step"] == list(report["summary"])
+    assert report["summary"]["dispatch"]["k1_total_le_k8"] is True
+    assert set(report["summary"]["fast_step"]) == {"eager", "compiled"}
     env = report["environment"]
     for key in ("torch", "transformers", "peft", "cuda_version", "device_name", "device"):
         assert key in env

@@ -68,7 +68,9 @@ from ubsmoe.bench.model_step import OLMOE_MEDIUM, QUICK, SMOE_RANK, StepConfig, 
 from ubsmoe.config import TinyModelConfig, TrainConfig
 
 DISPATCH_KS = [1, 8]
-DISPATCH_DTYPES = ["float32", "bfloat16"]
+# "bfloat16_compute": a bfloat16 model with train.adapter_dtype=compute (adapters in
+# bfloat16 for forward + backward, float32 masters; on a float32 model the option changes nothing).
+DISPATCH_DTYPES = ["float32", "bfloat16", "bfloat16_compute"]
 DISPATCH_METHODS = ["smoe", "ubsmoe"]
 OLMOE_1B_7B_LAYERS = 16
 # OLMoE-1B-7B's shapes (allenai/OLMoE-1B-7B-0924: hidden 2048, 16 heads, expert
@@ -131,6 +133,30 @@ class PhaseMarkedMethod:
             self._method.after_step(model, top_k)
 
 
+class _PhaseMarkedMasters:
+    """Wraps :class:`~ubsmoe.models.precision.AdapterMasters` so its copies count as phase ``masters``."""
+
+    def __init__(self, counter: LaunchCounter) -> None:
+        from ubsmoe.models.precision import AdapterMasters
+
+        counter_ = counter
+
+        class Marked(AdapterMasters):
+            """AdapterMasters whose per-step copies run under phase ``masters``."""
+
+            def to_compute(self) -> None:
+                """Phase ``masters``, then ``setup`` (the forward's hooks switch to ``forward``)."""
+                with counter_.phase("masters", then="setup"):
+                    super().to_compute()
+
+            def accumulate(self) -> None:
+                """Phase ``masters``, then ``forward`` (a next micro-batch, or the hooks)."""
+                with counter_.phase("masters", then="forward"):
+                    super().accumulate()
+
+        self.cls = Marked
+
+
 def count_local_step(model: nn.Module, batch: dict[str, torch.Tensor], method, top_k: int,
                      train_cfg: TrainConfig | None = None) -> dict[str, Any]:
     """Count the operations of one :func:`~ubsmoe.fl.train.local_train` step on ``batch``.
@@ -157,12 +183,14 @@ def count_local_step(model: nn.Module, batch: dict[str, torch.Tensor], method, t
         and ``outside`` them), ``top_ops``, ``component_ops`` (per component, per op
         name), ``optimizer_top_ops``, ``method_top_ops`` and ``view_ops_excluded``.
     """
-    from ubsmoe.fl.train import local_train
+    from ubsmoe.fl import train as train_module
     from ubsmoe.models import set_top_k
 
     train_cfg = one_micro_batch(train_cfg or TrainConfig(), batch["input_ids"].shape[0])
     set_top_k(model, top_k)
     counter = LaunchCounter()
+    masters_cls = train_module.AdapterMasters
+    train_module.AdapterMasters = _PhaseMarkedMasters(counter).cls  # restored below
     marked = PhaseMarkedMethod(method, counter)
     pre = register_optimizer_step_pre_hook(
         lambda opt, args, kwargs: setattr(counter, "current_phase", "optimizer"))
@@ -170,8 +198,9 @@ def count_local_step(model: nn.Module, batch: dict[str, torch.Tensor], method, t
         lambda opt, args, kwargs: setattr(counter, "current_phase", "method"))
     try:
         with counter.attach(model), counter:
-            local_train(model, [batch], marked, train_cfg, top_k)
+            train_module.local_train(model, [batch], marked, train_cfg, top_k)
     finally:
+        train_module.AdapterMasters = masters_cls
         pre.remove()
         post.remove()
     return counter.summary()
@@ -201,7 +230,7 @@ def full_depth_ops(by_layer: dict[str, int], depth: int) -> int:
 def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = None,
                     dtypes: list[str] | None = None, methods: list[str] | None = None,
                     warmup: int = 0, repeats: int = 1, full_depth: int | None = None,
-                    progress=None) -> dict[str, Any]:
+                    progress=None, device: str = "cpu") -> dict[str, Any]:
     """Operation counts of one local step per dtype, method and K on one model config.
 
     One model per (dtype, method), built by the ``model_step`` suite's builder
@@ -211,7 +240,8 @@ def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = 
     Args:
         step_cfg: model sizes and batch.
         seed: model, LoRA and batch seed.
-        ks, dtypes, methods: the grid (default K = 1, 8; float32, bfloat16; smoe, ubsmoe).
+        ks, dtypes, methods: the grid (default K = 1, 8; float32, bfloat16, bfloat16_compute:
+            a bfloat16 model with ``train.adapter_dtype=compute``; smoe, ubsmoe).
         warmup: uncounted steps per case first (one-time work such as lazily built
             caches would stay out of the count; none is seen: a first step counts
             the same as a later one).
@@ -220,6 +250,8 @@ def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = 
         full_depth: when set, each case also gets ``full_depth_ops``, the forward +
             backward count at that many decoder layers (:func:`full_depth_ops`).
         progress: called with a case label before each case.
+        device: where the models run (the GPU check counts on CUDA: fused Adam and
+            SDPA break down there as they launch).
 
     Returns:
         ``{"config": ..., "models": {dtype: {method: {str(K): counts}}}}`` with the
@@ -236,30 +268,32 @@ def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = 
         raise ValueError(f"repeats, warmup: got {repeats}, {warmup}, expected >= 1 and >= 0")
     ks = ks or DISPATCH_KS
     train_cfg = TrainConfig()
-    batch = _batch(step_cfg, seed)
+    batch = {k: v.to(device) for k, v in _batch(step_cfg, seed).items()}
     out: dict[str, Any] = {}
-    for dtype in dtypes or DISPATCH_DTYPES:
+    for label in dtypes or DISPATCH_DTYPES:
+        dtype, _, adapters = label.partition("_")
+        case_cfg = replace(train_cfg, adapter_dtype=adapters or "float32")
         for name in methods or DISPATCH_METHODS:
             method = get_method_class(name)()
-            model = _build(step_cfg, SMOE_RANK, seed, "cpu", dtype)
+            model = _build(step_cfg, SMOE_RANK, seed, device, dtype)
             method.prepare_model(model)
             for k in ks:
                 if progress is not None:
                     progress(f"{step_cfg.name} {dtype} {name} K={k}")
                 for _ in range(warmup):
                     set_top_k(model, k)
-                    local_train(model, [batch], method, one_micro_batch(train_cfg, step_cfg.batch_size), k)
-                runs = [count_local_step(model, batch, method, k, train_cfg) for _ in range(repeats)]
+                    local_train(model, [batch], method, one_micro_batch(case_cfg, step_cfg.batch_size), k)
+                runs = [count_local_step(model, batch, method, k, case_cfg) for _ in range(repeats)]
                 case = runs[0]
                 case["reproducible"] = all(r == runs[0] for r in runs[1:])
                 if full_depth is not None:
                     case["full_depth_ops"] = full_depth_ops(case["by_layer"], full_depth)
-                out.setdefault(dtype, {}).setdefault(name, {})[str(k)] = case
+                out.setdefault(label, {}).setdefault(name, {})[str(k)] = case
             del model
     return {
         "config": {"name": step_cfg.name, "sizes": asdict(step_cfg.sizes),
                    "batch_size": step_cfg.batch_size, "seq_len": step_cfg.seq_len,
-                   "lora_rank": SMOE_RANK, "attention_lora": True, "device": "cpu",
+                   "lora_rank": SMOE_RANK, "attention_lora": True, "device": str(device),
                    "warmup": warmup, "repeats": repeats, "full_depth": full_depth,
                    "lr": train_cfg.lr, "max_grad_norm": train_cfg.max_grad_norm},
         "models": out,
@@ -324,7 +358,7 @@ def markdown_tables(suite: dict[str, Any]) -> str:
                    f"{sizes['num_experts']} experts, vocabulary {sizes['vocab_size']}; "
                    f"{cfg['batch_size']} x {cfg['seq_len']} tokens\n")
         cols = ["dtype", "method", "K", "ops (fwd+bwd)", "fwd", "bwd", *COMPONENTS,
-                "optimizer + clip", "method hooks", "whole step"]
+                "optimizer + clip", "masters", "method hooks", "whole step"]
         if depth:
             cols.append(f"fwd+bwd at {depth} layers")
         out.append("| " + " | ".join(cols) + " |")
@@ -334,7 +368,7 @@ def markdown_tables(suite: dict[str, Any]) -> str:
                 for k, c in per_k.items():
                     row = [dtype, method, k, c["ops"], c["forward_ops"], c["backward_ops"],
                            *(c["by_component"][comp] for comp in COMPONENTS),
-                           c["optimizer_ops"], c["method_ops"], c["total_ops"]]
+                           c["optimizer_ops"], c.get("masters_ops", 0), c["method_ops"], c["total_ops"]]
                     if depth:
                         row.append(full_depth_ops(c["by_layer"], depth))
                     out.append("| " + " | ".join(str(v) for v in row) + " |")

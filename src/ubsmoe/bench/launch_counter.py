@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 COMPONENTS = ("attention", "attention_lora", "router", "experts", "casts", "loss", "other")
-PHASES = ("setup", "forward", "backward", "method", "clip", "optimizer", "finalize")
+PHASES = ("setup", "forward", "backward", "masters", "method", "clip", "optimizer", "finalize")
 CAST_OP = "aten._to_copy.default"
 
 
@@ -270,6 +270,7 @@ class LaunchCounter(TorchDispatchMode):
             "backward_ops": by_phase["backward"],
             "optimizer_ops": by_phase["clip"] + by_phase["optimizer"],
             "method_ops": by_phase["method"],
+            "masters_ops": by_phase["masters"],
             "total_ops": self.total(),
             "by_phase": by_phase,
             "by_component": by_component,

@@ -134,7 +134,8 @@ def _shape(step_cfg: StepConfig) -> ModelShape:
 
 def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 0,
                    ks: list[int] | None = None, ranks: list[int] | None = None,
-                   device: str | torch.device = "cpu", dtype: str = "float32") -> dict[str, Any]:
+                   device: str | torch.device = "cpu", dtype: str = "float32",
+                   train_cfg: TrainConfig | None = None) -> dict[str, Any]:
     """Time a local training step per K and per LoRA rank on one model config.
 
     Args:
@@ -148,6 +149,8 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
             is bracketed by ``torch.cuda.synchronize``. All five models (one SMoE
             model, one per rank) are alive at once: about 5 x the model's bytes.
         dtype: frozen weights' dtype (``float32``, ``bfloat16``, ``float16``).
+        train_cfg: lr, clipping, ``adapter_dtype`` and ``compile`` of the steps
+            (default :class:`~ubsmoe.config.TrainConfig`).
 
     Returns:
         JSON-ready dict: ``config``, ``tokens_per_step``, ``cases`` (per case: K,
@@ -158,7 +161,7 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
     ks = sorted(ks or SMOE_KS)
     ranks = sorted(ranks or LORA_RANKS)
     k_max = step_cfg.sizes.num_experts_per_tok
-    train_cfg = TrainConfig()
+    train_cfg = train_cfg or TrainConfig()
     batch = _batch(step_cfg, seed, device)
     tokens = step_cfg.batch_size * step_cfg.seq_len
     smoe_method = get_method_class("smoe")()
@@ -228,7 +231,8 @@ def step_benchmark(step_cfg: StepConfig, repeats: int, warmup: int, seed: int = 
                    "batch_size": step_cfg.batch_size, "seq_len": step_cfg.seq_len,
                    "smoe_lora_rank": SMOE_RANK, "attention_lora": True, "dtype": dtype,
                    "device": str(device),
-                   "lr": train_cfg.lr, "max_grad_norm": train_cfg.max_grad_norm},
+                   "lr": train_cfg.lr, "max_grad_norm": train_cfg.max_grad_norm,
+                   "adapter_dtype": train_cfg.adapter_dtype, "compile": train_cfg.compile},
         "tokens_per_step": tokens,
         "timing": {"repeats": repeats, "warmup": warmup,
                    "unit": "seconds per local_train step on one batch",

@@ -36,6 +36,15 @@ class TrainConfig:
             top-k (only ``fedit`` and the rank methods). Methods that exist to vary K
             (the SMoE methods) reject ``native`` as a config error
             (:attr:`Method.train_top_k_modes`).
+        adapter_dtype: ``float32`` (default: adapters stay float32 and are cast per
+            call under a lower-precision base) or ``compute``: during each step's
+            forward and backward the LoRA matrices (attention and expert LoRA; the
+            router and phi stay float32) are copies in the base model's dtype, while clipping,
+            Adam and the method's hooks act on float32 masters
+            (:class:`~ubsmoe.models.precision.AdapterMasters`; fewer operations,
+            docs page "Operation counts"). Same as ``float32`` on a float32 model.
+        compile: ``torch.compile`` each decoder layer for local training (default
+            off; one compile per K_c, docs page "Operation counts").
     """
 
     lr: float = 1.5e-4
@@ -47,6 +56,8 @@ class TrainConfig:
     top_k: str = "auto"
     grad_accumulation_steps: int = 1
     activation_checkpointing: bool = False
+    adapter_dtype: str = "float32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         errors = []
@@ -71,6 +82,10 @@ class TrainConfig:
         if not isinstance(self.activation_checkpointing, bool):
             errors.append(_bad("train.activation_checkpointing", self.activation_checkpointing,
                                "true or false"))
+        if self.adapter_dtype not in ("float32", "compute"):
+            errors.append(_bad("train.adapter_dtype", self.adapter_dtype, "float32 or compute"))
+        if not isinstance(self.compile, bool):
+            errors.append(_bad("train.compile", self.compile, "true or false"))
         raise_if_any(errors)
 
 

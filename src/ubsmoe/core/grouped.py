@@ -16,6 +16,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@torch.compiler.disable
+def _grouped_mm_eager(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm`` outside any compiled graph (its fake-tensor rule accepts only bfloat16)."""
+    return F.grouped_mm(a, b, offs=offsets)
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm``; under ``torch.compile`` and not bfloat16, run eagerly (a graph break).
+
+    The CPU runs ``grouped_mm`` in float32, but its meta function (what dynamo traces
+    with) rejects anything but bfloat16, so a float32 model's grouped matmuls stay
+    eager inside a compiled layer (``train.compile``).
+    """
+    if a.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _grouped_mm_eager(a, b, offsets)
+    return F.grouped_mm(a, b, offs=offsets)
+
+
 def grouped_linear(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Per-group matmul ``x[rows of group e] @ weight_t[e]``.
 
@@ -30,7 +48,7 @@ def grouped_linear(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tenso
         output row, so an empty expert cannot put anything into the output (its
         weight-gradient block is the one that needs care: :func:`grouped_weight_grad`).
     """
-    return F.grouped_mm(x, weight_t, offs=offsets)
+    return _grouped_mm(x, weight_t, offsets)
 
 
 def grouped_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, offsets: torch.Tensor,
@@ -57,7 +75,7 @@ def grouped_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, offsets: torc
         ``sum over rows r of group e of grad_out[r]^T inp[r]`` and 0 where group e
         has no row.
     """
-    grad = F.grouped_mm(grad_out.t(), inp, offs=offsets)  # [E, out, in]
+    grad = _grouped_mm(grad_out.t(), inp, offsets)  # [E, out, in]
     if empty is None:
         empty = torch.diff(offsets, prepend=offsets.new_zeros(1)) == 0  # [E] groups without rows
     return grad.masked_fill_(empty[:, None, None], 0)
@@ -200,11 +218,19 @@ class _LoRAGroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float, offsets: torch.Tensor,
-                empty: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [S, in] -> [S, out]``; saves x and the ``[S, r']`` LoRA activation."""
+                empty: torch.Tensor | None = None,
+                padded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``x [S, in] -> [S, out]``; saves x and the ``[S, r']`` LoRA activation.
+
+        ``padded``: rank-padded buffers in ``x``'s dtype that ``lora_a``/``lora_b``
+        are views of (used as they are: no cast, no padding).
+        """
         rank = lora_a.shape[1]
         ctx.factor_dtypes = (lora_a.dtype, lora_b.dtype)
-        lora_a, lora_b = _pad_rank(lora_a, lora_b, x.dtype)  # [E, r', in], [E, out, r']
+        if padded is None:
+            lora_a, lora_b = _pad_rank(lora_a, lora_b, x.dtype)  # [E, r', in], [E, out, r']
+        else:
+            lora_a, lora_b = padded
         h = grouped_linear(x, lora_a.transpose(1, 2), offsets)  # [S, r']
         h = h * scale  # scale the narrow [S, r'] activation, not the [S, out] output
         y = grouped_linear(x, weight.transpose(1, 2), offsets)  # [S, out]
@@ -227,20 +253,29 @@ class _LoRAGroupedLinear(torch.autograd.Function):
         rank = ctx.rank
         grad_y = grad_y.contiguous()
         grad_h = grouped_linear(grad_y, lora_b, offsets)  # [S, r'], gradient of scaled h
+        # Factors already in the compute dtype: the weight gradients are formed at rank r
+        # directly from the narrowed activations (no slice copy); else at r' and unpadded.
+        narrow = rank if (dtype_a == dtype_b == x.dtype and h.shape[1] != rank) else None
         grad_b = None
         if need_b:
-            grad_b = grouped_weight_grad(grad_y, h, offsets, empty)  # [E, out, r'], 0 for empty experts
-            grad_b = _unpad_grad(grad_b, rank, 2, dtype_b)
+            if narrow is not None:
+                grad_b = grouped_weight_grad(grad_y, h[:, :narrow], offsets, empty)  # [E, out, r]
+            else:
+                grad_b = grouped_weight_grad(grad_y, h, offsets, empty)  # [E, out, r'], 0 for empty experts
+                grad_b = _unpad_grad(grad_b, rank, 2, dtype_b)
         grad_h = grad_h * ctx.scale  # gradient of the unscaled x A^T
         grad_a = None
         if need_a:
-            grad_a = grouped_weight_grad(grad_h, x, offsets, empty)  # [E, r', in], 0 for empty experts
-            grad_a = _unpad_grad(grad_a, rank, 1, dtype_a)
+            if narrow is not None:
+                grad_a = grouped_weight_grad(grad_h[:, :narrow], x, offsets, empty)  # [E, r, in]
+            else:
+                grad_a = grouped_weight_grad(grad_h, x, offsets, empty)  # [E, r', in], 0 for empty experts
+                grad_a = _unpad_grad(grad_a, rank, 1, dtype_a)
         grad_x = None
         if need_x:
             grad_x = grouped_linear(grad_y, weight, offsets)  # [S, in]
             grad_x.add_(grouped_linear(grad_h, lora_a, offsets))
-        return grad_x, None, grad_a, grad_b, None, None, None
+        return grad_x, None, grad_a, grad_b, None, None, None, None
 
 
 def lora_grouped_linear(x: torch.Tensor, weight: torch.Tensor, lora: nn.Module,
@@ -257,9 +292,17 @@ def lora_grouped_linear(x: torch.Tensor, weight: torch.Tensor, lora: nn.Module,
     Returns:
         ``[S, out_features]``: ``x W_e^T + scale * (x A_e^T) B_e^T`` per row of expert e.
         The factors (float32 parameters) are cast to ``x``'s dtype for the grouped
-        matmuls (a no-op in float32); their gradients flow back in float32.
+        matmuls (a no-op in float32); their gradients flow back in float32. When the
+        factors are views of ``lora.padded`` in ``x``'s dtype
+        (:class:`~ubsmoe.models.precision.AdapterMasters`), those buffers are used as
+        they are: no cast and no rank padding per call.
     """
-    return _LoRAGroupedLinear.apply(x, weight, lora.A, lora.B, lora.scale, offsets, empty)
+    padded = getattr(lora, "padded", None)
+    if padded is not None and not (padded[0].dtype == x.dtype and lora.A.dtype == x.dtype
+                                   and lora.A.data_ptr() == padded[0].data_ptr()
+                                   and lora.B.data_ptr() == padded[1].data_ptr()):
+        padded = None  # stale (the factors were replaced or moved back to their masters)
+    return _LoRAGroupedLinear.apply(x, weight, lora.A, lora.B, lora.scale, offsets, empty, padded)
 
 
 class _WeightedSwiGLU(torch.autograd.Function):

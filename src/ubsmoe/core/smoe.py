@@ -44,6 +44,11 @@ class ExpertLoRA(nn.Module):
     ``A``: ``[num_experts, rank, in_features]`` (Kaiming-uniform, as PEFT),
     ``B``: ``[num_experts, out_features, rank]`` (zeros), scale ``alpha / rank``.
     Expert i's update is ``scale * B[i] @ A[i]``.
+
+    ``padded``: None, or ``(A' [E, r', in], B' [E, out, r'])`` rank-padded buffers
+    that ``A`` and ``B`` are views of (set by
+    :class:`ubsmoe.models.precision.AdapterMasters`): the grouped matmuls then use
+    them as they are instead of padding the factors on every call.
     """
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, rank: int,
@@ -55,6 +60,7 @@ class ExpertLoRA(nn.Module):
         self.scale = alpha / rank
         self.A = nn.Parameter(torch.empty(num_experts, rank, in_features, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(num_experts, out_features, rank, dtype=dtype))
+        self.padded: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -19,6 +19,8 @@ from ubsmoe.config import TrainConfig
 from ubsmoe.data.prompts import collate
 from ubsmoe.methods import Method
 from ubsmoe.models import routing_mask, set_activation_checkpointing, step_stats
+from ubsmoe.models.compiled import set_compiled
+from ubsmoe.models.precision import AdapterMasters
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -152,12 +154,15 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
     optimizer = torch.optim.Adam(method.param_groups(model, train_cfg.lr), lr=train_cfg.lr, **fused)
     micro_batch_size = train_cfg.batch_size // train_cfg.grad_accumulation_steps
     set_activation_checkpointing(model, train_cfg.activation_checkpointing)
+    set_compiled(model, train_cfg.compile)
+    masters = AdapterMasters(model, train_cfg.adapter_dtype)  # train.adapter_dtype=compute: bf16 copies
     model.train()
     total_loss, steps, examples, tokens = 0.0, 0, 0, 0
-    step_max: dict[str, float] = {}
+    step_max: dict[str, float | torch.Tensor] = {}  # tensors stay on the device until the end
     try:
         for batch in batches:
             optimizer.zero_grad(set_to_none=True)
+            masters.to_compute()
             # Split and count labelled tokens where the batch lives (the CPU, as batches
             # arrive), so nothing waits for the device before the optimizer step.
             parts = split_batch(batch, micro_batch_size)
@@ -175,11 +180,13 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
                     extra = method.extra_loss(model, top_k)
                     objective = loss if extra is None else loss + extra / len(parts)
                     objective.backward()
+                    masters.accumulate()
                     part_losses.append(loss.detach())
+                masters.to_master()  # float32 parameters and gradients from here on
                 # Once per optimizer step, after every micro-batch's forward and extra loss
                 # (the parameters, e.g. UB-SMoE's phi, are those of this step's loss).
                 for key, value in method.step_metrics(model).items():
-                    step_max[key] = max(step_max.get(key, value), value)
+                    step_max[key] = _running_max(step_max.get(key), value)
                 method.after_backward(model, top_k)  # once, on the accumulated gradients
             if train_cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
@@ -193,7 +200,18 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
             examples += batch["input_ids"].shape[0]
             tokens += step_tokens
     finally:
+        masters.restore()
+        set_compiled(model, False)
         set_activation_checkpointing(model, False)
         model.eval()
     return {"loss": total_loss / max(steps, 1), "steps": steps, "examples": examples, "tokens": tokens,
-            **step_max}
+            **{k: float(v) for k, v in step_max.items()}}  # one host read per metric
+
+
+def _running_max(old: float | torch.Tensor | None, value: float | torch.Tensor) -> float | torch.Tensor:
+    """max(old, value); on the device when either is a tensor (no host read per step)."""
+    if old is None:
+        return value
+    if isinstance(old, torch.Tensor) or isinstance(value, torch.Tensor):
+        return torch.maximum(torch.as_tensor(old), torch.as_tensor(value))
+    return max(old, value)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ubsmoe.core.pg_apply import apply_pseudo_gradients, apply_pseudo_updates, snapshot_before_step
+from ubsmoe.core.pg_fixed import FixedSnapshot, apply_fixed, snapshot_fixed, supports_fixed
 from ubsmoe.core.pseudo_grad import ProbePseudoGradient, PseudoGradient, UniversalPseudoGradient
 from ubsmoe.core.routing import DMRConfig, mean_top_k, phi_range_penalty, server_phi_update
 from ubsmoe.errors import ConfigError
@@ -126,6 +127,8 @@ class UBSMoE(Method):
                                     if cfg.pg_rule == "probe" else UniversalPseudoGradient(cfg.lambda_pg))
         # (layer params, snapshot) per SMoE layer, from after_backward to after_step.
         self._pending: list = []
+        # (phi versions, detached penalty) of the last extra_loss, for step_metrics.
+        self._penalty: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     @property
     def pseudo_gradient(self) -> PseudoGradient | None:
@@ -146,14 +149,30 @@ class UBSMoE(Method):
             layer.enable_dmr(self.config.dmr.num_candidates)
             layer.probe_tokens = probe
 
-    def extra_loss(self, model: nn.Module, top_k: int) -> torch.Tensor | None:
-        """The range penalty on every layer's phi (None when off or phi is frozen)."""
+    def _penalty_of(self, model: nn.Module) -> torch.Tensor:
+        """The range penalty summed over every layer's phi: one stacked computation ``[L, E]``."""
         dmr = self.config.dmr
-        if not (dmr.range_penalty and dmr.learn_phi):
+        phis = torch.stack([m.phi for m in smoe_layers(model)])  # [L, E]
+        return phi_range_penalty(phis, dmr.phi_min, dmr.phi_max, dmr.penalty_coef)
+
+    def extra_loss(self, model: nn.Module, top_k: int) -> torch.Tensor | None:
+        """The range penalty on every layer's phi (None when off or phi is frozen).
+
+        One stacked computation over the ``[L, E]`` phi of all layers (a fixed number
+        of operations whatever the depth); equal to the sum of the per-layer
+        penalties up to summation order.
+        """
+        dmr = self.config.dmr
+        if not (dmr.range_penalty and dmr.learn_phi) or not smoe_layers(model):
             return None
-        layers = smoe_layers(model)
-        return sum(phi_range_penalty(m.phi, dmr.phi_min, dmr.phi_max, dmr.penalty_coef)
-                   for m in layers)
+        penalty = self._penalty_of(model)
+        self._penalty = (self._phi_versions(model), penalty.detach())
+        return penalty
+
+    @staticmethod
+    def _phi_versions(model: nn.Module) -> tuple[int, ...]:
+        """phi's in-place version counters (a host read of no tensor: no launch)."""
+        return tuple(m.phi._version for m in smoe_layers(model))
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """phi at ``dmr.phi_lr``, every other trainable parameter at ``lr``."""
@@ -163,15 +182,20 @@ class UBSMoE(Method):
                   {"params": [p for p in trainable if id(p) in phis], "lr": self.config.dmr.phi_lr}]
         return [g for g in groups if g["params"]]
 
-    def step_metrics(self, model: nn.Module) -> dict[str, float]:
-        """``phi_penalty_max``: the range penalty in this step's loss (0 when it is off)."""
+    def step_metrics(self, model: nn.Module) -> dict[str, float | torch.Tensor]:
+        """``phi_penalty_max``: the range penalty in this step's loss (0 when it is off).
+
+        A ``[]`` tensor on the model's device (no host read here; ``local_train``
+        takes the maximum on the device and reads it once per round): the value
+        ``extra_loss`` computed when phi has not changed since, else recomputed.
+        """
         dmr = self.config.dmr
-        if not (dmr.range_penalty and dmr.learn_phi):
+        if not (dmr.range_penalty and dmr.learn_phi) or not smoe_layers(model):
             return {"phi_penalty_max": 0.0}
+        if self._penalty is not None and self._penalty[0] == self._phi_versions(model):
+            return {"phi_penalty_max": self._penalty[1]}
         with torch.no_grad():
-            penalty = sum(float(phi_range_penalty(m.phi, dmr.phi_min, dmr.phi_max, dmr.penalty_coef))
-                          for m in smoe_layers(model))
-        return {"phi_penalty_max": penalty}
+            return {"phi_penalty_max": self._penalty_of(model)}
 
     def phi_range(self) -> tuple[float, float]:
         """``(dmr.phi_min, dmr.phi_max)``."""
@@ -197,6 +221,8 @@ class UBSMoE(Method):
             active = layer.batch_expert_counts > 0  # [E]
             if self.config.pg_space == "gradient":
                 apply_pseudo_gradients(params, layer.router_prob_sum, active, top_k, self._pg)
+            elif supports_fixed(self._pg):  # masks, fixed shapes, no host read (issue 24)
+                self._pending.append((params, snapshot_fixed(params, layer.router_prob_sum, active)))
             else:
                 snapshot = snapshot_before_step(params, layer.router_prob_sum, active)
                 if snapshot is not None:
@@ -210,7 +236,10 @@ class UBSMoE(Method):
         change of i's rows (:func:`ubsmoe.core.pg_apply.apply_pseudo_updates`).
         """
         for params, snapshot in self._pending:
-            apply_pseudo_updates(params, snapshot, top_k, self._pg)
+            if isinstance(snapshot, FixedSnapshot):
+                apply_fixed(params, snapshot, top_k, self._pg)
+            else:
+                apply_pseudo_updates(params, snapshot, top_k, self._pg)
         self._pending = []
 
     def aggregator(self, global_adapters: dict[str, torch.Tensor]) -> Aggregator:

@@ -33,8 +33,6 @@ ALLOW_LONG = {
     "ubsmoe/fl/train.py": "the local training loop plus the client's run setup (model, data, tokenizer); "
                           "the setup half moves to its own module next (issue 21)",
     "ubsmoe/fl/export.py": "PEFT export, model card and expert-LoRA files; the model card moves out next (issue 21)",
-    "ubsmoe/privacy.py": "DP mechanisms, accountant and the privacy config in one module until its wiring "
-                         "lands (issue 25): it splits into core/ mechanisms and the config section then",
 }
 
 

@@ -30,7 +30,8 @@ CONFIG_PAGE = "configuration.md"
 API_MODULES: list[tuple[str, list[str]]] = [
     ("Foundation", ["ubsmoe.errors", "ubsmoe.io", "ubsmoe.budgets", "ubsmoe.config"]),
     ("Core math", ["ubsmoe.core.smoe", "ubsmoe.core.grouped", "ubsmoe.core.routing",
-                   "ubsmoe.core.pseudo_grad", "ubsmoe.core.lora", "ubsmoe.privacy"]),
+                   "ubsmoe.core.pseudo_grad", "ubsmoe.core.lora", "ubsmoe.core.privacy",
+                   "ubsmoe.core.accountant"]),
     ("Models", ["ubsmoe.models.build", "ubsmoe.models.presets", "ubsmoe.models.architecture",
                 "ubsmoe.models.tokenizer", "ubsmoe.models.devices", "ubsmoe.models.patching",
                 "ubsmoe.models.runtime", "ubsmoe.models.adapters", "ubsmoe.models.families"]),
@@ -46,7 +47,7 @@ API_MODULES: list[tuple[str, list[str]]] = [
                                    "ubsmoe.metrics.flops", "ubsmoe.metrics.plan",
                                    "ubsmoe.metrics.diagnostics", "ubsmoe.tracking"]),
     ("Federated learning", ["ubsmoe.fl.train", "ubsmoe.fl.server", "ubsmoe.fl.state",
-                            "ubsmoe.fl.round", "ubsmoe.fl.round_diagnostics",
+                            "ubsmoe.fl.round", "ubsmoe.fl.privacy", "ubsmoe.fl.round_diagnostics",
                             "ubsmoe.fl.evaluation", "ubsmoe.fl.checkpoints",
                             "ubsmoe.fl.declarations", "ubsmoe.fl.fold", "ubsmoe.fl.payload",
                             "ubsmoe.fl.validate", "ubsmoe.fl.messages", "ubsmoe.fl.run_dir",

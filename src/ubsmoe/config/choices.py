@@ -33,3 +33,6 @@ MODEL_INITS = ("auto", "random", "pretrained")
 MODEL_PRESETS = ("tiny", "medium", "tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-dense")
 
 
+# Client-level DP (``privacy.mode``) and the parameter groups it may privatise (``privacy.groups``).
+PRIVACY_MODES = ("off", "central", "local")
+PRIVACY_GROUPS = ("experts", "shared", "router", "phi")

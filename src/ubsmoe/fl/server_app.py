@@ -154,7 +154,8 @@ def _unpack(reply: Message, sent: dict[str, Any], server: Server, want_norm: boo
         raise
     except (KeyError, ValueError, TypeError) as e:
         raise RejectedUpdate(f"malformed reply: {e}".replace("\n", "; ")) from None
-    update = check_update(update, sent["global_adapters"], sent["top_k"], server.counts_shape)
+    update = check_update(update, sent["global_adapters"], sent["top_k"], server.counts_shape,
+                          private_counts=server.cfg.privacy.enabled)
     update.metrics[METRIC_BYTES_DOWN] = float(
         payload_nbytes(sent["global_adapters"])
         + sum(payload_nbytes(factors) for _, factors in sent["base_merges"]))

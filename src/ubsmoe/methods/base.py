@@ -84,6 +84,13 @@ class Method:
         needs_moe: the method needs a sparse-MoE model (the SMoE methods); False
             for the LoRA-only methods (FedIT and the rank methods), which also run
             on a dense backbone.
+        privacy_modes: the ``privacy.mode`` values besides ``off`` the method
+            supports (docs/privacy.md); empty: client-level DP is refused with
+            :attr:`privacy_refusal` as the reason.
+        privacy_refusal: why the modes left out of :attr:`privacy_modes` are refused.
+        uses_counts: the server step consumes the clients' expert counts (DMR's phi
+            update, A3SMoE's weights), so DP must release them
+            (``privacy.counts_noise_multiplier > 0``).
     """
 
     name: ClassVar[str] = ""
@@ -91,11 +98,16 @@ class Method:
     own_train_top_k: ClassVar[str] = "budget"
     train_top_k_modes: ClassVar[tuple[str, ...]] = ("auto", "budget")
     needs_moe: ClassVar[bool] = True
+    privacy_modes: ClassVar[tuple[str, ...]] = ()
+    privacy_refusal: ClassVar[str] = "no privacy analysis for it"
+    uses_counts: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()
         # fl.aggregation: None (the weighted mean) or (rule, trim_fraction), see set_robust.
         self.robust: tuple[str, float] | None = None
+        # DP's server-side release (ubsmoe.fl.privacy.ServerRelease), see set_release.
+        self.release: Any = None
 
     def set_robust(self, rule: str, trim_fraction: float = 0.1) -> None:
         """Use a robust rule (``fl.aggregation``) for the tensors the method averages with p_c.
@@ -116,6 +128,16 @@ class Method:
             raise ConfigError(f"fl.aggregation: got {rule!r}, method {self.name} supports only mean "
                               "(it stacks or factorizes the clients' LoRA factors)")
         self.robust = (rule, float(trim_fraction))
+
+    def set_release(self, release: Any) -> None:
+        """Use DP's server-side release for the next :meth:`aggregator` (None: DP off).
+
+        ``release.adapters(mean, n)`` noises the uniform mean of the privatised
+        tensors and ``release.utilization(u, n)`` the ``[L, E]`` utilization
+        before the server uses it (:class:`ubsmoe.fl.privacy.ServerRelease`). The
+        FedAvg aggregator and UB-SMoE's (before its phi update) call it.
+        """
+        self.release = release
 
     # ----- client side -------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
@@ -272,7 +294,7 @@ class Method:
         """
         if type(self).aggregate is not Method.aggregate:
             return BufferedAggregator(lambda updates: self.aggregate(global_adapters, updates))
-        return FedAvgAggregator(list(global_adapters), self.robust)
+        return FedAvgAggregator(list(global_adapters), self.robust, self.release)
 
     def aggregate(self, global_adapters: dict[str, torch.Tensor],
                   updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:

@@ -73,6 +73,8 @@ class HetLoRA(RankMethod):
     """Rank r_c per budget; truncated distribution, self-pruning loss, sparsity-weighted padding."""
 
     config_class = HetLoRAConfig
+    privacy_refusal = ("HetLoRA weights each client by S_c = ||s_c B_c A_c||_F of its own update, "
+                       "so one client's share of the mean is unbounded")
 
     def extra_loss(self, model: nn.Module, top_k: int) -> torch.Tensor | None:
         """Rank self-pruning regulariser summed over the model's trainable LoRA modules.

@@ -150,3 +150,27 @@ def test_local_mode_clients_send_noisy_dense_updates_and_histograms(setup, tmp_p
     clean = ClientRuntime(plain, shared).train_round(**task)
     sparse = update_to_content(clean, sent, dense=plain.privacy.enabled)["adapters"]
     assert any(n.endswith(".rows") for n in sparse.to_torch_state_dict())
+
+
+def test_display_and_report_show_epsilon():
+    from ubsmoe.cli.progress import RunDisplay, dp_text
+    from ubsmoe.report.runs import RunRecord, group_key, privacy_text
+
+    assert dp_text({"round": 1, "loss": 2.0}) == ""
+    line = dp_text({"round": 2, "loss": 2.0, "epsilon": 3.14159, "epsilon_round": 2.0, "snr": 0.00123})
+    assert line == ", DP epsilon 3.14 (round 2), SNR 0.0012"
+    assert dp_text({"epsilon": None, "epsilon_round": None, "snr": None}) == ", DP epsilon inf (round inf)"
+    display = RunDisplay(3)
+    display("round_end", {"round": 1, "loss": 2.5, "epsilon": 1.5, "epsilon_round": 1.5, "snr": 0.1})
+    assert "| eps 1.5 |" in display.rounds_text()
+    display("round_end", {"round": 2, "loss": 2.4})
+    assert "eps" not in display.rounds_text()
+    dp = {"mode": "central", "noise_multiplier": 2.0, "clipping_norm": 0.1, "counts_noise_multiplier": 3.0,
+          "groups": ["all"], "epsilon": 7.91, "delta": 1e-5}
+    assert privacy_text({"privacy": dp}) == "central, epsilon 7.91 at delta 1e-05"
+    assert privacy_text({"method": "fedit"}) == "off" and privacy_text(None) == "off"
+    assert privacy_text({"privacy": {**dp, "epsilon": None}}).startswith("central, epsilon inf")
+    # A DP run and a run without DP are never averaged as seeds of one setting.
+    base = {"method": "fedit", "model": "tiny", "clients": [{}], "rounds_completed": 2}
+    keys = {group_key(RunRecord(path=None, summary=s))[1] for s in (base, {**base, "privacy": dp})}
+    assert len(keys) == 2

@@ -302,7 +302,10 @@ class ProgressLog:
         if event == "round_end":
             rec = info["record"]
             log(INFO, "ubsmoe: round %d: train loss %.4f", rec["round"], rec["loss"])
-            self.emit(event, round=rec["round"], loss=rec["loss"])
+            dp = rec.get("privacy")  # privacy.mode on: the accountant's epsilon and the round's SNR
+            self.emit(event, round=rec["round"], loss=rec["loss"],
+                      **({"epsilon": dp["epsilon"], "epsilon_round": dp["epsilon_round"],
+                          "snr": dp.get("snr")} if dp else {}))
         else:
             self.emit(event, **info)
 

@@ -55,6 +55,13 @@ def run(overrides: list[str], setup, out: Path) -> dict:
     return {"summary": summary, "train": [r for r in records if r.get("type") == "train"]}
 
 
+def initial(overrides: list[str], setup, out: Path) -> dict:
+    """The untrained global model (round 0) evaluated as a run's last round is."""
+    server = Server(load_config(overrides=overrides), out, setup)
+    rows = server.evaluate(0)
+    return {"summary": {"accuracy": rows}, "train": []}
+
+
 def median_norm(overrides: list[str], setup, groups: list[str]) -> float:
     """Median over clients of ``||x_c - x_sent||`` of ``groups`` in round 1 without DP."""
     cfg = load_config(overrides=overrides)
@@ -90,8 +97,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 1.0])
-    ap.add_argument("--methods", nargs="+", default=["fedit", "ubsmoe"])
+    ap.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 1.0])
+    ap.add_argument("--methods", nargs="+", default=["fedit", "smoe", "ubsmoe"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +113,7 @@ def main() -> None:
         if method == "ubsmoe":
             variants.append(("counts+phi", ["phi"], True))
         start = time.time()
+        rows.append(row(method, "(untrained: round 0)", None, initial(m, setup, args.out / f"{method}_init")))
         rows.append(row(method, "none (no DP)", None, run(m, setup, args.out / f"{method}_off")))
         print(f"{method} no DP: {time.time() - start:.0f}s", flush=True)
         for label, groups, counts in variants:
@@ -113,7 +121,7 @@ def main() -> None:
             for eps in args.epsilons:
                 sigma = calibrate_noise_multiplier(eps, 1e-5, args.rounds, 1.0)
                 sigma_u, sigma_k = (sigma * math.sqrt(2), sigma * math.sqrt(2)) if counts else (sigma, 0.0)
-                dp = [f"privacy.mode=central", f"privacy.noise_multiplier={sigma_u}",
+                dp = ["privacy.mode=central", f"privacy.noise_multiplier={sigma_u}",
                       f"privacy.clipping_norm={clip}", f"privacy.counts_noise_multiplier={sigma_k}",
                       f"privacy.groups=[{','.join(groups)}]"]
                 start = time.time()
@@ -158,7 +166,8 @@ def figure(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r["target_epsilon"] is not None:
             series.setdefault((r["method"], r["privatised"]), []).append(r)
-    off = {r["method"]: r for r in rows if r["target_epsilon"] is None}
+    off = {r["method"]: r for r in rows if r["privatised"] == "none (no DP)"}
+    init = {r["method"]: r for r in rows if r["privatised"].startswith("(untrained")}
     keys = [("loss", "held-out loss (nats/token, mean over levels)"),
             ("loglik", "loglik accuracy (fraction, mean over levels)"),
             ("entropy", "eval utilization entropy (nats, mean over layers)")]
@@ -169,10 +178,13 @@ def figure(rows: list[dict], path: Path) -> None:
             ys = [_value(r, key) for r in rs]
             line, = ax.plot(xs, ys, marker="o", label=f"{method}, DP on {variant}")
             ax.axhline(_value(off[method], key), color=line.get_color(), ls=":", lw=1)
+            if method in init:
+                ax.axhline(_value(init[method], key), color=line.get_color(), ls="--", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("epsilon at delta 1e-5 (log scale)")
         ax.set_ylabel(label)
-    axes[0].plot([], [], color="gray", ls=":", label="no DP (same colour)")
+    axes[0].plot([], [], color="gray", ls=":", label="no DP (dotted, same colour)")
+    axes[0].plot([], [], color="gray", ls="--", label="untrained, round 0 (dashed)")
     axes[0].legend(fontsize=7)
     fig.suptitle("Cost of client-level DP, tiny preset, 8 clients, central mode")
     fig.tight_layout()

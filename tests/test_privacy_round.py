@@ -49,8 +49,8 @@ def test_dp_off_leaves_the_round_untouched_and_sigma0_no_clip_equals_it(setup, t
     assert off.state.adapters.keys() == free.state.adapters.keys()
     for name, x in off.state.adapters.items():
         assert torch.equal(x, free.state.adapters[name]), name
-    record = [json.loads(line) for line in (tmp_path / "free" / "metrics.jsonl").read_text().splitlines()
-              if '"type": "train"' in line][0]
+    record = next(json.loads(line) for line in (tmp_path / "free" / "metrics.jsonl").read_text().splitlines()
+              if '"type": "train"' in line)
     assert record["privacy"]["epsilon"] is None and record["privacy"]["snr"] is None  # no noise: inf
     assert [c["examples"] for c in record["clients"]] == [1, 1, 1, 1]  # uniform weights under DP
 
@@ -95,8 +95,8 @@ def test_central_noise_on_the_mean_and_epsilon_in_summary(setup, tmp_path):
 
     sent = dict(Server(cfg, tmp_path / "probe", shared).state.adapters)
     server, summary = run_rounds(cfg, tmp_path / "run", shared, finish=True)
-    record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-              if '"type": "train"' in line][0]
+    record = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"type": "train"' in line)
     dp = record["privacy"]
     assert dp["noise_std"] == pytest.approx(sigma * clip / 4)
     assert dp["signal_norm"] <= clip * (1 + 1e-5)
@@ -114,6 +114,8 @@ def test_central_noise_on_the_mean_and_epsilon_in_summary(setup, tmp_path):
     assert on_disk["privacy"]["epsilon"] == pytest.approx(acc.epsilon()) == summary["privacy"]["epsilon"]
     assert dp["epsilon"] == pytest.approx(acc.epsilon()) and on_disk["privacy"]["mode"] == "central"
     assert server.state.state_dict()["privacy_state"]["rounds"] == 1
+    resumed = Server(cfg, tmp_path / "run", shared, resume=True)  # the checkpoint keeps the accountant
+    assert resumed.accountant.rounds == 1 and resumed.accountant.epsilon() == pytest.approx(acc.epsilon())
 
 
 def test_local_mode_clients_send_noisy_dense_updates_and_histograms(setup, tmp_path):

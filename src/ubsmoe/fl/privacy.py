@@ -44,7 +44,7 @@ from ubsmoe.core.privacy import (
 )
 from ubsmoe.methods import ClientUpdate
 
-__all__ = ["ServerRelease", "counts_released", "finite_or_none", "privatise_update",
+__all__ = ["ServerRelease", "combined", "counts_released", "finite_or_none", "privatise_update",
            "round_accountant"]
 
 # Stream keys of noise_generator(seed, round, key...) besides a client's own id.
@@ -193,3 +193,12 @@ def round_accountant(cfg: RunConfig, num_layers: int) -> PrivacyAccountant:
 def finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` with every infinite float (epsilon without noise) as None, for strict JSON."""
     return {k: None if isinstance(v, float) and math.isinf(v) else v for k, v in record.items()}
+
+
+def combined(spent: dict[str, Any]) -> dict[str, Any]:
+    """The accountant's record with its ``noise_multiplier`` (update and counts combined,
+    :func:`ubsmoe.core.accountant.combined_noise_multiplier`) renamed
+    ``combined_noise_multiplier``, so it does not read as ``privacy.noise_multiplier``."""
+    out = dict(spent)
+    out["combined_noise_multiplier"] = out.pop("noise_multiplier")
+    return out

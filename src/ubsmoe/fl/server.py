@@ -33,7 +33,7 @@ from ubsmoe.fl.checkpoints import ServerCheckpoints
 from ubsmoe.fl.declarations import NodeDeclarations
 from ubsmoe.fl.evaluation import ServerEvaluation
 from ubsmoe.fl.fold import LeftOut, OrderedFold, RoundIncomplete
-from ubsmoe.fl.privacy import ServerRelease, finite_or_none, round_accountant
+from ubsmoe.fl.privacy import ServerRelease, combined, finite_or_none, round_accountant
 from ubsmoe.fl.round import fold_replies, reject_outliers, train_record
 from ubsmoe.fl.round_diagnostics import RoundDiagnostics
 from ubsmoe.fl.run_dir import (
@@ -228,7 +228,7 @@ class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpo
         record = train_record(round_idx, fold, failed, self._client_facts(), held, attempt, timings,
                               round_start, round_end=time.time())
         if release is not None:
-            record["privacy"] = finite_or_none({**self.accountant.step(), **release.stats})
+            record["privacy"] = finite_or_none({**combined(self.accountant.step()), **release.stats})
             self.state.privacy_state = self.accountant.state_dict()
         self.record(record)
         self.last_diagnostics = self.diagnostics(round_idx, fold.folded)
@@ -330,7 +330,7 @@ class Server(NodeDeclarations, RoundDiagnostics, ServerEvaluation, ServerCheckpo
         return {"mode": p.mode, "noise_multiplier": p.noise_multiplier,
                 "clipping_norm": p.clipping_norm, "counts_noise_multiplier": p.counts_noise_multiplier,
                 "groups": list(p.groups), "seeded": p.seed is not None,
-                **finite_or_none(self.accountant.spent())}
+                **finite_or_none(combined(self.accountant.spent()))}
 
     def _data_summary(self) -> dict[str, Any]:
         """Instruction data's summary keys: source name, answer types, metrics, partition, BERTScore."""

@@ -33,6 +33,7 @@ from ubsmoe.core.accountant import calibrate_noise_multiplier
 from ubsmoe.core.privacy import select_groups
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.train import ClientRuntime, shared_setup
+from ubsmoe.methods import get_method_class
 
 SETTING = [
     "data.tasks=[boolq,piqa,ARC-Easy]", "data.train_examples=400", "data.max_length=128",
@@ -99,7 +100,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 1.0])
     ap.add_argument("--methods", nargs="+", default=["fedit", "smoe", "ubsmoe"])
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw OUT/table.md and OUT/privacy_cost.png from OUT/results.json")
     args = ap.parse_args()
+    if args.replot:
+        rows = json.loads((args.out / "results.json").read_text())
+        for r in rows:  # JSON object keys are strings: the budget levels back to floats
+            r["loss"], r["loglik"] = ({float(b): v for b, v in r[k].items()} for k in ("loss", "loglik"))
+        write_table(rows, args.out / "table.md")
+        figure(rows, args.out / "privacy_cost.png")
+        return
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     base = [*SETTING, f"fl.rounds={args.rounds}",
@@ -109,8 +119,9 @@ def main() -> None:
     for method in args.methods:
         m = [*base, f"method={method}"]
         # (label, groups, counts released): full privatisation; counts + phi alone (DMR methods).
-        variants = [("all", ["all"], method == "ubsmoe")]
-        if method == "ubsmoe":
+        uses_counts = get_method_class(method).uses_counts  # DMR's phi update needs the counts
+        variants = [("all", ["all"], uses_counts)]
+        if uses_counts:  # the counts and DMR's phi alone
             variants.append(("counts+phi", ["phi"], True))
         start = time.time()
         rows.append(row(method, "(untrained: round 0)", None, initial(m, setup, args.out / f"{method}_init")))
@@ -168,9 +179,10 @@ def figure(rows: list[dict], path: Path) -> None:
             series.setdefault((r["method"], r["privatised"]), []).append(r)
     off = {r["method"]: r for r in rows if r["privatised"] == "none (no DP)"}
     init = {r["method"]: r for r in rows if r["privatised"].startswith("(untrained")}
-    keys = [("loss", "held-out loss (nats/token, mean over levels)"),
-            ("loglik", "loglik accuracy (fraction, mean over levels)"),
-            ("entropy", "eval utilization entropy (nats, mean over layers)")]
+    keys = [("loss", "held-out loss (nats/token)"),
+            ("loglik", "loglik accuracy (fraction)"),
+            ("entropy", "eval utilization entropy (nats)")]
+    eps_ticks = sorted({r["target_epsilon"] for r in rows if r["target_epsilon"] is not None})
     for ax, (key, label) in zip(axes, keys):
         for i, ((method, variant), rs) in enumerate(sorted(series.items())):
             rs = sorted(rs, key=lambda r: r["target_epsilon"])
@@ -181,12 +193,16 @@ def figure(rows: list[dict], path: Path) -> None:
             if method in init:
                 ax.axhline(_value(init[method], key), color=line.get_color(), ls="--", lw=0.8)
         ax.set_xscale("log")
+        ax.set_xticks(eps_ticks, [f"{e:g}" for e in eps_ticks])
+        ax.minorticks_off()
         ax.set_xlabel("epsilon at delta 1e-5 (log scale)")
         ax.set_ylabel(label)
     axes[0].plot([], [], color="gray", ls=":", label="no DP (dotted, same colour)")
     axes[0].plot([], [], color="gray", ls="--", label="untrained, round 0 (dashed)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Cost of client-level DP, tiny preset, 8 clients, central mode")
+    fig.suptitle("Cost of client-level DP (central, 8 clients, tiny preset); "
+                 "each value is the mean over the 4 budget levels (entropy: over layers too)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

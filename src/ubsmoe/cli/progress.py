@@ -52,16 +52,32 @@ def format_duration(seconds: float | None) -> str:
     return f"{s}s"
 
 
+def dp_text(info: dict[str, Any]) -> str:
+    """``", DP epsilon 2.41 (round 0.87), SNR 0.0031"`` from a ``round_end`` event ("" without DP).
+
+    Epsilon None (no noise) reads ``inf``; the SNR is left out when the round has none.
+    """
+    if "epsilon" not in info:
+        return ""
+
+    def num(x: float | None) -> str:
+        return "inf" if x is None else f"{x:.3g}"
+
+    snr = f", SNR {info['snr']:.2g}" if info.get("snr") is not None else ""
+    return f", DP epsilon {num(info['epsilon'])} (round {num(info.get('epsilon_round'))}){snr}"
+
+
 class RunDisplay:
     """Live progress of a run (rounds, client replies, loss, ETA) with rich.
 
     Called with the ServerApp's progress events as :func:`ubsmoe.fl.simulation.run_federated`
     reads them: ``round_start`` {round, clients}, ``client_done``, ``aggregate``,
-    ``round_end`` {round, loss}, ``client_failed`` {round, client, reason} and
+    ``round_end`` {round, loss, and under DP epsilon, epsilon_round, snr}, ``client_failed`` {round, client, reason} and
     ``round_retry`` / ``round_failed`` {round, message, replies, needed}, each printed
     as one line. The rounds line shows the last train loss and the run's ETA
-    (:func:`eta_seconds` over the rounds timed so far); the clients line shows the
-    round's clients done out of those sampled.
+    (:func:`eta_seconds` over the rounds timed so far) and, under DP, the privacy
+    spent so far (cumulative epsilon); the clients line shows the round's clients
+    done out of those sampled.
     """
 
     def __init__(self, rounds: int) -> None:
@@ -70,6 +86,7 @@ class RunDisplay:
         self.total = rounds
         self.done = 0
         self.loss: float | None = None
+        self.epsilon: float | None = None  # cumulative DP epsilon (None: DP off or no noise)
         self.round_seconds: list[float] = []
         self._round_start: float | None = None
         self.rounds = self.progress.add_task("rounds", total=rounds)
@@ -81,8 +98,10 @@ class RunDisplay:
         self.progress.update(self.rounds, completed=rounds_done, description=self.rounds_text())
 
     def rounds_text(self) -> str:
-        """The rounds line: ``rounds | loss 6.5533 | ETA 1m05s``."""
+        """The rounds line: ``rounds | loss 6.5533 | eps 2.41 | ETA 1m05s`` (eps under DP only)."""
         loss = f" | loss {self.loss:.4f}" if self.loss is not None else ""
+        if self.epsilon is not None:
+            loss += f" | eps {self.epsilon:.3g}"
         return f"rounds{loss} | ETA {format_duration(eta_seconds(self.round_seconds, self.done, self.total))}"
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
@@ -100,8 +119,10 @@ class RunDisplay:
                 self.round_seconds.append(time.monotonic() - self._round_start)
             self.done = int(info["round"])
             self.loss = float(info["loss"])
+            self.epsilon = info.get("epsilon")
             p.update(self.rounds, completed=self.done, description=self.rounds_text())
-            p.console.print(f"round {info['round']}: train loss {info['loss']:.4f}", highlight=False)
+            p.console.print(f"round {info['round']}: train loss {info['loss']:.4f}{dp_text(info)}",
+                            highlight=False)
         elif event == "client_failed":  # one line per client left out of a round
             p.advance(self.clients)
             p.console.print(f"round {info['round']}: client {info['client']} left out: {info['reason']}",

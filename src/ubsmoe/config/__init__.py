@@ -61,6 +61,9 @@ from ubsmoe.config.parse import (
     save_config,
     unflatten,
 )
+from ubsmoe.config.privacy import (
+    PrivacyConfig,
+)
 from ubsmoe.config.run import (
     BUILTIN_METHODS,
     RunConfig,
@@ -96,6 +99,7 @@ __all__ = [
     "FLConfig",
     "LogConfig",
     "ModelConfig",
+    "PrivacyConfig",
     "RunConfig",
     "TinyModelConfig",
     "TrainConfig",

@@ -37,3 +37,6 @@ LORA_SCALE_RULES = ("rank_independent", "fixed_alpha")
 MODEL_PRESETS = ("tiny", "medium", "tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-dense")
 
 
+# Client-level DP (``privacy.mode``) and the parameter groups it may privatise (``privacy.groups``).
+PRIVACY_MODES = ("off", "central", "local")
+PRIVACY_GROUPS = ("experts", "shared", "router", "phi")

@@ -13,6 +13,7 @@ from ubsmoe.config.data import DataConfig
 from ubsmoe.config.eval import EvalConfig, LogConfig
 from ubsmoe.config.fl import FLConfig
 from ubsmoe.config.model import ModelConfig
+from ubsmoe.config.privacy import PrivacyConfig, privacy_run_errors
 from ubsmoe.config.train import TrainConfig
 from ubsmoe.errors import ConfigError
 
@@ -36,6 +37,9 @@ class RunConfig:
         fl: the federation: clients, rounds, budgets, failures, aggregation.
         eval: evaluation of the global model per budget level.
         log: TensorBoard and W&B logging.
+        privacy: client-level differential privacy of the updates and the
+            utilization counts (:class:`~ubsmoe.config.privacy.PrivacyConfig`; off
+            by default, docs/privacy.md).
         method_config: the selected method's own config (the section named after
             the method).
     """
@@ -47,6 +51,7 @@ class RunConfig:
     fl: FLConfig = field(default_factory=FLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     method_config: Any = None
 
     def __post_init__(self) -> None:
@@ -58,6 +63,9 @@ class RunConfig:
                 f"method_config: expected {config_class.__name__} for method "
                 f"'{self.method}', got {type(self.method_config).__name__}"
             )
+        errors = privacy_run_errors(self.privacy, self.fl.aggregation, self.fl.reject_norm_multiple)
+        if errors:
+            raise ConfigError("\n".join(errors))
         for check in _RUN_CHECKS:
             check(self)
 

@@ -196,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
     update = _train(runtime, task, cfg, decl, context)
     update.metrics.update({"setup_s": setup_s, "work_start": start, "work_end": time.time(),
                            "pid": os.getpid(), "runtime_builds": _BUILDS})
-    content = update_to_content(update, task["global_adapters"])
+    content = update_to_content(update, task["global_adapters"], dense=cfg.privacy.enabled)
     if fault not in (None, "timeout"):
         content = _corrupt(fault, content, task["global_adapters"])
     return Message(content, reply_to=msg)

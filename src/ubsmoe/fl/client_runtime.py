@@ -30,6 +30,7 @@ from ubsmoe.data.instruction import load_data
 from ubsmoe.data.partition import partition_clients, partition_labels
 from ubsmoe.data.prompts import format_prompt, tokenize_example
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.privacy import privatise_update
 from ubsmoe.fl.train import batch_indices, client_seed, local_train, make_batches
 from ubsmoe.methods import ClientUpdate, get_method_class
 from ubsmoe.models import adapter_state, build_model, load_adapter_state, set_top_k, smoe_layers
@@ -252,6 +253,10 @@ class ClientRuntime:
             base_merges: the run's base-weight merges so far, ``(id, factors)`` oldest
                 first (:meth:`~ubsmoe.methods.base.Method.base_merges`); the ones this
                 runtime has not applied yet are merged into its model first.
+
+        With ``privacy.mode`` on, the update is privatised before it is returned
+        (:func:`ubsmoe.fl.privacy.privatise_update`: clipped, noised in local mode,
+        counts as a histogram, uniform weight).
         """
         cfg = self.cfg
         start = time.perf_counter()
@@ -280,7 +285,7 @@ class ClientRuntime:
         # p_c's count: distinct examples trained on (epochs do not multiply it; a step
         # cap that ends the round early lowers it below the partition size).
         trained = len({i for idx in indices for i in idx})
-        return ClientUpdate(
+        update = ClientUpdate(
             client_id=client_id,
             num_examples=trained,
             adapters=adapter_state(self.model),
@@ -296,3 +301,8 @@ class ClientRuntime:
                      **{k: float(v) for k, v in stats.items()
                         if k not in ("loss", "steps", "examples", "tokens")}},
         )
+        if not cfg.privacy.enabled:
+            return update
+        # DP: clip (and, local, noise) the update and the counts; uniform weight (docs/privacy.md).
+        return privatise_update(update, global_adapters, cfg.privacy, round_idx,
+                                layers[0].max_top_k if layers else 1)

@@ -118,15 +118,19 @@ def train_task_from_content(content: RecordDict) -> tuple[RunConfig, dict[str, A
     return cfg, task
 
 
-def update_to_content(update: ClientUpdate, received: dict[str, torch.Tensor]) -> RecordDict:
+def update_to_content(update: ClientUpdate, received: dict[str, torch.Tensor],
+                      dense: bool = False) -> RecordDict:
     """Pack a :class:`ClientUpdate` as a reply's content, adapters as a sparse upload.
 
     Args:
         update: the client's update (full adapters).
         received: the global adapters the client was sent this round.
+        dense: send every adapter tensor whole (``privacy.mode`` on: the sparse
+            upload's changed rows reveal which experts the client used).
     """
+    upload = dict(update.adapters) if dense else sparse_upload(update.adapters, received)
     return RecordDict({
-        "adapters": ArrayRecord(sparse_upload(update.adapters, received)),
+        "adapters": ArrayRecord(upload),
         "stats": ArrayRecord({"expert_counts": update.expert_counts, "token_counts": update.token_counts}),
         "metrics": MetricRecord({
             METRIC_CLIENT_ID: update.client_id,

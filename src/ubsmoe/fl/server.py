@@ -25,6 +25,7 @@ import torch
 
 from ubsmoe.budgets import assign_budgets, top_k_for_budget
 from ubsmoe.config import RunConfig, save_config
+from ubsmoe.core.privacy import counts_sensitivity
 from ubsmoe.eval.instruction import task_metric
 from ubsmoe.eval.loss import LOSS_ROW_KEYS
 from ubsmoe.fl.checkpoints import ServerCheckpoints
@@ -33,6 +34,7 @@ from ubsmoe.fl.declarations import NodeDeclarations
 from ubsmoe.fl.evaluation import ServerEvaluation
 from ubsmoe.fl.fleet_server import FleetLevels
 from ubsmoe.fl.fold import LeftOut, OrderedFold, RoundIncomplete
+from ubsmoe.fl.privacy import ServerRelease, combined, finite_or_none, round_accountant
 from ubsmoe.fl.round import fold_replies, reject_outliers, train_record
 from ubsmoe.fl.round_diagnostics import RoundDiagnostics
 from ubsmoe.fl.run_dir import (
@@ -104,6 +106,10 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
         else:
             self.state = ServerState(round=0, adapters=adapter_state(self.model))
             save_config(cfg, self.run_dir / CONFIG_FILE)
+        # DP (privacy.mode on): the accountant over rounds, restored on resume.
+        self.accountant = round_accountant(cfg, len(layers)) if cfg.privacy.enabled else None
+        if self.accountant is not None and self.state.privacy_state:
+            self.accountant.load_state_dict(self.state.privacy_state)
         self.last_eval: list[dict[str, Any]] = []
         self.last_diagnostics: dict[str, Any] = {}
         self.provenance = provenance(command, next(self.model.parameters()).device)
@@ -217,6 +223,7 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
         if not clients:
             raise ValueError(f"round {round_idx}: no client replied")
         facts = self._client_facts()  # the ranks the clients trained at (before HetLoRA prunes)
+        release = self._release(round_idx)
         fold = OrderedFold(self.method.aggregator(self.state.adapters), clients)
         updates = self.screen_fleet(updates)  # budget=auto level reports, the simulated clock
         held = 0
@@ -229,6 +236,9 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
         record = train_record(round_idx, fold, failed, facts, held, attempt, timings,
                               round_start, round_end=time.time())
         record.update(self.fleet_facts())
+        if release is not None:
+            record["privacy"] = finite_or_none({**combined(self.accountant.step()), **release.stats})
+            self.state.privacy_state = self.accountant.state_dict()
         self.record(record)
         self.last_diagnostics = self.diagnostics(round_idx, fold.folded)
         self.record(self.last_diagnostics)
@@ -241,6 +251,16 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
             self.record({"type": "timing", "round": round_idx, "eval_s": time.time() - start})
         self.checkpoint()
         return record
+
+    def _release(self, round_idx: int) -> ServerRelease | None:
+        """Hand the method this round's DP release (None, and nothing set, when DP is off)."""
+        if not self.cfg.privacy.enabled:
+            return None
+        num_layers, _ = self.counts_shape
+        bound = counts_sensitivity(num_layers, self.k_max) if num_layers else 0.0
+        release = ServerRelease(self.cfg.privacy, self.state.adapters, round_idx, bound)
+        self.method.set_release(release)
+        return release
 
     def _require_replies(self, round_idx: int, fold: OrderedFold, failed: list[LeftOut], sampled: int,
                          attempt: int) -> None:
@@ -315,7 +335,16 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
                 for row in self.last_eval
             ],
             "provenance": self.provenance,
+            **({"privacy": self.privacy_summary()} if self.accountant is not None else {}),
         }
+
+    def privacy_summary(self) -> dict[str, Any]:
+        """``summary["privacy"]``: the settings and the accountant's epsilon after the rounds so far."""
+        p = self.cfg.privacy
+        return {"mode": p.mode, "noise_multiplier": p.noise_multiplier,
+                "clipping_norm": p.clipping_norm, "counts_noise_multiplier": p.counts_noise_multiplier,
+                "groups": list(p.groups), "seeded": p.seed is not None,
+                **finite_or_none(combined(self.accountant.spent()))}
 
     def _data_summary(self) -> dict[str, Any]:
         """Instruction data's summary keys: source name, answer types, metrics, partition, BERTScore."""

@@ -154,7 +154,8 @@ def _unpack(reply: Message, sent: dict[str, Any], server: Server, want_norm: boo
         raise
     except (KeyError, ValueError, TypeError) as e:
         raise RejectedUpdate(f"malformed reply: {e}".replace("\n", "; ")) from None
-    update = check_update(update, sent["global_adapters"], sent["top_k"], server.counts_shape)
+    update = check_update(update, sent["global_adapters"], sent["top_k"], server.counts_shape,
+                          private_counts=server.cfg.privacy.enabled)
     update.metrics[METRIC_BYTES_DOWN] = float(
         payload_nbytes(sent["global_adapters"])
         + sum(payload_nbytes(factors) for _, factors in sent["base_merges"]))
@@ -303,7 +304,10 @@ class ProgressLog:
         if event == "round_end":
             rec = info["record"]
             log(INFO, "ubsmoe: round %d: train loss %.4f", rec["round"], rec["loss"])
-            self.emit(event, round=rec["round"], loss=rec["loss"])
+            dp = rec.get("privacy")  # privacy.mode on: the accountant's epsilon and the round's SNR
+            self.emit(event, round=rec["round"], loss=rec["loss"],
+                      **({"epsilon": dp["epsilon"], "epsilon_round": dp["epsilon_round"],
+                          "snr": dp.get("snr")} if dp else {}))
         else:
             self.emit(event, **info)
 

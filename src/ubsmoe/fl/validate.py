@@ -48,7 +48,7 @@ def check_upload(upload: dict[str, torch.Tensor], sent: dict[str, torch.Tensor])
 
 
 def check_update(update: ClientUpdate, sent: dict[str, torch.Tensor], top_k: int,
-                 counts_shape: tuple[int, int]) -> ClientUpdate:
+                 counts_shape: tuple[int, int], private_counts: bool = False) -> ClientUpdate:
     """Validate an unpacked update against what its client was sent; cast its dtypes.
 
     Args:
@@ -56,6 +56,9 @@ def check_update(update: ClientUpdate, sent: dict[str, torch.Tensor], top_k: int
         sent: name -> tensor, the adapters the client was sent (names, shapes and dtypes expected back).
         top_k: the K_c the client was told to train at.
         counts_shape: ``(L, E)``: SMoE layers and experts per layer of the model.
+        private_counts: ``privacy.mode`` on: the counts are a (local: noisy)
+            histogram ``a / n`` with token counts 1 (:func:`ubsmoe.fl.privacy.privatise_update`),
+            so only their shapes and finiteness are checked.
 
     Returns:
         The update with every adapter in its sent dtype (the same object when nothing was cast).
@@ -98,6 +101,10 @@ def check_update(update: ClientUpdate, sent: dict[str, torch.Tensor], top_k: int
         raise RejectedUpdate(f"expert_counts {tuple(counts.shape)} / token_counts {tuple(tokens.shape)}, "
                              f"expected {tuple(counts_shape)} / ({counts_shape[0]},)")
     c64, t64 = counts.to(torch.float64), tokens.to(torch.float64)
+    if private_counts:
+        if not (bool(torch.isfinite(c64).all()) and bool(torch.isfinite(t64).all())):
+            raise RejectedUpdate("expert_counts / token_counts: non-finite values")
+        return replace(update, adapters=adapters) if cast else update
     if not (bool(torch.isfinite(c64).all()) and bool(torch.isfinite(t64).all())) or (
             bool((c64 < 0).any()) or bool((t64 < 0).any())):
         raise RejectedUpdate("expert_counts / token_counts: negative or non-finite counts")

@@ -96,7 +96,9 @@ def a3smoe_expert_scores(update: ClientUpdate, gamma: float, weighting: str = "f
     else:
         raise ValueError(f"a3smoe weighting: got {weighting!r}, expected one of "
                          f"{', '.join(A3SMOE_WEIGHTINGS)}")
-    freq = counts / norm.unsqueeze(-1)  # f_{c,i} or p_{i,c}: [L, E]
+    # f_{c,i} or p_{i,c}: [L, E]; clamped at 0 for local DP's noisy histograms
+    # (post-processing; a no-op for counts, which are never negative).
+    freq = (counts / norm.unsqueeze(-1)).clamp_min(0.0)
     return float(update.num_examples) * (freq / float(update.top_k)).pow(gamma)
 
 
@@ -189,6 +191,10 @@ class A3SMoE(Method):
     """Heterogeneous K_c; experts aggregated by activation frequency, the rest FedAvg."""
 
     config_class = A3SMoEConfig
+    privacy_modes = ("local",)
+    privacy_refusal = ("A3SMoE weights each expert by each client's own counts, which central DP "
+                       "never releases per client")
+    uses_counts = True
 
     def aggregator(self, global_adapters: dict[str, torch.Tensor]) -> Aggregator:
         """An incremental :class:`A3SMoEAggregator` (see the module docstring)."""

@@ -64,6 +64,8 @@ class A3SMoEFlexLoRA(FlexLoRA):
     """Rank r_j and K_j per client; FlexLoRA's SVD step with A3SMoE's per-expert weights."""
 
     config_class = A3SMoEFlexLoRAConfig
+    privacy_refusal = ("it merges full-rank products B_c A_c by SVD (as FlexLoRA) with "
+                       "A3SMoE's per-client count weights")
     own_train_top_k: ClassVar[str] = "budget"  # K_j, as A3SMoE (FlexLoRA alone trains native)
     train_top_k_modes: ClassVar[tuple[str, ...]] = ("auto", "budget")
     needs_moe: ClassVar[bool] = True  # K_j per client: a sparse-MoE model (FlexLoRA alone runs dense)

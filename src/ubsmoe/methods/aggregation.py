@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -110,11 +111,16 @@ class FedAvgAggregator(Aggregator):
     Args:
         names: the tensors to average (the global adapter names).
         robust: None (weighted mean) or ``(rule, trim_fraction)``.
+        release: DP's server-side release (``release.adapters(mean, n)`` noises
+            the mean of the privatised tensors, :class:`ubsmoe.fl.privacy.ServerRelease`),
+            or None (DP off).
     """
 
-    def __init__(self, names: Sequence[str], robust: tuple[str, float] | None = None) -> None:
+    def __init__(self, names: Sequence[str], robust: tuple[str, float] | None = None,
+                 release: Any = None) -> None:
         self.names = list(names)
         self.robust = robust
+        self.release = release
         self.kept: dict[str, list[torch.Tensor]] = {}
         self.sums: dict[str, torch.Tensor] = {}
         self.dtypes: dict[str, torch.dtype] = {}
@@ -158,7 +164,8 @@ class FedAvgAggregator(Aggregator):
                     for k, xs in self.kept.items()}
         if self.total <= 0:
             raise ValueError("aggregate: every client reported 0 training examples")
-        return {k: (v / self.total).to(self.dtypes[k]) for k, v in self.sums.items()}
+        out = {k: (v / self.total).to(self.dtypes[k]) for k, v in self.sums.items()}
+        return out if self.release is None else self.release.adapters(out, self.count)
 
 
 class BufferedAggregator(Aggregator):

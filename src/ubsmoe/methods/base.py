@@ -85,6 +85,13 @@ class Method:
         needs_moe: the method needs a sparse-MoE model (the SMoE methods); False
             for the LoRA-only methods (FedIT and the rank methods), which also run
             on a dense backbone.
+        privacy_modes: the ``privacy.mode`` values besides ``off`` the method
+            supports (docs/privacy.md); empty: client-level DP is refused with
+            :attr:`privacy_refusal` as the reason.
+        privacy_refusal: why the modes left out of :attr:`privacy_modes` are refused.
+        uses_counts: the server step consumes the clients' expert counts (DMR's phi
+            update, A3SMoE's weights), so DP must release them
+            (``privacy.counts_noise_multiplier > 0``).
     """
 
     name: ClassVar[str] = ""
@@ -92,6 +99,9 @@ class Method:
     own_train_top_k: ClassVar[str] = "budget"
     train_top_k_modes: ClassVar[tuple[str, ...]] = ("auto", "budget")
     needs_moe: ClassVar[bool] = True
+    privacy_modes: ClassVar[tuple[str, ...]] = ()
+    privacy_refusal: ClassVar[str] = "no privacy analysis for it"
+    uses_counts: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -100,6 +110,8 @@ class Method:
         # model.lora_scale_rule / model.lora_scale, see set_lora_scale (bare method: the defaults).
         self.lora_scale_rule = DEFAULT_LORA_SCALE_RULE
         self.lora_scale = DEFAULT_LORA_SCALE
+        # DP's server-side release (ubsmoe.fl.privacy.ServerRelease), see set_release.
+        self.release: Any = None
 
     def set_lora_scale(self, rule: str, scale: float) -> None:
         """Size every LoRA by ``model.lora_scale_rule`` and ``model.lora_scale`` (DESIGN.md section 5).
@@ -140,6 +152,16 @@ class Method:
             raise ConfigError(f"fl.aggregation: got {rule!r}, method {self.name} supports only mean "
                               "(it stacks or factorizes the clients' LoRA factors)")
         self.robust = (rule, float(trim_fraction))
+
+    def set_release(self, release: Any) -> None:
+        """Use DP's server-side release for the next :meth:`aggregator` (None: DP off).
+
+        ``release.adapters(mean, n)`` noises the uniform mean of the privatised
+        tensors and ``release.utilization(u, n)`` the ``[L, E]`` utilization
+        before the server uses it (:class:`ubsmoe.fl.privacy.ServerRelease`). The
+        FedAvg aggregator and UB-SMoE's (before its phi update) call it.
+        """
+        self.release = release
 
     # ----- client side -------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
@@ -305,7 +327,7 @@ class Method:
         """
         if type(self).aggregate is not Method.aggregate:
             return BufferedAggregator(lambda updates: self.aggregate(global_adapters, updates))
-        return FedAvgAggregator(list(global_adapters), self.robust)
+        return FedAvgAggregator(list(global_adapters), self.robust, self.release)
 
     def aggregate(self, global_adapters: dict[str, torch.Tensor],
                   updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:

@@ -20,3 +20,4 @@ class FedIT(Method):
     own_train_top_k = "native"
     train_top_k_modes = ("auto", "budget", "native")
     needs_moe = False
+    privacy_modes = ("central", "local")

@@ -50,6 +50,8 @@ class FlexLoRA(RankMethod):
     """Rank r_c per budget; average s_c B_c A_c, factored SVD, redistribute to each rank."""
 
     config_class = FlexLoRAConfig
+    privacy_refusal = ("FlexLoRA merges data-size-weighted full-rank products B_c A_c and "
+                       "re-factorises them by SVD, outside the clipped update space")
 
     def aggregate(self, global_adapters: dict[str, torch.Tensor],
                   updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:

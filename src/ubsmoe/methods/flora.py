@@ -71,6 +71,8 @@ class FLoRA(RankMethod):
     """Rank r_c per budget; fresh LoRA per round, stacked aggregation merged into the base."""
 
     config_class = FLoRAConfig
+    privacy_refusal = ("FLoRA stacks each client's factors side by side, so each client's update "
+                       "appears in the global adapters on its own, not inside a noised sum")
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)

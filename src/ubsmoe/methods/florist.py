@@ -62,6 +62,8 @@ class FLoRIST(FLoRA):
     """Rank r_c per budget; FLoRA's stack thresholded to energy tau by a factored SVD."""
 
     config_class = FLoRISTConfig
+    privacy_refusal = ("FLoRIST stacks each client's factors (as FLoRA) before its SVD "
+                       "thresholding, so no noised sum hides one client")
 
     def merge_factors(self, pair: LoRAPair, updates: Sequence[ClientUpdate],
                       weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -123,6 +123,8 @@ class HetLoRA(RankMethod):
     """Rank r_c per budget, self-pruned; truncated distribution, sparsity-weighted zero padding."""
 
     config_class = HetLoRAConfig
+    privacy_refusal = ("HetLoRA weights each client by S_c = ||s_c B_c A_c||_F of its own update, "
+                       "so one client's share of the mean is unbounded")
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)

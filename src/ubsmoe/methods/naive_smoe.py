@@ -14,3 +14,5 @@ from ubsmoe.methods.registry import register_method
 @register_method("smoe")
 class HeterogeneousSMoE(Method):
     """Per-client K_c from its budget, p_c-weighted FedAvg of all adapters."""
+
+    privacy_modes = ("central", "local")

@@ -72,6 +72,9 @@ def check_method_against_run(run: RunConfig) -> None:
     the experts share those weights). A robust ``fl.aggregation`` is
     refused for a method that stacks or factorizes the clients' factors. A method
     config may also define ``check_run(run)`` (e.g. one LoRA rank per budget level).
+    With ``privacy.mode`` on, the mode must be one of the method's
+    :attr:`Method.privacy_modes` and a method that :attr:`Method.uses_counts` needs
+    ``privacy.counts_noise_multiplier > 0``.
 
     Raises:
         ConfigError: one line naming the field and what is allowed.
@@ -95,9 +98,29 @@ def check_method_against_run(run: RunConfig) -> None:
                                f"one of {', '.join(modes)} for method '{run.method}'"))
     if run.fl.aggregation != "mean":  # raises for a method that aggregates all at once
         method_cls().set_robust(run.fl.aggregation, run.fl.trim_fraction)
+    _check_privacy(run, method_cls)
     check = getattr(run.method_config, "check_run", None)
     if check is not None:
         check(run)
+
+
+def _check_privacy(run: RunConfig, method_cls: type[Method]) -> None:
+    """Refuse a ``privacy.mode`` the method does not support, and withheld counts it needs.
+
+    Raises:
+        ConfigError: one line naming the field, what is allowed and why.
+    """
+    privacy = run.privacy
+    if not privacy.enabled:
+        return
+    if privacy.mode not in method_cls.privacy_modes:
+        allowed = " or ".join(repr(m) for m in (*method_cls.privacy_modes, "off"))
+        raise ConfigError(_bad("privacy.mode", privacy.mode,
+                               f"{allowed} for method {run.method} ({method_cls.privacy_refusal})"))
+    if method_cls.uses_counts and privacy.counts_noise_multiplier == 0:
+        raise ConfigError(_bad("privacy.counts_noise_multiplier", privacy.counts_noise_multiplier,
+                               f"a number > 0 for method {run.method} (its server step uses the "
+                               "clients' expert counts, which DP withholds at 0)"))
 
 
 register_run_check(check_method_against_run)

@@ -86,6 +86,7 @@ class SMoELLB(Method):
     """Per-client K_c, the task loss plus ``aux_loss_coef`` x load-balancing loss, FedAvg."""
 
     config_class = SMoELLBConfig
+    privacy_modes = ("central", "local")  # the load-balancing loss is local
 
     def prepare_model(self, model: nn.Module) -> None:
         """Make every SMoE layer keep its router logits for the auxiliary loss."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,6 +120,8 @@ class UBSMoE(Method):
     """Heterogeneous K_c with DMR and PG; FedAvg plus the utilization-aware phi update."""
 
     config_class = UBSMoEConfig
+    privacy_modes = ("central", "local")
+    uses_counts = True  # DMR's server phi update
 
     def __init__(self, config: UBSMoEConfig | None = None) -> None:
         super().__init__(config)
@@ -244,7 +247,7 @@ class UBSMoE(Method):
 
     def aggregator(self, global_adapters: dict[str, torch.Tensor]) -> Aggregator:
         """An incremental :class:`UBSMoEAggregator` (FedAvg, then the phi update)."""
-        return UBSMoEAggregator(global_adapters, self.config.dmr, self.robust)
+        return UBSMoEAggregator(global_adapters, self.config.dmr, self.robust, self.release)
 
 
 class UBSMoEAggregator(Aggregator):
@@ -258,12 +261,16 @@ class UBSMoEAggregator(Aggregator):
         dmr: DMR settings (``server_update``, ``momentum``).
         robust: None (weighted mean) or ``(rule, trim_fraction)`` for the averaged
             tensors (``fl.aggregation``, see :class:`FedAvgAggregator`).
+        release: DP's server-side release or None (DP off): it noises the mean of
+            the privatised tensors (phi included) and the utilization u~ before the
+            phi update (:class:`ubsmoe.fl.privacy.ServerRelease`).
     """
 
     def __init__(self, global_adapters: dict[str, torch.Tensor], dmr: DMRConfig,
-                 robust: tuple[str, float] | None = None) -> None:
+                 robust: tuple[str, float] | None = None, release: Any = None) -> None:
         self.dmr = dmr
-        self.fedavg = FedAvgAggregator(list(global_adapters), robust)
+        self.release = release
+        self.fedavg = FedAvgAggregator(list(global_adapters), robust, release)
         self.stats: list[ClientUpdate] = []
 
     def add(self, update: ClientUpdate) -> None:
@@ -284,6 +291,8 @@ class UBSMoEAggregator(Aggregator):
         names = sorted(layer_of, key=layer_of.get)
         phi_agg = torch.stack([out[n] for n in names])  # [L, E]
         utilization = round_utilization(self.stats)  # [L, E]
+        if self.release is not None:
+            utilization = self.release.utilization(utilization, len(self.stats))  # [L, E]
         k_bar = mean_top_k([u.top_k for u in self.stats], data_weights(self.stats))
         phi = server_phi_update(phi_agg, utilization, k_bar, self.dmr.momentum)  # [L, E]
         for i, n in enumerate(names):

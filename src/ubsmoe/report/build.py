@@ -18,7 +18,7 @@ from rich.table import Table
 from ubsmoe.io import atomic_write_text
 from ubsmoe.report import figures as F
 from ubsmoe.report.loss import LOSS_PROTOCOL_TEXT
-from ubsmoe.report.runs import RunGroup, RunRecord, find_runs, group_key, group_runs
+from ubsmoe.report.runs import RunGroup, RunRecord, find_runs, group_key, group_runs, privacy_text
 from ubsmoe.report.tables import (
     AccuracyTable,
     accuracy_tables,
@@ -94,14 +94,14 @@ def _rel(path: Path, out: Path) -> str:
 
 
 def _run_table(runs: list[RunRecord], labels: dict[int, str]) -> str:
-    """Markdown table of every run: path, method, seed, status, rounds, setting group."""
-    grid = [["run directory", "method", "seed", "status", "rounds", "group"]]
+    """Markdown table of every run: path, method, seed, status, rounds, DP epsilon, setting group."""
+    grid = [["run directory", "method", "seed", "status", "rounds", "privacy", "group"]]
     for r in runs:
         status = "complete" if r.complete else "incomplete (no summary.json)"
         rounds = (r.summary or {}).get("rounds_completed",
                                        max((int(m["round"]) for m in r.records("train")), default=0))
         grid.append([str(r.path), r.method, str(r.seed if r.seed is not None else "-"), status,
-                     str(rounds), labels.get(id(r), "-")])
+                     str(rounds), privacy_text(r.summary), labels.get(id(r), "-")])
     return markdown_table(grid)
 
 

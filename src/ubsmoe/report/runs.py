@@ -150,12 +150,35 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+def privacy_setting(summary: dict[str, Any]) -> str | None:
+    """A run's DP setting from ``summary["privacy"]``, e.g. ``central sigma=2.85 C=0.1 groups=all``.
+
+    Returns:
+        None for a run without DP (no ``privacy`` entry).
+    """
+    dp = summary.get("privacy")
+    if not dp:
+        return None
+    return (f"{dp['mode']} sigma={dp['noise_multiplier']:g} C={dp['clipping_norm']:g} "
+            f"sigma_k={dp['counts_noise_multiplier']:g} groups={','.join(dp['groups'])}")
+
+
+def privacy_text(summary: dict[str, Any] | None) -> str:
+    """The report's privacy cell: ``off`` or ``central, epsilon 7.9 at delta 1e-05`` (``inf``: no noise)."""
+    dp = (summary or {}).get("privacy")
+    if not dp:
+        return "off"
+    eps = "inf" if dp.get("epsilon") is None else f"{dp['epsilon']:.3g}"
+    return f"{dp['mode']}, epsilon {eps} at delta {dp['delta']:g}"
+
+
 def group_key(run: RunRecord) -> tuple[str, tuple]:
     """The setting a run belongs to: everything but the method and the seed.
 
     With ``cell.json``: ``(experiment, settings minus method and seed)``. Without:
     the summary's model, number of clients, budget levels, rounds, scored tasks
-    and examples per task, plus config.yaml's budget pattern and partition.
+    and examples per task, plus config.yaml's budget pattern and partition, and
+    the DP setting (:func:`privacy_setting`; runs without DP have none).
 
     Returns:
         ``(label, key)``: a readable label and a hashable key.
@@ -177,6 +200,7 @@ def group_key(run: RunRecord) -> tuple[str, tuple]:
         "examples_per_task": run.config.get("eval", {}).get("examples_per_task"),
         "budget_pattern": fl.get("budget_pattern"),
         "partition": data.get("partition"),
+        "privacy": privacy_setting(s),
     }
     text = ", ".join(f"{k}={v}" for k, v in setting.items() if v is not None and k != "tasks")
     return text, ("summary", _freeze(setting))

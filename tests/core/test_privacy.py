@@ -7,19 +7,16 @@ import math
 import pytest
 import torch
 
-from ubsmoe.errors import ConfigError
-from ubsmoe.methods.base import EXPERT_PARAM_RE, PHI_PARAM_RE, ROUTER_PARAM_RE
-from ubsmoe.methods.registry import available_methods
-from ubsmoe.privacy import (
-    PRIVACY_METHODS,
+from ubsmoe.config import PrivacyConfig, load_config
+from ubsmoe.core.accountant import (
     PrivacyAccountant,
-    PrivacyConfig,
-    add_gaussian_noise,
     calibrate_noise_multiplier,
+    combined_noise_multiplier,
+)
+from ubsmoe.core.privacy import (
+    add_gaussian_noise,
     clip_counts,
     clip_update,
-    combined_noise_multiplier,
-    compatibility_errors,
     counts_histogram,
     counts_sensitivity,
     noise_counts,
@@ -30,6 +27,9 @@ from ubsmoe.privacy import (
     select_groups,
     signal_to_noise,
 )
+from ubsmoe.errors import ConfigError
+from ubsmoe.methods.base import EXPERT_PARAM_RE, PHI_PARAM_RE, ROUTER_PARAM_RE
+from ubsmoe.methods.registry import available_methods, get_method_class
 
 NAMES = ["model.layers.0.self_attn.q_proj.lora_A.default.weight",
          "model.layers.0.mlp.gate_up_lora.A", "model.layers.0.mlp.down_lora.B",
@@ -317,38 +317,55 @@ def test_all_bad_settings_reported_together():
 
 def test_defaults_are_off_and_groups_normalise():
     cfg = PrivacyConfig()
-    assert not cfg.enabled and cfg.groups == ["all"] and cfg.noise_seed is None
+    assert not cfg.enabled and cfg.groups == ["all"] and cfg.noise_seed == -1 and cfg.seed is None
     assert PrivacyConfig(mode="local", groups="phi").groups == ["phi"]
 
 
-def test_privacy_table_covers_every_registered_method():
-    assert set(PRIVACY_METHODS) == set(available_methods())
+def test_every_registered_method_states_its_privacy_modes():
+    supported = {m: get_method_class(m).privacy_modes for m in available_methods()}
+    assert supported["fedit"] == supported["smoe"] == supported["smoe_llb"] == ("central", "local")
+    assert supported["ubsmoe"] == ("central", "local") and supported["a3smoe"] == ("local",)
+    for method, modes in supported.items():
+        if modes != ("central", "local"):  # a refused mode needs its reason
+            assert get_method_class(method).privacy_refusal != "no privacy analysis for it", method
 
 
-def test_compatibility():
-    central, local = PrivacyConfig(mode="central"), PrivacyConfig(mode="local")
-    off = PrivacyConfig()
-    assert compatibility_errors(off, "flora", "median", "data", 3.0) == []
+def _load(*overrides):
+    return load_config(overrides=list(overrides))
+
+
+def test_compatibility_through_load_config():
+    off = _load("method=flora", "train.top_k=native", "fl.aggregation=mean", "fl.reject_norm_multiple=3")
+    assert not off.privacy.enabled
     for method in ("fedit", "smoe", "smoe_llb", "ubsmoe"):
-        assert compatibility_errors(central, method) == []
-        assert compatibility_errors(local, method) == []
-    assert compatibility_errors(local, "a3smoe") == []
+        for mode in ("central", "local"):
+            assert _load(f"method={method}", f"privacy.mode={mode}").privacy.mode == mode
+    assert _load("method=a3smoe", "privacy.mode=local").privacy.mode == "local"
+    assert _load("privacy.mode=off").privacy.mode == "off"  # YAML's bare off reads as false
     cases = [
-        (central, {"method": "a3smoe"}, "privacy.mode: got 'central' with method a3smoe, expected 'local' or 'off'"),
-        (local, {"method": "hetlora"}, "privacy.mode: got 'local' with method hetlora, expected 'off'"),
-        (central, {"method": "flora"}, "privacy.mode: got 'central' with method flora"),
-        (central, {"method": "nosuch"}, "method: got 'nosuch' with privacy.mode=central"),
-        (central, {"method": "fedit", "aggregation": "median"}, "fl.aggregation: got 'median', expected 'mean'"),
-        (local, {"method": "fedit", "aggregation": "trimmed_mean"}, "fl.aggregation: got 'trimmed_mean'"),
-        (central, {"method": "smoe", "weighting": "data"}, "fl.weighting: got 'data', expected 'uniform'"),
-        (central, {"method": "smoe", "reject_norm_multiple": 3.0}, "fl.reject_norm_multiple: got 3.0, expected 0"),
-        (PrivacyConfig(mode="central", counts_noise_multiplier=0.0), {"method": "ubsmoe"},
-         "privacy.counts_noise_multiplier: got 0.0, expected a number > 0 with method ubsmoe"),
+        (["method=a3smoe", "privacy.mode=central"],
+         "privacy.mode: got 'central', expected 'local' or 'off' for method a3smoe (A3SMoE weights"),
+        (["method=hetlora", "train.top_k=native", "privacy.mode=local"],
+         "privacy.mode: got 'local', expected 'off' for method hetlora (HetLoRA weights"),
+        (["method=flora", "train.top_k=native", "privacy.mode=central"],
+         "privacy.mode: got 'central', expected 'off' for method flora"),
+        (["method=fedit", "privacy.mode=central", "fl.aggregation=median"],
+         "fl.aggregation: got 'median', expected 'mean' with privacy.mode=central"),
+        (["method=smoe", "privacy.mode=local", "fl.aggregation=trimmed_mean"],
+         "fl.aggregation: got 'trimmed_mean', expected 'mean' with privacy.mode=local"),
+        (["method=smoe", "privacy.mode=central", "fl.reject_norm_multiple=3.0"],
+         "fl.reject_norm_multiple: got 3.0, expected 0 with privacy.mode=central"),
+        (["method=ubsmoe", "privacy.mode=central", "privacy.counts_noise_multiplier=0"],
+         "privacy.counts_noise_multiplier: got 0.0, expected a number > 0 for method ubsmoe"),
+        (["privacy.mode=central", "privacy.noise_multiplier=-1"],
+         "privacy.noise_multiplier: got -1.0, expected a finite number >= 0"),
+        (["privacy.mode=central", "privacy.clipping_norm=0"],
+         "privacy.clipping_norm: got 0.0, expected a number > 0"),
     ]
-    for cfg, kwargs, message in cases:
-        errors = compatibility_errors(cfg, **kwargs)
-        assert len(errors) == 1 and errors[0].startswith(message) and "\n" not in errors[0], errors
+    for overrides, message in cases:
+        with pytest.raises(ConfigError) as err:
+            _load(*overrides)
+        text = str(err.value)
+        assert text.startswith(message) and "\n" not in text, text
     # FedIT does not use the counts: withholding them (0) is allowed.
-    assert compatibility_errors(PrivacyConfig(mode="central", counts_noise_multiplier=0.0), "fedit") == []
-    many = compatibility_errors(central, "hetlora", "median", "data", 2.0)
-    assert len(many) == 4
+    assert _load("method=fedit", "privacy.mode=central", "privacy.counts_noise_multiplier=0").privacy.enabled

@@ -214,6 +214,7 @@ def test_layer_and_step_models_are_built_on_the_requested_device_and_dtype():
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
+@pytest.mark.e2e
 def test_flexlora_svd_benchmark_runs_as_a_module_and_as_a_script():
     """`python -m ubsmoe.bench.flexlora_svd` and benchmarks/flexlora_svd.py (moved from metrics/) answer --help."""
     import subprocess

@@ -221,6 +221,7 @@ def test_report_has_loss_tables_and_figure(loss_run, tmp_path):
     assert "protocol loss" in md and "nats per token" in md
 
 
+@pytest.mark.slow
 def test_instruction_data_gets_loss_rows(tmp_path):
     from test_instruction import SMALL as INSTRUCTION_SMALL
     from test_instruction import _round, make_folder

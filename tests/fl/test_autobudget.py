@@ -106,6 +106,7 @@ def test_a_memory_cap_below_a_levels_peak_excludes_it(setup_for, tmp_path):
     assert reason.startswith("the next level up does not fit: planned ") and "GiB > cap" in reason
 
 
+@pytest.mark.slow
 def test_a_slowed_client_steps_down_and_back_up(setup_for, tmp_path):
     cfg, setup = setup_for("fl.budget_pattern=auto", "fl.client_speed=[1,1/1/4/4/1]", "fl.round_deadline_s=2")
     _, records = run(cfg, setup, tmp_path / "run", rounds=6)
@@ -117,6 +118,7 @@ def test_a_slowed_client_steps_down_and_back_up(setup_for, tmp_path):
     assert calibrated == [True, False, True, False, True, False]
 
 
+@pytest.mark.slow
 def test_a_large_remeasure_fraction_keeps_a_slowed_client_up(setup_for, tmp_path):
     cfg, setup = setup_for("fl.budget_pattern=auto", "fl.client_speed=[1,1/1/4/4/1]", "fl.round_deadline_s=2",
                            "fl.remeasure_fraction=5")

@@ -164,6 +164,7 @@ OLD_NUMBERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OLD_NUMBERS))
 def test_the_old_settings_reproduce_the_previous_numbers(small, tmp_path, name):
     make, setup = small

@@ -101,6 +101,7 @@ def test_same_seed_gives_bitwise_equal_weights(tmp_path, data_dir, reference):
     assert any(not torch.equal(other[k], v) for k, v in weights(ref_out).items())
 
 
+@pytest.mark.slow
 def test_two_processes_give_bitwise_equal_weights(tmp_path, data_dir, reference):
     """Two threads in fresh processes: without deterministic mode, CPU kernels differed."""
     import os

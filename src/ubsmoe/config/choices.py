@@ -12,8 +12,11 @@ COMMONSENSE_TASKS = (
     "ARC-Easy",
     "openbookqa",
 )
-# ``auto``: every client starts at the lowest level and chooses its own (ubsmoe.fl.autobudget).
-BUDGET_PATTERNS = ("uniform", "long_tail", "reverse_long_tail", "auto")
+# ``auto``: every client starts at the lowest level and chooses its own (ubsmoe.fl.autobudget);
+# ``top``: every client at the highest level (the fleet comparison's "no budgets" arm).
+BUDGET_PATTERNS = ("uniform", "long_tail", "reverse_long_tail", "auto", "top")
+# How a simulated fleet's clock is charged: measured step time, or FLOPs / assumed throughput.
+STEP_COSTS = ("measured", "flops")
 PARTITIONS = ("iid", "dirichlet")
 # Data sources (``data.name``): the LLM-Adapters commonsense suite, or any instruction data.
 DATA_NAMES = ("commonsense", "instruction")

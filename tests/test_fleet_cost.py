@@ -4,6 +4,8 @@ experiment's three arms. In process (Server + ClientRuntime); the clock is deter
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ubsmoe.errors import ConfigError
@@ -145,3 +147,35 @@ def test_a_relative_model_folder_is_made_absolute_for_the_superlink(monkeypatch)
     assert absolute_model_path(cfg).model.name == str(root / "src/ubsmoe/testbed_base")
     tiny = load_config()
     assert absolute_model_path(tiny) is tiny  # a preset (or hub) name is left alone
+
+
+def test_fleet_report_tables_and_figure(tmp_path):
+    """The comparison's report reads each arm's train and eval records (a synthetic sweep)."""
+    from ubsmoe.config import load_config, save_config
+    from ubsmoe.io import append_jsonl
+    from ubsmoe.report.fleet import arm_runs, arm_summary, figure, markdown
+
+    cfg = load_config(overrides=["fl.num_clients=2"])
+    for arm, levels, failed, sim in (("top", [1.0, 1.0], [], 8.0), ("auto", [1.0, 0.25], [1], 4.0)):
+        run = tmp_path / f"ubsmoe-arm={arm}-seed0-0000"
+        run.mkdir()
+        (run / "cell.json").write_text(json.dumps({"settings": {"method": "ubsmoe", "arm": arm}}))
+        save_config(cfg, run / "config.yaml")
+        for r in (1, 2):
+            append_jsonl(run / "metrics.jsonl", {
+                "type": "train", "round": r, "sim_round_s": sim,
+                "clients": [{"id": c, "budget": b} for c, b in enumerate(levels) if c not in failed],
+                "failed": [{"client": c, "reason": "simulated timeout"} for c in failed]})
+        for beta, loss in ((0.125, 0.9), (1.0, 0.5)):
+            for protocol, value in (("loss", loss), ("loglik", 0.3)):
+                append_jsonl(run / "metrics.jsonl", {"type": "eval", "round": 2, "budget": beta,
+                                                     "top_k_mode": "budget", "protocol": protocol,
+                                                     "average": value})
+    runs = arm_runs(tmp_path)
+    assert list(runs) == ["top", "auto"]
+    summaries = {arm: arm_summary(d) for arm, d in runs.items()}
+    assert summaries["auto"]["sim_total_s"] == 8.0 and summaries["auto"]["rounds"][0]["left_out"] == [1]
+    assert summaries["top"]["loss"] == {0.125: 0.9, 1.0: 0.5}
+    text = markdown(summaries, 2)
+    assert "| auto | 1 | 4.0 | 1 | 1 x |" in text and "| top | 16.0 | 0.9000 / 0.300 | 0.5000 / 0.300 |" in text
+    assert figure(summaries, 2, [0.125, 0.25, 0.5, 1.0], tmp_path / "fleet.png").stat().st_size > 0

@@ -49,7 +49,11 @@ from ubsmoe.budgets import top_k_for_budget
 from ubsmoe.config import RunConfig
 from ubsmoe.fl.train import ClientRuntime, batch_indices, client_seed, local_train, make_batches
 from ubsmoe.methods import ClientUpdate, Method
-from ubsmoe.metrics.flops import model_shape_from_config, training_flops_per_token, with_lora_experts
+from ubsmoe.metrics.flops import (
+    model_shape_from_config,
+    training_flops_per_token,
+    with_lora_experts,
+)
 from ubsmoe.metrics.plan import GIB, free_memory, level_memory
 from ubsmoe.models import set_top_k, smoe_layers
 from ubsmoe.models.adapters import set_lora_rank

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from ubsmoe.config import RunConfig, TrainConfig
 from ubsmoe.data.commonsense import load_commonsense
 from ubsmoe.data.instruction import load_data

@@ -82,7 +82,7 @@ def markdown(summaries: dict[str, dict[str, Any]], num_clients: int) -> str:
 
 def figure(summaries: dict[str, dict[str, Any]], num_clients: int, budgets: list[float], out: Path) -> Path:
     """Levels chosen per client per round (a panel per arm) and the round time per arm (last panel)."""
-    fig, axes = new_figure(ncols=len(summaries) + 1, width=4.2 * (len(summaries) + 1))
+    fig, axes = new_figure(ncols=len(summaries) + 1, width=4.2)
     for ax, (arm, s) in zip(axes, summaries.items()):
         for c in range(num_clients):
             xs = [r["round"] for r in s["rounds"] if c in r["levels"]]
@@ -90,13 +90,15 @@ def figure(summaries: dict[str, dict[str, Any]], num_clients: int, budgets: list
             ax.plot(xs, [y + (c - (num_clients - 1) / 2) * 0.04 for y in ys], marker="o", markersize=4,
                     label=f"client {c} ({c + 1}x)" if ax is axes[0] else None)
             cut = [r["round"] for r in s["rounds"] if c in r["left_out"]]
-            ax.plot(cut, [0.5 + c * 0.05] * len(cut), "x", color=ax.lines[-1].get_color(), markersize=6)
+            ax.plot(cut, [0.35 + c * 0.03] * len(cut), "x", color=ax.lines[-1].get_color(), markersize=7,
+                    markeredgewidth=2)
         ax.set_title(f"arm: {arm}")
         ax.set_xlabel("round")
-        ax.set_yticks([0.7] + list(range(1, len(budgets) + 1)),
+        ax.set_xticks([r["round"] for r in s["rounds"]])
+        ax.set_yticks([0.45] + list(range(1, len(budgets) + 1)),
                       ["left out"] + [f"beta={b:g}" for b in budgets])
         ax.set_ylabel("level trained (budget beta)")
-        ax.set_ylim(0.3, len(budgets) + 0.5)
+        ax.set_ylim(0.2, len(budgets) + 0.5)
     axes[0].legend(fontsize=7, loc="center right")
     ax = axes[-1]
     for i, (arm, s) in enumerate(summaries.items()):
@@ -104,10 +106,10 @@ def figure(summaries: dict[str, dict[str, Any]], num_clients: int, budgets: list
                 label=f"{arm} (total {s['sim_total_s']:.0f} s)")
     ax.set_title("round time per arm")
     ax.set_xlabel("round")
+    ax.set_xticks(sorted({r["round"] for s in summaries.values() for r in s["rounds"]}))
     ax.set_ylabel("simulated round time (s)")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     return save_figure(fig, out)
 
 

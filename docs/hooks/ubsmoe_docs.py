@@ -60,7 +60,7 @@ API_MODULES: list[tuple[str, list[str]]] = [
     ("Experiments, reports, runs", ["ubsmoe.experiments.grid", "ubsmoe.experiments.cells",
                                     "ubsmoe.experiments.sweep", "ubsmoe.report.build",
                                     "ubsmoe.report.tables", "ubsmoe.report.figures",
-                                    "ubsmoe.report.runs", "ubsmoe.finished_run",
+                                    "ubsmoe.report.runs", "ubsmoe.report.fleet", "ubsmoe.finished_run",
                                     "ubsmoe.bench.harness", "ubsmoe.provenance"]),
 ]
 

@@ -43,8 +43,9 @@ from ubsmoe.errors import ConfigError, DeclarationError
 
 BUDGET_KEYS = ("budget", "top-k", "lora-rank")
 # How clients spread over the budget levels (``fl.budget_pattern``, :func:`assign_budgets`).
-# ``auto``: every client starts at the lowest level and chooses its own (ubsmoe.fl.autobudget).
-BUDGET_PATTERNS = ("uniform", "long_tail", "reverse_long_tail", "auto")
+# ``auto``: every client starts at the lowest level and chooses its own (ubsmoe.fl.autobudget);
+# ``top``: every client at the highest level (the fleet comparison's "no budgets" arm).
+BUDGET_PATTERNS = ("uniform", "long_tail", "reverse_long_tail", "auto", "top")
 LONG_TAIL_SHARE = 0.75  # share of clients at the tail level in (reverse) long-tail patterns
 # LoRA ranks of budget levels beta_1..beta_4 in the LoRA-rank baselines (DESIGN.md section 6).
 DEFAULT_RANKS = (12, 16, 24, 40)
@@ -217,12 +218,12 @@ def assign_budgets(num_clients: int, budgets: list[float], pattern: str, seed: i
     long_tail: 6 x beta_1, 1 x beta_2, 1 x beta_4). The resulting multiset is then
     assigned to client ids by a seeded permutation. ``auto``: every client starts at
     the lowest level (it reports the level it chose with its first reply,
-    :mod:`ubsmoe.fl.autobudget`).
+    :mod:`ubsmoe.fl.autobudget`). ``top``: every client at the highest level.
 
     Args:
         num_clients: number of clients (``fl.num_clients``), >= 1.
         budgets: the levels beta_1 < ... < beta_n (``fl.budgets``), each in (0, 1].
-        pattern: ``uniform``, ``long_tail``, ``reverse_long_tail`` or ``auto``
+        pattern: ``uniform``, ``long_tail``, ``reverse_long_tail``, ``auto`` or ``top``
             (``fl.budget_pattern``).
         seed: seed of the client-order permutation.
 
@@ -244,6 +245,8 @@ def assign_budgets(num_clients: int, budgets: list[float], pattern: str, seed: i
     levels = sorted(float(b) for b in budgets)
     if pattern == "auto":  # each client chooses its level after its first round
         return [levels[0]] * num_clients
+    if pattern == "top":
+        return [levels[-1]] * num_clients
     if pattern == "uniform" or len(levels) == 1:
         assigned = [levels[c % len(levels)] for c in range(num_clients)]
     else:

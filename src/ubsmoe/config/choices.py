@@ -14,6 +14,8 @@ COMMONSENSE_TASKS = (
     "ARC-Easy",
     "openbookqa",
 )
+# How a simulated fleet's clock is charged: measured step time, or FLOPs / assumed throughput.
+STEP_COSTS = ("measured", "flops")
 PARTITIONS = ("iid", "dirichlet")
 # Data sources (``data.name``): the LLM-Adapters commonsense suite, or any instruction data.
 DATA_NAMES = ("commonsense", "instruction")

@@ -6,7 +6,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from ubsmoe.config.choices import BUDGET_PATTERNS
+from ubsmoe.config.choices import BUDGET_PATTERNS, STEP_COSTS
 from ubsmoe.errors import ConfigError, raise_if_any
 from ubsmoe.errors import bad_value as _bad
 
@@ -29,7 +29,8 @@ class FLConfig:
             ``long_tail`` (75% at the lowest level), ``reverse_long_tail``
             (75% at the highest) or ``auto`` (every client starts at the lowest
             level and picks its own from its measured step times and memory, see
-            ``round_deadline_s``; :mod:`ubsmoe.fl.autobudget`).
+            ``round_deadline_s``; :mod:`ubsmoe.fl.autobudget`) or ``top`` (every
+            client at the highest level).
         client_cpus: CPUs reserved per simulated client: the local SuperLink's
             federation config ``client-resources-num-cpus`` (Ray resources). A
             whole number >= 1: Flower 1.42's federation config takes integer CPUs.
@@ -91,6 +92,15 @@ class FLConfig:
         client_memory_gib: memory cap of each simulated client in GiB, the same
             forms as ``client_speed`` (0: no cap, the device's free memory). Empty:
             no caps (a deployed node may declare ``memory-gib=``).
+        step_cost: what a simulated fleet charges per optimizer step: ``measured``
+            (the step's wall time on this machine) or ``flops`` (deterministic:
+            simulated compute = training FLOPs of the step at the level's K and rank /
+            ``sim_flops_per_s`` x speed factor; the step's tokens are
+            ``train.batch_size x data.max_length``, FLOPs per token from
+            :func:`ubsmoe.metrics.flops.training_flops_per_token`). Calibration and
+            the round's training are both charged this way.
+        sim_flops_per_s: the assumed device throughput at speed factor 1 in FLOP/s
+            for ``step_cost=flops``, > 0.
     """
 
     num_clients: int = 8
@@ -114,6 +124,8 @@ class FLConfig:
     calibration_steps: int = 2
     client_speed: list[str] = field(default_factory=list)
     client_memory_gib: list[str] = field(default_factory=list)
+    step_cost: str = "measured"
+    sim_flops_per_s: float = 1e9
 
     def __post_init__(self) -> None:
         errors = []
@@ -160,6 +172,10 @@ class FLConfig:
             errors.append(_bad("fl.remeasure_fraction", self.remeasure_fraction, "a share > 0"))
         if self.calibration_steps < 1:
             errors.append(_bad("fl.calibration_steps", self.calibration_steps, "an integer >= 1"))
+        if self.step_cost not in STEP_COSTS:
+            errors.append(_bad("fl.step_cost", self.step_cost, f"one of {', '.join(STEP_COSTS)}"))
+        if not (self.sim_flops_per_s > 0 and math.isfinite(self.sim_flops_per_s)):
+            errors.append(_bad("fl.sim_flops_per_s", self.sim_flops_per_s, "FLOP/s > 0"))
         for name, floor in (("client_speed", 0.0), ("client_memory_gib", None)):
             try:
                 fleet_table(getattr(self, name), self.num_clients, f"fl.{name}", floor)

@@ -131,7 +131,7 @@ class FixedSnapshot:
 @torch.no_grad()
 def snapshot_fixed(layer_params: Mapping[str, torch.nn.Parameter], router_prob: torch.Tensor,
                    active: torch.Tensor) -> FixedSnapshot:
-    """:func:`~ubsmoe.core.pseudo_grad.snapshot_before_step` with masks: call after backward.
+    """:func:`~ubsmoe.core.pg_apply.snapshot_before_step` with masks: call after backward.
 
     Keeps every row of each parameter and minus the inactive rows' gradient, and
     zeroes those rows of ``.grad`` (so clipping and the optimizer see only the
@@ -165,7 +165,7 @@ def snapshot_fixed(layer_params: Mapping[str, torch.nn.Parameter], router_prob: 
 @torch.no_grad()
 def apply_fixed(layer_params: Mapping[str, torch.nn.Parameter], snapshot: FixedSnapshot,
                 top_k: int, pg: PseudoGradient) -> None:
-    """:func:`~ubsmoe.core.pseudo_grad.apply_pseudo_updates` with masks: call after the step.
+    """:func:`~ubsmoe.core.pg_apply.apply_pseudo_updates` with masks: call after the step.
 
     delta_j = row after the step - row before for active experts, the snapshot's own
     direction for inactive ones; each inactive row moves by the rule's row on top of

@@ -11,11 +11,61 @@ which level is :func:`ubsmoe.budgets.assign_budgets`, the budget -> K_c rule
 
 from __future__ import annotations
 
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+
 import numpy as np
 
 from ubsmoe.budgets import stable_seed
 from ubsmoe.config import PARTITIONS
 from ubsmoe.errors import ConfigError
+from ubsmoe.io import atomic_write_json
+
+
+def cached_partition_clients(labels: list[str], num_clients: int, partition: str, dirichlet_alpha: float,
+                             seed: int, cache: Path | None) -> list[list[int]]:
+    """:func:`partition_clients`, read from (or written to) a JSON file under ``cache/partitions``.
+
+    Partitioning imports Flower Datasets, which imports ``datasets``, pandas, scipy and
+    seaborn: about 2 CPU seconds of a deployed ClientApp's start, paid again by every
+    ClientApp process (one per message). The partition is a pure function of its
+    arguments, so it is cached by a SHA-256 of them and the installed
+    ``flwr-datasets`` version (another version may partition differently); a cached
+    file that does not hold a partition of ``0..len(labels)-1`` into ``num_clients``
+    non-empty parts is recomputed.
+
+    Args:
+        labels, num_clients, partition, dirichlet_alpha, seed: as :func:`partition_clients`.
+        cache: folder of the cache (``model.tokenizer_cache`` / ``$UBSMOE_CACHE`` /
+            ``~/.cache/ubsmoe``); None: no cache.
+
+    Raises:
+        ConfigError: as :func:`partition_clients`.
+    """
+    if cache is None:
+        return partition_clients(labels, num_clients, partition, dirichlet_alpha, seed)
+    try:
+        version = metadata.version("flwr-datasets")
+    except metadata.PackageNotFoundError:  # pragma: no cover - a dependency
+        version = "?"
+    key = json.dumps([[str(x) for x in labels], num_clients, partition, float(dirichlet_alpha), seed, version])
+    path = Path(cache) / "partitions" / (hashlib.sha256(key.encode("utf-8")).hexdigest()[:24] + ".json")
+    try:
+        clients = json.loads(path.read_text(encoding="utf-8"))
+        flat = sorted(i for c in clients for i in c)
+        if len(clients) == num_clients and all(clients) and flat == list(range(len(labels))):
+            return clients
+    except (OSError, ValueError, TypeError):
+        pass  # missing or unreadable: compute it
+    clients = partition_clients(labels, num_clients, partition, dirichlet_alpha, seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, clients)
+    except OSError:
+        pass  # a read-only cache only costs the next process the computation
+    return clients
 
 
 def partition_clients(

@@ -29,7 +29,10 @@ A simulated fleet (``fl.client_speed``) charges a client with speed factor s
 ``s x`` its measured compute time (training plus any calibration) on a simulated
 clock, reported as the reply metric ``sim_s``; nothing sleeps. Tests pass a
 :data:`StepCost` (a fixed cost model) instead of timing real steps, so their clock
-is deterministic.
+is deterministic. ``fl.step_cost=flops`` does the same in a run: simulated compute =
+the step's training FLOPs / ``fl.sim_flops_per_s`` (an assumed device throughput) x
+the speed factor (:func:`flops_step_cost`), because on a loaded shared CPU the
+measured effect of K on step time drowns in noise.
 """
 
 from __future__ import annotations
@@ -47,9 +50,12 @@ from ubsmoe.config import RunConfig
 from ubsmoe.fl.client_runtime import ClientRuntime
 from ubsmoe.fl.train import batch_indices, client_seed, local_train, make_batches
 from ubsmoe.methods import ClientUpdate, Method
+from ubsmoe.metrics.flops import training_flops_per_token
+from ubsmoe.metrics.model_shape import model_shape_from_config, with_lora_experts
 from ubsmoe.metrics.plan import GIB, free_memory, level_memory
 from ubsmoe.models import set_top_k, smoe_layers
 from ubsmoe.models.adapters import set_lora_rank
+from ubsmoe.models.architecture import olmoe_config
 
 # (level index, K_j, rank r_j) -> seconds per optimizer step at speed 1 (an injected cost model).
 StepCost = Callable[[int, int, int], float]
@@ -84,6 +90,31 @@ def level_table(cfg: RunConfig, method: Method, k_max: int) -> list[Level]:
         rank, alpha = method.client_lora(j, cfg.model.lora_rank, cfg.model.lora_alpha)
         out.append(Level(beta, k, rank, alpha))
     return out
+
+
+def flops_step_cost(cfg: RunConfig) -> StepCost:
+    """The deterministic cost model of ``fl.step_cost=flops``: seconds per optimizer step at speed 1.
+
+    ``seconds(K, r) = train.batch_size x data.max_length x F(K, r) / fl.sim_flops_per_s``
+    with ``F`` the training FLOPs per token at K experts and LoRA rank r
+    (:func:`~ubsmoe.metrics.flops.training_flops_per_token`: forward + backward,
+    frozen weights' input gradients included, attention scores over
+    ``data.max_length``). The step's tokens are the padded upper bound (every
+    sequence at ``data.max_length``), so the cost is the same for every batch.
+
+    Raises:
+        ValueError: the model has no readable OLMoE config.
+    """
+    shape = with_lora_experts(model_shape_from_config(olmoe_config(cfg.model).to_dict(), cfg.model.name),
+                              cfg.model.lora_experts, cfg.model.lora_experts_top_k)
+    tokens = cfg.train.batch_size * cfg.data.max_length
+    seq, router = cfg.data.max_length, cfg.model.router_trainable
+
+    def cost(level: int, top_k: int, rank: int) -> float:
+        k = min(max(top_k, 1), shape.num_routed) if shape.routed else 1
+        flops = training_flops_per_token(shape, k, rank, seq, router_trainable=router)["total"]
+        return tokens * flops / cfg.fl.sim_flops_per_s
+    return cost
 
 
 def choose_level(predicted_s: list[float], memory: list[float], target_s: float,
@@ -242,7 +273,8 @@ def fleet_round(runtime: ClientRuntime, task: dict[str, Any], state: AutoState |
         auto: the client chooses its level (``budget=auto``).
         cap_bytes: its memory cap (None: ``fl.client_memory_gib``, else free memory).
         step_cost: a cost model instead of measured time (tests): compute seconds
-            are ``steps x step_cost(level, K, rank)``.
+            are ``steps x step_cost(level, K, rank)``. None: :func:`flops_step_cost`
+            with ``fl.step_cost=flops``, else the measured time.
 
     Returns:
         ``(update, state)``: the update's metrics gain ``sim_s`` (simulated seconds:
@@ -253,6 +285,8 @@ def fleet_round(runtime: ClientRuntime, task: dict[str, Any], state: AutoState |
         round) and ``auto_miss`` (real / predicted time of this round's level).
     """
     cfg = runtime.cfg
+    if step_cost is None and cfg.fl.step_cost == "flops":
+        step_cost = flops_step_cost(cfg)
     cid, r = task["client_id"], task["round_idx"]
     speed = cfg.fl.fleet_speed(cid, r)
     k_max = max((m.max_top_k for m in smoe_layers(runtime.model)), default=1)

@@ -4,7 +4,7 @@ DP-FedAvg (McMahan et al., ICLR 2018, arXiv 1710.06963) in this project's own ro
 loop (docs/privacy.md, "Why not Flower's DP wrappers"):
 
 * client (:func:`privatise_update`, called by
-  :meth:`ubsmoe.fl.train.ClientRuntime.train_round` after local training):
+  :meth:`ubsmoe.fl.client_runtime.ClientRuntime.train_round` after local training):
   ``delta = x_c - x_sent`` of the privatised groups is clipped to C (central) and
   noised with ``sigma C`` (local); the expert counts become the clipped utilization
   histogram ``a / n`` (local: plus ``sigma_k B`` noise), the example count 1

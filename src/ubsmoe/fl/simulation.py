@@ -40,6 +40,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,18 @@ class _EventReader:
         return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
 
 
+def absolute_model_path(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with a relative ``model.name`` that is a local folder made absolute (this process's cwd).
+
+    The SuperLink's ServerApp and ClientApps run in other working directories, where
+    ``model.name=src/ubsmoe/testbed_base`` would be read as a hub name.
+    """
+    path = Path(cfg.model.name).expanduser()
+    if path.is_absolute() or not path.is_dir():
+        return cfg
+    return replace(cfg, model=replace(cfg.model, name=str(path.resolve())))
+
+
 def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: ProgressFn = _noop,
                   verbose: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run the federated job on a private local SuperLink (Flower's simulation runtime).
@@ -279,6 +292,7 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
     """
     run_dir = Path(run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = absolute_model_path(cfg)
     home = Path(tempfile.mkdtemp(prefix="ubsmoe-flwr-"))
     procs: list[subprocess.Popen] = []
     log_file = None

@@ -37,7 +37,7 @@ def _fieldless_data(root: Path) -> Path:
 # (case id, arguments after `ubsmoe run --out OUT`; {tmp} is the test's folder, expected text)
 CASES = [
     ("unknown key", ["fl.foo=1"], "fl.foo: unknown key (allowed: aggregation,"),
-    ("unknown section", ["optim.lr=1"], "optim: unknown key (allowed: data, eval, fl, log, method, model, train)"),
+    ("unknown section", ["optim.lr=1"], "optim: unknown key (allowed: data, eval, fl, log, method, model, privacy, train)"),
     ("wrong type", ["fl.rounds=abc"], "fl.rounds: got 'abc', expected an integer"),
     ("unknown method", ["method=fedsgd"], "method: got 'fedsgd', expected one of"),
     ("budget 0", ["fl.budgets=[0.0,1.0]"], ("fl.budgets: got [0.0, 1.0], expected a non-empty list of "

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ubsmoe.budgets import DEVICE_NAMES, valid_device_name
 from ubsmoe.config.choices import DTYPES, MODEL_INITS, MODEL_PRESETS
 from ubsmoe.errors import ConfigError, raise_if_any
 from ubsmoe.errors import bad_value as _bad
+
+
+# ``model.name`` alias of the pretrained testbed base shipped with the package
+# (``ubsmoe pretrain``; docs page "The testbed base").
+TESTBED = "testbed"
+
+
+def packaged_base_path() -> Path:
+    """The folder of the shipped testbed base (``ubsmoe/testbed_base``, a Hugging Face checkpoint)."""
+    return Path(__file__).resolve().parents[1] / "testbed_base"
 
 
 @dataclass
@@ -69,7 +80,10 @@ class ModelConfig:
             local path of a supported checkpoint (OLMoE, Mixtral, Qwen2-MoE,
             Qwen3-MoE; dense OLMo, Llama, Mistral; e.g. ``allenai/OLMoE-1B-7B-0924``,
             ``allenai/OLMo-1B-hf``; see ``ubsmoe.models.families`` and the docs page
-            "Your data and models"). The shipped ``allenai/OLMoE-1B-7B-0924`` and
+            "Your data and models"). ``testbed``: the pretrained testbed base shipped
+            with the package (``ubsmoe/testbed_base``, 64 experts, top-8; the embedded
+            default), resolved to that folder's absolute path when the config is
+            built. The shipped ``allenai/OLMoE-1B-7B-0924`` and
             ``allenai/OLMo-1B-hf`` (dense: ``fedit`` and the rank methods only)
             configs build offline with ``init=random``.
         lora_rank: LoRA rank r of every expert projection and attention projection.
@@ -129,6 +143,8 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def __post_init__(self) -> None:
+        if self.name == TESTBED:
+            self.name = str(packaged_base_path())
         errors = []
         if self.lora_rank < 1:
             errors.append(_bad("model.lora_rank", self.lora_rank, "an integer >= 1"))

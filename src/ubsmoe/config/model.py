@@ -10,7 +10,6 @@ from ubsmoe.config.choices import DTYPES, MODEL_INITS, MODEL_PRESETS
 from ubsmoe.errors import ConfigError, raise_if_any
 from ubsmoe.errors import bad_value as _bad
 
-
 # ``model.name`` alias of the pretrained testbed base shipped with the package
 # (``ubsmoe pretrain``; docs page "The testbed base").
 TESTBED = "testbed"

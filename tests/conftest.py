@@ -82,16 +82,15 @@ TINY_DEFAULT = {"model": {"name": "tiny"},
                 "eval": {"protocols": ["generation", "loglik"], "before_training": False}}
 
 
-@pytest.fixture(autouse=True)
-def _tiny_default(request, monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_default():
     """In-process configs start from :data:`TINY_DEFAULT` on top of the shipped default.
 
+    Session-wide, so module- and session-scoped fixtures that build runs see it too.
     Tests pin numbers of tiny-preset runs; a test marked ``real_default`` sees the
-    shipped default unchanged. CLI subprocesses are not affected (their lists name
-    ``model.name=tiny`` themselves, see :data:`SMALL`).
+    shipped default unchanged (:func:`_real_default`). CLI subprocesses are not
+    affected (their lists name ``model.name=tiny`` themselves, see :data:`SMALL`).
     """
-    if request.node.get_closest_marker("real_default"):
-        return
     from ubsmoe.config import parse
     from ubsmoe.experiments import cells
 
@@ -100,8 +99,22 @@ def _tiny_default(request, monkeypatch):
     def tiny_default():
         return parse.merge_trees(shipped(), TINY_DEFAULT)
 
-    monkeypatch.setattr(parse, "default_config_dict", tiny_default)
-    monkeypatch.setattr(cells, "default_config_dict", tiny_default)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(parse, "default_config_dict", tiny_default)
+    patch.setattr(cells, "default_config_dict", tiny_default)
+    yield shipped
+    patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def _real_default(request, monkeypatch, _tiny_default):
+    """A test marked ``real_default`` loads the shipped embedded default (the testbed base)."""
+    if request.node.get_closest_marker("real_default"):
+        from ubsmoe.config import parse
+        from ubsmoe.experiments import cells
+
+        monkeypatch.setattr(parse, "default_config_dict", _tiny_default)
+        monkeypatch.setattr(cells, "default_config_dict", _tiny_default)
 
 
 def run_rounds(cfg, run_dir, setup=None, *, rounds=None, reverse=False, finish=False):

@@ -12,13 +12,15 @@ from ubsmoe.config import (
     parse_overrides,
     unflatten,
 )
+from ubsmoe.config.model import packaged_base_path
 from ubsmoe.errors import ConfigError
 from ubsmoe.methods.a3smoe import A3SMoEConfig
 
 
+@pytest.mark.real_default
 def test_embedded_default_is_the_documented_run():
     cfg = load_config()
-    assert cfg.model.name == "tiny" and cfg.fl.num_clients == 8
+    assert cfg.model.name == str(packaged_base_path()) and cfg.fl.num_clients == 8
     assert cfg.fl.budgets == [0.125, 0.25, 0.5, 1.0]
     assert cfg.fl.rounds >= 2
 

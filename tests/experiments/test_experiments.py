@@ -14,6 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
+from ubsmoe.config.model import packaged_base_path
 from ubsmoe.errors import ConfigError
 from ubsmoe.experiments import (
     SCALES,
@@ -31,8 +32,9 @@ from ubsmoe.methods import ClientUpdate, get_method_class
 
 REQUIRES: dict[str, str] = {}  # shipped experiment -> its `requires` line (none left since issue 13)
 SHIPPED = ("table1", "table2", "table3", "table4", "table5", "table6", "a3smoe_table1", "a3smoe_fig3",
-           "a3smoe_fig4", "dynamics", "fleet")
-TINY_MODEL = {"fleet": "src/ubsmoe/testbed_base"}  # tiny scale on the shipped testbed base (issue 23)
+           "a3smoe_fig4", "dynamics", "fleet", "testbed", "testbed_ablation", "testbed_lambda_pg",
+           "testbed_phi_lr")
+TINY_MODEL = {"fleet": str(packaged_base_path())}  # tiny scale on the shipped testbed base (issue 23)
 
 
 # ----- shipped configs ---------------------------------------------------------------
@@ -59,6 +61,10 @@ def test_every_shipped_config_validates_at_both_scales(name, scale):
         if scale == "paper":
             assert cfg.model.name == ("allenai/OLMo-1B-hf" if dense else "allenai/OLMoE-1B-7B-0924")
             assert cfg.data.train_examples == (0 if name == "table4" else 15000)  # table4: all of TeleQuAD
+        elif name.startswith("testbed"):  # the testbed experiments fine-tune the shipped base
+            assert cfg.model.name == str(packaged_base_path()) and cfg.model.resolved_init == "pretrained"
+            assert cfg.eval.before_training and {"loss", "loglik"} <= set(cfg.eval.protocols)
+            assert cfg.eval.utilization and cfg.data.dirichlet_alpha == 0.5 and cfg.fl.num_clients == 8
         else:
             assert cfg.model.name == ("tiny-dense" if dense else TINY_MODEL.get(name, "tiny"))
         if name == "table4":  # generative QA scored by BERTScore F1 over the user's TeleQuAD folder

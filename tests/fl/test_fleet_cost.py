@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from ubsmoe.config.model import packaged_base_path
 from ubsmoe.errors import ConfigError
 
 BASE = ["data.tasks=[boolq,piqa]", "data.train_examples=64", "data.max_length=64", "fl.num_clients=2",
@@ -62,7 +63,7 @@ def test_flops_cost_follows_training_flops_per_token():
     cfg = load_config(overrides=[*BASE, "fl.sim_flops_per_s=2e9"])
     cost = flops_step_cost(cfg)
     # The tiny preset has the testbed base's shape (BASE sets a 512-token vocabulary).
-    shape = replace(load_model_shape("src/ubsmoe/testbed_base"), vocab_size=512)
+    shape = replace(load_model_shape(str(packaged_base_path())), vocab_size=512)
     for k in (1, 2, 4, 8):
         flops = training_flops_per_token(shape, k, 8, 64)["total"]
         assert cost(0, k, 8) == pytest.approx(4 * 64 * flops / 2e9)
@@ -128,7 +129,7 @@ def test_fleet_experiment_has_the_three_arms():
     for cfg in cfgs.values():
         assert cfg.fl.num_clients == 8 and cfg.fl.step_cost == "flops"
         assert [cfg.fl.fleet_speed(c, 1) for c in range(8)] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
-        assert cfg.model.name == "src/ubsmoe/testbed_base" and cfg.eval.protocols == ["loss", "loglik"]
+        assert cfg.model.name == str(packaged_base_path()) and cfg.eval.protocols == ["loss", "loglik"]
     assert (cfgs["fixed"].fl.budget_pattern, cfgs["fixed"].fl.round_timeout_s) == ("uniform", 20)
     assert (cfgs["top"].fl.budget_pattern, cfgs["top"].fl.round_timeout_s) == ("top", 0)
     assert (cfgs["auto"].fl.budget_pattern, cfgs["auto"].fl.round_deadline_s,

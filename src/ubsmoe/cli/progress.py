@@ -72,7 +72,8 @@ class RunDisplay:
 
     Called with the ServerApp's progress events as :func:`ubsmoe.fl.simulation.run_federated`
     reads them: ``round_start`` {round, clients}, ``client_done``, ``aggregate``,
-    ``round_end`` {round, loss, and under DP epsilon, epsilon_round, snr}, ``client_failed`` {round, client, reason} and
+    ``round_end`` {round, loss, and under DP epsilon, epsilon_round, snr}, ``evaluate_before`` {round: 0},
+    ``client_failed`` {round, client, reason} and
     ``round_retry`` / ``round_failed`` {round, message, replies, needed}, each printed
     as one line. The rounds line shows the last train loss and the run's ETA
     (:func:`eta_seconds` over the rounds timed so far) and, under DP, the privacy
@@ -112,6 +113,8 @@ class RunDisplay:
                     description=f"round {info['round']}: clients done")
         elif event == "client_done":
             p.advance(self.clients)
+        elif event == "evaluate_before":  # eval.before_training: round 0 before the first round
+            p.console.print("round 0: evaluating every level before fine-tuning", highlight=False)
         elif event == "aggregate":
             p.update(self.clients, description=f"round {info['round']}: aggregate + evaluate")
         elif event == "round_end":

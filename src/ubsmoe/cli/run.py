@@ -29,7 +29,7 @@ from ubsmoe.experiments import (
 from ubsmoe.fl.run_dir import SUMMARY_FILE, latest_checkpoint
 from ubsmoe.io import atomic_write_json
 from ubsmoe.logs import LOG_FILE, log_warning, route_logs
-from ubsmoe.report import accuracy_table
+from ubsmoe.report import accuracy_table, change_table
 
 
 @app.command()
@@ -289,6 +289,9 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     for protocol, mode in sorted({(r["protocol"], r.get("top_k_mode")) for r in summary.get("accuracy", [])},
                                  key=lambda pm: (pm[0], pm[1] or "")):
         console.print(accuracy_table(summary, protocol, mode))
+    change = change_table(summary)  # eval.before_training: what fine-tuning did per level
+    if change is not None:
+        console.print(change)
     console.print(f"run directory: {run_dir} (summary.json, metrics.jsonl, config.yaml, ubsmoe.log, "
                   "tensorboard/, checkpoints/)",
                   highlight=False)

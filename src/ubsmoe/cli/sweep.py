@@ -92,6 +92,9 @@ def sweep(
     methods: Annotated[str | None, typer.Option(help="comma-separated subset of the grid's methods")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="sweep directory (default runs/<experiment>-<scale>)")] = None,
+    cells: Annotated[str | None, typer.Option(
+        "--cells", help="i/n: run only part i of n of the cells (round robin in grid order), to split "
+                        "a grid across processes sharing one --out")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells and their states; run nothing")]
         = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Flower's and Ray's logs into each sweep.log")]
@@ -105,13 +108,24 @@ def sweep(
     # torch, Ray (seconds): only when a sweep runs, so other commands start fast
     import torch
 
-    from ubsmoe.experiments.sweep import plan_sweep, run_sweep, sweep_devices
+    from ubsmoe.experiments.sweep import (
+        parse_part,
+        plan_sweep,
+        run_sweep,
+        select_part,
+        sweep_devices,
+    )
 
     try:
         experiment = load_experiment(config)
         method_list = parse_list("--methods", methods, str) if methods is not None else None
         out_dir = out or Path("runs") / f"{experiment.name}-{scale}"
+        part = parse_part(cells) if cells is not None else None
         items = plan_sweep(experiment, out_dir, scale, method_list, seeds, list(overrides or []))
+        if part is not None:
+            total, items = len(items), select_part(items, *part)
+            if not items:
+                raise ConfigError(f"--cells: part {cells} holds no cell (the grid has {total})")
     except ConfigError as e:
         fail(str(e).replace("\n", "; "))
     devices = sweep_devices(items[0].cfg, torch.cuda.device_count())

@@ -27,6 +27,11 @@ class EvalConfig:
             also stops once its answer is found).
         batch_size: examples per evaluation batch.
         every_rounds: also evaluate every N rounds (0: only after the last round).
+        before_training: also evaluate every budget level once before the first
+            round (round 0: the base model with the initial adapters), so the run
+            shows what fine-tuning changed per level (``summary.json``
+            ``initial_accuracy``, round-0 rows in ``metrics.jsonl``, the printed
+            "round 0 -> final" table). Default false; the embedded default run sets it.
         pg_probe_examples: training examples in the fixed probe batch of the
             PG-alignment diagnostic, run every round for methods with a
             pseudo-gradient at each budget level's K (0: off).
@@ -55,6 +60,7 @@ class EvalConfig:
     max_new_tokens: int = 16
     batch_size: int = 16
     every_rounds: int = 0
+    before_training: bool = False
     pg_probe_examples: int = 8
     text_metric: str = "rouge_l"
     bertscore_model: str = "roberta-large"
@@ -83,6 +89,8 @@ class EvalConfig:
             errors.append(_bad("eval.batch_size", self.batch_size, "an integer >= 1"))
         if self.every_rounds < 0:
             errors.append(_bad("eval.every_rounds", self.every_rounds, "an integer >= 0"))
+        if not isinstance(self.before_training, bool):
+            errors.append(_bad("eval.before_training", self.before_training, "true or false"))
         if self.pg_probe_examples < 0:
             errors.append(_bad("eval.pg_probe_examples", self.pg_probe_examples, "an integer >= 0"))
         raise_if_any(errors)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ubsmoe.budgets import DEVICE_NAMES, valid_device_name
 from ubsmoe.config.choices import DTYPES, LORA_SCALE_RULES, MODEL_INITS, MODEL_PRESETS
@@ -13,6 +14,14 @@ from ubsmoe.errors import bad_value as _bad
 # model.lora_scale_rule and model.lora_scale defaults (also a bare Method's, methods/base.py).
 DEFAULT_LORA_SCALE_RULE = "rank_independent"
 DEFAULT_LORA_SCALE = 0.8
+# ``model.name`` alias of the pretrained testbed base shipped with the package
+# (``ubsmoe pretrain``; docs page "The testbed base").
+TESTBED = "testbed"
+
+
+def packaged_base_path() -> Path:
+    """The folder of the shipped testbed base (``ubsmoe/testbed_base``, a Hugging Face checkpoint)."""
+    return Path(__file__).resolve().parents[1] / "testbed_base"
 
 
 @dataclass
@@ -74,7 +83,10 @@ class ModelConfig:
             local path of a supported checkpoint (OLMoE, Mixtral, Qwen2-MoE,
             Qwen3-MoE; dense OLMo, Llama, Mistral; e.g. ``allenai/OLMoE-1B-7B-0924``,
             ``allenai/OLMo-1B-hf``; see ``ubsmoe.models.families`` and the docs page
-            "Your data and models"). The shipped ``allenai/OLMoE-1B-7B-0924`` and
+            "Your data and models"). ``testbed``: the pretrained testbed base shipped
+            with the package (``ubsmoe/testbed_base``, 64 experts, top-8; the embedded
+            default), resolved to that folder's absolute path when the config is
+            built. The shipped ``allenai/OLMoE-1B-7B-0924`` and
             ``allenai/OLMo-1B-hf`` (dense: ``fedit`` and the rank methods only)
             configs build offline with ``init=random``.
         lora_rank: LoRA rank r of every expert projection and attention projection.
@@ -148,6 +160,8 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def __post_init__(self) -> None:
+        if self.name == TESTBED:
+            self.name = str(packaged_base_path())
         errors = []
         if self.lora_rank < 1:
             errors.append(_bad("model.lora_rank", self.lora_rank, "an integer >= 1"))

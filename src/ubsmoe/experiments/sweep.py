@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ubsmoe.config import RunConfig, load_saved_config, save_config
+from ubsmoe.errors import ConfigError
 from ubsmoe.experiments import Cell, Experiment, cell_dir_name, cell_record, resolve_cell
 from ubsmoe.fl.run_dir import CONFIG_FILE, SUMMARY_FILE, latest_checkpoint
 from ubsmoe.io import atomic_write_json
@@ -91,6 +92,42 @@ def plan_sweep(experiment: Experiment, out: Path, scale: str = "tiny", methods: 
             item.resume = True
         items.append(item)
     return items
+
+
+def parse_part(spec: str) -> tuple[int, int]:
+    """``"i/n"`` (``--cells``) -> ``(i, n)`` with ``1 <= i <= n``.
+
+    Raises:
+        ConfigError: not two integers ``i/n`` with ``1 <= i <= n``.
+    """
+    head, sep, tail = spec.partition("/")
+    try:
+        i, n = int(head), int(tail)
+    except ValueError:
+        i, n = 0, 0
+    if not sep or not 1 <= i <= n:
+        raise ConfigError(f"--cells: got {spec!r}, expected i/n with integers 1 <= i <= n (part i of n)")
+    return i, n
+
+
+def select_part(items: Sequence[SweepItem], part: int, parts: int) -> list[SweepItem]:
+    """Part ``part`` of ``parts`` of a sweep's cells, for splitting a grid across processes.
+
+    Cell k (0-based, grid order: method, settings, seed) belongs to part
+    ``k mod parts + 1``, round robin, so each part gets every method's cells in turn
+    and the parts' lengths differ by at most one. The parts of ``1..parts`` are
+    disjoint and together are exactly the grid (in its order). Run directories do not
+    depend on the split, so processes may share one sweep directory.
+
+    Args:
+        items: the sweep's cells (:func:`plan_sweep`).
+        part: 1-based part index.
+        parts: number of parts, >= 1.
+
+    Returns:
+        The cells of that part, in grid order.
+    """
+    return [item for k, item in enumerate(items) if k % parts == part - 1]
 
 
 def sweep_devices(cfg: RunConfig, cuda_count: int) -> list[str | None]:

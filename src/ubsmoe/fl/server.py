@@ -47,7 +47,7 @@ from ubsmoe.fl.run_dir import (
 )
 from ubsmoe.fl.state import ServerState
 from ubsmoe.fl.train import client_seed
-from ubsmoe.io import append_jsonl, atomic_write_json
+from ubsmoe.io import append_jsonl, atomic_write_json, read_jsonl
 from ubsmoe.methods import ClientUpdate, get_method_class
 from ubsmoe.models import adapter_state, build_model, smoe_layers
 from ubsmoe.models.adapters import set_lora_rank
@@ -282,6 +282,24 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
                     **({"declared": self.declared[c]["declared"]} if c in self.declared else {})}
                 for c in range(len(self.budgets))}
 
+    def evaluate_before_training(self) -> list[dict[str, Any]]:
+        """Round 0: score every budget level before the first round (``eval.before_training``).
+
+        Runs only on a fresh run (``state.round == 0``): the base model with the
+        initial global adapters, each level at its K_j and rank r_j exactly as the
+        final evaluation. The rows go to ``metrics.jsonl`` with ``round: 0`` (plus a
+        ``timing`` record) and to the summary's ``initial_accuracy``.
+
+        Returns:
+            The rows of :meth:`score_levels` for round 0; empty when off or resumed.
+        """
+        if not self.cfg.eval.before_training or self.state.round != 0:
+            return []
+        start = time.time()
+        rows = self.evaluate(0)
+        self.record({"type": "timing", "round": 0, "eval_s": time.time() - start})
+        return rows
+
     def eval_due(self, round_idx: int) -> bool:
         """True when ``round_idx`` is evaluated: the last round, or every ``eval.every_rounds``."""
         every = self.cfg.eval.every_rounds
@@ -327,13 +345,8 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
             },
             "train_loss": self.state.train_loss,
             "diagnostics": {k: v for k, v in self.last_diagnostics.items() if k != "type"},
-            "accuracy": [
-                {k: row[k] for k in ("round", "budget", "top_k", "top_k_mode", "lora_rank", "protocol",
-                                     "per_task", "average", "per_task_metric", "per_task_metrics",
-                                     *LOSS_ROW_KEYS, "utilization")
-                 if k in row}
-                for row in self.last_eval
-            ],
+            "accuracy": [summary_row(row) for row in self.last_eval],
+            **({"initial_accuracy": self.initial_rows()} if self.cfg.eval.before_training else {}),
             "provenance": self.provenance,
             **({"privacy": self.privacy_summary()} if self.accountant is not None else {}),
         }
@@ -345,6 +358,12 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
                 "clipping_norm": p.clipping_norm, "counts_noise_multiplier": p.counts_noise_multiplier,
                 "groups": list(p.groups), "seeded": p.seed is not None,
                 **finite_or_none(combined(self.accountant.spent()))}
+
+    def initial_rows(self) -> list[dict[str, Any]]:
+        """The round-0 evaluation rows of this run (``metrics.jsonl``, so a resumed run has them too)."""
+        path = self.run_dir / METRICS_FILE
+        rows = read_jsonl(path) if path.is_file() else []
+        return [summary_row(r) for r in rows if r.get("type") == "eval" and r.get("round") == 0]
 
     def _data_summary(self) -> dict[str, Any]:
         """Instruction data's summary keys: source name, answer types, metrics, partition, BERTScore."""
@@ -374,3 +393,11 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
         self.tracker.close()
         return summary
+
+
+def summary_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The keys of an evaluation row that ``summary.json`` keeps (``accuracy`` / ``initial_accuracy``)."""
+    return {k: row[k] for k in ("round", "budget", "top_k", "top_k_mode", "lora_rank", "protocol",
+                                "per_task", "average", "per_task_metric", "per_task_metrics",
+                                *LOSS_ROW_KEYS, "utilization")
+            if k in row}

@@ -190,6 +190,9 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, setup: SharedSetup, resume:
             f"{server.budgets[c]:g}, K={server.top_k[c]}, rank {server.lora[c][0]}"
             for c, d in budgets.items()))
     want_norm = cfg.fl.reject_norm_multiple > 0
+    if cfg.eval.before_training and server.state.round == 0:
+        progress("evaluate_before", {"round": 0})
+        server.evaluate_before_training()  # round 0: every level before fine-tuning
     for r in range(server.state.round + 1, cfg.fl.rounds + 1):
         clients = server.sample_clients(r)
         for attempt in range(1, cfg.fl.round_retries + 2):

@@ -4,6 +4,7 @@
 from ubsmoe.report.console import (
     accuracy_table,
     bench_tables,
+    change_table,
     flops_notes,
     flops_tables,
     load_summary,
@@ -13,6 +14,7 @@ from ubsmoe.report.console import (
 __all__ = [
     "accuracy_table",
     "bench_tables",
+    "change_table",
     "flops_notes",
     "flops_tables",
     "load_summary",

@@ -48,6 +48,45 @@ def accuracy_table(summary: dict[str, Any], protocol: str, mode: str | None = No
     return table
 
 
+def change_table(summary: dict[str, Any], mode: str | None = None) -> Table | None:
+    """What fine-tuning did per budget level: round 0 against the final round, per protocol.
+
+    One row per (protocol, level) present in both the summary's ``initial_accuracy``
+    (round 0, ``eval.before_training``) and ``accuracy`` (the last evaluation): the
+    task average at round 0, at the final round and the change (final - round 0). For
+    ``loss`` (nats per token) lower is better, so a negative change is an improvement;
+    for accuracies a positive one. A row's level is matched by beta and K mode.
+
+    Args:
+        summary: a run's summary (``summary.json``).
+        mode: only the rows of this K mode (``budget`` / ``native``); None: all.
+
+    Returns:
+        The table, or None when the summary has no round-0 rows.
+    """
+    def pick(rows):
+        return {(r["protocol"], r.get("top_k_mode"), r["budget"]): r for r in rows
+                if mode is None or r.get("top_k_mode") == mode}
+
+    before, after = pick(summary.get("initial_accuracy") or []), pick(summary.get("accuracy", []))
+    keys = sorted(set(before) & set(after), key=lambda k: (k[0], k[1] or "", k[2]))
+    if not keys:
+        return None
+    final_round = after[keys[0]].get("round", "-")
+    table = Table(title=f"{summary.get('method')}: round 0 (before fine-tuning) -> round {final_round}, "
+                        "task average per level")
+    for col in ("protocol", "level"):
+        table.add_column(col, no_wrap=True)
+    for col in ("round 0", "final", "change"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for key in keys:
+        b, a = before[key], after[key]
+        better = "lower" if key[0] == "loss" else "higher"
+        table.add_row(f"{key[0]} ({better} is better)", f"β={key[2]:g} K={a['top_k']}",
+                      f"{b['average']:.3f}", f"{a['average']:.3f}", f"{a['average'] - b['average']:+.3f}")
+    return table
+
+
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
     """Read ``run_dir/summary.json``.
 

@@ -48,6 +48,7 @@ from typing import Any
 import psutil
 
 from ubsmoe.config import RunConfig, save_config
+from ubsmoe.fl.run_dir import METRICS_FILE
 from ubsmoe.logs import LOG_FILE
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
@@ -118,7 +119,8 @@ def executable(name: str) -> str:
     return found
 
 
-def stop_process_tree(procs: list[subprocess.Popen], timeout: float = STOP_TIMEOUT_S) -> list[int]:
+def stop_process_tree(procs: list[subprocess.Popen], timeout: float = STOP_TIMEOUT_S,
+                      workers: set[int] | None = None) -> list[int]:
     """Stop the given processes and every descendant they have: SIGTERM, then SIGKILL.
 
     The descendants are listed (psutil) before anything is signalled, since a child
@@ -129,6 +131,10 @@ def stop_process_tree(procs: list[subprocess.Popen], timeout: float = STOP_TIMEO
     Args:
         procs: processes started with ``start_new_session=True``.
         timeout: seconds to wait after SIGTERM before SIGKILL.
+        workers: pids of the run's ClientApp workers (:func:`worker_pids`). Ray's
+            workers can outlive the simulation process that started them (re-parented,
+            so no longer its descendants); those still running a Ray worker are
+            stopped with the rest.
 
     Returns:
         The pids that had to be killed with SIGKILL.
@@ -140,6 +146,11 @@ def stop_process_tree(procs: list[subprocess.Popen], timeout: float = STOP_TIMEO
             tree[root.pid] = root
             for child in root.children(recursive=True):
                 tree[child.pid] = child
+    for pid in workers or ():
+        with suppress(psutil.Error):
+            worker = psutil.Process(pid)
+            if _is_ray_worker(worker):  # a recycled pid of another program is left alone
+                tree.setdefault(pid, worker)
 
     def signal_all(sig: int, alive: list[psutil.Process]) -> None:
         """Send ``sig`` to every started process, its process group and ``alive`` descendants."""
@@ -161,6 +172,29 @@ def stop_process_tree(procs: list[subprocess.Popen], timeout: float = STOP_TIMEO
         with suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=1.0)
     return killed
+
+
+def _is_ray_worker(proc: psutil.Process) -> bool:
+    """True when ``proc`` runs a Ray worker (its title ``ray::...``, e.g. ``ray::ClientAppActor``).
+
+    Raises:
+        psutil.Error: the process is gone or cannot be read.
+    """
+    return proc.name().startswith("ray::") or any(part.startswith("ray::") for part in proc.cmdline())
+
+
+def worker_pids(run_dir: Path) -> set[int]:
+    """The pids of the ClientApp workers that trained in this run (train records' ``clients[].pid``)."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return set()
+    pids = set()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with suppress(ValueError):
+            record = json.loads(line)
+            if record.get("type") == "train":
+                pids |= {int(c["pid"]) for c in record.get("clients", []) if c.get("pid")}
+    return pids
 
 
 @contextmanager
@@ -370,7 +404,7 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool = False, progress:
                                 f"{f' ({cause})' if cause else ''}; see {flower_log} and {superlink_log}")
             return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     finally:
-        stop_process_tree(procs)
+        stop_process_tree(procs, workers=worker_pids(run_dir))
         if log_file is not None:
             log_file.close()
         shutil.rmtree(home, ignore_errors=True)

@@ -78,6 +78,7 @@ def test_a_light_import_loads_no_method_model_transformers_or_flower(statement, 
     assert not bad, f"{statement} loaded {bad}"
 
 
+@pytest.mark.slow
 def test_load_config_works_from_the_foundation_alone():
     """``ubsmoe.config.load_config`` registers the built-in methods itself (fresh process)."""
     code = ("from ubsmoe.config import load_config; "

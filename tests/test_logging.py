@@ -98,6 +98,7 @@ def test_record_scalars_flatten_every_numeric_leaf_with_slashes():
 
 
 # ----- TensorBoard ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tensorboard_event_files_hold_every_round_scalar_and_resume_does_not_duplicate(tiny, tmp_path):
     make, setup = tiny
     run_dir = tmp_path / "run"
@@ -164,6 +165,7 @@ class _FakeWandb:
         return mod
 
 
+@pytest.mark.slow
 def test_wandb_logs_the_same_scalars_and_resumes_the_same_run(tiny, tmp_path, monkeypatch):
     fake = _FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake.module())
@@ -199,6 +201,7 @@ def test_wandb_true_without_wandb_is_a_one_line_config_error(monkeypatch, tmp_pa
 
 
 # ----- provenance ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_provenance_in_summary_and_provenance_json(tiny, tmp_path):
     make, setup = tiny
     run_dir = tmp_path / "run"

@@ -158,6 +158,7 @@ def test_markdown_tables(tiny_counts):
     assert f"| bfloat16 | ubsmoe | 8 | {case['ops']} | {case['forward_ops']} |" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_first_step_and_other_batch_count_the_same(tiny_counts, dtype):
     """No warm-up is needed (a fresh model's first step counts as a later one), and the

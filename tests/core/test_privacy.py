@@ -59,6 +59,7 @@ def _opacus_epsilon(noise_multiplier: float, q: float, steps: int, delta: float)
     return float(analysis.get_privacy_spent(orders=alphas, rdp=rdp, delta=delta)[0])
 
 
+@pytest.mark.slow
 def test_accountant_matches_opacus_central_with_counts():
     acc = PrivacyAccountant("central", 1.1, 2.0, sample_rate=0.5, delta=1e-5)
     sigma_eff = (1.1 ** -2 + 2.0 ** -2) ** -0.5

@@ -325,6 +325,7 @@ def _round(cfg, run_dir, setup=None):
     return run_rounds(cfg, run_dir, setup, rounds=1, finish=True)
 
 
+@pytest.mark.slow
 def test_one_round_over_an_instruction_folder_writes_each_tasks_metric_per_budget(folder, tmp_path):
     bert = tiny_bert(tmp_path / "bert")
     cfg = load_config(overrides=[*SMALL, f"data.path={folder}", f"eval.bertscore_model={bert}",
@@ -441,3 +442,20 @@ def test_a_tiny_table4_cell_runs_a_round_and_reports_bertscore_f1(tmp_path):
     for row in rows:
         text = row["per_task_metrics"]["qa"]
         assert row["per_task"]["qa"] == text["bertscore_f1"] and 0.0 < text["bertscore_f1"] <= 1.0 + 1e-6
+
+
+@pytest.mark.slow
+def test_instruction_data_gets_loss_rows(tmp_path):
+    """The ``loss`` protocol scores every answer type of instruction data (free text included)."""
+    from ubsmoe.eval.loss import LOSS_METRIC
+
+    folder = make_folder(tmp_path / "data")
+    cfg = load_config(overrides=[*SMALL, f"data.path={folder}", "eval.protocols=[loss]",
+                                 f"model.tokenizer_cache={tmp_path / 'cache'}"])
+    _, summary = _round(cfg, tmp_path / "run")
+    rows = summary["accuracy"]
+    assert [(r["protocol"], r["top_k"]) for r in rows] == [("loss", 1), ("loss", 8)]
+    for r in rows:  # every answer type, free text included, has a reference response to score
+        assert set(r["per_task"]) == {"arith", "choose", "describe", "yesno"}
+        assert r["per_task_metric"] == {t: LOSS_METRIC for t in r["per_task"]}
+        assert all(v > 0 for v in r["per_task"].values()) and r["stderr"] > 0

@@ -206,6 +206,7 @@ def test_ubsmoe_eval_protocol_loss_reproduces_the_summary(loss_run):
     assert rows == [r for r in summary["accuracy"] if r["protocol"] == "loss"]
 
 
+@pytest.mark.slow
 def test_report_has_loss_tables_and_figure(loss_run, tmp_path):
     from ubsmoe.report.build import build_report
 
@@ -219,20 +220,3 @@ def test_report_has_loss_tables_and_figure(loss_run, tmp_path):
     assert fig.path is not None and fig.path.is_file()
     md = report.markdown.read_text()
     assert "protocol loss" in md and "nats per token" in md
-
-
-@pytest.mark.slow
-def test_instruction_data_gets_loss_rows(tmp_path):
-    from test_instruction import SMALL as INSTRUCTION_SMALL
-    from test_instruction import _round, make_folder
-
-    folder = make_folder(tmp_path / "data")
-    cfg = load_config(overrides=[*INSTRUCTION_SMALL, f"data.path={folder}", "eval.protocols=[loss]",
-                                 f"model.tokenizer_cache={tmp_path / 'cache'}"])
-    _, summary = _round(cfg, tmp_path / "run")
-    rows = summary["accuracy"]
-    assert [(r["protocol"], r["top_k"]) for r in rows] == [("loss", 1), ("loss", 8)]
-    for r in rows:  # every answer type, free text included, has a reference response to score
-        assert set(r["per_task"]) == {"arith", "choose", "describe", "yesno"}
-        assert r["per_task_metric"] == {t: LOSS_METRIC for t in r["per_task"]}
-        assert all(v > 0 for v in r["per_task"].values()) and r["stderr"] > 0

@@ -52,6 +52,7 @@ def test_no_records_give_none(tiny_tokenizer):
     assert level_utilization(model, tokenizer, {"a": []}, 4, 128) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fedit", "hetlora", "ubsmoe"])
 def test_every_level_of_every_method_is_measured_on_the_same_tokens(tmp_path, method):
     from ubsmoe.fl.client_runtime import shared_setup

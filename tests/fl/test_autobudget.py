@@ -63,6 +63,7 @@ def trained(records, client):
     return [next((e["budget"] for e in rec["clients"] if e["id"] == client), None) for rec in records]
 
 
+@pytest.mark.slow
 def test_a_4x_slower_client_picks_a_lower_level(setup_for, tmp_path):
     cfg, setup = setup_for("fl.budget_pattern=auto", "fl.client_speed=[1,4]", "fl.round_deadline_s=2")
     server, records = run(cfg, setup, tmp_path / "run", rounds=2)
@@ -79,6 +80,7 @@ def test_a_4x_slower_client_picks_a_lower_level(setup_for, tmp_path):
     assert records[1]["sim_round_s"] == pytest.approx(1.6)
 
 
+@pytest.mark.slow
 def test_margin_and_deadline_lower_the_level(setup_for, tmp_path):
     levels = {}
     for name, extra in (("base", []), ("margin", ["fl.deadline_margin=0.3"]),

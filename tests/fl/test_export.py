@@ -209,6 +209,7 @@ def test_exported_run_loads_in_plain_peft_with_the_card(finished_run, tmp_path):
     assert torch.allclose(ours, theirs, atol=1e-5), float((ours - theirs).abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["flora", "florist", "a3smoe"])
 def test_finished_run_export_loads_in_plain_peft(method, tmp_path):
     """Through the whole server path: FLoRA's stacked merges; a3smoe's trained router at native K."""

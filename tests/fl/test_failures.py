@@ -234,6 +234,7 @@ def test_left_out_clients_do_not_enter_the_global_model(small, tmp_path):
     assert [c["id"] for c in record["clients"]] == [0, 2] and record["try"] == 1
 
 
+@pytest.mark.slow
 def test_too_few_replies_commit_nothing(small, tmp_path):
     make, setup, runtime = small
     server = Server(make("method=fedit", "fl.min_replies=3"), tmp_path / "run", setup)

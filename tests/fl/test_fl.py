@@ -54,6 +54,7 @@ def test_causal_lm_loss_ignores_unlabelled_tokens():
     assert float(causal_lm_loss(logits, labels)) == pytest.approx(float(expected), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_rounds_are_deterministic_and_write_the_run_directory(tmp_path):
     cfg = _cfg(tmp_path, "method=a3smoe", "eval.protocols=[loglik]")
     a = run_rounds(cfg, tmp_path / "a", reverse=True)
@@ -97,6 +98,7 @@ def test_client_utilization_matches_its_top_k(tmp_path):
     assert len(setup.partitions[0]) > 16 and update.num_examples == 16
 
 
+@pytest.mark.slow
 def test_num_examples_counts_distinct_examples_trained_on(tmp_path):
     """p_c's count: capped by max_local_steps, not multiplied by local epochs."""
     cfg = _cfg(tmp_path, "data.train_examples=48", "train.batch_size=4", "train.local_epochs=2",
@@ -246,6 +248,7 @@ def test_federation_config_carries_the_client_resources(tmp_path):
     assert sim.init_args_logging_level == "ERROR" and sim.init_args_log_to_driver is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", [1, 2, 0])
 def test_keep_checkpoints_prunes_old_rounds_and_resume_still_works(tmp_path, keep):
     # Checkpoint files and resume do not depend on the run's size: 2 clients of 1 step, 1 example per task.
@@ -263,6 +266,7 @@ def test_keep_checkpoints_prunes_old_rounds_and_resume_still_works(tmp_path, kee
         torch.equal(resumed.state.adapters[k], v) for k, v in server.state.adapters.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ubsmoe", "smoe_llb"])
 def test_method_runs_end_to_end_and_writes_diagnostics(tmp_path, method):
     cfg = _cfg(tmp_path, f"method={method}", "eval.protocols=[loglik]", "eval.pg_probe_examples=2")
@@ -373,6 +377,7 @@ def _recorded_evaluate(server, monkeypatch):
     return server.evaluate(1), seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "ranks"), [("fedit", [20, 20, 20, 20]), ("hetlora", [12, 16, 24, 40])])
 def test_every_method_evaluates_each_level_at_its_own_k(small_setup, tmp_path, monkeypatch, method, ranks):
     make, setup = small_setup
@@ -471,6 +476,7 @@ def _router_round(tmp_path, method, *extra, clients=(0, 1)):
     return runtime, sent, [runtime.train_round(c, 1, 1, sent) for c in clients]
 
 
+@pytest.mark.slow
 def test_trainable_router_moves_under_smoe_llb_and_changes_utilization(tmp_path):
     _, sent, (llb, _) = _router_round(tmp_path, "smoe_llb")
     routers = [k for k in sent if k.endswith(".mlp.router_weight")]

@@ -72,6 +72,7 @@ def test_flops_cost_follows_training_flops_per_token():
     assert cost(0, 8, 16) > cost(0, 8, 8)  # a higher rank costs more
 
 
+@pytest.mark.slow
 def test_flops_clock_is_deterministic_and_slows_with_speed(setup_for, tmp_path):
     from ubsmoe.fl.autobudget import flops_step_cost
 
@@ -97,6 +98,7 @@ def test_flops_clock_is_deterministic_and_slows_with_speed(setup_for, tmp_path):
     assert server2.budgets[1] > server.budgets[1]
 
 
+@pytest.mark.slow
 def test_top_pattern_puts_every_client_at_the_highest_level(setup_for, tmp_path):
     from ubsmoe.budgets import assign_budgets
 

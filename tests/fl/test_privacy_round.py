@@ -36,6 +36,7 @@ def _diff(a, b, names=None):
     return {n: a[n].double() - b[n].double() for n in (names or a)}
 
 
+@pytest.mark.slow
 def test_dp_off_leaves_the_round_untouched_and_sigma0_no_clip_equals_it(setup, tmp_path):
     shared, cache = setup
     off = run_rounds(_cfg(cache, "method=fedit"), tmp_path / "off", shared, rounds=1)
@@ -55,6 +56,7 @@ def test_dp_off_leaves_the_round_untouched_and_sigma0_no_clip_equals_it(setup, t
     assert [c["examples"] for c in record["clients"]] == [1, 1, 1, 1]  # uniform weights under DP
 
 
+@pytest.mark.slow
 def test_huge_update_moves_the_global_adapters_by_at_most_its_clipped_share(setup, tmp_path):
     from ubsmoe.fl.client_runtime import ClientRuntime
     from ubsmoe.fl.privacy import privatise_update
@@ -84,6 +86,7 @@ def test_huge_update_moves_the_global_adapters_by_at_most_its_clipped_share(setu
     assert moved > 0.99 * clip / 4  # the bound is reached: the huge update keeps norm C
 
 
+@pytest.mark.slow
 def test_central_noise_on_the_mean_and_epsilon_in_summary(setup, tmp_path):
     shared, cache = setup
     sigma, clip = 2.0, 0.1

@@ -117,6 +117,7 @@ def test_one_sparsity_weight_per_client_over_all_modules_and_no_rescaling():
     assert not torch.allclose(per_module[f"{EXP}.A"], out[f"{EXP}.A"])
 
 
+@pytest.mark.slow
 def test_the_server_sends_a_pruned_client_its_lower_rank_and_checkpoints_it(small, tmp_path):
     make, setup = small
     cfg = make("method=hetlora", "fl.num_clients=2")

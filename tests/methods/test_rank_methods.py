@@ -488,6 +488,7 @@ def _rounds(server, runtime, rounds):
     return server
 
 
+@pytest.mark.slow
 def test_flora_two_rounds_then_resume_from_round_one_with_a_reused_runtime(small, tmp_path):
     import shutil
 

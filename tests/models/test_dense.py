@@ -76,6 +76,7 @@ def test_cli_refuses_an_smoe_method_on_a_dense_model_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fedit", "hetlora", "flora", "florist"])
 def test_lora_methods_train_a_dense_model_in_process(tmp_path, method):
     cfg = load_config(overrides=[*SMALL, f"method={method}", f"model.tokenizer_cache={tmp_path / 'c'}",

@@ -79,6 +79,7 @@ def adams(monkeypatch):
     return made
 
 
+@pytest.mark.slow
 def test_medium_preset_builds_random_and_trains_one_local_step(tiny_tokenizer, adams):
     """model.init=random on `medium`: bench shapes, CPU, float32; one local step moves the LoRA."""
     from ubsmoe.fl.train import local_train

@@ -90,6 +90,7 @@ def reference(tmp_path_factory, data_dir) -> tuple[Path, dict]:
     return out, card
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bitwise_equal_weights(tmp_path, data_dir, reference):
     ref_out, ref_card = reference
     card = run_pretrain(small(tmp_path / "again", data_dir), progress=False)
@@ -119,6 +120,7 @@ def test_two_processes_give_bitwise_equal_weights(tmp_path, data_dir, reference)
     assert_bitwise_equal(weights(tmp_path / "p1"), weights(reference[0]))
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path, data_dir, reference):
     ref_out, ref_card = reference
     cfg = small(tmp_path / "resumed", data_dir)

@@ -150,6 +150,7 @@ def test_every_figure_is_a_png_of_reasonable_size(report):
     assert "not logged" not in report.markdown.read_text()
 
 
+@pytest.mark.slow
 def test_paper_numbers_sit_beside_ours_for_a_matching_setting(runs_root, tmp_path):
     """Runs whose summary names OLMoE-1B-7B get Table 1 (tasks) and Tables 1/3 (budgets) numbers."""
     root = tmp_path / "olmoe"
@@ -216,6 +217,7 @@ def test_grouping_by_cell_settings_and_without_cell(runs_root, tmp_path):
     assert any(label.startswith("model=tiny, clients=2") for label in by_label)
 
 
+@pytest.mark.slow
 def test_missing_diagnostics_skip_figures_and_say_so(runs_root, tmp_path):
     root = tmp_path / "nodiag"
     shutil.copytree(runs_root / "smoe_s0", root / "smoe_s0", ignore=shutil.ignore_patterns("checkpoints"))
@@ -232,6 +234,7 @@ def test_missing_diagnostics_skip_figures_and_say_so(runs_root, tmp_path):
     assert (tmp_path / "out" / "g1_train_loss.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_dense_run_beside_an_smoe_run_is_reported(runs_root, tmp_path):
     """A dense backbone logs diagnostics with no experts (utilization [] only): no figure breaks."""
     root = tmp_path / "mixed"
@@ -247,6 +250,7 @@ def test_a_dense_run_beside_an_smoe_run_is_reported(runs_root, tmp_path):
     assert (tmp_path / "out" / "g1_entropy_per_round.png").is_file()
 
 
+@pytest.mark.slow
 def test_cli_report_single_run_and_errors(runs_root, tmp_path):
     runner = CliRunner()
     run_dir = tmp_path / "one"

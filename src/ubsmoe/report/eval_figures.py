@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ubsmoe.report.plotting import (
     FigureResult,
+    draw_average_per_budget,
     line_style,
     mean_band,
     new_figure,
@@ -17,7 +18,7 @@ from ubsmoe.report.plotting import (
     seeds_label,
 )
 from ubsmoe.report.runs import RunGroup
-from ubsmoe.report.tables import eval_rows, protocols_and_modes
+from ubsmoe.report.tables import protocols_and_modes
 from ubsmoe.report.utilization import level_utilization, utilization_modes
 
 
@@ -41,24 +42,7 @@ def fig_loss_per_budget(group: RunGroup, path: Path) -> FigureResult:
         return FigureResult(name, title, None, "no loss rows in the summaries (eval.protocols without loss)")
     fig, axes = new_figure(len(modes))
     for ax, mode in zip(axes, modes):
-        betas: set[float] = set()
-        for i, method in enumerate(group.methods):
-            series = []
-            for run in group.by_method(method):
-                rows = eval_rows(run, "loss", mode)
-                if rows:
-                    series.append({r["budget"]: r["average"] for r in rows})
-            if not series:
-                continue
-            xs, m, s = mean_band(series)
-            betas.update(xs)
-            ax.errorbar(xs, m, yerr=s, capsize=3, label=f"{method} {seeds_label(series)}", **line_style(i))
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(betas), [f"{b:g}" for b in sorted(betas)])
-        ax.set_xlabel("budget level β (fraction of the native top-k, log scale)")
-        ax.set_ylabel("loss (nats per token, mean over tasks; lower is better)")
-        ax.set_title(f"protocol loss, K from {mode}", fontsize=10)
-        ax.legend(fontsize=8)
+        draw_average_per_budget(ax, group, "loss", mode, "loss (nats per token, mean over tasks; lower is better)")
     fig.suptitle(title, fontsize=11)
     return FigureResult(name, title, save_figure(fig, path))
 

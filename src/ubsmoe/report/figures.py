@@ -26,6 +26,7 @@ from ubsmoe.models.architecture import olmoe_config
 from ubsmoe.report.eval_figures import fig_eval_utilization_per_budget, fig_loss_per_budget
 from ubsmoe.report.plotting import (
     FigureResult,
+    draw_average_per_budget,
     line_style,
     mean_band,
     new_figure,
@@ -34,7 +35,7 @@ from ubsmoe.report.plotting import (
     seeds_label,
 )
 from ubsmoe.report.runs import RunGroup, RunRecord
-from ubsmoe.report.tables import eval_rows, protocols_and_modes
+from ubsmoe.report.tables import protocols_and_modes
 
 ENTROPY_SCALARS = ("mean", "variance", "max")
 """Keys of a diagnostics record's ``entropy`` that are not extra entropies to plot."""
@@ -97,24 +98,7 @@ def fig_accuracy_per_budget(group: RunGroup, path: Path) -> FigureResult:
         return FigureResult(name, title, None, "no accuracy rows in the summaries")
     fig, axes = new_figure(len(pairs))
     for ax, (protocol, mode) in zip(axes, pairs):
-        betas: set[float] = set()
-        for i, method in enumerate(group.methods):
-            series = []
-            for run in group.by_method(method):
-                rows = eval_rows(run, protocol, mode)
-                if rows:
-                    series.append({r["budget"]: r["average"] for r in rows})
-            if not series:
-                continue
-            xs, m, s = mean_band(series)
-            betas.update(xs)
-            ax.errorbar(xs, m, yerr=s, capsize=3, label=f"{method} {seeds_label(series)}", **line_style(i))
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(betas), [f"{b:g}" for b in sorted(betas)])
-        ax.set_xlabel("budget level β (fraction of the native top-k, log scale)")
-        ax.set_ylabel("accuracy (fraction correct, mean over tasks)")
-        ax.set_title(f"protocol {protocol}, K from {mode}", fontsize=10)
-        ax.legend(fontsize=8)
+        draw_average_per_budget(ax, group, protocol, mode, "accuracy (fraction correct, mean over tasks)")
     fig.suptitle(title, fontsize=11)
     return FigureResult(name, title, save_figure(fig, path))
 

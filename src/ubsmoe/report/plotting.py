@@ -16,7 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ubsmoe.io import atomic_write_bytes
-from ubsmoe.report.runs import RunRecord
+from ubsmoe.report.runs import RunGroup, RunRecord
+from ubsmoe.report.tables import eval_rows
 
 
 @dataclass
@@ -90,3 +91,36 @@ def seeds_label(runs: list[RunRecord]) -> str:
     return f"(n={len(runs)})"
 
 
+
+
+def draw_average_per_budget(ax: Any, group: RunGroup, protocol: str, mode: str, ylabel: str) -> None:
+    """One axis of a per-budget figure: each method's task average per budget level beta.
+
+    A line per method (mean over its seeds, sample std as error bars), budget levels
+    on a log-2 axis, titled with the protocol and where K came from.
+
+    Args:
+        ax: a matplotlib axis (:func:`new_figure`).
+        group: the runs of one setting.
+        protocol: the eval rows' protocol (``generation``, ``loglik``, ``loss``).
+        mode: the rows' K mode (``budget`` or ``native``).
+        ylabel: the y axis label, with its unit.
+    """
+    betas: set[float] = set()
+    for i, method in enumerate(group.methods):
+        series = []
+        for run in group.by_method(method):
+            rows = eval_rows(run, protocol, mode)
+            if rows:
+                series.append({r["budget"]: r["average"] for r in rows})
+        if not series:
+            continue
+        xs, m, s = mean_band(series)
+        betas.update(xs)
+        ax.errorbar(xs, m, yerr=s, capsize=3, label=f"{method} {seeds_label(series)}", **line_style(i))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(betas), [f"{b:g}" for b in sorted(betas)])
+    ax.set_xlabel("budget level β (fraction of the native top-k, log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"protocol {protocol}, K from {mode}", fontsize=10)
+    ax.legend(fontsize=8)

@@ -146,3 +146,22 @@ def run_rounds(cfg, run_dir, setup=None, *, rounds=None, reverse=False, finish=F
         updates = [runtime.train_round(**server.client_task(c, r)) for c in server.sample_clients(r)]
         server.end_round(r, list(reversed(updates)) if reverse else updates)
     return (server, server.finish()) if finish else server
+
+
+def config_and_setup(cache, base):
+    """``make(*overrides) -> (cfg, setup)``: configs on ``base`` sharing one ``shared_setup``.
+
+    The data, tokenizer and partitions depend only on ``base`` (the overrides change
+    budgets, speeds or methods), so the first config's setup serves every later one.
+    """
+    from ubsmoe.config import load_config
+    from ubsmoe.fl.client_runtime import shared_setup
+
+    setups = {}
+
+    def make(*overrides):
+        cfg = load_config(overrides=[*base, f"model.tokenizer_cache={cache}", *overrides])
+        if "setup" not in setups:
+            setups["setup"] = shared_setup(cfg)
+        return cfg, setups["setup"]
+    return make

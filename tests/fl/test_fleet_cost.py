@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import config_and_setup
 
 from ubsmoe.config.model import packaged_base_path
 from ubsmoe.errors import ConfigError
@@ -18,18 +19,7 @@ BASE = ["data.tasks=[boolq,piqa]", "data.train_examples=64", "data.max_length=64
 
 @pytest.fixture(scope="module")
 def setup_for(tmp_path_factory):
-    from ubsmoe.config import load_config
-    from ubsmoe.fl.client_runtime import shared_setup
-
-    cache = tmp_path_factory.mktemp("cache")
-    setups = {}
-
-    def make(*overrides):
-        cfg = load_config(overrides=[*BASE, f"model.tokenizer_cache={cache}", *overrides])
-        if "setup" not in setups:
-            setups["setup"] = shared_setup(cfg)
-        return cfg, setups["setup"]
-    return make
+    return config_and_setup(tmp_path_factory.mktemp("cache"), BASE)
 
 
 def run(cfg, setup, run_dir, rounds):

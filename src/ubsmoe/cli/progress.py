@@ -61,6 +61,7 @@ def dp_text(info: dict[str, Any]) -> str:
         return ""
 
     def num(x: float | None) -> str:
+        """A number for the display, ``inf`` for None (an unbounded epsilon)."""
         return "inf" if x is None else f"{x:.3g}"
 
     snr = f", SNR {info['snr']:.2g}" if info.get("snr") is not None else ""

@@ -82,6 +82,7 @@ class PretrainConfig:
         errors = []
 
         def positive(name: str) -> None:
+            """Record an error unless field ``name`` is an integer >= 1."""
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 errors.append(f"{name}: got {value!r}, expected an integer >= 1")

@@ -111,6 +111,7 @@ def flops_step_cost(cfg: RunConfig) -> StepCost:
     seq, router = cfg.data.max_length, cfg.model.router_trainable
 
     def cost(level: int, top_k: int, rank: int) -> float:
+        """Simulated seconds of one local step at level ``level`` (K ``top_k``, rank ``rank``): FLOPs / assumed FLOP/s."""
         k = min(max(top_k, 1), shape.num_routed) if shape.routed else 1
         flops = training_flops_per_token(shape, k, rank, seq, router_trainable=router)["total"]
         return tokens * flops / cfg.fl.sim_flops_per_s
@@ -132,6 +133,7 @@ def choose_level(predicted_s: list[float], memory: list[float], target_s: float,
         (or that the top level fits, or that none fits and the lowest is used).
     """
     def excluded(j: int) -> str:
+        """Why level ``j`` is out: over the time target, over the memory cap (empty when it fits)."""
         why = []
         if target_s > 0 and predicted_s[j] > target_s:
             why.append(f"predicted {predicted_s[j]:.3g} s > target {target_s:.3g} s")

@@ -242,6 +242,7 @@ def heldout_report(model: torch.nn.Module, sequences: torch.Tensor, native_k: in
         per_k[native_k] = sequence_losses(model, sequences, native_k, batch_size)
 
     def stats(x: torch.Tensor) -> dict[str, float]:
+        """Mean and standard error (over sequences) of per-sequence losses ``x`` ``[n]``."""
         se = float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
         return {"mean": float(x.mean()), "se": se}
 
@@ -329,6 +330,7 @@ def _pretrain(cfg: PretrainConfig, corpus: Corpus, command: str, resume: bool, p
         step, prior_wall, history = state["step"], state["wall_time_s"], state["history"]
 
     def save_checkpoint() -> None:
+        """Write model, optimizer, step, history and settings atomically (resume point)."""
         atomic_torch_save(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "step": step, "history": history, "config": cfg.identity(),
                                  "corpus_sha256": digest,

@@ -65,6 +65,7 @@ def change_table(summary: dict[str, Any], mode: str | None = None) -> Table | No
         The table, or None when the summary has no round-0 rows.
     """
     def pick(rows):
+        """Rows keyed by (protocol, K mode, budget), kept to ``mode`` when one is given."""
         return {(r["protocol"], r.get("top_k_mode"), r["budget"]): r for r in rows
                 if mode is None or r.get("top_k_mode") == mode}
 

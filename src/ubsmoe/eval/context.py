@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ubsmoe.models.runtime import smoe_layers
+from ubsmoe.models.runtime import routing_mask, smoe_layers
 
 
 @contextmanager
@@ -49,3 +49,25 @@ def check_batch_size(batch_size: int) -> None:
     """Raise ValueError (one line naming ``batch_size``) unless it is >= 1."""
     if batch_size < 1:
         raise ValueError(f"batch_size: got {batch_size}, expected an integer >= 1")
+
+
+def logits_from(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                first: int) -> torch.Tensor:
+    """The model's logits at positions ``first..T-1`` only, padding kept out of routing.
+
+    Args:
+        model: a causal LM (its SMoE layers honour :func:`ubsmoe.models.routing_mask`).
+        input_ids, attention_mask: ``[B, T]`` on the model's device.
+        first: the earliest position whose logits are needed (``logits_to_keep``
+            saves projecting the rest onto the vocabulary).
+
+    Returns:
+        ``[B, T - first, vocab]`` logits.
+    """
+    with routing_mask(model, attention_mask):
+        return model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            logits_to_keep=torch.arange(first, input_ids.shape[1], device=input_ids.device),
+        ).logits  # [B, T - first, vocab]

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ubsmoe.eval.context import check_batch_size, evaluating, model_device
-from ubsmoe.models.runtime import routing_mask
+from ubsmoe.eval.context import check_batch_size, evaluating, logits_from, model_device
 
 # What the training response starts with; each candidate is scored as PREFIX + label.
 RESPONSE_PREFIX = "the correct answer is "
@@ -137,13 +136,7 @@ def choice_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str],
                     cand_rows.append(row)
                     cand_tokens.append(token)
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            with routing_mask(model, attention_mask):
-                logits = model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    use_cache=False,
-                    logits_to_keep=torch.arange(first, seq_len, device=device),
-                ).logits  # [B, seq_len - first, vocab]
+            logits = logits_from(model, input_ids, attention_mask, first)  # [B, seq_len - first, vocab]
             per_row = torch.zeros(len(chunk), dtype=torch.float64)
             if rows:
                 rows_t = torch.tensor(rows, device=device)

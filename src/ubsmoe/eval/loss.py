@@ -42,8 +42,7 @@ import torch
 from torch import nn
 
 from ubsmoe.data.prompts import IGNORE_INDEX, collate, tokenize_example
-from ubsmoe.eval.context import check_batch_size, evaluating, model_device
-from ubsmoe.models.runtime import routing_mask
+from ubsmoe.eval.context import check_batch_size, evaluating, logits_from, model_device
 
 LOSS_PROTOCOL = "loss"
 LOSS_METRIC = "nats_per_token"
@@ -100,16 +99,9 @@ def response_nll(model: nn.Module, tokenizer, records: Sequence[dict[str, Any]],
             if not scored.any():
                 continue
             first = int(scored.any(dim=0).nonzero()[0])  # earliest position any row scores
-            seq_len = target.shape[1]
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch["attention_mask"].to(device)
-            with routing_mask(model, attention_mask):
-                logits = model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    use_cache=False,
-                    logits_to_keep=torch.arange(first, seq_len, device=device),
-                ).logits  # [B, seq_len - first, vocab]
+            logits = logits_from(model, input_ids, attention_mask, first)  # [B, seq_len - first, vocab]
             row_idx, col_idx = scored[:, first:].nonzero(as_tuple=True)  # [N], [N]
             picked = logits[row_idx.to(device), col_idx.to(device)].float()  # [N, vocab]
             logp = torch.log_softmax(picked, dim=-1)

@@ -61,7 +61,7 @@ API_MODULES: list[tuple[str, list[str]]] = [
                                     "ubsmoe.experiments.sweep", "ubsmoe.report.build",
                                     "ubsmoe.report.tables", "ubsmoe.report.figures",
                                     "ubsmoe.report.runs", "ubsmoe.report.fleet", "ubsmoe.finished_run",
-                                    "ubsmoe.bench.harness", "ubsmoe.provenance"]),
+                                    "ubsmoe.bench.harness", "ubsmoe.bench.base", "ubsmoe.provenance"]),
 ]
 
 

@@ -33,7 +33,7 @@ def test_quick_report_top_level_fields(quick_report):
     assert r["schema"] == "ubsmoe-bench/1" and r["quick"] is True
     assert r["command"].startswith("ubsmoe bench --quick --threads 1 --out ")
     assert set(r["suites"]) == {"layer", "model_step", "server_memory", "federated", "dispatch",
-                                "eval"} == set(r["summary"])
+                                "base", "eval"} == set(r["summary"])
     env = r["environment"]
     assert env["torch_threads"] == 1
     for key in ("python", "torch", "transformers", "peft", "cpu_count", "torch_interop_threads",
@@ -124,6 +124,23 @@ def test_bench_rejects_bad_input(tmp_path):
     assert not (tmp_path / "b.json").exists()
     result = CliRunner().invoke(app, ["bench", "--threads", "0"])
     assert result.exit_code == 2 and "threads" in result.output
+
+
+@pytest.mark.e2e
+def test_quick_report_base_fields(quick_report):
+    """suites.base: the shipped base's held-out loss per K, paired K-drop with z, throughput."""
+    base = quick_report["suites"]["base"]
+    held = base["heldout"]
+    assert held["digest_matches"] is True and held["sequences"] == 16 and held["seq_len"] == 256
+    assert list(held["loss"]) == ["8", "4", "2", "1"] and list(held["k_drop"]) == ["4", "2", "1"]
+    for d in held["k_drop"].values():
+        assert d["se"] > 0 and d["z"] == pytest.approx(d["mean"] / d["se"])
+    # the shipped base was pretrained at top-8: dropping to one expert costs loss
+    assert held["k_drop"]["1"]["mean"] > held["k_drop"]["4"]["mean"] > 0
+    assert base["pretrain_throughput"]["tokens_per_s"] > 0 and base["card"]["steps"] > 0
+    s = quick_report["summary"]["base"]
+    assert s["k_drop_k1"] == held["k_drop"]["1"]["mean"] and s["targets"] == {"k_drop_k1": 0.05, "z": 3.0}
+    assert s["meets_target"] == (s["k_drop_k1"] >= 0.05 and s["k_drop_k1_z"] > 3)
 
 
 @pytest.mark.e2e

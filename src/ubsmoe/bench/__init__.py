@@ -3,7 +3,8 @@
 The harness (registry, options, timing statistics, :func:`run_bench`) is
 :mod:`ubsmoe.bench.harness`; the suites are :mod:`~ubsmoe.bench.layer`,
 :mod:`~ubsmoe.bench.model_step`, :mod:`~ubsmoe.bench.server`,
-:mod:`~ubsmoe.bench.dispatch` (ATen operations of a local step, a kernel-launch proxy) and
+:mod:`~ubsmoe.bench.dispatch` (ATen operations of a local step, a kernel-launch proxy),
+:mod:`~ubsmoe.bench.base` (the testbed base's held-out loss and K-drop) and
 :mod:`~ubsmoe.bench.evaluation`, registered in that order (the default run order)
 when this package is imported. This package only re-exports.
 """
@@ -28,6 +29,7 @@ from ubsmoe.bench.harness import (
 # isort: off
 from ubsmoe.bench import layer, model_step, server  # noqa: F401
 from ubsmoe.bench import dispatch  # noqa: F401
+from ubsmoe.bench import base  # noqa: F401
 from ubsmoe.bench import evaluation  # noqa: F401  (registered last: runs last)
 # isort: on
 

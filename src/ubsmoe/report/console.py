@@ -307,4 +307,18 @@ def bench_tables(report: dict[str, Any]) -> list[Table]:
             u.add_row(k[1:], f"{v['dense_bytes'] / 2**20:.2f}", f"{v['sparse_bytes'] / 2**20:.2f}",
                       f"{v['sparse_over_dense']:.3f}")
         tables.append(u)
+    base = report["suites"].get("base")
+    if base is not None:
+        held, thr = base["heldout"], base["pretrain_throughput"]
+        t = Table(title=(f"testbed base: held-out loss over {held['sequences']} sequences of {held['seq_len']} "
+                         f"tokens (digest {'matches' if held['digest_matches'] else 'DIFFERS FROM'} the card); "
+                         f"pretraining {thr['tokens_per_s']:,.0f} tokens/s"))
+        for col in ("K", "loss nats/token (± se)", "K-drop vs native (± se)", "z"):
+            t.add_column(col, justify="right")
+        for k, v in held["loss"].items():
+            d = held["k_drop"].get(k)
+            t.add_row(k, f"{v['mean']:.4f} ± {v['se']:.4f}",
+                      "-" if d is None else f"{d['mean']:+.4f} ± {d['se']:.4f}",
+                      "-" if d is None else f"{d['z']:.1f}")
+        tables.append(t)
     return tables

@@ -26,9 +26,12 @@ pytestmark = pytest.mark.deploy
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 CONNECTION = "ubsmoe-deploy"
-# Node i declares DECLARED[i]; the budget each must end up at (tiny: top-8, K = 8 * beta).
-DECLARED = ["budget=0.125", "top-k=4", "budget=1.0"]
-EXPECTED = [(0.125, 1), (0.5, 4), (1.0, 8)]
+# Node i declares DECLARED[i]; the (budget, K) each client trains at in rounds 1 and 2 (tiny: top-8,
+# K = 8 * beta). Node 2 chooses its own budget (docs/fleet.md): it calibrates at the lowest level in
+# round 1 and, with no deadline (fl.round_deadline_s=0: memory alone decides, no memory-gib cap: the
+# device's free memory), reports the top level, which the server applies from round 2.
+DECLARED = ["budget=0.125", "top-k=4", "budget=auto"]
+EXPECTED = {1: [(0.125, 1), (0.5, 4), (0.125, 1)], 2: [(0.125, 1), (0.5, 4), (1.0, 8)]}
 OVERRIDES = ("data.tasks=[boolq,piqa] data.train_examples=48 data.max_length=64 fl.num_clients=3 "
              "fl.rounds=2 fl.budget_pattern=reverse_long_tail train.batch_size=4 train.max_local_steps=1 "
              "eval.protocols=[loglik] eval.examples_per_task=2 eval.batch_size=4 "
@@ -161,33 +164,43 @@ def _run(d: Deployment, name: str, overrides: str, during=None) -> tuple[subproc
 
 
 def test_deployment_tls_auth_declared_budgets(deployment, record_property):
-    """Two rounds over TLS with authenticated nodes; every client runs at its node's declared level."""
+    """Two rounds over TLS with authenticated nodes; every client runs at its node's declared level,
+    and the ``budget=auto`` node at the level it measured and reported."""
     d = deployment
     proc, out, wall = _run(d, "run", OVERRIDES + f" model.tokenizer_cache={d.root / 'cache'}")
     flower_log = (d.root / "run.flwr.log").read_text()
     assert (out / "summary.json").is_file(), flower_log[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2
-    for c, (beta, k) in enumerate(EXPECTED):
+    for c, (beta, k) in enumerate(EXPECTED[2]):
         client = summary["clients"][c]
         assert (client["budget"], client["top_k"]) == (beta, k)
         assert client["declared"]["declared"] == DECLARED[c].split("=")[0]
+    assert summary["clients"][2]["declared"]["value"] == "auto"
     records = read_jsonl(out / "metrics.jsonl")
     nodes = [r for r in records if r["type"] == "nodes"]
     assert len(nodes) == 1 and [(c["budget"], c["top_k"], c["device"]) for c in nodes[0]["clients"]] == [
-        (beta, k, "cpu") for beta, k in EXPECTED]
+        (beta, k, "cpu") for beta, k in EXPECTED[1]]
     train = [r for r in records if r["type"] == "train"]
     assert [r["round"] for r in train] == [1, 2]
     for r in train:
         assert sorted((c["id"], c["budget"], c["top_k"]) for c in r["clients"]) == [
-            (c, beta, k) for c, (beta, k) in enumerate(EXPECTED)]
+            (c, beta, k) for c, (beta, k) in enumerate(EXPECTED[r["round"]])]
+    # The budget=auto node: timed every level in round 1 (calibration), reported the top level
+    # (memory alone decides without a deadline), trained at it in round 2.
+    auto = [{row["id"]: row for row in r["auto"]}[2] for r in train]
+    assert auto[0]["calibrated"] and auto[0]["next_budget"] == 1.0 and auto[1]["next_budget"] == 1.0
+    assert auto[0]["reason"].startswith("the top level fits"), auto[0]
+    first = {c["id"]: c for c in train[0]["clients"]}[2]
+    assert first["auto_budget"] == 1.0 and first["auto_calibrated"] == 1
+    assert all(first[f"auto_pred_s.{j}"] > 0 and first[f"auto_mem_gib.{j}"] > 0 for j in range(4))
     # The config's pattern would have given other levels: the declared ones were used.
     from ubsmoe.budgets import assign_budgets
     from ubsmoe.config import load_config
 
     cfg = load_config(overrides=OVERRIDES.split())
     pattern = assign_budgets(3, cfg.fl.budgets, cfg.fl.budget_pattern, cfg.train.seed)
-    assert pattern != [beta for beta, _ in EXPECTED]
+    assert pattern != [beta for beta, _ in EXPECTED[2]]
     # Deployment starts a ClientApp process per message: the model is rebuilt every round.
     setup = [c["setup_s"] for r in train for c in r["clients"]]
     assert all(c["runtime_builds"] == 1 for r in train for c in r["clients"])

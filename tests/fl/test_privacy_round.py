@@ -179,3 +179,73 @@ def test_display_and_report_show_epsilon():
     base = {"method": "fedit", "model": "tiny", "clients": [{}], "rounds_completed": 2}
     keys = {group_key(RunRecord(path=None, summary=s))[1] for s in (base, {**base, "privacy": dp})}
     assert len(keys) == 2
+
+
+@pytest.mark.slow
+def test_local_dp_rounds_aggregate_noisy_histograms_and_log_only_released_utilization(setup, tmp_path):
+    """Local DP with UB-SMoE: the noisy histograms (negative entries included) feed DMR's
+    server update and the diagnostics as their clamped mean; central DP logs the noised
+    utilization DMR used, not the clients' clean mean."""
+    from ubsmoe.methods.aggregation import round_utilization
+
+    shared, cache = setup
+    dp = ["method=ubsmoe", "privacy.noise_multiplier=0.5", "privacy.clipping_norm=0.05",
+          "privacy.counts_noise_multiplier=2", "privacy.noise_seed=2"]
+    server = run_rounds(_cfg(cache, *dp, "privacy.mode=local"), tmp_path / "local", shared, rounds=1)
+    diag = server.last_diagnostics
+    u = torch.tensor(diag["utilization"], dtype=torch.float64)  # [L, E]
+    assert bool((u >= 0).all()) and bool((u == 0).any())  # clamped after averaging noisy histograms
+    assert server.state.round == 1 and all(torch.isfinite(x).all() for x in server.state.adapters.values())
+
+    captured = {}
+    central = _cfg(cache, *dp, "privacy.mode=central")
+    from ubsmoe.fl.server import Server
+
+    original = Server.diagnostics
+
+    def spy(self, round_idx, updates, release=None):
+        captured["clean"] = round_utilization(updates)
+        return original(self, round_idx, updates, release)
+
+    Server.diagnostics = spy
+    try:
+        server = run_rounds(central, tmp_path / "central", shared, rounds=1)
+    finally:
+        Server.diagnostics = original
+    logged = torch.tensor(server.last_diagnostics["utilization"], dtype=torch.float64)
+    assert not torch.allclose(logged, captured["clean"], atol=1e-3)  # the noise of sigma_k B / n
+
+
+@pytest.mark.e2e
+def test_local_dp_through_a_flower_run(tmp_path):
+    """`ubsmoe run` with privacy.mode=local: the ClientApps clip and noise, Flower carries dense
+    uploads, and the summary's epsilon is the accountant's for the rounds run."""
+    from typer.testing import CliRunner
+
+    from ubsmoe.cli import app
+    from ubsmoe.core.accountant import PrivacyAccountant
+
+    out = tmp_path / "run"
+    sigma, sigma_k, clip = 1.5, 2.0, 0.05
+    result = CliRunner().invoke(app, ["run", "--out", str(out), *SMALL, "method=ubsmoe", "fl.rounds=2",
+                                      "eval.protocols=[loss]", "eval.examples_per_task=4", "privacy.mode=local",
+                                      f"privacy.noise_multiplier={sigma}", f"privacy.clipping_norm={clip}",
+                                      f"privacy.counts_noise_multiplier={sigma_k}", "privacy.noise_seed=3",
+                                      f"model.tokenizer_cache={tmp_path / 'cache'}"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    acc = PrivacyAccountant("local", sigma, sigma_k, sample_rate=1.0, delta=summary["privacy"]["delta"])
+    acc.step()
+    acc.step()
+    assert summary["rounds_completed"] == 2 and summary["privacy"]["mode"] == "local"
+    assert summary["privacy"]["epsilon"] == pytest.approx(acc.epsilon())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["round"] for r in train] == [1, 2]
+    for r in train:
+        # Dense uploads: every client sends every tensor whole, whatever experts it used
+        # (without DP the sparse upload's size differs by K_c and by the experts touched).
+        assert len({c["bytes_up"] for c in r["clients"]}) == 1, [c["bytes_up"] for c in r["clients"]]
+        assert r["privacy"]["epsilon"] > 0 and r["privacy"]["noise_std"] > 0
+    assert train[1]["privacy"]["epsilon"] > train[0]["privacy"]["epsilon"]
+    assert "DP epsilon" in result.output

@@ -251,7 +251,7 @@ def _client_weights(weights: torch.Tensor | Sequence[float], num_clients: int,
 
 
 def global_utilization(expert_counts: torch.Tensor, token_counts: torch.Tensor,
-                       weights: torch.Tensor | Sequence[float]) -> torch.Tensor:
+                       weights: torch.Tensor | Sequence[float], signed: bool = False) -> torch.Tensor:
     """Global expert utilization of a round (DMR server side).
 
     Implements, per SMoE layer l and expert i,
@@ -271,13 +271,16 @@ def global_utilization(expert_counts: torch.Tensor, token_counts: torch.Tensor,
             expert (a_{c,i}; tokens, not examples), any real dtype.
         token_counts: ``[num_clients, num_layers]`` tokens processed per layer (n_c).
         weights: ``[num_clients]`` non-negative client weights (e.g. example counts).
+        signed: accept negative ``expert_counts``: the noisy histograms of local DP
+            (:mod:`ubsmoe.core.privacy`), whose mean the caller post-processes
+            (clamps) after averaging; the mean is then unbiased.
 
     Returns:
         ``[num_layers, num_experts]`` float64 utilization u~.
 
     Raises:
-        ValueError: mismatched shapes, negative counts, or weights that are
-            negative, non-finite or sum to 0.
+        ValueError: mismatched shapes, negative counts (unless ``signed``; negative
+            token counts always), or weights that are negative, non-finite or sum to 0.
     """
     if expert_counts.dim() != 3:
         raise ValueError(
@@ -292,7 +295,7 @@ def global_utilization(expert_counts: torch.Tensor, token_counts: torch.Tensor,
         )
     a = expert_counts.detach().to(torch.float64)  # [C, L, E]
     n = token_counts.detach().to(torch.float64).to(a.device)  # [C, L]
-    if bool((a < 0).any()) or bool((n < 0).any()):
+    if (not signed and bool((a < 0).any())) or bool((n < 0).any()):
         raise ValueError("expert_counts / token_counts: expected counts >= 0")
     p = _client_weights(weights, num_clients).to(a.device)  # [C]
     has_tokens = n > 0  # [C, L]

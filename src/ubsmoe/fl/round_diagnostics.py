@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ubsmoe.data.prompts import collate, tokenize_example
+from ubsmoe.fl.privacy import ServerRelease
 from ubsmoe.fl.train import causal_lm_loss, client_seed
 from ubsmoe.methods import ClientUpdate
 from ubsmoe.methods.aggregation import round_utilization
@@ -50,8 +51,16 @@ class RoundDiagnostics:
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
 
-    def diagnostics(self, round_idx: int, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
+    def diagnostics(self, round_idx: int, updates: Sequence[ClientUpdate],
+                    release: ServerRelease | None = None) -> dict[str, Any]:
         """Utilization, phi and PG-alignment diagnostics of a round (DESIGN.md section 6).
+
+        Args:
+            round_idx: the round.
+            updates: the round's folded client updates.
+            release: the round's DP release (privacy on): the logged utilization is then
+                the one released (central: with the counts' noise; both: clamped at 0),
+                the same draw DMR's server update used, so logging it costs no privacy.
 
         Returns:
             A ``"type": "diagnostics"`` metrics record: the round's global
@@ -66,7 +75,9 @@ class RoundDiagnostics:
             the clients' ``phi_penalty_max`` metrics, ``penalty_max`` (max over clients)
             and ``penalty_acted`` (the range penalty was > 0 at some local step).
         """
-        utilization = round_utilization(updates)  # [L, E]
+        utilization = round_utilization(updates, signed=release is not None)  # [L, E]
+        if release is not None:  # DP: log u~ as released (noised, clamped), never the clients' clean mean
+            utilization = release.utilization(utilization, len(updates))  # [L, E]
         phi = self.global_phi()  # [L, E] or None
         # A dense backbone has no experts ([0, 0]): no utilization statistics.
         record: dict[str, Any] = {"type": "diagnostics", "round": round_idx,

@@ -240,7 +240,7 @@ class Server(NodeDeclarations, FleetLevels, RoundDiagnostics, ServerEvaluation, 
             record["privacy"] = finite_or_none({**combined(self.accountant.step()), **release.stats})
             self.state.privacy_state = self.accountant.state_dict()
         self.record(record)
-        self.last_diagnostics = self.diagnostics(round_idx, fold.folded)
+        self.last_diagnostics = self.diagnostics(round_idx, fold.folded, release)
         self.record(self.last_diagnostics)
         self.state.round = round_idx
         self.commit_levels()  # levels budget=auto clients reported apply from their next round

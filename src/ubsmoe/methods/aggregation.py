@@ -58,8 +58,13 @@ def data_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
     return n / n.sum()
 
 
-def round_utilization(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+def round_utilization(updates: Sequence[ClientUpdate], signed: bool = False) -> torch.Tensor:
     """Global expert utilization of a round, ``u~_i = sum_c p_c a_{c,i} / n_c`` (DESIGN.md 4.1).
+
+    Args:
+        updates: the round's client updates.
+        signed: the counts may be negative (DP histograms with local noise; the
+            caller clamps the mean, :meth:`ubsmoe.fl.privacy.ServerRelease.utilization`).
 
     Returns:
         ``[L, E]`` float64 (see :func:`ubsmoe.core.routing.global_utilization`).
@@ -71,7 +76,7 @@ def round_utilization(updates: Sequence[ClientUpdate]) -> torch.Tensor:
         raise ValueError("round_utilization: no client updates")
     counts = torch.stack([u.expert_counts for u in updates])  # [C, L, E]
     tokens = torch.stack([u.token_counts for u in updates])  # [C, L]
-    return global_utilization(counts, tokens, data_weights(updates))
+    return global_utilization(counts, tokens, data_weights(updates), signed=signed)
 
 
 class Aggregator:

@@ -290,7 +290,7 @@ class UBSMoEAggregator(Aggregator):
             return out
         names = sorted(layer_of, key=layer_of.get)
         phi_agg = torch.stack([out[n] for n in names])  # [L, E]
-        utilization = round_utilization(self.stats)  # [L, E]
+        utilization = round_utilization(self.stats, signed=self.release is not None)  # [L, E]
         if self.release is not None:
             utilization = self.release.utilization(utilization, len(self.stats))  # [L, E]
         k_bar = mean_top_k([u.top_k for u in self.stats], data_weights(self.stats))

@@ -1,7 +1,8 @@
-"""The cost of client-level DP (issue 25), measured on the tiny preset: loss, accuracy, entropy vs epsilon.
+"""The cost of client-level DP (issue 25), measured on the testbed base or the tiny preset: loss, accuracy, entropy vs epsilon.
 
 For each method and privacy budget, one in-process federated run (Server + ClientRuntime,
-as tests/conftest.py's ``run_rounds``; no Flower) on the tiny preset, then the final
+as tests/conftest.py's ``run_rounds``; no Flower) on ``--model`` (``testbed``: the shipped
+pretrained base, the default; ``tiny``: the random-weight preset), then the final
 held-out ``loss`` and ``loglik`` accuracy per budget level and the eval-time
 utilization entropy. Epsilon targets are turned into noise multipliers with Opacus's
 RDP accountant over the run's rounds (full participation); with the counts released
@@ -14,7 +15,7 @@ Writes ``OUT/results.json``, ``OUT/table.md`` and ``OUT/privacy_cost.png``.
 Usage (docs/privacy.md quotes the command and its table)::
 
     PYTHONPATH=src UBSMOE_DATA=/work/shared/data OMP_NUM_THREADS=1 \\
-        nice -n 5 python benchmarks/privacy_cost.py --out /tmp/privacy_cost
+        nice -n 5 python benchmarks/privacy_cost.py --out /tmp/privacy_cost [--model tiny]
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
 from ubsmoe.fl.server import Server
 from ubsmoe.methods import get_method_class
 
+MODELS = {"testbed": ["model.name=testbed"], "tiny": ["model.name=tiny", "model.tiny.vocab_size=512"]}
 SETTING = [
     "data.tasks=[boolq,piqa,ARC-Easy]", "data.train_examples=400", "data.max_length=128",
     "data.partition=dirichlet", "fl.num_clients=8", "train.batch_size=8", "train.max_local_steps=4",
     "eval.protocols=[loss,loglik]", "eval.examples_per_task=24", "eval.batch_size=8",
-    "model.tiny.vocab_size=512", "privacy.delta=1e-5", "privacy.noise_seed=0",
+    "privacy.delta=1e-5", "privacy.noise_seed=0",
 ]
 
 
@@ -100,6 +102,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 1.0])
     ap.add_argument("--methods", nargs="+", default=["fedit", "smoe", "ubsmoe"])
+    ap.add_argument("--model", choices=sorted(MODELS), default="testbed",
+                    help="testbed: the shipped pretrained base; tiny: the random-weight preset")
     ap.add_argument("--replot", action="store_true",
                     help="only redraw OUT/table.md and OUT/privacy_cost.png from OUT/results.json")
     args = ap.parse_args()
@@ -108,11 +112,11 @@ def main() -> None:
         for r in rows:  # JSON object keys are strings: the budget levels back to floats
             r["loss"], r["loglik"] = ({float(b): v for b, v in r[k].items()} for k in ("loss", "loglik"))
         write_table(rows, args.out / "table.md")
-        figure(rows, args.out / "privacy_cost.png")
+        figure(rows, args.out / "privacy_cost.png", args.model)
         return
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    base = [*SETTING, f"fl.rounds={args.rounds}",
+    base = [*MODELS[args.model], *SETTING, f"fl.rounds={args.rounds}",
             f"model.tokenizer_cache={args.out / 'cache'}"]
     setup = shared_setup(load_config(overrides=base))
     rows = []
@@ -141,7 +145,7 @@ def main() -> None:
                 print(f"{method} {label} eps {eps:g}: {time.time() - start:.0f}s", flush=True)
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     write_table(rows, args.out / "table.md")
-    figure(rows, args.out / "privacy_cost.png")
+    figure(rows, args.out / "privacy_cost.png", args.model)
 
 
 def write_table(rows: list[dict], path: Path) -> None:
@@ -164,7 +168,7 @@ def write_table(rows: list[dict], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def figure(rows: list[dict], path: Path) -> None:
+def figure(rows: list[dict], path: Path, model: str = "testbed") -> None:
     """Held-out loss (mean over budget levels) and entropy against epsilon, one line per method/variant."""
     # lazy: matplotlib takes a second to import; only the figure needs it
     import matplotlib
@@ -200,7 +204,8 @@ def figure(rows: list[dict], path: Path) -> None:
     axes[0].plot([], [], color="gray", ls=":", label="no DP (dotted, same colour)")
     axes[0].plot([], [], color="gray", ls="--", label="untrained, round 0 (dashed)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Cost of client-level DP (central, 8 clients, tiny preset); "
+    name = {"testbed": "testbed base", "tiny": "tiny preset"}[model]
+    fig.suptitle(f"Cost of client-level DP (central, 8 clients, {name}); "
                  "each value is the mean over the 4 budget levels (entropy: over layers too)",
                  fontsize=9)
     fig.tight_layout()

@@ -2,6 +2,7 @@
 
     python benchmarks/testbed_tables.py grid SWEEP_DIR [SWEEP_DIR ...]   # per method and level
     python benchmarks/testbed_tables.py phi SWEEP_DIR                    # phi diagnostics per round
+    python benchmarks/testbed_tables.py claims SWEEP_DIR [SWEEP_DIR ...] # the paper's claims, separated?
 
 ``grid``: per run label (the run directory name without its hash) and budget level K:
 the ``loss`` task average at round 0 (``summary.json`` ``initial_accuracy``) and after
@@ -10,6 +11,9 @@ standard error), ``loglik`` accuracy, and eval-time utilization entropy and Gini
 over layers). ``phi``: per run, from ``metrics.jsonl`` ``diagnostics`` rows, the
 phi-utilization Spearman per round, the global phi's share outside its range, whether
 the range penalty acted, phi's range; and the K = 1 loss at round 0 and the last round.
+``claims``: for each comparison of the paper's claims (:data:`CLAIMS`) present in the
+runs, the two sides' means ± seed std and whether they separate: the issue's rule,
+``|mean_a - mean_b| > 2 max(std_a, std_b)`` over seeds (needs 2+ seeds a side).
 """
 
 from __future__ import annotations
@@ -21,6 +25,53 @@ import sys
 from pathlib import Path
 
 LEVELS = ((0.125, 1), (0.25, 2), (0.5, 4), (1.0, 8))
+
+
+# (claim, metric, K, side a labels, side b labels): metric "loss" (nats/token, lower is
+# better) or "entropy" (eval-time utilization entropy, nats, higher = more spread); a side
+# pools the seeds of its labels' runs (a run label is the directory name without its hash).
+RANK = ["hetlora", "flexlora", "flora", "florist"]
+SMOE = ["smoe", "smoe_llb", "a3smoe", "ubsmoe"]
+CLAIMS = [
+    *[("rank methods at K = 1 fall behind the SMoE methods", "loss", 1, [r], [m]) for r in RANK for m in SMOE],
+    ("naive SMoE concentrates utilization; A3SMoE spreads it", "entropy", 1, ["smoe"], ["a3smoe"]),
+    ("naive SMoE concentrates utilization; UB-SMoE spreads it", "entropy", 1, ["smoe"], ["ubsmoe"]),
+    ("UB-SMoE beats A3SMoE at the lowest budget", "loss", 1, ["ubsmoe"], ["a3smoe"]),
+    ("UB-SMoE beats SMoE-LLB at the lowest budget", "loss", 1, ["ubsmoe"], ["smoe_llb"]),
+    ("UB-SMoE beats naive SMoE at the lowest budget", "loss", 1, ["ubsmoe"], ["smoe"]),
+    *[(f"Table 5: row {row} against none", "loss", 1, [f"ubsmoe-ablation={row}"], ["ubsmoe-ablation=none"])
+      for row in ("pg", "phi_reg", "pg_phi_reg", "pg_server_update", "full")],
+    *[(f"lambda_pg {v} against 0 (no PG)", metric, k, [f"ubsmoe-lambda_pg={v}"], ["ubsmoe-lambda_pg=0.0"])
+      for v in ("0.001", "0.01", "0.1") for metric, k in (("loss", 1), ("loss", 8), ("entropy", 1))],
+]
+
+
+def _level_values(summaries: list[dict], metric: str, k: int) -> list[float]:
+    """One value per run: the last round's ``loss`` task average or eval entropy at level K."""
+    beta = {kk: b for b, kk in LEVELS}[k]
+    rows = [next(r for r in s["accuracy"] if r["budget"] == beta and r["protocol"] == "loss") for s in summaries]
+    return [r["average"] if metric == "loss" else r["utilization"]["entropy"]["mean"] for r in rows]
+
+
+def claims(roots: list[str]) -> None:
+    """Print one row per comparison of :data:`CLAIMS` whose runs exist under ``roots``."""
+    runs: dict[str, list[dict]] = {}
+    for root in roots:
+        for path in sorted(Path(root).glob("*/summary.json")):
+            label = re.sub(r"-seed\d+-[0-9a-f]+$", "", path.parent.name)
+            runs.setdefault(label, []).append(json.loads(path.read_text()))
+    print("| claim | metric at K | a | b | a: mean ± std (seeds) | b: mean ± std (seeds) | a - b | separated (> 2 x larger std) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for claim, metric, k, side_a, side_b in CLAIMS:
+        if not all(lbl in runs for lbl in side_a + side_b):
+            continue
+        a = _level_values([s for lbl in side_a for s in runs[lbl]], metric, k)
+        b = _level_values([s for lbl in side_b for s in runs[lbl]], metric, k)
+        sd = max(st.stdev(a) if len(a) > 1 else float("nan"), st.stdev(b) if len(b) > 1 else float("nan"))
+        gap = st.mean(a) - st.mean(b)
+        verdict = "n/a (1 seed)" if min(len(a), len(b)) < 2 else ("yes" if abs(gap) > 2 * sd else "no")
+        print(f"| {claim} | {metric} K={k} | {'+'.join(side_a)} | {'+'.join(side_b)} | {_ms(a)} ({len(a)}) | "
+              f"{_ms(b)} ({len(b)}) | {gap:+.3f} | {verdict} |")
 
 
 def _ms(values: list[float]) -> str:
@@ -67,6 +118,6 @@ def phi(root: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("grid", "phi"):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("grid", "phi", "claims"):
         sys.exit(__doc__)
-    grid(sys.argv[2:]) if sys.argv[1] == "grid" else phi(sys.argv[2])
+    {"grid": grid, "claims": claims}.get(sys.argv[1], lambda roots: phi(roots[0]))(sys.argv[2:])

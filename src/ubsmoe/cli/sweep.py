@@ -54,8 +54,9 @@ class SweepDisplay:
             table.add_column(col)
         style = {"done": "green", "skipped": "dim", "running": "bold yellow", "failed": "red"}
         for i in items:
-            table.add_row(i.run_dir.name, f"[{style.get(i.state, '')}]{i.state}[/]" if i.state in style
-                          else i.state, i.device or "", f"{i.seconds / 60:.1f}" if i.seconds else "")
+            state = i.state + (" (reuse)" if i.reuse_from is not None else "")
+            table.add_row(i.run_dir.name, f"[{style.get(i.state, '')}]{state}[/]" if i.state in style
+                          else state, i.device or "", f"{i.seconds / 60:.1f}" if i.seconds else "")
         return table
 
     def __call__(self, items) -> None:
@@ -95,6 +96,9 @@ def sweep(
     cells: Annotated[str | None, typer.Option(
         "--cells", help="i/n: run only part i of n of the cells (round robin in grid order), to split "
                         "a grid across processes sharing one --out")] = None,
+    reuse: Annotated[list[Path] | None, typer.Option(
+        "--reuse", help="folder of finished runs (repeatable): a cell whose config hash matches one is "
+                        "copied, not run")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells and their states; run nothing")]
         = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Flower's and Ray's logs into each sweep.log")]
@@ -121,7 +125,10 @@ def sweep(
         method_list = parse_list("--methods", methods, str) if methods is not None else None
         out_dir = out or Path("runs") / f"{experiment.name}-{scale}"
         part = parse_part(cells) if cells is not None else None
-        items = plan_sweep(experiment, out_dir, scale, method_list, seeds, list(overrides or []))
+        missing = [str(d) for d in reuse or [] if not d.is_dir()]
+        if missing:
+            raise ConfigError(f"--reuse: {missing[0]!r} is not a folder")
+        items = plan_sweep(experiment, out_dir, scale, method_list, seeds, list(overrides or []), reuse or [])
         if part is not None:
             total, items = len(items), select_part(items, *part)
             if not items:

@@ -9,12 +9,19 @@ not stop the sweep and several runs can share a machine: one at a time on CPU, o
 per GPU when several are visible. A run placed on GPU i sees only that GPU
 (``CUDA_VISIBLE_DEVICES`` of its process, so its simulation runtime offers its clients
 that GPU alone) and runs with ``model.device=cuda`` (outside the hash).
+
+``--reuse DIR``: a queued cell whose resolved config (its hash) equals a finished run
+under DIR (``*-<hash>/summary.json``, e.g. the default UB-SMoE cell that several
+sweeps share) is copied instead of run: the copy's ``cell.json`` is this cell's, with
+``reused_from`` naming the source. A run is a deterministic function of its config on
+the CPU, so the copy is the run this cell would make there.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -48,7 +55,8 @@ class SweepItem:
         device: its GPU slot, ``cuda:i`` (the i-th visible GPU, the only one its run
             sees); None: the config's own device.
         seconds: wall time of its run in this sweep (s), once finished.
-        message: the failure's one line, when failed.
+        message: the failure's one line, when failed; ``reused <dir>`` for a copy.
+        reuse_from: a finished run of the same config hash to copy instead of running.
     """
 
     cell: Cell
@@ -59,10 +67,12 @@ class SweepItem:
     device: str | None = None
     seconds: float = 0.0
     message: str = ""
+    reuse_from: Path | None = None
 
 
 def plan_sweep(experiment: Experiment, out: Path, scale: str = "tiny", methods: list[str] | None = None,
-               seeds: int | None = None, overrides: list[str] | None = None) -> list[SweepItem]:
+               seeds: int | None = None, overrides: list[str] | None = None,
+               reuse: Sequence[Path] = ()) -> list[SweepItem]:
     """Validate every cell and lay out its run directory; nothing is written.
 
     Args:
@@ -72,6 +82,8 @@ def plan_sweep(experiment: Experiment, out: Path, scale: str = "tiny", methods: 
         methods: keep only these methods.
         seeds: run seeds ``0..N-1`` instead of the scale's.
         overrides: ``key=value`` config overrides applied to every cell.
+        reuse: folders of finished runs; a fresh cell whose config hash matches one
+            (``*-<hash>/summary.json``) gets ``reuse_from`` (copied, not run).
 
     Returns:
         One item per cell; ``skipped`` where ``summary.json`` exists, ``resume`` set
@@ -90,8 +102,33 @@ def plan_sweep(experiment: Experiment, out: Path, scale: str = "tiny", methods: 
             item.state = "skipped"
         elif latest_checkpoint(run_dir) is not None and (run_dir / CONFIG_FILE).is_file():
             item.resume = True
+        else:
+            item.reuse_from = _finished_twin(run_dir, reuse)
         items.append(item)
     return items
+
+
+def _finished_twin(run_dir: Path, roots: Sequence[Path]) -> Path | None:
+    """A finished run under ``roots`` with ``run_dir``'s config hash (its name's suffix), if any."""
+    config_hash = run_dir.name.rsplit("-", 1)[1]
+    for root in roots:
+        for twin in sorted(Path(root).glob(f"*-{config_hash}")):
+            if (twin / SUMMARY_FILE).is_file() and twin.resolve() != run_dir.resolve():
+                return twin
+    return None
+
+
+def reuse_item(item: SweepItem) -> None:
+    """Copy ``item.reuse_from`` to ``item.run_dir`` (through a temporary folder, then renamed)
+    with this cell's ``cell.json`` plus ``reused_from``; the item becomes ``done``."""
+    src = item.reuse_from
+    tmp = item.run_dir.with_name(item.run_dir.name + ".reuse-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    atomic_write_json(tmp / CELL_FILE, {**cell_record(item.cell, item.cfg), "reused_from": str(src)})
+    shutil.rmtree(item.run_dir, ignore_errors=True)
+    tmp.rename(item.run_dir)
+    item.state, item.message = "done", f"reused {src}"
 
 
 def parse_part(spec: str) -> tuple[int, int]:
@@ -270,6 +307,10 @@ def run_sweep(items: Sequence[SweepItem], runner: Runner = subprocess_runner,
                 item = todo.get_nowait()
             except queue.Empty:
                 return
+            if item.reuse_from is not None:
+                reuse_item(item)
+                changed()
+                continue
             prepare_item(item, device)
             item.state = "running"
             changed()

@@ -53,13 +53,19 @@ def _level_values(summaries: list[dict], metric: str, k: int) -> list[float]:
     return [r["average"] if metric == "loss" else r["utilization"]["entropy"]["mean"] for r in rows]
 
 
-def claims(roots: list[str]) -> None:
-    """Print one row per comparison of :data:`CLAIMS` whose runs exist under ``roots``."""
+def _runs_by_label(roots: list[str]) -> dict[str, list[dict]]:
+    """label (run directory name without ``-seedN-<hash>``) -> the summaries of its finished runs."""
     runs: dict[str, list[dict]] = {}
     for root in roots:
         for path in sorted(Path(root).glob("*/summary.json")):
             label = re.sub(r"-seed\d+-[0-9a-f]+$", "", path.parent.name)
             runs.setdefault(label, []).append(json.loads(path.read_text()))
+    return runs
+
+
+def claims(roots: list[str]) -> None:
+    """Print one row per comparison of :data:`CLAIMS` whose runs exist under ``roots``."""
+    runs = _runs_by_label(roots)
     print("| claim | metric at K | a | b | a: mean ± std (seeds) | b: mean ± std (seeds) | a - b | separated (> 2 x larger std) |")
     print("|---|---|---|---|---|---|---|---|")
     for claim, metric, k, side_a, side_b in CLAIMS:
@@ -81,11 +87,7 @@ def _ms(values: list[float]) -> str:
 
 def grid(roots: list[str]) -> None:
     """Print the per-method, per-level table of every finished run under ``roots``."""
-    runs: dict[str, list[dict]] = {}
-    for root in roots:
-        for path in sorted(Path(root).glob("*/summary.json")):
-            label = re.sub(r"-seed\d+-[0-9a-f]+$", "", path.parent.name)
-            runs.setdefault(label, []).append(json.loads(path.read_text()))
+    runs = _runs_by_label(roots)
     print("| run (seeds) | K | loss round 0 | loss (mean se) | loglik | eval entropy | eval Gini |")
     print("|---|---|---|---|---|---|---|")
     for label, summaries in runs.items():

@@ -179,4 +179,9 @@ def test_the_old_settings_reproduce_the_previous_numbers(small, tmp_path, name):
     losses, total = OLD_NUMBERS[name]
     assert [u.loss for u in updates] == pytest.approx(losses, rel=1e-6)
     got = sum(float(v.double().abs().sum()) for v in server.state.adapters.values())
-    assert got == pytest.approx(total, rel=1e-6)
+    # FlexLoRA's server SVD fixes its factors only up to rotations within (nearly) equal
+    # singular values, and LAPACK's rounding differs by CPU and thread count: the factors'
+    # abs sum (not their product) moved by 3e-4 (pinned 54469.69 on a Xeon; 54451.76 /
+    # 54449.21 with 1 / 2 threads on an AMD EPYC, 2026-12-07) while the round-2 losses above,
+    # which depend on round 1's SVD, still agree to 1e-6. HetLoRA has no SVD.
+    assert got == pytest.approx(total, rel=1e-3 if name == "flexlora" else 1e-6)

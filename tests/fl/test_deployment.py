@@ -19,7 +19,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ubsmoe.fl.simulation import _wait_healthy, app_dir, executable, free_port, stop_process_tree
+from ubsmoe.fl.simulation import (
+    _wait_healthy,
+    app_dir,
+    child_path,
+    executable,
+    free_port,
+    stop_process_tree,
+)
 from ubsmoe.io import read_jsonl
 
 pytestmark = pytest.mark.deploy
@@ -30,7 +37,7 @@ CONNECTION = "ubsmoe-deploy"
 # K = 8 * beta). Node 2 chooses its own budget (docs/fleet.md): it calibrates at the lowest level in
 # round 1 and, with no deadline (fl.round_deadline_s=0: memory alone decides, no memory-gib cap: the
 # device's free memory), reports the top level, which the server applies from round 2.
-DECLARED = ["budget=0.125", "top-k=4", "budget=auto"]
+DECLARED = ["budget=0.125", "top-k=4", 'budget="auto"']  # node config is TOML: strings quoted
 EXPECTED = {1: [(0.125, 1), (0.5, 4), (0.125, 1)], 2: [(0.125, 1), (0.5, 4), (1.0, 8)]}
 OVERRIDES = ("data.tasks=[boolq,piqa] data.train_examples=48 data.max_length=64 fl.num_clients=3 "
              "fl.rounds=2 fl.budget_pattern=reverse_long_tail train.batch_size=4 train.max_local_steps=1 "
@@ -59,8 +66,11 @@ class Deployment:
         self.seen: dict[int, psutil.Process] = {}  # every process of ours ever observed
         self.home = root / "flwr-home"
         self.certs = root / "certs"
+        # PATH: the SuperLink and SuperNodes start flower-superexec / flwr-clientapp by name;
+        # this interpreter's folder first, so `/venv/bin/pytest -m deploy` works unactivated.
         self.env = dict(os.environ, FLWR_HOME=str(self.home), FLWR_DISABLE_UPDATE_CHECK="1",
                         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+                        PATH=child_path(os.environ.get("PATH", "")),
                         PYTHONPATH=os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", ""))
                                                    if p))
 

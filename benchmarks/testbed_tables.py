@@ -3,6 +3,7 @@
     python benchmarks/testbed_tables.py grid SWEEP_DIR [SWEEP_DIR ...]   # per method and level
     python benchmarks/testbed_tables.py phi SWEEP_DIR                    # phi diagnostics per round
     python benchmarks/testbed_tables.py claims SWEEP_DIR [SWEEP_DIR ...] # the paper's claims, separated?
+    python benchmarks/testbed_tables.py experts SWEEP_DIR [SWEEP_DIR ...] # expert LoRA B norms (needs torch)
 
 ``grid``: per run label (the run directory name without its hash) and budget level K:
 the ``loss`` task average at round 0 (``summary.json`` ``initial_accuracy``) and after
@@ -14,6 +15,11 @@ the range penalty acted, phi's range; and the K = 1 loss at round 0 and the last
 ``claims``: for each comparison of the paper's claims (:data:`CLAIMS`) present in the
 runs, the two sides' means ± seed std and whether they separate: the issue's rule,
 ``|mean_a - mean_b| > 2 max(std_a, std_b)`` over seeds (needs 2+ seeds a side).
+``experts``: per run label, from the last round checkpoint's global adapters, the expert
+LoRA B factors' per-expert Frobenius norm ``||B_e||`` (B starts at zero, so it measures
+how far expert e's adapter moved): the share of experts still at zero (no client ever
+routed a token to them and nothing else moved them) and the 10th percentile and median
+of the norm over the experts of every layer and projection; mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -80,6 +86,27 @@ def claims(roots: list[str]) -> None:
               f"{_ms(b)} ({len(b)}) | {gap:+.3f} | {verdict} |")
 
 
+def experts(roots: list[str]) -> None:
+    """Print one row per run label: the expert LoRA B norms of its runs' last checkpoint."""
+    import torch  # lazy: only this mode needs it
+
+    stats: dict[str, list[tuple[float, float, float]]] = {}
+    for root in roots:
+        for path in sorted(Path(root).glob("*/summary.json")):
+            label = re.sub(r"-seed\d+-[0-9a-f]+$", "", path.parent.name)
+            last = max((path.parent / "checkpoints").glob("round_*.pt"))
+            adapters = torch.load(last, weights_only=False, map_location="cpu")["adapters"]
+            norms = torch.cat([v.double().flatten(1).norm(dim=1) for n, v in adapters.items()
+                               if n.endswith("_lora.B")])  # [layers x projections x E]
+            stats.setdefault(label, []).append((float((norms < 1e-12).double().mean()),
+                                                float(norms.quantile(0.1)), float(norms.median())))
+    print("| run (seeds) | experts with B = 0 (share) | 10th percentile of ||B_e|| | median ||B_e|| |")
+    print("|---|---|---|---|")
+    for label, rows in stats.items():
+        cols = list(zip(*rows))
+        print(f"| {label} ({len(rows)}) | {_ms(list(cols[0]))} | {_ms(list(cols[1]))} | {_ms(list(cols[2]))} |")
+
+
 def _ms(values: list[float]) -> str:
     """``0.123`` for one value, ``0.123 ± 0.004`` (sample std) for several."""
     return f"{values[0]:.3f}" if len(values) == 1 else f"{st.mean(values):.3f} ± {st.stdev(values):.3f}"
@@ -120,6 +147,6 @@ def phi(root: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("grid", "phi", "claims"):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("grid", "phi", "claims", "experts"):
         sys.exit(__doc__)
-    {"grid": grid, "claims": claims}.get(sys.argv[1], lambda roots: phi(roots[0]))(sys.argv[2:])
+    {"grid": grid, "claims": claims, "experts": experts}.get(sys.argv[1], lambda roots: phi(roots[0]))(sys.argv[2:])

@@ -148,6 +148,46 @@ def run_rounds(cfg, run_dir, setup=None, *, rounds=None, reverse=False, finish=F
     return (server, server.finish()) if finish else server
 
 
+def run_fleet_rounds(cfg, setup, run_dir, rounds, step_cost=None, tamper=None):
+    """Rounds as the ServerApp runs them, each client through ``fleet_round``; the train records.
+
+    Args:
+        step_cost: an injected cost model (None: the run's ``fl.step_cost``).
+        tamper: applied to each client's update before the server sees it.
+
+    Returns:
+        ``(server, [train records of metrics.jsonl])``.
+    """
+    from ubsmoe.fl.autobudget import fleet_round
+    from ubsmoe.fl.client_runtime import ClientRuntime
+    from ubsmoe.fl.server import Server
+    from ubsmoe.io import read_jsonl
+
+    server = Server(cfg, run_dir, setup)
+    runtime = ClientRuntime(cfg, setup)
+    states = {}
+    for r in range(1, rounds + 1):
+        updates = []
+        for c in server.sample_clients(r):
+            u, states[c] = fleet_round(runtime, server.client_task(c, r), states.get(c),
+                                       auto=c in server.auto_clients, step_cost=step_cost)
+            updates.append(tamper(u) if tamper else u)
+        server.end_round(r, updates)
+    return server, [rec for rec in read_jsonl(run_dir / "metrics.jsonl") if rec["type"] == "train"]
+
+
+def make_and_setup(cache, base, method):
+    """``(make(*overrides) -> cfg, setup)``: configs on ``base`` and the ``shared_setup`` of
+    ``make(f"method={method}")`` (data, tokenizer and partitions depend only on ``base``)."""
+    from ubsmoe.config import load_config
+    from ubsmoe.fl.client_runtime import shared_setup
+
+    def make(*extra):
+        return load_config(overrides=[*base, f"model.tokenizer_cache={cache}", *extra])
+
+    return make, shared_setup(make(f"method={method}"))
+
+
 def config_and_setup(cache, base):
     """``make(*overrides) -> (cfg, setup)``: configs on ``base`` sharing one ``shared_setup``.
 

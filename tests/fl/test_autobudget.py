@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import config_and_setup
+from conftest import config_and_setup, run_fleet_rounds
 
 from ubsmoe.budgets import NodeDeclaration, parse_node_config
 from ubsmoe.errors import ConfigError, DeclarationError
@@ -29,23 +29,8 @@ def setup_for(tmp_path_factory):
 
 
 def run(cfg, setup, run_dir, rounds, step_cost=cost, tamper=None):
-    """Rounds as the ServerApp runs them, each client through fleet_round; the train records."""
-    from ubsmoe.fl.autobudget import fleet_round
-    from ubsmoe.fl.client_runtime import ClientRuntime
-    from ubsmoe.fl.server import Server
-    from ubsmoe.io import read_jsonl
-
-    server = Server(cfg, run_dir, setup)
-    runtime = ClientRuntime(cfg, setup)
-    states = {}
-    for r in range(1, rounds + 1):
-        updates = []
-        for c in server.sample_clients(r):
-            u, states[c] = fleet_round(runtime, server.client_task(c, r), states.get(c),
-                                       auto=c in server.auto_clients, step_cost=step_cost)
-            updates.append(tamper(u) if tamper else u)
-        server.end_round(r, updates)
-    return server, [rec for rec in read_jsonl(run_dir / "metrics.jsonl") if rec["type"] == "train"]
+    """:func:`conftest.run_fleet_rounds` with the fixed cost model above by default."""
+    return run_fleet_rounds(cfg, setup, run_dir, rounds, step_cost, tamper)
 
 
 def trained(records, client):

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import SMALL as CONFTEST_SMALL
+from conftest import make_and_setup
 
 from ubsmoe.config import load_config
 from ubsmoe.errors import ConfigError
@@ -203,14 +204,8 @@ def test_replies_yield_errors_and_timeouts_and_discard_late_replies_by_message_i
 # ----- the round (library level: Server + ClientRuntime, no Flower) --------------------------------------
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-
-    def make(*extra):
-        return load_config(overrides=[*SMALL, f"model.tokenizer_cache={cache}", *extra])
-
-    cfg = make("method=a3smoe")
-    setup = shared_setup(cfg)
-    return make, setup, ClientRuntime(cfg, setup)
+    make, setup = make_and_setup(tmp_path_factory.mktemp("cache"), SMALL, "a3smoe")
+    return make, setup, ClientRuntime(make("method=a3smoe"), setup)
 
 
 def _round_updates(server, runtime, r):

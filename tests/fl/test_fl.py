@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import SMALL, run_rounds
+from conftest import SMALL, make_and_setup, run_rounds
 from typer.testing import CliRunner
 
 from ubsmoe.cli import app
@@ -351,12 +351,7 @@ def test_sparse_upload_reconstructs_the_same_global_model(tmp_path):
 @pytest.fixture(scope="module")
 def small_setup(tmp_path_factory):
     """``(make_config(*overrides), shared setup)`` for the small data/model of these tests."""
-    cache = tmp_path_factory.mktemp("cache")
-
-    def make(*extra):
-        return load_config(overrides=[*SMALL, f"model.tokenizer_cache={cache}", *extra])
-
-    return make, shared_setup(make("method=fedit"))
+    return make_and_setup(tmp_path_factory.mktemp("cache"), SMALL, "fedit")
 
 
 def _recorded_evaluate(server, monkeypatch):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import config_and_setup
+from conftest import config_and_setup, run_fleet_rounds
 
 from ubsmoe.config.model import packaged_base_path
 from ubsmoe.errors import ConfigError
@@ -20,26 +20,6 @@ BASE = ["data.tasks=[boolq,piqa]", "data.train_examples=64", "data.max_length=64
 @pytest.fixture(scope="module")
 def setup_for(tmp_path_factory):
     return config_and_setup(tmp_path_factory.mktemp("cache"), BASE)
-
-
-def run(cfg, setup, run_dir, rounds):
-    """Rounds as the ServerApp runs them, each client through fleet_round with no injected cost."""
-    from ubsmoe.fl.autobudget import fleet_round
-    from ubsmoe.fl.client_runtime import ClientRuntime
-    from ubsmoe.fl.server import Server
-    from ubsmoe.io import read_jsonl
-
-    server = Server(cfg, run_dir, setup)
-    runtime = ClientRuntime(cfg, setup)
-    states = {}
-    for r in range(1, rounds + 1):
-        updates = []
-        for c in server.sample_clients(r):
-            u, states[c] = fleet_round(runtime, server.client_task(c, r), states.get(c),
-                                       auto=c in server.auto_clients)
-            updates.append(u)
-        server.end_round(r, updates)
-    return server, [rec for rec in read_jsonl(run_dir / "metrics.jsonl") if rec["type"] == "train"]
 
 
 def test_flops_cost_follows_training_flops_per_token():
@@ -68,8 +48,8 @@ def test_flops_clock_is_deterministic_and_slows_with_speed(setup_for, tmp_path):
 
     cfg, setup = setup_for("fl.budget_pattern=auto", "fl.client_speed=[1,4]", "fl.round_deadline_s=1")
     cost = flops_step_cost(cfg)
-    server, records = run(cfg, setup, tmp_path / "a", rounds=2)
-    _, again = run(cfg, setup, tmp_path / "b", rounds=2)
+    server, records = run_fleet_rounds(cfg, setup, tmp_path / "a", rounds=2)
+    _, again = run_fleet_rounds(cfg, setup, tmp_path / "b", rounds=2)
     sims = [[e["sim_s"] for e in rec["clients"]] for rec in records]
     assert sims == [[e["sim_s"] for e in rec["clients"]] for rec in again]  # no wall time enters
     first = {e["id"]: e for e in records[0]["clients"]}
@@ -83,7 +63,7 @@ def test_flops_clock_is_deterministic_and_slows_with_speed(setup_for, tmp_path):
     # A faster assumed device (more FLOP/s) shortens the clock and lets client 1 step up.
     cfg2, _ = setup_for("fl.budget_pattern=auto", "fl.client_speed=[1,4]", "fl.round_deadline_s=1",
                         f"fl.sim_flops_per_s={4e9!r}")
-    server2, records2 = run(cfg2, setup, tmp_path / "c", rounds=1)
+    server2, records2 = run_fleet_rounds(cfg2, setup, tmp_path / "c", rounds=1)
     assert {e["id"]: e for e in records2[0]["clients"]}[1]["sim_s"] == pytest.approx(first[1]["sim_s"] / 4)
     assert server2.budgets[1] > server.budgets[1]
 
@@ -94,7 +74,7 @@ def test_top_pattern_puts_every_client_at_the_highest_level(setup_for, tmp_path)
 
     assert assign_budgets(8, [0.125, 0.25, 0.5, 1.0], "top", seed=3) == [1.0] * 8
     cfg, setup = setup_for("fl.budget_pattern=top", "fl.client_speed=[1,4]")
-    server, records = run(cfg, setup, tmp_path / "run", rounds=1)
+    server, records = run_fleet_rounds(cfg, setup, tmp_path / "run", rounds=1)
     assert server.budgets == [1.0, 1.0] and server.top_k == [8, 8]
     slow = {e["id"]: e for e in records[0]["clients"]}
     assert records[0]["sim_round_s"] == pytest.approx(slow[1]["sim_s"])  # no cut: the slowest sets it

@@ -14,10 +14,10 @@ import json
 
 import pytest
 import torch
+from conftest import make_and_setup
 from test_rank_methods import ATT, EXP, IN, OUT, SMALL, E, _adapters, _factors, _update
 
-from ubsmoe.config import load_config
-from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup
+from ubsmoe.fl.client_runtime import ClientRuntime
 from ubsmoe.fl.server import Server
 from ubsmoe.fl.state import ServerState
 from ubsmoe.methods.aggregation import ClientUpdate
@@ -30,12 +30,7 @@ F64 = torch.float64
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """``(make_config(*overrides), shared setup)`` for the small data/model of these tests."""
-    cache = tmp_path_factory.mktemp("cache")
-
-    def make(*extra):
-        return load_config(overrides=[*SMALL, f"model.tokenizer_cache={cache}", *extra])
-
-    return make, shared_setup(make("method=hetlora"))
+    return make_and_setup(tmp_path_factory.mktemp("cache"), SMALL, "hetlora")
 
 
 def _with_tail(adapters, k, factor, head_noise=0.0, seed=0):

@@ -13,12 +13,13 @@ import math
 
 import pytest
 import torch
+from conftest import make_and_setup
 from typer.testing import CliRunner
 
 from ubsmoe.config import load_config
 from ubsmoe.core.lora import energy_rank
 from ubsmoe.errors import ConfigError
-from ubsmoe.fl.client_runtime import ClientRuntime, shared_setup, sync_base_merges
+from ubsmoe.fl.client_runtime import ClientRuntime, sync_base_merges
 from ubsmoe.fl.server import Server
 from ubsmoe.methods import ClientUpdate, get_method_class
 from ubsmoe.methods.flexlora import FlexLoRA
@@ -382,12 +383,7 @@ def test_train_message_round_trip_carries_rank_and_merges():
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """``(make_config(*overrides), shared setup)`` for the small data/model of these tests."""
-    cache = tmp_path_factory.mktemp("cache")
-
-    def make(*extra):
-        return load_config(overrides=[*SMALL, f"model.tokenizer_cache={cache}", *extra])
-
-    return make, shared_setup(make("method=hetlora"))
+    return make_and_setup(tmp_path_factory.mktemp("cache"), SMALL, "hetlora")
 
 
 def test_a_client_trains_rank_r_lora_at_its_level(small, tmp_path):

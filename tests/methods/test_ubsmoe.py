@@ -270,6 +270,22 @@ def test_utilization_summary_fields():
     assert "phi_utilization" not in utilization_summary(u)
 
 
+def _assert_expert_grad_is_reference(layer, i, x, probs, c, tokens):
+    """Expert i's LoRA gradients in ``layer`` equal autograd of ``sum_t pi_ti c_t . expert_i(x_t)``
+    over ``tokens`` (the gate-weighted contribution of expert i alone, written out by hand)."""
+    gu, dn = layer.gate_up_lora, layer.down_lora
+    params = [gu.A, gu.B, dn.A, dn.B]
+    ref_loss = 0.0
+    for t in tokens:
+        w_gu = layer.gate_up_proj[i] + gu.scale * gu.B[i] @ gu.A[i]
+        w_dn = layer.down_proj[i] + dn.scale * dn.B[i] @ dn.A[i]
+        g, u = (w_gu @ x[t]).chunk(2)
+        ref_loss = ref_loss + probs[t, i] * (c[t] @ (w_dn @ (F.silu(g) * u)))
+    ref = torch.autograd.grad(ref_loss, params)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.grad[i], r[i], atol=1e-5, rtol=1e-4)
+
+
 def test_forced_expert_gradient_matches_a_dense_reference():
     """force_on leaves the output unchanged and gives each forced expert exactly the gradient
     of sum_t p_{t,i} <c_t, expert_i(x_t)> for a linear loss <c, y>."""
@@ -283,18 +299,8 @@ def test_forced_expert_gradient_matches_a_dense_reference():
     assert torch.equal(y0, y1)
     (y1 * c).sum().backward()
     probs = layer.route(x)[0].detach()  # [N, E]
-    gu, dn = layer.gate_up_lora, layer.down_lora
     for i in (~active).nonzero().squeeze(-1).tolist():
-        params = [gu.A, gu.B, dn.A, dn.B]
-        ref_loss = 0.0
-        for t in range(x.shape[0]):
-            w_gu = layer.gate_up_proj[i] + gu.scale * gu.B[i] @ gu.A[i]
-            w_dn = layer.down_proj[i] + dn.scale * dn.B[i] @ dn.A[i]
-            g, u = (w_gu @ x[t]).chunk(2)
-            ref_loss = ref_loss + probs[t, i] * (c[t] @ (w_dn @ (F.silu(g) * u)))
-        ref = torch.autograd.grad(ref_loss, params)
-        for p, r in zip(params, ref):
-            torch.testing.assert_close(p.grad[i], r[i], atol=1e-5, rtol=1e-4)
+        _assert_expert_grad_is_reference(layer, i, x, probs, c, range(x.shape[0]))
 
 
 def test_pg_alignment_restores_the_model_and_scores_every_inactive_expert(tiny_tokenizer, tiny_model_cfg):
@@ -426,23 +432,13 @@ def test_layer_probe_gives_inactive_experts_their_gradient_on_their_top_tokens_o
     assert torch.equal(on.router_weight.grad if on.router_weight.grad is not None else torch.zeros(1),
                        off.router_weight.grad if off.router_weight.grad is not None else torch.zeros(1))
     probs = on.route(x0)[0].detach()  # [N, E]
-    gu, dn = on.gate_up_lora, on.down_lora
     for proj in ("gate_up_lora", "down_lora"):
         for part in ("A", "B"):
             g_on = getattr(getattr(on, proj), part).grad
             g_off = getattr(getattr(off, proj), part).grad
             assert torch.equal(g_on[~inactive], g_off[~inactive])
     for i in inactive.nonzero().squeeze(-1).tolist():
-        params = [gu.A, gu.B, dn.A, dn.B]
-        ref_loss = 0.0
-        for t in probs[:, i].topk(n).indices.tolist():
-            w_gu = on.gate_up_proj[i] + gu.scale * gu.B[i] @ gu.A[i]
-            w_dn = on.down_proj[i] + dn.scale * dn.B[i] @ dn.A[i]
-            g, u = (w_gu @ x0[t]).chunk(2)
-            ref_loss = ref_loss + probs[t, i] * (c[t] @ (w_dn @ (F.silu(g) * u)))
-        ref = torch.autograd.grad(ref_loss, params)
-        for p, r in zip(params, ref):
-            torch.testing.assert_close(p.grad[i], r[i], atol=1e-5, rtol=1e-4)
+        _assert_expert_grad_is_reference(on, i, x0, probs, c, probs[:, i].topk(n).indices.tolist())
 
 
 def test_pg_rule_config_and_probe_wiring(tiny_tokenizer, tiny_model_cfg):

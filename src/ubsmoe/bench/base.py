@@ -92,8 +92,14 @@ def base_measurement(path: str | Path, quick: bool = False, steps: int = 10, war
     for drop in report["k_drop"].values():
         drop["z"] = drop["mean"] / drop["se"] if drop["se"] > 0 else float("inf")
 
-    train_stream = token_stream(tokenizer, corpus.train[:2000] if quick else corpus.train)
-    train = to_sequences(train_stream, cfg.seq_len)  # [N, T]
+    # Throughput needs only a few batches of training text: tokenize a prefix of the corpus
+    # (doubling it until it holds (warmup + steps) batches), not all of it.
+    need, docs = (warmup + steps) * cfg.batch_size, 1000
+    while True:
+        train = to_sequences(token_stream(tokenizer, corpus.train[:docs]), cfg.seq_len)  # [N, T]
+        if train.shape[0] >= need or docs >= len(corpus.train):
+            break
+        docs *= 2
     fresh = make_model(cfg, tokenizer)
     optimizer = torch.optim.AdamW(fresh.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
                                   weight_decay=cfg.weight_decay)

@@ -11,11 +11,9 @@ from pathlib import Path
 from ubsmoe.report.plotting import (
     FigureResult,
     draw_average_per_budget,
-    line_style,
-    mean_band,
+    draw_per_budget,
     new_figure,
     save_figure,
-    seeds_label,
 )
 from ubsmoe.report.runs import RunGroup
 from ubsmoe.report.tables import protocols_and_modes
@@ -68,28 +66,16 @@ def fig_eval_utilization_per_budget(group: RunGroup, path: Path) -> FigureResult
     fig, axes = new_figure(2)
     for ax, (key, label) in zip(axes, [("entropy", "entropy (nats, mean over layers)"),
                                        ("gini", "Gini coefficient (mean over layers)")]):
-        betas: set[float] = set()
-        entropy_max = None
-        for i, method in enumerate(group.methods):
-            series = []
-            for run in group.by_method(method):
-                levels = level_utilization(run, mode)
-                if levels:
-                    series.append({b: float(u[key]["mean"]) for b, u in levels.items()})
-                    entropy_max = next(iter(levels.values()))["entropy"].get("max", entropy_max)
-            if not series:
-                continue
-            xs, m, s = mean_band(series)
-            betas.update(xs)
-            ax.errorbar(xs, m, yerr=s, capsize=3, label=f"{method} {seeds_label(series)}", **line_style(i))
-        if key == "entropy" and entropy_max is not None:
-            ax.axhline(entropy_max, color="gray", linestyle="--", linewidth=1,
-                       label=f"uniform over experts, ln E = {entropy_max:.2f}")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(betas), [f"{b:g}" for b in sorted(betas)])
-        ax.set_xlabel("budget level β (evaluated at its K, log scale)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{key}, K from {mode}", fontsize=10)
+        draw_per_budget(ax, group, lambda run, key=key: {b: float(u[key]["mean"]) for b, u in
+                                                         (level_utilization(run, mode) or {}).items()},
+                        "budget level β (evaluated at its K, log scale)", label, f"{key}, K from {mode}")
+        if key == "entropy":
+            entropy_max = next((u["entropy"]["max"] for run in group.runs
+                                for u in (level_utilization(run, mode) or {}).values()
+                                if "max" in u["entropy"]), None)
+            if entropy_max is not None:
+                ax.axhline(entropy_max, color="gray", linestyle="--", linewidth=1,
+                           label=f"uniform over experts, ln E = {entropy_max:.2f}")
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     return FigureResult(name, title, save_figure(fig, path))

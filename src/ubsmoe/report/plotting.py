@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,35 @@ def seeds_label(runs: list[RunRecord]) -> str:
 
 
 
+def draw_per_budget(ax: Any, group: RunGroup, value_of: Callable[[RunRecord], dict[float, float] | None],
+                    xlabel: str, ylabel: str, title: str) -> None:
+    """One axis of a per-budget figure: a line per method, mean over its seeds of ``value_of(run)``.
+
+    Sample std as error bars, budget levels beta on a log-2 axis. The caller adds the
+    legend (after any reference line of its own).
+
+    Args:
+        ax: a matplotlib axis (:func:`new_figure`).
+        group: the runs of one setting.
+        value_of: a run -> ``{beta: value}`` (None or empty: the run has no such rows).
+        xlabel, ylabel: the axis labels, with their units.
+        title: the axis title.
+    """
+    betas: set[float] = set()
+    for i, method in enumerate(group.methods):
+        series = [v for v in (value_of(run) for run in group.by_method(method)) if v]
+        if not series:
+            continue
+        xs, m, s = mean_band(series)
+        betas.update(xs)
+        ax.errorbar(xs, m, yerr=s, capsize=3, label=f"{method} {seeds_label(series)}", **line_style(i))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(betas), [f"{b:g}" for b in sorted(betas)])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+
+
 def draw_average_per_budget(ax: Any, group: RunGroup, protocol: str, mode: str, ylabel: str) -> None:
     """One axis of a per-budget figure: each method's task average per budget level beta.
 
@@ -106,21 +136,7 @@ def draw_average_per_budget(ax: Any, group: RunGroup, protocol: str, mode: str, 
         mode: the rows' K mode (``budget`` or ``native``).
         ylabel: the y axis label, with its unit.
     """
-    betas: set[float] = set()
-    for i, method in enumerate(group.methods):
-        series = []
-        for run in group.by_method(method):
-            rows = eval_rows(run, protocol, mode)
-            if rows:
-                series.append({r["budget"]: r["average"] for r in rows})
-        if not series:
-            continue
-        xs, m, s = mean_band(series)
-        betas.update(xs)
-        ax.errorbar(xs, m, yerr=s, capsize=3, label=f"{method} {seeds_label(series)}", **line_style(i))
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(betas), [f"{b:g}" for b in sorted(betas)])
-    ax.set_xlabel("budget level β (fraction of the native top-k, log scale)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"protocol {protocol}, K from {mode}", fontsize=10)
+    draw_per_budget(ax, group, lambda run: {r["budget"]: r["average"] for r in eval_rows(run, protocol, mode)},
+                    "budget level β (fraction of the native top-k, log scale)", ylabel,
+                    f"protocol {protocol}, K from {mode}")
     ax.legend(fontsize=8)

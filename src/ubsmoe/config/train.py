@@ -45,6 +45,10 @@ class TrainConfig:
             docs page "Operation counts"). Same as ``float32`` on a float32 model.
         compile: ``torch.compile`` each decoder layer for local training (default
             off; one compile per K_c, docs page "Operation counts").
+        fused_ops: run the host model's RMSNorms, and OLMoE's rotary application and
+            attention LoRA projections, through hand-written autograd functions
+            (:mod:`ubsmoe.models.fused`; fewer operations per step, the same values
+            up to float32 summation order) during local training (default off).
     """
 
     lr: float = 1.5e-4
@@ -58,6 +62,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     adapter_dtype: str = "float32"
     compile: bool = False
+    fused_ops: bool = False
 
     def __post_init__(self) -> None:
         errors = []
@@ -86,6 +91,8 @@ class TrainConfig:
             errors.append(_bad("train.adapter_dtype", self.adapter_dtype, "float32 or compute"))
         if not isinstance(self.compile, bool):
             errors.append(_bad("train.compile", self.compile, "true or false"))
+        if not isinstance(self.fused_ops, bool):
+            errors.append(_bad("train.fused_ops", self.fused_ops, "true or false"))
         raise_if_any(errors)
 
 

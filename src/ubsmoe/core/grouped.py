@@ -94,7 +94,7 @@ class SlotRouting(NamedTuple):
         inverse: ``[num_tokens, K]`` int64, the sorted position of each slot.
         offsets: ``[num_experts]`` int32, end of each expert's rows among the sorted
             positions (cumulative counts, the ``offs`` of ``grouped_mm``).
-        counts: ``[num_experts]`` int64 slots per expert (``bincount`` of the
+        counts: ``[num_experts]`` int32 slots per expert (``bincount`` of the
             selected experts, taken from ``offsets``: ``bincount`` synchronises with
             the host on CUDA).
     """
@@ -106,11 +106,72 @@ class SlotRouting(NamedTuple):
     counts: torch.Tensor
 
 
+_ARANGES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _arange(n: int, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """``arange(n)`` as a view of a cached, growing range (no operation per call once it is long enough)."""
+    key = (torch.device(device), dtype)
+    cached = _ARANGES.get(key)
+    if cached is None or cached.numel() < n:
+        size = max(n, 2 * (0 if cached is None else cached.numel()), 64)
+        cached = _ARANGES[key] = torch.arange(size, device=device, dtype=dtype)
+    return cached[:n]
+
+
+_BAG_OFFSETS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _bag_offsets(num_tokens: int, k: int, device: torch.device) -> torch.Tensor:
+    """``arange(0, num_tokens * k, k)``: where each token's K slots start (cached per shape)."""
+    key = (num_tokens, k, torch.device(device))
+    offsets = _BAG_OFFSETS.get(key)
+    if offsets is None:
+        if len(_BAG_OFFSETS) >= 16:  # a few shapes in a run; keep the cache small
+            _BAG_OFFSETS.clear()
+        offsets = _BAG_OFFSETS[key] = torch.arange(0, num_tokens * k, k, device=device)
+    return offsets
+
+
+def _sum_bags(inverse: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_j rows[inverse[t, j]]``: ``inverse [N, K]``, ``rows [S, H]`` -> ``[N, H]``.
+
+    One ``embedding_bag`` with cached bag offsets (``F.embedding_bag`` on a 2-D input
+    would build them with an ``arange`` on every call).
+    """
+    num_tokens, k = inverse.shape
+    return F.embedding_bag(inverse.reshape(-1), rows, _bag_offsets(num_tokens, k, inverse.device), mode="sum")
+
+
+class SortRows(torch.autograd.Function):
+    """``v[order]`` for a vector of slots, with the backward as a gather through ``inverse``.
+
+    ``order`` is a permutation, so the gradient of ``v[order]`` is ``g[inverse]``: one
+    ``index_select`` instead of the zero-fill and scatter-add (``index_add``) that
+    autograd's ``index_select`` backward launches.
+    """
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        """``values [S] -> [S]`` in sorted order."""
+        ctx.save_for_backward(inverse)
+        return values.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        """``[S] -> [S]`` back in slot order."""
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse.reshape(-1)), None, None
+
+
 def sort_slots(top_index: torch.Tensor, num_experts: int) -> SlotRouting:
     """Sort the ``num_tokens * K`` routing slots by expert.
 
     Offsets come from ``searchsorted`` on the sorted expert ids: no histogram, no
-    host synchronisation, no float64.
+    host synchronisation, no float64. The ranges it needs (slot positions, expert
+    bounds) are views of a cached ``arange``, so a call launches five operations
+    (sort, the inverse permutation's allocation and scatter, searchsorted, one
+    subtraction for the counts) plus the token division when K > 1.
 
     Args:
         top_index: ``[num_tokens, K]`` int64 selected experts.
@@ -122,12 +183,14 @@ def sort_slots(top_index: torch.Tensor, num_experts: int) -> SlotRouting:
     num_tokens, k = top_index.shape
     flat = top_index.reshape(-1)  # [S], slot t*K + j
     sorted_expert, order = torch.sort(flat, stable=True)  # [S], [S]
-    positions = torch.arange(order.numel(), device=order.device)  # [S]
+    positions = _arange(order.numel(), order.device)  # [S]
     inverse = torch.empty_like(order).scatter_(0, order, positions)  # [S]
-    bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=sorted_expert.dtype)  # [E]
-    offsets = torch.searchsorted(sorted_expert, bounds, out_int32=True)  # [E] #slots with expert < e+1
-    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()  # [E]
-    return SlotRouting(order, order // k, inverse.view(num_tokens, k), offsets, counts)
+    bounds = _arange(num_experts + 1, flat.device, sorted_expert.dtype)  # [E + 1]: 0, 1, ..., E
+    edges = torch.searchsorted(sorted_expert, bounds, out_int32=True)  # [E + 1] #slots with expert < e
+    offsets = edges[1:]  # [E] end of each expert's rows (edges[0] = 0)
+    counts = offsets - edges[:-1]  # [E] int32
+    token = order // k if k > 1 else order
+    return SlotRouting(order, token, inverse.view(num_tokens, k), offsets, counts)
 
 
 class GatherSlots(torch.autograd.Function):
@@ -149,7 +212,7 @@ class GatherSlots(torch.autograd.Function):
     def backward(ctx, grad_xs: torch.Tensor):
         """``[S, H] -> [N, H]``: each token's K row gradients summed."""
         (inverse,) = ctx.saved_tensors
-        grad_x = F.embedding_bag(inverse, grad_xs.contiguous(), mode="sum")  # [N, H]
+        grad_x = _sum_bags(inverse, grad_xs.contiguous())  # [N, H]
         return grad_x, None, None
 
 
@@ -164,7 +227,7 @@ class CombineSlots(torch.autograd.Function):
     def forward(ctx, ys: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         """``[S, H] -> [N, H]``: each token's K expert outputs summed."""
         ctx.save_for_backward(token)
-        return F.embedding_bag(inverse, ys, mode="sum")  # [N, H]
+        return _sum_bags(inverse, ys)  # [N, H]
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):

@@ -31,6 +31,7 @@ from ubsmoe.core.grouped import (
     CombineSlots,
     GatherSlots,
     SlotRouting,
+    SortRows,
     lora_grouped_linear,
     sort_slots,
     weighted_glu,
@@ -116,7 +117,7 @@ class SMoELayer(nn.Module):
             in the last forward, or over every forward of the current optimizer
             step while :attr:`accumulate_step_stats` is set (for PG's pi; PG only
             uses ratios of pi).
-        batch_expert_counts: ``[E]`` int64, tokens routed to each expert in the last
+        batch_expert_counts: ``[E]`` int32, tokens routed to each expert in the last
             forward, or in the current optimizer step's micro-batches while
             :attr:`accumulate_step_stats` is set (PG's active set A = experts with
             a count > 0).
@@ -258,7 +259,7 @@ class SMoELayer(nn.Module):
             probs: ``[num_tokens, E]`` float32 router probabilities (detached).
             counts: ``[E]`` tokens routed to each expert in this forward.
         """
-        self.expert_counts += counts.to(torch.float64)
+        self.expert_counts += counts  # int32 into float64, in place (no cast op)
         self.token_count += probs.shape[0]
         prob_sum = probs.sum(0)  # [E]
         if self.accumulate_step_stats and self.batch_expert_counts is not None:
@@ -313,7 +314,7 @@ class SMoELayer(nn.Module):
         """
         if routing is None:
             routing = sort_slots(top_index, self.num_experts)
-        weights = top_weights.reshape(-1).index_select(0, routing.order).unsqueeze(-1)  # [S, 1]
+        weights = SortRows.apply(top_weights.reshape(-1), routing.order, routing.inverse).unsqueeze(-1)  # [S, 1]
         xs = GatherSlots.apply(x, routing.token, routing.inverse)  # [S, H] rows sorted by expert
         empty = routing.counts == 0  # [E] experts without rows, shared by both projections
         gate_up = lora_grouped_linear(xs, self.gate_up_proj, self.gate_up_lora, routing.offsets,

@@ -20,6 +20,7 @@ from ubsmoe.data.prompts import collate
 from ubsmoe.methods import Method
 from ubsmoe.models import routing_mask, set_activation_checkpointing, step_stats
 from ubsmoe.models.compiled import set_compiled
+from ubsmoe.models.fused import set_fused_ops
 from ubsmoe.models.precision import AdapterMasters
 
 
@@ -155,6 +156,7 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
     micro_batch_size = train_cfg.batch_size // train_cfg.grad_accumulation_steps
     set_activation_checkpointing(model, train_cfg.activation_checkpointing)
     set_compiled(model, train_cfg.compile)
+    set_fused_ops(model, train_cfg.fused_ops)
     masters = AdapterMasters(model, train_cfg.adapter_dtype)  # train.adapter_dtype=compute: bf16 copies
     model.train()
     total_loss, steps, examples, tokens = 0.0, 0, 0, 0
@@ -174,7 +176,7 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
                 for part, n_tokens in zip(parts, part_tokens):
                     with routing_mask(model, part["attention_mask"]):
                         logits = model(input_ids=part["input_ids"],
-                                       attention_mask=part["attention_mask"]).logits
+                                       attention_mask=part["attention_mask"], use_cache=False).logits
                     weight = n_tokens / step_tokens if step_tokens else 1.0 / len(parts)
                     loss = causal_lm_loss(logits, part["labels"]) * weight
                     extra = method.extra_loss(model, top_k)
@@ -202,6 +204,7 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
     finally:
         masters.restore()
         set_compiled(model, False)
+        set_fused_ops(model, False)
         set_activation_checkpointing(model, False)
         model.eval()
     return {"loss": total_loss / max(steps, 1), "steps": steps, "examples": examples, "tokens": tokens,

@@ -1,0 +1,363 @@
+"""``train.fused_ops``: hand-written forward and backward for the host model's hot paths (issue 24).
+
+On a GPU a small model's local step is bound by the host: every ATen operation is a
+kernel launch, however small. ``ubsmoe bench --suite dispatch`` showed that after the
+SMoE layer's own work, most of a step's operations are the host model's
+(transformers + PEFT): its RMSNorms (about 22 operations forward + backward each, 17
+of them in ``olmoe_medium``), the rotary application (24 per layer) and PEFT's LoRA
+wrappers around the attention projections. This module gives each of them one
+:class:`torch.autograd.Function` with a hand-written backward that launches fewer
+operations, and :func:`set_fused_ops` switches them on for local training:
+
+- **RMSNorm** (every RMSNorm of the families in :data:`FUSED_NORMS`, weight frozen):
+  ``y = w * (x * rsqrt(mean(x^2) + eps)).to(dtype)`` in float32 as transformers
+  computes it, 6 operations forward and 5 backward (the mean of squares plus eps is
+  one ``baddbmm``; the backward ``dx = r (g w - x_hat mean(g w x_hat))`` is one
+  ``bmm`` and one ``addcmul``).
+- **Rotary application** (OLMoE attention): ``x cos + rotate_half(x) sin`` as
+  ``addcmul(x cos, swap_halves(x), sin_signed)`` with ``sin_signed = [-sin_1, sin_2]``
+  made once per model forward; 3 operations forward and 3 backward per tensor
+  (rotate_half is a permutation with a sign, so its transpose is the same swap).
+- **LoRA projection** (OLMoE attention, PEFT LoRA on a frozen ``nn.Linear``, factors in
+  the input's dtype, i.e. a float32 model or ``train.adapter_dtype=compute``):
+  ``y = x W^T + s (x A^T) B^T`` as ``mm`` and ``addmm``; 3 forward, 5 backward (no
+  gradient for W, ``alpha`` carries the scale).
+
+Each function computes what the host computes up to the rounding of float32 sums
+(the order of additions differs) and of bfloat16 intermediates (the host rounds
+``g * w`` and ``x cos`` to bfloat16 before the next step; these keep float32 there).
+tests/test_fused_ops.py holds outputs and gradients against the host modules.
+Off by default (``train.fused_ops: false``) until a GPU shows it pays; the CPU count
+is in docs/dispatch.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+# RMSNorm classes computing ``weight * (x * rsqrt(mean(x^2) + eps)).to(input dtype)``
+# with ``variance_epsilon`` (checked against the class in tests/test_fused_ops.py).
+FUSED_NORMS = ("OlmoeRMSNorm", "LlamaRMSNorm", "MixtralRMSNorm", "MistralRMSNorm",
+               "Qwen2RMSNorm", "Qwen2MoeRMSNorm")
+# Attention modules whose forward :func:`olmoe_attention_forward` reproduces.
+FUSED_ATTENTION = ("OlmoeAttention",)
+
+_CONSTANTS: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
+
+
+def _constant(value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A cached 0-dim tensor of ``value`` (made once, not per call; :func:`set_fused_ops` makes them up front)."""
+    key = (torch.device(device), dtype, float(value))
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=device)
+    return t
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``y = w * (x r).to(x.dtype)``, ``r = rsqrt(mean(x^2) + eps)`` in float32; ``w`` frozen."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, weight32: torch.Tensor,
+                eps: torch.Tensor) -> torch.Tensor:
+        """``x [..., H] -> [..., H]``; saves ``x_hat`` ``[N, 1, H]`` and ``r`` ``[N, 1, 1]`` (float32)."""
+        hidden = x.shape[-1]
+        rows = x.to(torch.float32).reshape(-1, 1, hidden)  # [N, 1, H]
+        # eps + mean(x^2) in one batched dot product: [N, 1, H] @ [N, H, 1] -> [N, 1, 1]
+        r = torch.baddbmm(eps, rows, rows.transpose(1, 2), alpha=1.0 / hidden).rsqrt_()
+        x_hat = rows * r  # [N, 1, H]
+        ctx.save_for_backward(x_hat, r, weight32)
+        ctx.input_dtype = x.dtype
+        return weight * x_hat.to(x.dtype).reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        """``dx = r (g w - x_hat mean(g w x_hat))`` in float32, cast to the input's dtype."""
+        x_hat, r, weight32 = ctx.saved_tensors
+        hidden = x_hat.shape[-1]
+        gw = (grad_y * weight32).reshape(x_hat.shape)  # [N, 1, H] float32
+        dot = torch.bmm(gw, x_hat.transpose(1, 2))  # [N, 1, 1]
+        grad_x = torch.addcmul(gw, x_hat, dot, value=-1.0 / hidden).mul_(r)
+        return grad_x.to(ctx.input_dtype).reshape(grad_y.shape), None, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             weight32: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm with a frozen weight, as transformers' Llama-family ``*RMSNorm`` computes it.
+
+    Args:
+        x: ``[..., H]`` in any floating dtype.
+        weight: ``[H]`` frozen (no gradient is formed for it), in ``x``'s dtype.
+        eps: the variance epsilon.
+        weight32: ``weight`` in float32 (the backward's ``g w``); made here when None.
+
+    Returns:
+        ``[..., H]`` in ``x``'s dtype: ``weight * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype)``
+        with the normalisation in float32. Source: Zhang & Sennrich (2019), "Root Mean
+        Square Layer Normalization", eq. 4.
+
+    Raises:
+        ValueError: ``weight`` requires a gradient (the backward has none for it).
+    """
+    if weight.requires_grad:
+        raise ValueError("rms_norm: weight requires grad; the fused RMSNorm is for a frozen weight")
+    if weight32 is None:
+        weight32 = weight.to(torch.float32)
+    return _RMSNorm.apply(x, weight, weight32, _constant(eps, x.device, torch.float32))
+
+
+class _Rotary(torch.autograd.Function):
+    """``y = x cos + swap_halves(x) sin_signed`` (= ``x cos + rotate_half(x) sin``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """``x [B, h, T, d]``, ``cos``/``sin_signed`` broadcastable (``[B, 1, T, d]``)."""
+        ctx.save_for_backward(cos, sin_signed)
+        return torch.addcmul(x * cos, _swap_halves(x), sin_signed)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        """``dx = g cos + swap_halves(g sin_signed)`` (the swap is its own transpose)."""
+        cos, sin_signed = ctx.saved_tensors
+        return torch.addcmul(_swap_halves(grad_y * sin_signed), grad_y, cos), None, None
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """``[x_2, x_1]`` for ``x = [x_1, x_2]`` along the last dimension (one ``cat``)."""
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+
+
+_SIGNED_SIN: list = [None, None]  # [sin, sin_signed] of the last model forward
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``[-sin_1, sin_2]`` for ``sin = [sin_1, sin_2]`` (last dimension), cached for the same tensor.
+
+    The model computes its rotary table once per forward and hands the same ``sin``
+    tensor to every layer, so this runs once per forward, not once per layer.
+    """
+    if _SIGNED_SIN[0] is not sin:
+        half = sin.shape[-1] // 2
+        _SIGNED_SIN[:] = [sin, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)]
+    return _SIGNED_SIN[1]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x``, as transformers' ``apply_rotary_pos_emb`` for one tensor.
+
+    Args:
+        x: ``[batch, heads, seq, head_dim]``.
+        cos, sin: ``[batch, seq, head_dim]`` rotary tables (no gradient flows to them).
+
+    Returns:
+        ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x_2, x_1]``, same
+        shape and dtype. Source: Su et al. (2021), "RoFormer", eq. 34 (the half-split
+        layout of GPT-NeoX / transformers).
+    """
+    return _Rotary.apply(x, cos.unsqueeze(1), signed_sin(sin).unsqueeze(1))
+
+
+class _LoRALinear(torch.autograd.Function):
+    """``y = x W^T (+ b) + s (x A^T) B^T`` with ``W`` (and ``b``) frozen."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                zero: torch.Tensor) -> torch.Tensor:
+        """``x [..., in] -> [..., out]``; saves ``x`` and ``h = x A^T`` ``[N, r]``."""
+        rows = x.reshape(-1, x.shape[-1])  # [N, in]
+        y = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())  # [N, out]
+        h = rows @ lora_a.t()  # [N, r]
+        y.addmm_(h, lora_b.t(), alpha=scale)
+        ctx.save_for_backward(rows, h, weight, lora_a, lora_b, zero)
+        ctx.scale = scale
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        """Input, A and B gradients (none for the frozen weight and bias)."""
+        rows, h, weight, lora_a, lora_b, zero = ctx.saved_tensors
+        scale = ctx.scale
+        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        g = grad_y.reshape(-1, grad_y.shape[-1])  # [N, out]
+        grad_h = g @ lora_b  # [N, r], gradient of the unscaled h, times 1/s
+        grad_x = grad_a = grad_b = None
+        if need_x:
+            grad_x = (g @ weight).addmm_(grad_h, lora_a, alpha=scale).reshape(*grad_y.shape[:-1], -1)
+        if need_a:  # s * grad_h^T x, beta = 0 ignores the (0-dim) input
+            grad_a = torch.addmm(zero, grad_h.t(), rows, beta=0, alpha=scale)  # [r, in]
+        if need_b:
+            grad_b = torch.addmm(zero, g.t(), h, beta=0, alpha=scale)  # [out, r]
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """A frozen linear layer plus its LoRA: ``x W^T + b + scale (x A^T) B^T``.
+
+    Args:
+        x: ``[..., in]``.
+        weight: ``[out, in]`` frozen; bias ``[out]`` frozen or None.
+        lora_a: ``[r, in]`` LoRA A; lora_b: ``[out, r]`` LoRA B; both in ``x``'s dtype.
+        scale: ``alpha / r`` (PEFT's ``scaling``). Source: Hu et al. (2021), "LoRA", eq. 3.
+
+    Returns:
+        ``[..., out]`` in ``x``'s dtype.
+    """
+    return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, scale, _constant(0.0, x.device, x.dtype))
+
+
+# ----- switching the host modules over ---------------------------------------------------
+def _norm_forward(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm module's forward through :func:`rms_norm` (float32 weight copy cached on the module)."""
+    return rms_norm(hidden_states, module.weight, module.variance_epsilon, _weight32(module))
+
+
+def _weight32(module: nn.Module) -> torch.Tensor:
+    """A float32 copy of a norm's frozen weight, cached on the module while the weight is unchanged."""
+    weight = module.weight
+    key = (weight.data_ptr(), weight._version, weight.device)
+    cached = module.__dict__.get("_ubsmoe_weight32")
+    if cached is None or cached[0] != key:
+        cached = module.__dict__["_ubsmoe_weight32"] = (key, weight.detach().to(torch.float32))
+    return cached[1]
+
+
+def _peft_factors(module: nn.Module, x: torch.Tensor):
+    """``(weight, bias, A, B, scale)`` when ``module`` is a plain PEFT LoRA linear :func:`lora_linear` computes.
+
+    None (the module runs its own forward) for anything else: no adapter, several or a
+    disabled one, a merged adapter, dropout, a LoRA variant (DoRA), a LoRA bias, a
+    trainable base, or factors in another dtype than ``x`` (PEFT would cast).
+    """
+    lora_a = getattr(module, "lora_A", None)
+    if lora_a is None or getattr(module, "merged", True) or getattr(module, "disable_adapters", True):
+        return None
+    active = module.active_adapters
+    if len(active) != 1 or active[0] not in lora_a or active[0] in getattr(module, "lora_variant", {}):
+        return None
+    name = active[0]
+    base = module.get_base_layer()
+    a, b = lora_a[name], module.lora_B[name]
+    if not isinstance(base, nn.Linear) or not isinstance(module.lora_dropout[name], nn.Identity) \
+            or b.bias is not None or a.bias is not None or base.weight.requires_grad \
+            or (base.bias is not None and base.bias.requires_grad):
+        return None
+    if not (a.weight.dtype == b.weight.dtype == base.weight.dtype == x.dtype):
+        return None
+    return base.weight, base.bias, a.weight, b.weight, module.scaling[name]
+
+
+def _project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a projection, through :func:`lora_linear` when it is a plain PEFT LoRA."""
+    factors = _peft_factors(module, x)
+    return module(x) if factors is None else lora_linear(x, *factors)
+
+
+def _qk_norm_weights(module: nn.Module) -> tuple[torch.Tensor, float, torch.Tensor] | None:
+    """``(weight [2, H], eps, weight32 [2, H])`` of an attention's q and k norms stacked, or None.
+
+    None unless both norms are frozen RMSNorms of :data:`FUSED_NORMS` with one shape and
+    one epsilon (then q and k, stacked, are normalised in one call). Cached on the module
+    while both weights are unchanged.
+    """
+    q_norm, k_norm = module.q_norm, module.k_norm
+    if not (type(q_norm).__name__ in FUSED_NORMS and type(k_norm).__name__ in FUSED_NORMS
+            and q_norm.weight.shape == k_norm.weight.shape and q_norm.variance_epsilon == k_norm.variance_epsilon
+            and not q_norm.weight.requires_grad and not k_norm.weight.requires_grad):
+        return None
+    key = tuple((w.data_ptr(), w._version, w.device) for w in (q_norm.weight, k_norm.weight))
+    cached = module.__dict__.get("_ubsmoe_qk_norm")
+    if cached is None or cached[0] != key:
+        weight = torch.stack((q_norm.weight.detach(), k_norm.weight.detach()))  # [2, H]
+        cached = module.__dict__["_ubsmoe_qk_norm"] = (key, (weight, q_norm.variance_epsilon,
+                                                             weight.to(torch.float32)))
+    return cached[1]
+
+
+def olmoe_attention_forward(module: nn.Module, hidden_states: torch.Tensor,
+                            position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                            attention_mask: torch.Tensor | None, cache=None, **kwargs):
+    """transformers' ``OlmoeAttention.forward`` with the fused projections, norms and rotary.
+
+    Same inputs and outputs as the host forward (transformers 5.x): ``hidden_states``
+    ``[batch, seq, hidden]`` -> ``(attn_output [batch, seq, hidden], attn_weights)``.
+    With a KV cache (generation) or ``clip_qkv`` it runs the host forward unchanged.
+    """
+    if cache is not None or kwargs.get("past_key_values") is not None or module.config.clip_qkv is not None:
+        return type(module).forward(module, hidden_states, position_embeddings, attention_mask,
+                                    cache=cache, **kwargs)
+    # lazy: transformers takes seconds to import; only this path needs it
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.olmoe.modeling_olmoe import eager_attention_forward
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, module.head_dim)
+    query, key = _project(module.q_proj, hidden_states), _project(module.k_proj, hidden_states)
+    cos, sin = position_embeddings
+    qk_weights = _qk_norm_weights(module) if query.shape == key.shape else None
+    if qk_weights is not None:  # q and k as one [..., 2, H] tensor: one norm, one rotary
+        qk = rms_norm(torch.stack((query, key), dim=-2), *qk_weights)  # [batch, seq, 2, H]
+        qk = apply_rotary(qk.view(hidden_shape).transpose(1, 2), cos, sin)  # [batch, 2 heads, seq, d]
+        query, key = qk.chunk(2, dim=1)
+    else:
+        query = module.q_norm(query).view(hidden_shape).transpose(1, 2)
+        key = module.k_norm(key).view(hidden_shape).transpose(1, 2)
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+    value = _project(module.v_proj, hidden_states).view(hidden_shape).transpose(1, 2)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation,
+                                                      eager_attention_forward)
+    out, weights = attention(module, query, key, value, attention_mask,
+                             dropout=0.0 if not module.training else module.attention_dropout,
+                             scaling=module.scaling, sliding_window=getattr(module.config, "sliding_window", None),
+                             **kwargs)
+    out = out.reshape(*input_shape, -1).contiguous()
+    return _project(module.o_proj, out), weights
+
+
+def set_fused_ops(model: nn.Module, enabled: bool) -> int:
+    """Run the model's RMSNorms and OLMoE attention through the fused functions (True) or the host's (False).
+
+    Installs (or removes) an instance-level ``forward`` on every module whose class is
+    in :data:`FUSED_NORMS` with a frozen weight and in :data:`FUSED_ATTENTION`; the
+    classes, weights and ``state_dict`` are untouched. :func:`~ubsmoe.fl.train.local_train`
+    switches it on for the step and off after, so evaluation and generation run the host.
+
+    Args:
+        model: any ``nn.Module`` (modules of other classes are left alone).
+        enabled: install (True) or remove (False).
+
+    Returns:
+        The number of modules switched.
+    """
+    switched = 0
+    for module in model.modules():
+        name = type(module).__name__
+        fused = None
+        if name in FUSED_NORMS and not module.weight.requires_grad:
+            fused = _norm_forward
+            if enabled:
+                _weight32(module)
+        elif name in FUSED_ATTENTION:
+            fused = olmoe_attention_forward
+            if enabled:
+                _qk_norm_weights(module)
+        if fused is None:
+            continue
+        if enabled:
+            module.forward = functools.partial(fused, module)
+            for p in module.parameters():  # the constants the fused functions take, made now
+                _constant(0.0, p.device, p.dtype)
+                _constant(getattr(module, "variance_epsilon", 0.0), p.device, torch.float32)
+        else:
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("_ubsmoe_weight32", None)
+            module.__dict__.pop("_ubsmoe_qk_norm", None)
+        switched += 1
+    if not enabled:
+        _SIGNED_SIN[:] = [None, None]
+    return switched

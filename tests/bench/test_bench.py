@@ -150,7 +150,7 @@ def test_quick_report_dispatch_fields(quick_report):
     assert list(disp["models"]) == ["tiny_quick"]
     per_dtype = disp["models"]["tiny_quick"]
     # bfloat16_compute: bfloat16 with train.adapter_dtype=compute (issue 24 part 2)
-    assert set(per_dtype) == {"float32", "bfloat16", "bfloat16_compute"}
+    assert set(per_dtype) == {"float32", "bfloat16", "bfloat16_compute", "bfloat16_compute_fused"}
     for per_method in per_dtype.values():
         assert set(per_method) == {"smoe", "ubsmoe"}
         for per_k in per_method.values():

@@ -19,7 +19,7 @@ import torch
 import transformers
 from torch import nn
 
-from ubsmoe.bench.dispatch import count_local_step, dispatch_counts
+from ubsmoe.bench.dispatch import DISPATCH_DTYPES, case_train_config, count_local_step, dispatch_counts
 from ubsmoe.bench.launch_counter import COMPONENTS, LaunchCounter, is_view_op
 from ubsmoe.bench.model_step import StepConfig
 from ubsmoe.config import TinyModelConfig
@@ -41,9 +41,9 @@ def _versions() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_counts():
-    """Counts of the tiny preset: float32, bfloat16 and bfloat16 with train.adapter_dtype=compute,
-    smoe and ubsmoe, K = 1 and 8, two repeats."""
-    return dispatch_counts(TINY_STEP, seed=0, ks=[1, 8], dtypes=["float32", "bfloat16", "bfloat16_compute"],
+    """Counts of the tiny preset: float32, bfloat16, bfloat16 with train.adapter_dtype=compute and
+    with train.fused_ops too, smoe and ubsmoe, K = 1 and 8, two repeats."""
+    return dispatch_counts(TINY_STEP, seed=0, ks=[1, 8], dtypes=DISPATCH_DTYPES,
                            methods=["smoe", "ubsmoe"], warmup=1, repeats=2)
 
 
@@ -87,7 +87,7 @@ def test_view_ops_are_recognised():
 
 def test_components_sum_to_ops(tiny_counts):
     """Per case: components and phases partition the count; every layer counts the same."""
-    for per_method in tiny_counts["models"].values():
+    for dtype, per_method in tiny_counts["models"].items():
         for per_k in per_method.values():
             for case in per_k.values():
                 assert set(case["by_component"]) == set(COMPONENTS)
@@ -97,8 +97,12 @@ def test_components_sum_to_ops(tiny_counts):
                 assert sum(case["by_layer"].values()) == case["ops"]
                 assert case["by_layer"]["0"] > 0 and set(case["by_layer"]) == {"0", "1", "outside"}
                 assert sum(case["casts_by_component"].values()) == case["by_component"]["casts"]
-                # every component of the tiny model runs in forward and backward
-                for comp in ("attention", "attention_lora", "router", "experts", "loss", "other"):
+                # every component of the tiny model runs in forward and backward (with
+                # train.fused_ops the attention LoRA runs inside the attention, not PEFT's wrappers)
+                comps = ["attention", "attention_lora", "router", "experts", "loss", "other"]
+                if dtype.endswith("_fused"):
+                    comps.remove("attention_lora")
+                for comp in comps:
                     assert case["by_phase_component"]["forward"][comp] > 0, comp
                     assert case["by_phase_component"]["backward"][comp] > 0, comp
                 assert case["optimizer_ops"] > 0
@@ -153,7 +157,7 @@ def test_markdown_tables(tiny_counts):
     text = markdown_tables({"models": {"tiny_dispatch": tiny_counts["models"]},
                             "configs": {"tiny_dispatch": tiny_counts["config"]}})
     rows = [line for line in text.splitlines() if line.startswith(("| float32", "| bfloat16"))]
-    assert len(rows) == 12
+    assert len(rows) == 16
     case = tiny_counts["models"]["bfloat16"]["ubsmoe"]["8"]
     assert f"| bfloat16 | ubsmoe | 8 | {case['ops']} | {case['forward_ops']} |" in text
 
@@ -210,6 +214,20 @@ def test_fewer_launch_targets(tiny_counts):
         assert fast["ops"] < slow["ops"] - 40, method
         assert fast["casts_by_component"].get("attention_lora", 0) == 0
         assert fast["masters_ops"] > 0 and slow["masters_ops"] == 0
+        # train.fused_ops: the host's norms, rotary and attention LoRA in fewer operations
+        fused, compute = models["bfloat16_compute_fused"][method]["8"], models["bfloat16_compute"][method]["8"]
+        assert fused["ops"] < 0.7 * compute["ops"], method
+        assert fused["by_component"]["attention_lora"] == 0  # the PEFT wrappers are not called
     for dtype in models:
         smoe, ubsmoe = models[dtype]["smoe"]["8"]["ops"], models[dtype]["ubsmoe"]["8"]["ops"]
         assert ubsmoe <= 1.15 * smoe, (dtype, ubsmoe, smoe)
+
+
+def test_case_labels_set_the_train_options():
+    from ubsmoe.config import TrainConfig
+
+    assert case_train_config("bfloat16_compute_fused", TrainConfig())[1].fused_ops is True
+    dtype, cfg = case_train_config("bfloat16_compute", TrainConfig())
+    assert (dtype, cfg.adapter_dtype, cfg.fused_ops) == ("bfloat16", "compute", False)
+    with pytest.raises(ValueError, match="dtype label"):
+        case_train_config("bfloat16_fast", TrainConfig())

@@ -208,3 +208,31 @@ def test_fused_ops_launch_fewer_operations():
         cfg = replace(TrainConfig(), adapter_dtype="compute", fused_ops=fused)
         ops[fused] = count_local_step(model, _batch(STEP, 0), m, 1, cfg)["ops"]
     assert ops[True] < 0.8 * ops[False], ops
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_olmoe_attention_forward_equals_the_host(kv_heads):
+    """The fused attention forward against transformers' OlmoeAttention (float32): q and k
+    stacked through one norm and one rotary when they have one shape (kv_heads = heads), each
+    through its own when they do not (grouped-query attention); output and input gradient."""
+    from transformers import OlmoeConfig
+    from transformers.models.olmoe.modeling_olmoe import OlmoeAttention, OlmoeRotaryEmbedding
+
+    from ubsmoe.models.fused import olmoe_attention_forward
+
+    config = OlmoeConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=kv_heads,
+                         intermediate_size=16, num_hidden_layers=1, vocab_size=10)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(3)
+    attn = OlmoeAttention(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for norm in (attn.q_norm, attn.k_norm):
+            norm.weight.uniform_(0.5, 1.5)
+    attn.requires_grad_(False)
+    x = torch.randn(2, 6, 32)
+    position = OlmoeRotaryEmbedding(config)(x, torch.arange(6)[None].expand(2, -1))
+    grad = torch.randn(2, 6, 32)
+    want, (want_gx,) = _grads(lambda t: attn(t, position, None)[0], [x], grad)
+    got, (got_gx,) = _grads(lambda t: olmoe_attention_forward(attn, t, position, None)[0], [x], grad)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_gx, want_gx, rtol=1e-5, atol=1e-6)

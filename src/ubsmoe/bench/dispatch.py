@@ -69,8 +69,26 @@ from ubsmoe.config import TinyModelConfig, TrainConfig
 
 DISPATCH_KS = [1, 8]
 # "bfloat16_compute": a bfloat16 model with train.adapter_dtype=compute (adapters in
-# bfloat16 for forward + backward, float32 masters; on a float32 model the option changes nothing).
-DISPATCH_DTYPES = ["float32", "bfloat16", "bfloat16_compute"]
+# bfloat16 for forward + backward, float32 masters; on a float32 model the option changes nothing);
+# "_fused" adds train.fused_ops (the host's norms, rotary and attention LoRA hand-written).
+DISPATCH_DTYPES = ["float32", "bfloat16", "bfloat16_compute", "bfloat16_compute_fused"]
+
+
+def case_train_config(label: str, train_cfg: TrainConfig) -> tuple[str, TrainConfig]:
+    """``(model dtype, train config)`` of a dtype label of :data:`DISPATCH_DTYPES`.
+
+    A label is the model's dtype, then optionally ``_compute``
+    (``train.adapter_dtype=compute``) and ``_fused`` (``train.fused_ops``).
+
+    Raises:
+        ValueError: an unknown dtype or suffix.
+    """
+    dtype, *options = label.split("_")
+    if dtype not in ("float32", "bfloat16") or not set(options) <= {"compute", "fused"}:
+        raise ValueError(f"dtype label: got {label!r}, expected float32 or bfloat16 followed by "
+                         "optional _compute and _fused")
+    return dtype, replace(train_cfg, adapter_dtype="compute" if "compute" in options else "float32",
+                          fused_ops="fused" in options)
 DISPATCH_METHODS = ["smoe", "ubsmoe"]
 OLMOE_1B_7B_LAYERS = 16
 # OLMoE-1B-7B's shapes (allenai/OLMoE-1B-7B-0924: hidden 2048, 16 heads, expert
@@ -241,7 +259,8 @@ def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = 
         step_cfg: model sizes and batch.
         seed: model, LoRA and batch seed.
         ks, dtypes, methods: the grid (default K = 1, 8; float32, bfloat16, bfloat16_compute:
-            a bfloat16 model with ``train.adapter_dtype=compute``; smoe, ubsmoe).
+            a bfloat16 model with ``train.adapter_dtype=compute``, bfloat16_compute_fused:
+            with ``train.fused_ops`` too (:func:`case_train_config`); smoe, ubsmoe).
         warmup: uncounted steps per case first (one-time work such as lazily built
             caches would stay out of the count; none is seen: a first step counts
             the same as a later one).
@@ -271,8 +290,7 @@ def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = 
     batch = {k: v.to(device) for k, v in _batch(step_cfg, seed).items()}
     out: dict[str, Any] = {}
     for label in dtypes or DISPATCH_DTYPES:
-        dtype, _, adapters = label.partition("_")
-        case_cfg = replace(train_cfg, adapter_dtype=adapters or "float32")
+        dtype, case_cfg = case_train_config(label, train_cfg)
         for name in methods or DISPATCH_METHODS:
             method = get_method_class(name)()
             model = _build(step_cfg, SMOE_RANK, seed, device, dtype)

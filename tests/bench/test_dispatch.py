@@ -19,7 +19,12 @@ import torch
 import transformers
 from torch import nn
 
-from ubsmoe.bench.dispatch import DISPATCH_DTYPES, case_train_config, count_local_step, dispatch_counts
+from ubsmoe.bench.dispatch import (
+    DISPATCH_DTYPES,
+    case_train_config,
+    count_local_step,
+    dispatch_counts,
+)
 from ubsmoe.bench.launch_counter import COMPONENTS, LaunchCounter, is_view_op
 from ubsmoe.bench.model_step import StepConfig
 from ubsmoe.config import TinyModelConfig

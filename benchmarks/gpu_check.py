@@ -24,10 +24,11 @@ after every part, so a timeout still leaves the finished parts:
   process, then evaluation at every budget level under both protocols.
 - ``dispatch`` (issue 24): the launch counts of one local step on this device
   (:func:`ubsmoe.bench.dispatch.dispatch_counts`; OLMoE-1B-7B's shape at 2 layers,
-  K = 1 and 8, ``smoe``/``ubsmoe``, float32 adapters and ``train.adapter_dtype=compute``).
+  K = 1 and 8, ``smoe``/``ubsmoe``, float32 adapters, ``train.adapter_dtype=compute``, and
+  that with ``train.fused_ops``).
 - ``fast_step`` (issue 24): the ``step`` part's model at K = 1 and 8 with
-  ``train.adapter_dtype=compute``, eager and with ``train.compile`` (one compile per K,
-  untimed), K1/K8 time ratio against the FLOP ratio.
+  ``train.adapter_dtype=compute``: eager, eager with ``train.fused_ops``, and with
+  ``train.compile`` (one compile per K, untimed), K1/K8 time ratio against the FLOP ratio.
 - ``eval``: evaluation throughput of the full-size server model per protocol, budget
   level and ``eval.batch_size`` (at most 128 test records per task), and the minutes
   the paper's evaluation of one method (full test sets, four budgets, two protocols)
@@ -240,15 +241,17 @@ def part_dispatch(check: Check) -> dict[str, Any]:
     """Non-view ATen operations (launches) of one local step on this device (issue 24).
 
     OLMoE-1B-7B's shape at 2 layers (tiny with ``quick``), K = 1 and 8, ``smoe`` and
-    ``ubsmoe``, the frozen weights' dtype with float32 adapters and with
-    ``train.adapter_dtype=compute``; ``full_depth_ops`` estimates the 16 layers. On CUDA
+    ``ubsmoe``, the frozen weights' dtype with float32 adapters, with
+    ``train.adapter_dtype=compute`` and with ``train.fused_ops`` on top; ``full_depth_ops``
+    estimates the 16 layers. On CUDA
     fused Adam and SDPA break down as they launch, so this is the CPU count's check.
     """
     from ubsmoe.bench.dispatch import OLMOE_1B_7B_2L, OLMOE_1B_7B_LAYERS, dispatch_counts
     from ubsmoe.bench.model_step import QUICK
 
     step_cfg = QUICK if check.quick else OLMOE_1B_7B_2L
-    dtypes = [check.dtype] + ([f"{check.dtype}_compute"] if check.dtype != "float32" else [])
+    dtypes = [check.dtype] + ([f"{check.dtype}_compute", f"{check.dtype}_compute_fused"]
+                              if check.dtype != "float32" else [f"{check.dtype}_fused"])
     res = dispatch_counts(step_cfg, check.seed, ks=[1, 8], dtypes=dtypes, methods=["smoe", "ubsmoe"],
                           full_depth=None if check.quick else OLMOE_1B_7B_LAYERS, device=str(check.device))
     keys = ("ops", "optimizer_ops", "masters_ops", "method_ops", "total_ops", "full_depth_ops")
@@ -260,7 +263,7 @@ def part_dispatch(check: Check) -> dict[str, Any]:
 
 
 def part_fast_step(check: Check) -> dict[str, Any]:
-    """Local step per K with ``train.adapter_dtype=compute``, eager and ``train.compile`` (issue 24).
+    """Local step per K with ``train.adapter_dtype=compute``: eager, ``train.fused_ops``, ``train.compile`` (issue 24).
 
     Same model and batch as ``step``; compile costs one compilation per K (untimed
     warm-up). Reports per variant the median ms and K1/K8 time ratio against the FLOP
@@ -273,8 +276,8 @@ def part_fast_step(check: Check) -> dict[str, Any]:
                                                     seq_len=256)
     adapters = "compute" if check.dtype != "float32" else "float32"
     out, summary = {}, {}
-    for name, compiled in (("eager", False), ("compiled", True)):
-        cfg = TrainConfig(adapter_dtype=adapters, compile=compiled)
+    for name, compiled, fused in (("eager", False, False), ("fused", False, True), ("compiled", True, False)):
+        cfg = TrainConfig(adapter_dtype=adapters, compile=compiled, fused_ops=fused)
         try:
             res = step_benchmark(step_cfg, repeats=1 if check.quick else 5, warmup=1 if compiled else
                                  (0 if check.quick else 1), seed=check.seed, device=check.device,

@@ -36,7 +36,7 @@ API_MODULES: list[tuple[str, list[str]]] = [
                 "ubsmoe.models.tokenizer", "ubsmoe.models.devices", "ubsmoe.models.patching",
                 "ubsmoe.models.runtime", "ubsmoe.models.adapters", "ubsmoe.models.families",
                 "ubsmoe.models.pretrain", "ubsmoe.models.pretrain_card", "ubsmoe.models.precision",
-                "ubsmoe.models.compiled"]),
+                "ubsmoe.models.compiled", "ubsmoe.models.fused"]),
     ("Methods", ["ubsmoe.methods.base", "ubsmoe.methods.registry", "ubsmoe.methods.aggregation",
                  "ubsmoe.methods.ubsmoe", "ubsmoe.methods.fedit", "ubsmoe.methods.naive_smoe",
                  "ubsmoe.methods.smoe_llb", "ubsmoe.methods.a3smoe", "ubsmoe.methods.a3smoe_flexlora",

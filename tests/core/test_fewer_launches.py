@@ -35,13 +35,14 @@ def _adapters(model) -> dict[str, torch.Tensor]:
 
 
 def _train(dtype: str, adapter_dtype: str, method: str = "smoe", steps: int = 3, top_k: int = 2,
-           compile_: bool = False, seed: int = 0):
+           compile_: bool = False, seed: int = 0, fused: bool = False):
     """(losses, adapters) of ``steps`` local_train calls of one step each on fixed batches."""
     torch.manual_seed(seed)
     model = _build(STEP, 20, seed, dtype=dtype)
     m = get_method_class(method)()
     m.prepare_model(model)
-    cfg = TrainConfig(adapter_dtype=adapter_dtype, compile=compile_, batch_size=STEP.batch_size)
+    cfg = TrainConfig(adapter_dtype=adapter_dtype, compile=compile_, batch_size=STEP.batch_size,
+                      fused_ops=fused)
     set_top_k(model, top_k)
     losses = []
     for i in range(steps):
@@ -232,14 +233,22 @@ def test_compiled_layers_equal_eager():
         torch.testing.assert_close(torch.tensor(lc), torch.tensor(le), rtol=1e-4, atol=1e-5)
         for n in ae:
             torch.testing.assert_close(ac[n], ae[n], rtol=1e-4, atol=1e-5)
+    # with train.fused_ops too: the hand-written autograd functions compile as well
+    le, ae, _ = _train("float32", "float32", "smoe", steps=3, top_k=1)
+    lc, ac, _ = _train("float32", "float32", "smoe", steps=3, top_k=1, compile_=True, fused=True)
+    torch.testing.assert_close(torch.tensor(lc), torch.tensor(le), rtol=1e-4, atol=1e-5)
+    for n in ae:
+        torch.testing.assert_close(ac[n], ae[n], rtol=1e-4, atol=1e-5)
 
 
 def test_train_config_validates_new_fields():
-    """adapter_dtype and compile reject other values with one line naming the field."""
+    """adapter_dtype, compile and fused_ops reject other values with one line naming the field."""
     from ubsmoe.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.adapter_dtype"):
         TrainConfig(adapter_dtype="bfloat16")
     with pytest.raises(ConfigError, match="train.compile"):
         TrainConfig(compile="yes")
+    with pytest.raises(ConfigError, match="train.fused_ops"):
+        TrainConfig(fused_ops="yes")
     copy.deepcopy(TrainConfig(adapter_dtype="compute", compile=True))

@@ -52,6 +52,9 @@ def test_causal_lm_loss_ignores_unlabelled_tokens():
     labels[0, 3] = 4
     expected = torch.nn.functional.cross_entropy(logits[0, 2:3], torch.tensor([4]))
     assert float(causal_lm_loss(logits, labels)) == pytest.approx(float(expected), rel=1e-6)
+    # with the labelled count given (local_train counts on the host): same values, nothing read back
+    assert float(causal_lm_loss(logits, labels, 1)) == float(causal_lm_loss(logits, labels))
+    assert float(causal_lm_loss(logits, torch.full((2, 5), -100), 0)) == 0.0
 
 
 @pytest.mark.slow

@@ -295,7 +295,8 @@ class _LoRAGroupedLinear(torch.autograd.Function):
         else:
             lora_a, lora_b = padded
         h = grouped_linear(x, lora_a.transpose(1, 2), offsets)  # [S, r']
-        h = h * scale  # scale the narrow [S, r'] activation, not the [S, out] output
+        if scale != 1.0:  # 1.0: A comes scaled (ExpertLoRA.prescaled)
+            h = h * scale  # scale the narrow [S, r'] activation, not the [S, out] output
         y = grouped_linear(x, weight.transpose(1, 2), offsets)  # [S, out]
         y.add_(grouped_linear(h, lora_b.transpose(1, 2), offsets))
         ctx.save_for_backward(x, weight, lora_a, lora_b, h, offsets, empty)
@@ -326,7 +327,8 @@ class _LoRAGroupedLinear(torch.autograd.Function):
             else:
                 grad_b = grouped_weight_grad(grad_y, h, offsets, empty)  # [E, out, r'], 0 for empty experts
                 grad_b = _unpad_grad(grad_b, rank, 2, dtype_b)
-        grad_h = grad_h * ctx.scale  # gradient of the unscaled x A^T
+        if ctx.scale != 1.0:
+            grad_h = grad_h * ctx.scale  # gradient of the unscaled x A^T
         grad_a = None
         if need_a:
             if narrow is not None:
@@ -365,7 +367,9 @@ def lora_grouped_linear(x: torch.Tensor, weight: torch.Tensor, lora: nn.Module,
                                    and lora.A.data_ptr() == padded[0].data_ptr()
                                    and lora.B.data_ptr() == padded[1].data_ptr()):
         padded = None  # stale (the factors were replaced or moved back to their masters)
-    return _LoRAGroupedLinear.apply(x, weight, lora.A, lora.B, lora.scale, offsets, empty, padded)
+    # Prescaled buffers hold scale * A: nothing to multiply (the gradient formed is that of scale * A).
+    scale = 1.0 if padded is not None and getattr(lora, "prescaled", False) else lora.scale
+    return _LoRAGroupedLinear.apply(x, weight, lora.A, lora.B, scale, offsets, empty, padded)
 
 
 class _WeightedSwiGLU(torch.autograd.Function):

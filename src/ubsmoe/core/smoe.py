@@ -49,7 +49,10 @@ class ExpertLoRA(nn.Module):
     ``padded``: None, or ``(A' [E, r', in], B' [E, out, r'])`` rank-padded buffers
     that ``A`` and ``B`` are views of (set by
     :class:`ubsmoe.models.precision.AdapterMasters`): the grouped matmuls then use
-    them as they are instead of padding the factors on every call.
+    them as they are instead of padding the factors on every call. ``prescaled``:
+    those buffers hold ``scale * A`` (not ``A``), so the layer multiplies by nothing,
+    and the gradient it forms for ``A`` is that of ``scale * A`` (the masters scale it
+    back; :class:`~ubsmoe.models.precision.AdapterMasters`).
     """
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, rank: int,
@@ -62,6 +65,7 @@ class ExpertLoRA(nn.Module):
         self.A = nn.Parameter(torch.empty(num_experts, rank, in_features, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(num_experts, out_features, rank, dtype=dtype))
         self.padded: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.prescaled = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -24,19 +24,22 @@ from ubsmoe.models.fused import set_fused_ops
 from ubsmoe.models.precision import AdapterMasters
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, labelled: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled (response) tokens.
 
     Args:
         logits: ``[batch, seq, vocab]``.
         labels: ``[batch, seq]`` token ids, -100 where no loss is taken (prompt, padding).
+        labelled: the number of labelled next-token targets (``labels[:, 1:] != -100``)
+            when the caller has counted them on the host; None: checked here, which
+            reads a flag back from the device (a synchronisation on a GPU).
 
     Returns:
         Scalar loss in float32 (0 with no labelled token).
     """
     shift_logits = logits[:, :-1, :].float()  # [B, T-1, V]
     shift_labels = labels[:, 1:]  # [B, T-1]
-    if not (shift_labels != -100).any():
+    if (labelled == 0) if labelled is not None else not (shift_labels != -100).any():
         return shift_logits.sum() * 0.0
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
                            shift_labels.reshape(-1), ignore_index=-100)
@@ -170,15 +173,18 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
             parts = split_batch(batch, micro_batch_size)
             step_tokens = int((batch["labels"][:, 1:] != -100).sum())  # labelled tokens of the step
             part_tokens = [int((part["labels"][:, 1:] != -100).sum()) for part in parts]
+            # No padding: every token is routed, and the SMoE layers need no mask (resolving
+            # one reads it back from the device once per forward).
+            part_padded = [not bool(part["attention_mask"].all()) for part in parts]
             parts = [{k: v.to(device, non_blocking=True) for k, v in part.items()} for part in parts]
             part_losses = []  # detached, read once after the step (no host sync before it)
             with step_stats(model):
-                for part, n_tokens in zip(parts, part_tokens):
-                    with routing_mask(model, part["attention_mask"]):
-                        logits = model(input_ids=part["input_ids"],
-                                       attention_mask=part["attention_mask"], use_cache=False).logits
+                for part, n_tokens, padded in zip(parts, part_tokens, part_padded, strict=True):
+                    with routing_mask(model, part["attention_mask"] if padded else None):
+                        logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
+                                       use_cache=False).logits
                     weight = n_tokens / step_tokens if step_tokens else 1.0 / len(parts)
-                    loss = causal_lm_loss(logits, part["labels"]) * weight
+                    loss = causal_lm_loss(logits, part["labels"], n_tokens) * weight  # no host read
                     extra = method.extra_loss(model, top_k)
                     objective = loss if extra is None else loss + extra / len(parts)
                     objective.backward()

@@ -211,6 +211,65 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, scale, _constant(0.0, x.device, x.dtype))
 
 
+class _LoRAQKV(torch.autograd.Function):
+    """q, k, v projections of one input with their LoRA; q and k written into one ``[N, 2, H]`` tensor.
+
+    One A matmul for the three adapters (``A_qkv = [A_q; A_k; A_v]``), and in the
+    backward one input-gradient chain (``addmm_`` into one buffer instead of three
+    gradients summed by autograd) and one A gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_q, w_k, w_v, a_q, a_k, a_v, b_q, b_k, b_v, scale, zero):
+        """``x [..., in] -> (qk [..., 2, H], v [..., H_v])``; saves x, ``h = x A_qkv^T`` and the factors."""
+        rows = x.reshape(-1, x.shape[-1])  # [N, in]
+        r = a_q.shape[0]
+        a_qkv = torch.cat((a_q, a_k, a_v))  # [3r, in]
+        h = rows @ a_qkv.t()  # [N, 3r]
+        qk = rows.new_empty(rows.shape[0], 2, w_q.shape[0])  # [N, 2, H]
+        for i, (w, b) in enumerate(((w_q, b_q), (w_k, b_k))):
+            torch.mm(rows, w.t(), out=qk[:, i]).addmm_(h[:, i * r:(i + 1) * r], b.t(), alpha=scale)
+        v = (rows @ w_v.t()).addmm_(h[:, 2 * r:], b_v.t(), alpha=scale)  # [N, H_v]
+        ctx.save_for_backward(rows, h, a_qkv, w_q, w_k, w_v, b_q, b_k, b_v, zero)
+        ctx.scale = scale
+        lead = x.shape[:-1]
+        return qk.view(*lead, 2, -1), v.view(*lead, -1)
+
+    @staticmethod
+    def backward(ctx, grad_qk: torch.Tensor, grad_v: torch.Tensor):
+        """Input gradient and the A, B gradients of the three adapters (none for the frozen weights)."""
+        rows, h, a_qkv, w_q, w_k, w_v, b_q, b_k, b_v, zero = ctx.saved_tensors
+        scale, r = ctx.scale, b_q.shape[1]
+        g_qk = grad_qk.reshape(-1, 2, grad_qk.shape[-1])  # [N, 2, H]
+        grads = (g_qk[:, 0], g_qk[:, 1], grad_v.reshape(-1, grad_v.shape[-1]))
+        grad_h = rows.new_empty(rows.shape[0], 3 * r)  # [N, 3r], gradient of h times 1/s
+        for i, (g, b) in enumerate(zip(grads, (b_q, b_k, b_v), strict=True)):
+            torch.mm(g, b, out=grad_h[:, i * r:(i + 1) * r])
+        grad_x = grads[0] @ w_q
+        grad_x.addmm_(grads[1], w_k).addmm_(grads[2], w_v).addmm_(grad_h, a_qkv, alpha=scale)
+        grad_a = torch.addmm(zero, grad_h.t(), rows, beta=0, alpha=scale)  # [3r, in]
+        grad_b = [torch.addmm(zero, g.t(), h[:, i * r:(i + 1) * r], beta=0, alpha=scale)
+                  for i, g in enumerate(grads)]
+        return (grad_x.view(*grad_v.shape[:-1], -1), None, None, None,
+                grad_a[:r], grad_a[r:2 * r], grad_a[2 * r:], *grad_b, None, None)
+
+
+def _qkv_factors(module: nn.Module, x: torch.Tensor):
+    """Arguments of :class:`_LoRAQKV` when q, k and v are plain PEFT LoRA linears it computes, else None.
+
+    Needs :func:`_peft_factors` for each, no biases, one LoRA rank and scale, and q
+    and k of one width (no grouped-query attention).
+    """
+    factors = [_peft_factors(getattr(module, name), x) for name in ("q_proj", "k_proj", "v_proj")]
+    if any(f is None for f in factors):
+        return None
+    (w_q, bias_q, a_q, b_q, s_q), (w_k, bias_k, a_k, b_k, s_k), (w_v, bias_v, a_v, b_v, s_v) = factors
+    if bias_q is not None or bias_k is not None or bias_v is not None or not s_q == s_k == s_v \
+            or not a_q.shape[0] == a_k.shape[0] == a_v.shape[0] or w_q.shape != w_k.shape:
+        return None
+    return (w_q, w_k, w_v, a_q, a_k, a_v, b_q, b_k, b_v, s_q, _constant(0.0, x.device, x.dtype))
+
+
 # ----- switching the host modules over ---------------------------------------------------
 def _norm_forward(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """An RMSNorm module's forward through :func:`rms_norm` (float32 weight copy cached on the module)."""
@@ -297,18 +356,24 @@ def olmoe_attention_forward(module: nn.Module, hidden_states: torch.Tensor,
 
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, module.head_dim)
-    query, key = _project(module.q_proj, hidden_states), _project(module.k_proj, hidden_states)
     cos, sin = position_embeddings
-    qk_weights = _qk_norm_weights(module) if query.shape == key.shape else None
-    if qk_weights is not None:  # q and k as one [..., 2, H] tensor: one norm, one rotary
-        qk = rms_norm(torch.stack((query, key), dim=-2), *qk_weights)  # [batch, seq, 2, H]
+    qk_weights = _qk_norm_weights(module)
+    qkv = _qkv_factors(module, hidden_states) if qk_weights is not None else None
+    if qkv is not None:  # one function for q, k (as one [..., 2, H] tensor) and v
+        qk, value = _LoRAQKV.apply(hidden_states, *qkv)
+    else:
+        query, key = _project(module.q_proj, hidden_states), _project(module.k_proj, hidden_states)
+        value = _project(module.v_proj, hidden_states)
+        qk = torch.stack((query, key), dim=-2) if qk_weights is not None and query.shape == key.shape else None
+    if qk is not None:  # q and k normalised and rotated as one tensor
+        qk = rms_norm(qk, *qk_weights)  # [batch, seq, 2, H]
         qk = apply_rotary(qk.view(hidden_shape).transpose(1, 2), cos, sin)  # [batch, 2 heads, seq, d]
         query, key = qk.chunk(2, dim=1)
     else:
         query = module.q_norm(query).view(hidden_shape).transpose(1, 2)
         key = module.k_norm(key).view(hidden_shape).transpose(1, 2)
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-    value = _project(module.v_proj, hidden_states).view(hidden_shape).transpose(1, 2)
+    value = value.view(hidden_shape).transpose(1, 2)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation,
                                                       eager_attention_forward)
     out, weights = attention(module, query, key, value, attention_mask,

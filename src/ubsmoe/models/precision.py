@@ -11,7 +11,9 @@ each adapter parameter:
 1. :meth:`AdapterMasters.to_compute` (before a step's forwards): copy every master
    into its compute-dtype buffer and point the parameter at it. Expert LoRA factors
    get rank-padded buffers once (``ExpertLoRA.padded``), so the grouped matmuls use
-   them without padding per call.
+   them without padding per call, and the A buffer holds ``scale * A``
+   (``ExpertLoRA.prescaled``), so no call multiplies by the LoRA scale; :meth:`to_master`
+   multiplies A's gradient by the scale (the gradient formed is that of ``scale * A``).
 2. :meth:`AdapterMasters.accumulate` (after each micro-batch's backward): add the
    compute-dtype gradient into a float32 gradient (micro-batches accumulate in float32).
 3. :meth:`AdapterMasters.to_master` (after the last backward): point each parameter
@@ -72,6 +74,8 @@ class AdapterMasters:
             raise ValueError(f"mode: got {mode!r}, expected one of {', '.join(ADAPTER_DTYPES)}")
         self.entries: list[_Entry] = []
         self._loras: list[ExpertLoRA] = []
+        self._scaled: dict[int, float] = {}  # id(expert LoRA A) -> its scale
+        self._scaled_entries: list[tuple[_Entry, float]] = []
         dtype = compute_dtype(model)
         if mode == "float32" or dtype == torch.float32:
             return
@@ -84,6 +88,7 @@ class AdapterMasters:
             padded[id(lora.A)], padded[id(lora.B)] = a[:, :rank], b[..., :rank]
             lora.padded = (a, b)
             self._loras.append(lora)
+            self._scaled[id(lora.A)] = lora.scale
         # The trainable router stays float32 (its logits decide the top-K: bfloat16 logits
         # flip near-tied choices; tests/test_fewer_launches.py measured a 27% gradient change).
         routers = {id(m.router_weight) for m in model.modules() if isinstance(m, SMoELayer)}
@@ -93,6 +98,8 @@ class AdapterMasters:
                 if work is None:
                     work = torch.empty_like(p, dtype=dtype)
                 self.entries.append(_Entry(p, p.data, work))
+                if id(p) in self._scaled:
+                    self._scaled_entries.append((self.entries[-1], self._scaled[id(p)]))
 
     @torch.no_grad()
     def to_compute(self) -> None:
@@ -103,10 +110,14 @@ class AdapterMasters:
         if not self.entries:
             return
         torch._foreach_copy_([e.work for e in self.entries], [e.master for e in self.entries])
+        if self._scaled_entries:  # expert LoRA A copies hold scale * A (ExpertLoRA.prescaled)
+            torch._foreach_mul_([e.work for e, _ in self._scaled_entries], [s for _, s in self._scaled_entries])
         for e in self.entries:
             e.param.grad = None
             e.param.data = e.work
             e.grad = None
+        for lora in self._loras:
+            lora.prescaled = True
 
     @torch.no_grad()
     def accumulate(self) -> None:
@@ -122,7 +133,16 @@ class AdapterMasters:
             e.param.grad = None
 
     def to_master(self) -> None:
-        """Point every parameter at its float32 master, with its float32 gradient (or None)."""
+        """Point every parameter at its float32 master, with its float32 gradient (or None).
+
+        A prescaled expert LoRA A got the gradient of ``scale * A``; it is multiplied by
+        ``scale`` here, so the master's gradient is that of ``A`` (chain rule).
+        """
+        scaled = [(e.grad, s) for e, s in self._scaled_entries if e.grad is not None]
+        if scaled:
+            torch._foreach_mul_([g for g, _ in scaled], [s for _, s in scaled])
+        for lora in self._loras:
+            lora.prescaled = False
         for e in self.entries:
             e.param.grad = None
             e.param.data = e.master

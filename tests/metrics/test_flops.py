@@ -164,7 +164,10 @@ def test_analytic_flops_match_flop_counter_on_tiny_model(tiny_tokenizer, tiny_mo
     layer0_qkv = 3 * 2 * h * (h + r)
     # PyTorch's flash-attention backward formula also counts the recomputed QK^T (+1/2 forward).
     recompute = 2 * seq * shape.num_heads * shape.head_dim * shape.num_layers
-    assert counter.get_total_flops() == tokens * (analytic["total"] - layer0_qkv + recompute)
+    # The gate weights' gradient (trainable router) takes each slot's dot product of the
+    # activation gradient and act(gate) * up as a bmm, which the counter counts: 2 K I per token per layer.
+    gate_grad = 2 * k * shape.intermediate_size * shape.num_layers
+    assert counter.get_total_flops() == tokens * (analytic["total"] - layer0_qkv + recompute + gate_grad)
 
 
 def test_load_model_shape_from_local_paths_and_errors(tmp_path):

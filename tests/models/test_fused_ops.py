@@ -20,7 +20,8 @@ from ubsmoe.config import TinyModelConfig, TrainConfig
 from ubsmoe.fl.train import local_train
 from ubsmoe.methods import get_method_class
 from ubsmoe.models import set_top_k
-from ubsmoe.models.fused import FUSED_NORMS, apply_rotary, lora_linear, rms_norm, set_fused_ops
+from ubsmoe.models.fused import apply_rotary, lora_linear, rms_norm
+from ubsmoe.models.fused_host import FUSED_NORMS, set_fused_ops
 
 STEP = StepConfig("tiny_fused", TinyModelConfig(), batch_size=2, seq_len=16)
 
@@ -179,7 +180,7 @@ def test_fused_ops_are_switched_for_the_step_only():
     keys = list(model.state_dict())
     assert set_fused_ops(model, True) > 0
     patched = [m for m in model.modules() if "forward" in m.__dict__]
-    assert {type(m).__name__ for m in patched} == {"OlmoeRMSNorm", "OlmoeAttention"}
+    assert {type(m).__name__ for m in patched} == {"OlmoeRMSNorm", "OlmoeAttention", "OlmoeDecoderLayer"}
     ids = _batch(STEP, 0)["input_ids"][:1, :4]
     with torch.no_grad():
         with_fused = model.generate(ids, max_new_tokens=3, do_sample=False)
@@ -218,7 +219,7 @@ def test_olmoe_attention_forward_equals_the_host(kv_heads):
     from transformers import OlmoeConfig
     from transformers.models.olmoe.modeling_olmoe import OlmoeAttention, OlmoeRotaryEmbedding
 
-    from ubsmoe.models.fused import olmoe_attention_forward
+    from ubsmoe.models.fused_host import olmoe_attention_forward
 
     config = OlmoeConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=kv_heads,
                          intermediate_size=16, num_hidden_layers=1, vocab_size=10)

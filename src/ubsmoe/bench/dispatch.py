@@ -172,6 +172,11 @@ class _PhaseMarkedMasters:
                 with counter_.phase("masters", then="forward"):
                     super().accumulate()
 
+            def to_master(self) -> None:
+                """Phase ``masters`` (scaling prescaled gradients back), then as before."""
+                with counter_.phase("masters"):
+                    super().to_master()
+
         self.cls = Marked
 
 

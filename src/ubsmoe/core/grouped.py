@@ -109,8 +109,11 @@ class SlotRouting(NamedTuple):
 _ARANGES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _arange(n: int, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """``arange(n)`` as a view of a cached, growing range (no operation per call once it is long enough)."""
+def cached_arange(n: int, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """``arange(n)`` ``[n]`` as a view of a cached, growing range (no operation per call once it is long enough).
+
+    Read-only: the view shares the cache.
+    """
     key = (torch.device(device), dtype)
     cached = _ARANGES.get(key)
     if cached is None or cached.numel() < n:
@@ -183,9 +186,9 @@ def sort_slots(top_index: torch.Tensor, num_experts: int) -> SlotRouting:
     num_tokens, k = top_index.shape
     flat = top_index.reshape(-1)  # [S], slot t*K + j
     sorted_expert, order = torch.sort(flat, stable=True)  # [S], [S]
-    positions = _arange(order.numel(), order.device)  # [S]
+    positions = cached_arange(order.numel(), order.device)  # [S]
     inverse = torch.empty_like(order).scatter_(0, order, positions)  # [S]
-    bounds = _arange(num_experts + 1, flat.device, sorted_expert.dtype)  # [E + 1]: 0, 1, ..., E
+    bounds = cached_arange(num_experts + 1, flat.device, sorted_expert.dtype)  # [E + 1]: 0, 1, ..., E
     edges = torch.searchsorted(sorted_expert, bounds, out_int32=True)  # [E + 1] #slots with expert < e
     offsets = edges[1:]  # [E] end of each expert's rows (edges[0] = 0)
     counts = offsets - edges[:-1]  # [E] int32
@@ -400,7 +403,7 @@ class _WeightedSwiGLU(torch.autograd.Function):
         grad_act = grad_h * up  # [S, I], d/d(silu(gate)) before the weight
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = torch.linalg.vecdot(grad_act, act).unsqueeze(-1)  # [S, 1]
+            grad_w = torch.bmm(grad_act.unsqueeze(1), act.unsqueeze(2)).view(-1, 1)  # [S, 1], row dots
         grad_act.mul_(weights)
         grad_gate_up = torch.empty_like(gate_up)  # [S, 2I]
         torch.ops.aten.silu_backward.grad_input(grad_act, gate, grad_input=grad_gate_up[:, :inter])
@@ -413,7 +416,8 @@ def weighted_glu(gate_up: torch.Tensor, weights: torch.Tensor, act_fn: nn.Module
 
     Args:
         gate_up: ``[S, 2I]``, the fused gate and up projections (gate first, HF layout).
-        weights: ``[S, 1]`` gate weight of each row.
+        weights: ``[S, 1]`` gate weight of each row (``gate_up``'s dtype or float32: the
+            product is taken in float32 and stored in ``gate_up``'s dtype).
         act_fn: the activation; SiLU takes a fused path, anything else plain autograd.
 
     Returns:
@@ -422,4 +426,4 @@ def weighted_glu(gate_up: torch.Tensor, weights: torch.Tensor, act_fn: nn.Module
     if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
         return _WeightedSwiGLU.apply(gate_up, weights)
     gate, up = gate_up.chunk(2, dim=-1)  # [S, I] each
-    return act_fn(gate) * (up * weights)
+    return act_fn(gate) * (up * weights.to(up.dtype))

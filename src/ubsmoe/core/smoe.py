@@ -192,8 +192,10 @@ class SMoELayer(nn.Module):
                                     lora_rank, lora_alpha, dtype)
         self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.float64),
                              persistent=False)
-        self.register_buffer("token_count", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.router_prob_sum: torch.Tensor | None = None
+        self.register_buffer("_token_total", torch.zeros((), dtype=torch.float64), persistent=False)
+        self._pending_tokens = 0  # tokens of forwards not yet added to _token_total (host int)
+        self._pending_probs: list[torch.Tensor] = []  # [N, E] probs not yet summed into _prob_sum
+        self._prob_sum: torch.Tensor | None = None
         self.batch_expert_counts: torch.Tensor | None = None
         self.accumulate_step_stats = False
         self.recomputing = False
@@ -250,10 +252,41 @@ class SMoELayer(nn.Module):
             self.router_weight = nn.Parameter(self.router_weight.detach().float(), requires_grad=True)
         self.router_weight.requires_grad_(bool(trainable))
 
+    @property
+    def token_count(self) -> torch.Tensor:
+        """``[]`` float64 buffer, tokens processed (n) since the last :meth:`reset_stats`.
+
+        A forward adds its token count on the host; the buffer takes the sum when read
+        (one operation per read, none per forward).
+        """
+        if self._pending_tokens:
+            self._token_total += self._pending_tokens
+            self._pending_tokens = 0
+        return self._token_total
+
+    @property
+    def router_prob_sum(self) -> torch.Tensor | None:
+        """``[E]`` float32 sum over tokens of the router probabilities (see the class attributes).
+
+        Summed when read from the forwards' probabilities (kept by reference), so a
+        method that never reads it (every method but UB-SMoE's PG) costs nothing.
+        """
+        if self._pending_probs:
+            for probs in self._pending_probs:
+                part = probs.sum(0)  # [E]
+                self._prob_sum = part if self._prob_sum is None else self._prob_sum + part
+            self._pending_probs = []
+        return self._prob_sum
+
+    @router_prob_sum.setter
+    def router_prob_sum(self, value: torch.Tensor | None) -> None:
+        self._prob_sum, self._pending_probs = value, []
+
     def reset_stats(self) -> None:
         """Zero the utilization counters a_i and n."""
         self.expert_counts.zero_()
-        self.token_count.zero_()
+        self._pending_tokens = 0
+        self._token_total.zero_()
 
     @torch.no_grad()
     def _record_stats(self, probs: torch.Tensor, counts: torch.Tensor) -> None:
@@ -264,14 +297,14 @@ class SMoELayer(nn.Module):
             counts: ``[E]`` tokens routed to each expert in this forward.
         """
         self.expert_counts += counts  # int32 into float64, in place (no cast op)
-        self.token_count += probs.shape[0]
-        prob_sum = probs.sum(0)  # [E]
+        self._pending_tokens += probs.shape[0]
         if self.accumulate_step_stats and self.batch_expert_counts is not None:
             self.batch_expert_counts = self.batch_expert_counts + counts
-            self.router_prob_sum = self.router_prob_sum + prob_sum
+            self._pending_probs.append(probs)  # summed when router_prob_sum is read
         else:
             self.batch_expert_counts = counts
-            self.router_prob_sum = prob_sum
+            self.router_prob_sum = None
+            self._pending_probs = [probs]
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router affinities ``s = W_r x``: ``[num_tokens, hidden] -> [num_tokens, E]``.
@@ -291,8 +324,9 @@ class SMoELayer(nn.Module):
             x: ``[num_tokens, hidden]``.
 
         Returns:
-            ``(probs [num_tokens, E] float32, top_weights [num_tokens, K_c] in x's dtype,
-            top_index [num_tokens, K_c] int64)``.
+            ``(probs [num_tokens, E] float32, top_weights [num_tokens, K_c] in the router's
+            dtype (float32 for a trainable router: the experts multiply their bfloat16
+            activations by it in place, without a cast), top_index [num_tokens, K_c] int64)``.
         """
         logits = self.router_logits(x)  # [N, E]
         if self.keep_router_logits and not self.recomputing:
@@ -300,7 +334,7 @@ class SMoELayer(nn.Module):
         phi = self.phi if self.dmr_candidates else None
         probs, top_weights, top_index = dmr_route(logits, phi, self.top_k, max(self.dmr_candidates, 1),
                                                   self.norm_topk_prob)
-        return probs, top_weights.to(x.dtype), top_index
+        return probs, top_weights, top_index
 
     def experts_forward(self, x: torch.Tensor, top_weights: torch.Tensor,
                         top_index: torch.Tensor, routing: SlotRouting | None = None) -> torch.Tensor:
@@ -308,7 +342,7 @@ class SMoELayer(nn.Module):
 
         Args:
             x: ``[num_tokens, hidden]``.
-            top_weights: ``[num_tokens, K]`` gate weights.
+            top_weights: ``[num_tokens, K]`` gate weights (``x``'s dtype or float32).
             top_index: ``[num_tokens, K]`` selected experts.
             routing: ``sort_slots(top_index, num_experts)`` when the caller has it.
 

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ubsmoe.config import TrainConfig
+from ubsmoe.core.grouped import cached_arange
 from ubsmoe.data.prompts import collate
 from ubsmoe.methods import Method
 from ubsmoe.models import routing_mask, set_activation_checkpointing, step_stats
 from ubsmoe.models.compiled import set_compiled
-from ubsmoe.models.fused import set_fused_ops
+from ubsmoe.models.fused_host import set_fused_ops
 from ubsmoe.models.precision import AdapterMasters
 
 
@@ -37,12 +38,27 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, labelled: int | N
     Returns:
         Scalar loss in float32 (0 with no labelled token).
     """
+    return next_token_loss(logits, labels[:, 1:], labelled)
+
+
+def next_token_loss(logits: torch.Tensor, next_labels: torch.Tensor, labelled: int | None = None) -> torch.Tensor:
+    """:func:`causal_lm_loss` with the labels already shifted: ``next_labels = labels[:, 1:]``.
+
+    Args:
+        logits: ``[batch, seq, vocab]``.
+        next_labels: ``[batch, seq - 1]``, the target of each position but the last
+            (contiguous: :func:`local_train` shifts them on the host, so the device copies
+            nothing).
+        labelled: as for :func:`causal_lm_loss`.
+
+    Returns:
+        Scalar loss in float32 (0 with no labelled token).
+    """
     shift_logits = logits[:, :-1, :].float()  # [B, T-1, V]
-    shift_labels = labels[:, 1:]  # [B, T-1]
-    if (labelled == 0) if labelled is not None else not (shift_labels != -100).any():
+    if (labelled == 0) if labelled is not None else not (next_labels != -100).any():
         return shift_logits.sum() * 0.0
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                           shift_labels.reshape(-1), ignore_index=-100)
+                           next_labels.reshape(-1), ignore_index=-100)
 
 
 def client_seed(base_seed: int, client_id: int, round_idx: int) -> int:
@@ -176,15 +192,19 @@ def local_train(model: nn.Module, batches: list[dict[str, torch.Tensor]], method
             # No padding: every token is routed, and the SMoE layers need no mask (resolving
             # one reads it back from the device once per forward).
             part_padded = [not bool(part["attention_mask"].all()) for part in parts]
+            for part in parts:  # shifted on the host: the loss copies nothing on the device
+                part["next_labels"] = part["labels"][:, 1:].contiguous()
             parts = [{k: v.to(device, non_blocking=True) for k, v in part.items()} for part in parts]
             part_losses = []  # detached, read once after the step (no host sync before it)
             with step_stats(model):
                 for part, n_tokens, padded in zip(parts, part_tokens, part_padded, strict=True):
                     with routing_mask(model, part["attention_mask"] if padded else None):
                         logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
+                                       # the model's default positions, from a cached range
+                                       position_ids=cached_arange(part["input_ids"].shape[1], device)[None],
                                        use_cache=False).logits
                     weight = n_tokens / step_tokens if step_tokens else 1.0 / len(parts)
-                    loss = causal_lm_loss(logits, part["labels"], n_tokens) * weight  # no host read
+                    loss = next_token_loss(logits, part["next_labels"], n_tokens) * weight  # no host read
                     extra = method.extra_loss(model, top_k)
                     objective = loss if extra is None else loss + extra / len(parts)
                     objective.backward()

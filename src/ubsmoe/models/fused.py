@@ -33,23 +33,13 @@ is in docs/dispatch.md.
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from torch import nn
 
-# RMSNorm classes computing ``weight * (x * rsqrt(mean(x^2) + eps)).to(input dtype)``
-# with ``variance_epsilon`` (checked against the class in tests/test_fused_ops.py).
-FUSED_NORMS = ("OlmoeRMSNorm", "LlamaRMSNorm", "MixtralRMSNorm", "MistralRMSNorm",
-               "Qwen2RMSNorm", "Qwen2MoeRMSNorm")
-# Attention modules whose forward :func:`olmoe_attention_forward` reproduces.
-FUSED_ATTENTION = ("OlmoeAttention",)
-
-_CONSTANTS: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
-def _constant(value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A cached 0-dim tensor of ``value`` (made once, not per call; :func:`set_fused_ops` makes them up front)."""
+def constant(value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A cached 0-dim tensor of ``value`` (made once, not per call; ``set_fused_ops`` makes them up front)."""
     key = (torch.device(device), dtype, float(value))
     t = _CONSTANTS.get(key)
     if t is None:
@@ -106,7 +96,60 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         raise ValueError("rms_norm: weight requires grad; the fused RMSNorm is for a frozen weight")
     if weight32 is None:
         weight32 = weight.to(torch.float32)
-    return _RMSNorm.apply(x, weight, weight32, _constant(eps, x.device, torch.float32))
+    return _RMSNorm.apply(x, weight, weight32, constant(eps, x.device, torch.float32))
+
+
+class _ResidualRMSNorm(torch.autograd.Function):
+    """``(x, rms_norm(x))`` with one backward: ``dx = g_x + r (g_y w - x_hat mean(g_y w x_hat))``.
+
+    A pre-norm decoder uses its input twice, as the residual and through the norm;
+    autograd would add the two gradients with one more operation. Here the residual's
+    gradient is the ``addcmul``'s input instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, weight32: torch.Tensor,
+                eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [..., H] -> (x, y [..., H])``; saves as :class:`_RMSNorm`."""
+        hidden = x.shape[-1]
+        rows = x.to(torch.float32).reshape(-1, 1, hidden)  # [N, 1, H]
+        r = torch.baddbmm(eps, rows, rows.transpose(1, 2), alpha=1.0 / hidden).rsqrt_()
+        x_hat = rows * r  # [N, 1, H]
+        ctx.save_for_backward(x_hat, r, weight32)
+        ctx.input_dtype = x.dtype
+        return x.view_as(x), weight * x_hat.to(x.dtype).reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_x: torch.Tensor | None, grad_y: torch.Tensor | None):
+        """The residual's gradient plus the norm's, in float32, cast to the input's dtype."""
+        x_hat, r, weight32 = ctx.saved_tensors
+        if grad_y is None:
+            return grad_x, None, None, None
+        hidden = x_hat.shape[-1]
+        gw = (grad_y * weight32).reshape(x_hat.shape)  # [N, 1, H] float32
+        dot = torch.bmm(gw, x_hat.transpose(1, 2))  # [N, 1, 1]
+        t = torch.addcmul(gw, x_hat, dot, value=-1.0 / hidden)
+        if grad_x is None:
+            grad = t.mul_(r)
+        else:
+            grad = torch.addcmul(grad_x.reshape(x_hat.shape), t, r)
+        return grad.to(ctx.input_dtype).reshape(grad_y.shape), None, None, None
+
+
+def residual_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                      weight32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, rms_norm(x, weight, eps))``: the residual and the normalised input of a pre-norm block.
+
+    Same values as ``(x, rms_norm(...))``; the backward adds the two gradients of ``x``
+    inside the norm's last operation (no separate add).
+
+    Args:
+        x: ``[..., H]``; weight ``[H]`` frozen; weight32 its float32 copy; eps the variance epsilon.
+
+    Returns:
+        ``x`` (an alias) and the normalised ``[..., H]``.
+    """
+    return _ResidualRMSNorm.apply(x, weight, weight32, constant(eps, x.device, torch.float32))
 
 
 class _Rotary(torch.autograd.Function):
@@ -138,12 +181,27 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     """``[-sin_1, sin_2]`` for ``sin = [sin_1, sin_2]`` (last dimension), cached for the same tensor.
 
     The model computes its rotary table once per forward and hands the same ``sin``
-    tensor to every layer, so this runs once per forward, not once per layer.
+    tensor to every layer, so this runs once per forward (one multiplication by a
+    cached sign vector), not once per layer.
     """
     if _SIGNED_SIN[0] is not sin:
-        half = sin.shape[-1] // 2
-        _SIGNED_SIN[:] = [sin, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)]
+        _SIGNED_SIN[:] = [sin, sin * rotary_sign(sin.shape[-1], sin.dtype, sin.device)]
     return _SIGNED_SIN[1]
+
+
+def rotary_sign(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[-1] * (dim // 2) + [1] * (dim - dim // 2)``, ``[dim]``, cached (``set_fused_ops`` makes it up front)."""
+    key = ("rotary_sign", dim, dtype, torch.device(device))
+    sign = _CONSTANTS.get(key)
+    if sign is None:
+        sign = _CONSTANTS[key] = torch.cat((-torch.ones(dim // 2, dtype=dtype, device=device),
+                                           torch.ones(dim - dim // 2, dtype=dtype, device=device)))
+    return sign
+
+
+def clear_caches() -> None:
+    """Drop the cached rotary table reference (:func:`signed_sin`)."""
+    _SIGNED_SIN[:] = [None, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -208,7 +266,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Returns:
         ``[..., out]`` in ``x``'s dtype.
     """
-    return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, scale, _constant(0.0, x.device, x.dtype))
+    return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, scale, constant(0.0, x.device, x.dtype))
 
 
 class _LoRAQKV(torch.autograd.Function):
@@ -254,175 +312,17 @@ class _LoRAQKV(torch.autograd.Function):
                 grad_a[:r], grad_a[r:2 * r], grad_a[2 * r:], *grad_b, None, None)
 
 
-def _qkv_factors(module: nn.Module, x: torch.Tensor):
-    """Arguments of :class:`_LoRAQKV` when q, k and v are plain PEFT LoRA linears it computes, else None.
-
-    Needs :func:`_peft_factors` for each, no biases, one LoRA rank and scale, and q
-    and k of one width (no grouped-query attention).
-    """
-    factors = [_peft_factors(getattr(module, name), x) for name in ("q_proj", "k_proj", "v_proj")]
-    if any(f is None for f in factors):
-        return None
-    (w_q, bias_q, a_q, b_q, s_q), (w_k, bias_k, a_k, b_k, s_k), (w_v, bias_v, a_v, b_v, s_v) = factors
-    if bias_q is not None or bias_k is not None or bias_v is not None or not s_q == s_k == s_v \
-            or not a_q.shape[0] == a_k.shape[0] == a_v.shape[0] or w_q.shape != w_k.shape:
-        return None
-    return (w_q, w_k, w_v, a_q, a_k, a_v, b_q, b_k, b_v, s_q, _constant(0.0, x.device, x.dtype))
-
-
-# ----- switching the host modules over ---------------------------------------------------
-def _norm_forward(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """An RMSNorm module's forward through :func:`rms_norm` (float32 weight copy cached on the module)."""
-    return rms_norm(hidden_states, module.weight, module.variance_epsilon, _weight32(module))
-
-
-def _weight32(module: nn.Module) -> torch.Tensor:
-    """A float32 copy of a norm's frozen weight, cached on the module while the weight is unchanged."""
-    weight = module.weight
-    key = (weight.data_ptr(), weight._version, weight.device)
-    cached = module.__dict__.get("_ubsmoe_weight32")
-    if cached is None or cached[0] != key:
-        cached = module.__dict__["_ubsmoe_weight32"] = (key, weight.detach().to(torch.float32))
-    return cached[1]
-
-
-def _peft_factors(module: nn.Module, x: torch.Tensor):
-    """``(weight, bias, A, B, scale)`` when ``module`` is a plain PEFT LoRA linear :func:`lora_linear` computes.
-
-    None (the module runs its own forward) for anything else: no adapter, several or a
-    disabled one, a merged adapter, dropout, a LoRA variant (DoRA), a LoRA bias, a
-    trainable base, or factors in another dtype than ``x`` (PEFT would cast).
-    """
-    lora_a = getattr(module, "lora_A", None)
-    if lora_a is None or getattr(module, "merged", True) or getattr(module, "disable_adapters", True):
-        return None
-    active = module.active_adapters
-    if len(active) != 1 or active[0] not in lora_a or active[0] in getattr(module, "lora_variant", {}):
-        return None
-    name = active[0]
-    base = module.get_base_layer()
-    a, b = lora_a[name], module.lora_B[name]
-    if not isinstance(base, nn.Linear) or not isinstance(module.lora_dropout[name], nn.Identity) \
-            or b.bias is not None or a.bias is not None or base.weight.requires_grad \
-            or (base.bias is not None and base.bias.requires_grad):
-        return None
-    if not (a.weight.dtype == b.weight.dtype == base.weight.dtype == x.dtype):
-        return None
-    return base.weight, base.bias, a.weight, b.weight, module.scaling[name]
-
-
-def _project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for a projection, through :func:`lora_linear` when it is a plain PEFT LoRA."""
-    factors = _peft_factors(module, x)
-    return module(x) if factors is None else lora_linear(x, *factors)
-
-
-def _qk_norm_weights(module: nn.Module) -> tuple[torch.Tensor, float, torch.Tensor] | None:
-    """``(weight [2, H], eps, weight32 [2, H])`` of an attention's q and k norms stacked, or None.
-
-    None unless both norms are frozen RMSNorms of :data:`FUSED_NORMS` with one shape and
-    one epsilon (then q and k, stacked, are normalised in one call). Cached on the module
-    while both weights are unchanged.
-    """
-    q_norm, k_norm = module.q_norm, module.k_norm
-    if not (type(q_norm).__name__ in FUSED_NORMS and type(k_norm).__name__ in FUSED_NORMS
-            and q_norm.weight.shape == k_norm.weight.shape and q_norm.variance_epsilon == k_norm.variance_epsilon
-            and not q_norm.weight.requires_grad and not k_norm.weight.requires_grad):
-        return None
-    key = tuple((w.data_ptr(), w._version, w.device) for w in (q_norm.weight, k_norm.weight))
-    cached = module.__dict__.get("_ubsmoe_qk_norm")
-    if cached is None or cached[0] != key:
-        weight = torch.stack((q_norm.weight.detach(), k_norm.weight.detach()))  # [2, H]
-        cached = module.__dict__["_ubsmoe_qk_norm"] = (key, (weight, q_norm.variance_epsilon,
-                                                             weight.to(torch.float32)))
-    return cached[1]
-
-
-def olmoe_attention_forward(module: nn.Module, hidden_states: torch.Tensor,
-                            position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                            attention_mask: torch.Tensor | None, cache=None, **kwargs):
-    """transformers' ``OlmoeAttention.forward`` with the fused projections, norms and rotary.
-
-    Same inputs and outputs as the host forward (transformers 5.x): ``hidden_states``
-    ``[batch, seq, hidden]`` -> ``(attn_output [batch, seq, hidden], attn_weights)``.
-    With a KV cache (generation) or ``clip_qkv`` it runs the host forward unchanged.
-    """
-    if cache is not None or kwargs.get("past_key_values") is not None or module.config.clip_qkv is not None:
-        return type(module).forward(module, hidden_states, position_embeddings, attention_mask,
-                                    cache=cache, **kwargs)
-    # lazy: transformers takes seconds to import; only this path needs it
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.olmoe.modeling_olmoe import eager_attention_forward
-
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, module.head_dim)
-    cos, sin = position_embeddings
-    qk_weights = _qk_norm_weights(module)
-    qkv = _qkv_factors(module, hidden_states) if qk_weights is not None else None
-    if qkv is not None:  # one function for q, k (as one [..., 2, H] tensor) and v
-        qk, value = _LoRAQKV.apply(hidden_states, *qkv)
-    else:
-        query, key = _project(module.q_proj, hidden_states), _project(module.k_proj, hidden_states)
-        value = _project(module.v_proj, hidden_states)
-        qk = torch.stack((query, key), dim=-2) if qk_weights is not None and query.shape == key.shape else None
-    if qk is not None:  # q and k normalised and rotated as one tensor
-        qk = rms_norm(qk, *qk_weights)  # [batch, seq, 2, H]
-        qk = apply_rotary(qk.view(hidden_shape).transpose(1, 2), cos, sin)  # [batch, 2 heads, seq, d]
-        query, key = qk.chunk(2, dim=1)
-    else:
-        query = module.q_norm(query).view(hidden_shape).transpose(1, 2)
-        key = module.k_norm(key).view(hidden_shape).transpose(1, 2)
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-    value = value.view(hidden_shape).transpose(1, 2)
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation,
-                                                      eager_attention_forward)
-    out, weights = attention(module, query, key, value, attention_mask,
-                             dropout=0.0 if not module.training else module.attention_dropout,
-                             scaling=module.scaling, sliding_window=getattr(module.config, "sliding_window", None),
-                             **kwargs)
-    out = out.reshape(*input_shape, -1).contiguous()
-    return _project(module.o_proj, out), weights
-
-
-def set_fused_ops(model: nn.Module, enabled: bool) -> int:
-    """Run the model's RMSNorms and OLMoE attention through the fused functions (True) or the host's (False).
-
-    Installs (or removes) an instance-level ``forward`` on every module whose class is
-    in :data:`FUSED_NORMS` with a frozen weight and in :data:`FUSED_ATTENTION`; the
-    classes, weights and ``state_dict`` are untouched. :func:`~ubsmoe.fl.train.local_train`
-    switches it on for the step and off after, so evaluation and generation run the host.
+def lora_qkv(x: torch.Tensor, w_q, w_k, w_v, a_q, a_k, a_v, b_q, b_k, b_v, scale: float):
+    """q, k and v projections of ``x`` with their LoRA, q and k stacked: ``(qk [..., 2, H], v [..., H_v])``.
 
     Args:
-        model: any ``nn.Module`` (modules of other classes are left alone).
-        enabled: install (True) or remove (False).
+        x: ``[..., in]``.
+        w_q, w_k: ``[H, in]``; w_v ``[H_v, in]`` frozen (no bias).
+        a_q, a_k, a_v: ``[r, in]`` LoRA A; b_q, b_k ``[H, r]``, b_v ``[H_v, r]`` LoRA B; all in ``x``'s dtype.
+        scale: ``alpha / r``, one for the three. Source: Hu et al. (2021), "LoRA", eq. 3.
 
     Returns:
-        The number of modules switched.
+        ``qk[..., 0, :] = x W_q^T + s (x A_q^T) B_q^T``, ``qk[..., 1, :]`` the same for k, and v.
     """
-    switched = 0
-    for module in model.modules():
-        name = type(module).__name__
-        fused = None
-        if name in FUSED_NORMS and not module.weight.requires_grad:
-            fused = _norm_forward
-            if enabled:
-                _weight32(module)
-        elif name in FUSED_ATTENTION:
-            fused = olmoe_attention_forward
-            if enabled:
-                _qk_norm_weights(module)
-        if fused is None:
-            continue
-        if enabled:
-            module.forward = functools.partial(fused, module)
-            for p in module.parameters():  # the constants the fused functions take, made now
-                _constant(0.0, p.device, p.dtype)
-                _constant(getattr(module, "variance_epsilon", 0.0), p.device, torch.float32)
-        else:
-            module.__dict__.pop("forward", None)
-            module.__dict__.pop("_ubsmoe_weight32", None)
-            module.__dict__.pop("_ubsmoe_qk_norm", None)
-        switched += 1
-    if not enabled:
-        _SIGNED_SIN[:] = [None, None]
-    return switched
+    return _LoRAQKV.apply(x, w_q, w_k, w_v, a_q, a_k, a_v, b_q, b_k, b_v, scale,
+                          constant(0.0, x.device, x.dtype))

@@ -237,3 +237,33 @@ def test_olmoe_attention_forward_equals_the_host(kv_heads):
     got, (got_gx,) = _grads(lambda t: olmoe_attention_forward(attn, t, position, None)[0], [x], grad)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_gx, want_gx, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_step_does_the_host_steps_matmul_work():
+    """FLOPs of one local step (float32, K = 2): the fused path's matmuls (mm, addmm, addmm_)
+    sum to exactly the host path's, the grouped matmuls and attention are the same, and the
+    only extra counted FLOPs are the norms' row dot products (baddbmm, bmm): no input gradient
+    formed that autograd would have skipped (a first layer's q/k/v)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ubsmoe.metrics.flops import register_flop_formulas
+
+    register_flop_formulas()
+    flops = {}
+    for fused in (False, True):
+        model = _build(STEP, 20, 0, dtype="float32")
+        m = get_method_class("smoe")()
+        m.prepare_model(model)
+        set_top_k(model, 2)
+        with FlopCounterMode(display=False) as counter:
+            local_train(model, [_batch(STEP, 0)], m, TrainConfig(batch_size=STEP.batch_size, fused_ops=fused), 2)
+        flops[fused] = {str(k).removeprefix("aten."): v for k, v in counter.get_flop_counts()["Global"].items()}
+    host, fused = flops[False], flops[True]
+    matmul = sum(fused.get(op, 0) for op in ("mm", "addmm", "addmm_"))
+    assert matmul == host["mm"] and "addmm_" in fused
+    for op in ("_grouped_mm", "_scaled_dot_product_flash_attention_for_cpu",
+               "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        assert fused[op] == host[op], op
+    h, tokens = STEP.sizes.hidden_size, STEP.batch_size * STEP.seq_len
+    extra = fused["baddbmm"] + fused["bmm"] - host["bmm"]
+    assert 0 < extra and extra % (2 * h * tokens) == 0  # whole 2 H dot products per token and norm pass

@@ -106,15 +106,19 @@ def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape,
 
 
 def register_flop_formulas() -> None:
-    """Register grouped-matmul and CPU flash-attention FLOP formulas (idempotent).
+    """Register grouped-matmul, in-place ``addmm_`` and CPU flash-attention FLOP formulas (idempotent).
 
     The attention formulas are PyTorch's own ``sdpa_flop_count`` (QK^T and AV over
-    the full score matrix) and ``sdpa_backward_flop_count``.
+    the full score matrix) and ``sdpa_backward_flop_count``. ``addmm_`` (the in-place
+    form ``train.fused_ops`` accumulates LoRA products with) counts as ``addmm``
+    (PyTorch registers only the out-of-place one).
     """
     register_grouped_mm_flops()
     if "cpu_sdpa" in _REGISTERED:
         return
     ops = torch.ops.aten
+    register_flop_formula(ops.addmm_)(
+        lambda self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs: 2 * a_shape[0] * a_shape[1] * b_shape[1])
     if hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu"):
         register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu)(_cpu_sdpa_flop)
         register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu_backward)(

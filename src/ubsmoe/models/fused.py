@@ -303,13 +303,19 @@ class _LoRAQKV(torch.autograd.Function):
         grad_h = rows.new_empty(rows.shape[0], 3 * r)  # [N, 3r], gradient of h times 1/s
         for i, (g, b) in enumerate(zip(grads, (b_q, b_k, b_v), strict=True)):
             torch.mm(g, b, out=grad_h[:, i * r:(i + 1) * r])
-        grad_x = grads[0] @ w_q
-        grad_x.addmm_(grads[1], w_k).addmm_(grads[2], w_v).addmm_(grad_h, a_qkv, alpha=scale)
-        grad_a = torch.addmm(zero, grad_h.t(), rows, beta=0, alpha=scale)  # [3r, in]
-        grad_b = [torch.addmm(zero, g.t(), h[:, i * r:(i + 1) * r], beta=0, alpha=scale)
+        need = ctx.needs_input_grad
+        grad_x = None
+        if need[0]:  # not for a first layer's input (the frozen embedding's output)
+            grad_x = grads[0] @ w_q
+            grad_x.addmm_(grads[1], w_k).addmm_(grads[2], w_v).addmm_(grad_h, a_qkv, alpha=scale)
+            grad_x = grad_x.view(*grad_v.shape[:-1], -1)
+        grad_a = [None] * 3
+        if any(need[4:7]):
+            grad_a_qkv = torch.addmm(zero, grad_h.t(), rows, beta=0, alpha=scale)  # [3r, in]
+            grad_a = [grad_a_qkv[i * r:(i + 1) * r] if need[4 + i] else None for i in range(3)]
+        grad_b = [torch.addmm(zero, g.t(), h[:, i * r:(i + 1) * r], beta=0, alpha=scale) if need[7 + i] else None
                   for i, g in enumerate(grads)]
-        return (grad_x.view(*grad_v.shape[:-1], -1), None, None, None,
-                grad_a[:r], grad_a[r:2 * r], grad_a[2 * r:], *grad_b, None, None)
+        return (grad_x, None, None, None, *grad_a, *grad_b, None, None)
 
 
 def lora_qkv(x: torch.Tensor, w_q, w_k, w_v, a_q, a_k, a_v, b_q, b_k, b_v, scale: float):

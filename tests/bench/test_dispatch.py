@@ -170,18 +170,23 @@ def test_markdown_tables(tiny_counts):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_first_step_and_other_batch_count_the_same(tiny_counts, dtype):
-    """No warm-up is needed (a fresh model's first step counts as a later one), and the
-    forward + backward count does not depend on the batch's token count (what lets the
-    suite count OLMoE-1B-7B's shape on a small batch)."""
+    """After one step with a batch shape (which fills the shape-keyed caches of index ranges),
+    a fresh model counts as a warm one, and the forward + backward count does not depend on
+    the batch's token count (what lets the suite count OLMoE-1B-7B's shape on a small batch)."""
     from dataclasses import replace
 
     from ubsmoe.bench.model_step import _batch, _build
+    from ubsmoe.config import TrainConfig
+    from ubsmoe.fl.train import local_train
     from ubsmoe.methods import get_method_class
 
     warm = tiny_counts["models"][dtype]["smoe"]["8"]
     for step in (TINY_STEP, replace(TINY_STEP, batch_size=3, seq_len=24)):
+        method = get_method_class("smoe")()
+        local_train(_build(step, 20, 1, dtype=dtype), [_batch(step, 1)], method,
+                    TrainConfig(batch_size=step.batch_size), 8)  # another model: only the caches stay
         model = _build(step, 20, 0, dtype=dtype)
-        cold = count_local_step(model, _batch(step, 0), get_method_class("smoe")(), 8)
+        cold = count_local_step(model, _batch(step, 0), method, 8)
         for key in ("ops", "by_component", "by_layer", "optimizer_ops"):
             assert cold[key] == warm[key], (step, key)
 

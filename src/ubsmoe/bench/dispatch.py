@@ -252,7 +252,7 @@ def full_depth_ops(by_layer: dict[str, int], depth: int) -> int:
 
 def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = None,
                     dtypes: list[str] | None = None, methods: list[str] | None = None,
-                    warmup: int = 0, repeats: int = 1, full_depth: int | None = None,
+                    warmup: int = 1, repeats: int = 1, full_depth: int | None = None,
                     progress=None, device: str = "cpu") -> dict[str, Any]:
     """Operation counts of one local step per dtype, method and K on one model config.
 
@@ -266,9 +266,10 @@ def dispatch_counts(step_cfg: StepConfig, seed: int = 0, ks: list[int] | None = 
         ks, dtypes, methods: the grid (default K = 1, 8; float32, bfloat16, bfloat16_compute:
             a bfloat16 model with ``train.adapter_dtype=compute``, bfloat16_compute_fused:
             with ``train.fused_ops`` too (:func:`case_train_config`); smoe, ubsmoe).
-        warmup: uncounted steps per case first (one-time work such as lazily built
-            caches would stay out of the count; none is seen: a first step counts
-            the same as a later one).
+        warmup: uncounted steps per case first (default 1): the first step with a new
+            batch shape fills the shape-keyed caches of index ranges (slot positions,
+            bag offsets, position ids; a few operations, once), which is not per-step
+            work.
         repeats: counted steps per case (>= 1); the report keeps the first and says
             whether every repeat counted the same (``reproducible``).
         full_depth: when set, each case also gets ``full_depth_ops``, the forward +
@@ -330,14 +331,15 @@ def dispatch_suite(options: BenchOptions) -> dict[str, Any]:
     ``models.<shape>.<dtype>.<method>.<K>`` holds ``ops`` (forward + backward),
     ``optimizer_ops`` and ``by_component`` (and the rest of :func:`count_local_step`).
     ``options.repeats`` counted steps per case (default 1; quick 2), after
-    ``options.warmup`` uncounted ones (default 0: a first step counts the same as a
-    later one, tests/bench/test_dispatch.py checks it on the tiny preset).
+    ``options.warmup`` uncounted ones (default 1: the first step with a batch shape fills
+    the caches of index ranges; tests/bench/test_dispatch.py checks that later steps and
+    other batch shapes count the same).
     """
     configs = [(QUICK, None)] if options.quick else [(OLMOE_MEDIUM, None),
                                                      (OLMOE_1B_7B_2L, OLMOE_1B_7B_LAYERS)]
     models, configs_out = {}, {}
     for step_cfg, depth in configs:
-        res = dispatch_counts(step_cfg, options.seed, warmup=options.warmup or 0,
+        res = dispatch_counts(step_cfg, options.seed, warmup=1 if options.warmup is None else options.warmup,
                               repeats=options.n_repeats(1), full_depth=depth)
         models[step_cfg.name] = res["models"]
         configs_out[step_cfg.name] = res["config"]

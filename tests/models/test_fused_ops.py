@@ -267,3 +267,22 @@ def test_fused_step_does_the_host_steps_matmul_work():
     h, tokens = STEP.sizes.hidden_size, STEP.batch_size * STEP.seq_len
     extra = fused["baddbmm"] + fused["bmm"] - host["bmm"]
     assert 0 < extra and extra % (2 * h * tokens) == 0  # whole 2 H dot products per token and norm pass
+
+
+def test_fused_ops_with_activation_checkpointing_equal_without():
+    """train.fused_ops under train.activation_checkpointing (the decoder layers' forwards,
+    fused ones included, recomputed in the backward): the same losses and adapters."""
+    def run(checkpointing: bool):
+        torch.manual_seed(0)
+        model = _build(STEP, 20, 0, dtype="float32")
+        m = get_method_class("ubsmoe")()
+        m.prepare_model(model)
+        set_top_k(model, 2)
+        cfg = TrainConfig(batch_size=STEP.batch_size, fused_ops=True, activation_checkpointing=checkpointing)
+        losses = [local_train(model, [_batch(STEP, i)], m, cfg, 2)["loss"] for i in range(2)]
+        return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (la, aa), (lb, ab) = run(False), run(True)
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-6, atol=1e-7)
+    for n in aa:
+        torch.testing.assert_close(ab[n], aa[n], rtol=1e-5, atol=1e-7)

@@ -47,6 +47,29 @@ def constant(value: float, device: torch.device, dtype: torch.dtype) -> torch.Te
     return t
 
 
+def _normalise(ctx, x: torch.Tensor, weight: torch.Tensor, weight32: torch.Tensor,
+               eps: torch.Tensor) -> torch.Tensor:
+    """The norms' forward: ``y = w * (x r).to(x.dtype)``; saves ``x_hat`` ``[N, 1, H]``, ``r`` ``[N, 1, 1]``."""
+    hidden = x.shape[-1]
+    rows = x.to(torch.float32).reshape(-1, 1, hidden)  # [N, 1, H]
+    # eps + mean(x^2) in one batched dot product: [N, 1, H] @ [N, H, 1] -> [N, 1, 1]
+    r = torch.baddbmm(eps, rows, rows.transpose(1, 2), alpha=1.0 / hidden).rsqrt_()
+    x_hat = rows * r  # [N, 1, H]
+    ctx.save_for_backward(x_hat, r, weight32)
+    ctx.input_dtype = x.dtype
+    return weight * x_hat.to(x.dtype).reshape(x.shape)
+
+
+def _norm_grad(ctx, grad_y: torch.Tensor, grad_residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``dx = r (g w - x_hat mean(g w x_hat))`` (+ ``grad_residual``) in float32, in the input's dtype."""
+    x_hat, r, weight32 = ctx.saved_tensors
+    gw = (grad_y * weight32).reshape(x_hat.shape)  # [N, 1, H] float32
+    dot = torch.bmm(gw, x_hat.transpose(1, 2))  # [N, 1, 1]
+    t = torch.addcmul(gw, x_hat, dot, value=-1.0 / x_hat.shape[-1])
+    grad = t.mul_(r) if grad_residual is None else torch.addcmul(grad_residual.reshape(x_hat.shape), t, r)
+    return grad.to(ctx.input_dtype).reshape(grad_y.shape)
+
+
 class _RMSNorm(torch.autograd.Function):
     """``y = w * (x r).to(x.dtype)``, ``r = rsqrt(mean(x^2) + eps)`` in float32; ``w`` frozen."""
 
@@ -54,24 +77,12 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, weight32: torch.Tensor,
                 eps: torch.Tensor) -> torch.Tensor:
         """``x [..., H] -> [..., H]``; saves ``x_hat`` ``[N, 1, H]`` and ``r`` ``[N, 1, 1]`` (float32)."""
-        hidden = x.shape[-1]
-        rows = x.to(torch.float32).reshape(-1, 1, hidden)  # [N, 1, H]
-        # eps + mean(x^2) in one batched dot product: [N, 1, H] @ [N, H, 1] -> [N, 1, 1]
-        r = torch.baddbmm(eps, rows, rows.transpose(1, 2), alpha=1.0 / hidden).rsqrt_()
-        x_hat = rows * r  # [N, 1, H]
-        ctx.save_for_backward(x_hat, r, weight32)
-        ctx.input_dtype = x.dtype
-        return weight * x_hat.to(x.dtype).reshape(x.shape)
+        return _normalise(ctx, x, weight, weight32, eps)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         """``dx = r (g w - x_hat mean(g w x_hat))`` in float32, cast to the input's dtype."""
-        x_hat, r, weight32 = ctx.saved_tensors
-        hidden = x_hat.shape[-1]
-        gw = (grad_y * weight32).reshape(x_hat.shape)  # [N, 1, H] float32
-        dot = torch.bmm(gw, x_hat.transpose(1, 2))  # [N, 1, 1]
-        grad_x = torch.addcmul(gw, x_hat, dot, value=-1.0 / hidden).mul_(r)
-        return grad_x.to(ctx.input_dtype).reshape(grad_y.shape), None, None, None
+        return _norm_grad(ctx, grad_y), None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -104,36 +115,21 @@ class _ResidualRMSNorm(torch.autograd.Function):
 
     A pre-norm decoder uses its input twice, as the residual and through the norm;
     autograd would add the two gradients with one more operation. Here the residual's
-    gradient is the ``addcmul``'s input instead.
+    gradient is the last ``addcmul``'s input instead.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, weight32: torch.Tensor,
                 eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [..., H] -> (x, y [..., H])``; saves as :class:`_RMSNorm`."""
-        hidden = x.shape[-1]
-        rows = x.to(torch.float32).reshape(-1, 1, hidden)  # [N, 1, H]
-        r = torch.baddbmm(eps, rows, rows.transpose(1, 2), alpha=1.0 / hidden).rsqrt_()
-        x_hat = rows * r  # [N, 1, H]
-        ctx.save_for_backward(x_hat, r, weight32)
-        ctx.input_dtype = x.dtype
-        return x.view_as(x), weight * x_hat.to(x.dtype).reshape(x.shape)
+        return x.view_as(x), _normalise(ctx, x, weight, weight32, eps)
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor | None, grad_y: torch.Tensor | None):
         """The residual's gradient plus the norm's, in float32, cast to the input's dtype."""
-        x_hat, r, weight32 = ctx.saved_tensors
         if grad_y is None:
             return grad_x, None, None, None
-        hidden = x_hat.shape[-1]
-        gw = (grad_y * weight32).reshape(x_hat.shape)  # [N, 1, H] float32
-        dot = torch.bmm(gw, x_hat.transpose(1, 2))  # [N, 1, 1]
-        t = torch.addcmul(gw, x_hat, dot, value=-1.0 / hidden)
-        if grad_x is None:
-            grad = t.mul_(r)
-        else:
-            grad = torch.addcmul(grad_x.reshape(x_hat.shape), t, r)
-        return grad.to(ctx.input_dtype).reshape(grad_y.shape), None, None, None
+        return _norm_grad(ctx, grad_y, grad_x), None, None, None
 
 
 def residual_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -280,6 +280,7 @@ class SMoELayer(nn.Module):
 
     @router_prob_sum.setter
     def router_prob_sum(self, value: torch.Tensor | None) -> None:
+        """Replace the sum (``[E]`` float32, or None to clear it) and drop the unsummed forwards."""
         self._prob_sum, self._pending_probs = value, []
 
     def reset_stats(self) -> None:

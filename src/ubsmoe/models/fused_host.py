@@ -88,6 +88,11 @@ def _project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x) if factors is None else lora_linear(x, *factors)
 
 
+def _fusable_norm(norm: nn.Module) -> bool:
+    """A frozen RMSNorm of :data:`FUSED_NORMS`."""
+    return type(norm).__name__ in FUSED_NORMS and not norm.weight.requires_grad
+
+
 def _qk_norm_weights(module: nn.Module) -> tuple[torch.Tensor, float, torch.Tensor] | None:
     """``(weight [2, H], eps, weight32 [2, H])`` of an attention's q and k norms stacked, or None.
 
@@ -96,9 +101,8 @@ def _qk_norm_weights(module: nn.Module) -> tuple[torch.Tensor, float, torch.Tens
     while both weights are unchanged.
     """
     q_norm, k_norm = module.q_norm, module.k_norm
-    if not (type(q_norm).__name__ in FUSED_NORMS and type(k_norm).__name__ in FUSED_NORMS
-            and q_norm.weight.shape == k_norm.weight.shape and q_norm.variance_epsilon == k_norm.variance_epsilon
-            and not q_norm.weight.requires_grad and not k_norm.weight.requires_grad):
+    if not (_fusable_norm(q_norm) and _fusable_norm(k_norm) and q_norm.weight.shape == k_norm.weight.shape
+            and q_norm.variance_epsilon == k_norm.variance_epsilon):
         return None
     key = tuple((w.data_ptr(), w._version, w.device) for w in (q_norm.weight, k_norm.weight))
     cached = module.__dict__.get("_ubsmoe_qk_norm")
@@ -171,11 +175,6 @@ def olmoe_attention_forward(module: nn.Module, hidden_states: torch.Tensor,
     return _project(module.o_proj, out), weights
 
 
-def _fusable_norm(norm: nn.Module) -> bool:
-    """A frozen RMSNorm of :data:`FUSED_NORMS`."""
-    return type(norm).__name__ in FUSED_NORMS and not norm.weight.requires_grad
-
-
 def olmoe_decoder_forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask=None,
                           position_ids=None, cache=None, use_cache=False, position_embeddings=None,
                           **kwargs) -> torch.Tensor:
@@ -220,7 +219,7 @@ def set_fused_ops(model: nn.Module, enabled: bool) -> int:
     for module in model.modules():
         name = type(module).__name__
         fused = None
-        if name in FUSED_NORMS and _fusable_norm(module):
+        if _fusable_norm(module):
             fused = _norm_forward
             if enabled:
                 _weight32(module)
